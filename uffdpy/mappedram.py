@@ -1,0 +1,1253 @@
+"""Reader and writer for QEMU "mapped-ram" migration files (pure file format code).
+
+A mapped-ram file is what ``migrate file:PATH`` writes when the ``mapped-ram``
+migration capability is on (QEMU 9.0 and later).  Unlike the classic stream,
+guest pages are not interleaved with the stream: every RAMBlock gets a fixed
+region in the file where page *i* lives at ``pages_offset + i * page_size``,
+and a bitmap saying which pages were written.  That is what makes lazy loading
+possible: any page can be found without reading anything else.
+
+Some facts about the format this module relies on (QEMU 10.0, x86_64 host;
+see ``shared/reference/mapped-ram-format.md`` for the byte-by-byte layout):
+
+* The stream is big-endian everywhere except the per-block bitmap, which is the
+  host's ``unsigned long`` array written raw.  On the little-endian 64-bit
+  hosts QEMU runs on (x86_64, aarch64), page *i* is present iff
+  ``bitmap[i >> 3] >> (i & 7) & 1`` and the bitmap is ``ceil(pages / 64) * 8``
+  bytes.  Files written on big-endian or 32-bit hosts are not supported.
+* A clear bit means the page is zero: QEMU never writes zero pages, so the
+  pages region is sparse.  A set bit means the page's bytes are in the file.
+  Bytes under a clear bit may be stale (a live migration can clear a bit
+  without erasing the data); readers must always consult the bitmap.
+* All offsets in a MappedRamHeader are absolute file offsets, also when the
+  stream starts at ``file:PATH,offset=N``.
+* The device state that follows the RAM sections is not self-delimiting; the
+  vmdesc JSON trailer lists the device sections in file order, which is how
+  this module splits it without knowing any device's layout.
+
+Everything read from the file is checked before a :class:`Snapshot` is
+returned; every failure is a :class:`MappedRamError` naming the file, the
+offset and what was expected.  Opening a snapshot reads headers, bitmaps and
+the device state only, never the pages region.
+
+This module imports nothing kernel-facing; it works on any OS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import struct
+from dataclasses import dataclass
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+                    Mapping, Optional, Sequence, Tuple, Union)
+
+__all__ = [
+    "MappedRamError", "NotMappedRamError", "DeviceSection", "RamBlock", "Snapshot",
+    "BlockSpec", "write_snapshot", "rewrite_snapshot", "make_synthetic",
+    "synthetic_runs", "synthetic_run_data",
+]
+
+# --- constants (names as in QEMU's migration/savevm.h and migration/ram.c) ---
+
+QEMU_VM_FILE_MAGIC = 0x5145564D
+QEMU_VM_FILE_VERSION = 0x00000003
+QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+MIG_CMD_SWITCHOVER_START = 11
+
+RAM_SAVE_FLAG_FULL = 0x01
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+MAPPED_RAM_HDR_VERSION = 1
+MAPPED_RAM_HEADER_SIZE = 28          # be32 version, be64 page_size, bitmap_offset, pages_offset
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
+TARGET_PAGE_BITS_DEFAULT = 12        # x86
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
+
+_CONFIG_SUBSECTION_PREFIX = b"configuration"
+_MAX_TAIL_BYTES = 256 << 20          # device state + vmdesc larger than this is absurd
+_MAX_PAGE_SIZE = 1 << 30
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_HEADER = struct.Struct(">IQQQ")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# --- errors ----------------------------------------------------------------------
+
+class MappedRamError(ValueError):
+    """A mapped-ram file is malformed, or is not a mapped-ram file.
+
+    Attributes: ``path`` (the file), ``offset`` (absolute file offset of the
+    offending bytes, or None), ``what`` (what was being read), ``expected`` and
+    ``actual`` (human-readable descriptions).
+    """
+
+    def __init__(self, path: object, offset: Optional[int], what: str,
+                 expected: object = None, actual: object = None,
+                 hint: Optional[str] = None) -> None:
+        self.path = str(path)
+        self.offset = offset
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        self.hint = hint
+        msg = f"{self.path}: {what}"
+        if offset is not None:
+            msg += f" at offset {offset:#x}"
+        if expected is not None or actual is not None:
+            msg += f": expected {expected}, got {actual}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class NotMappedRamError(MappedRamError):
+    """The file is a QEMU migration stream saved without the mapped-ram capability."""
+
+
+_NOT_MAPPED_RAM_HINT = (
+    "this stream was saved without the mapped-ram capability; save it again with "
+    "'migrate-set-capabilities' {\"capability\": \"mapped-ram\", \"state\": true} "
+    "(HMP: migrate_set_capability mapped-ram on) before 'migrate file:PATH'")
+
+
+# --- low-level reading -------------------------------------------------------------
+
+class _Source:
+    """An open file read with pread; every read is exact or raises MappedRamError."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = os.fspath(path)
+        self.fd = -1
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            raise
+        self.size = os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def read_exact(self, offset: int, count: int, what: str) -> bytes:
+        """Return exactly ``count`` bytes at ``offset``; MappedRamError if the file is shorter."""
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: I/O on a closed snapshot")
+        if offset < 0 or count < 0 or offset + count > self.size:
+            raise MappedRamError(self.path, offset, f"{what} runs past the end of the file",
+                                 f"{count} bytes", f"{max(0, self.size - offset)} bytes left")
+        chunks = []
+        done = 0
+        while done < count:
+            chunk = os.pread(self.fd, count - done, offset + done)
+            if not chunk:
+                raise MappedRamError(self.path, offset + done, f"{what}: file shrank while reading",
+                                     f"{count} bytes", f"{done} bytes")
+            chunks.append(chunk)
+            done += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Cursor:
+    """Sequential big-endian reads from a _Source, tracking the position."""
+
+    def __init__(self, src: _Source, pos: int) -> None:
+        self.src = src
+        self.pos = pos
+
+    def error(self, what: str, expected: object = None, actual: object = None,
+              offset: Optional[int] = None) -> MappedRamError:
+        return MappedRamError(self.src.path, self.pos if offset is None else offset,
+                              what, expected, actual)
+
+    def take(self, count: int, what: str) -> bytes:
+        data = self.src.read_exact(self.pos, count, what)
+        self.pos += count
+        return data
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def be16(self, what: str) -> int:
+        return int(_BE16.unpack(self.take(2, what))[0])
+
+    def be32(self, what: str) -> int:
+        return int(_BE32.unpack(self.take(4, what))[0])
+
+    def be64(self, what: str) -> int:
+        return int(_BE64.unpack(self.take(8, what))[0])
+
+    def counted_string(self, what: str) -> str:
+        start = self.pos
+        n = self.u8(what + " length")
+        raw = self.take(n, what)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise MappedRamError(self.src.path, start + 1, f"{what} is not ASCII",
+                                 "an ASCII name", repr(raw)) from None
+
+    def expect_u8(self, value: int, what: str) -> None:
+        at = self.pos
+        got = self.u8(what)
+        if got != value:
+            raise MappedRamError(self.src.path, at, what, f"{value:#04x}", f"{got:#04x}")
+
+    def footer(self, section_id: int, what: str) -> None:
+        at = self.pos
+        self.expect_u8(QEMU_VM_SECTION_FOOTER, f"section footer of {what}")
+        got = self.be32(f"section footer id of {what}")
+        if got != section_id:
+            raise MappedRamError(self.src.path, at + 1, f"section footer id of {what}",
+                                 section_id, got)
+
+
+# --- bit helpers --------------------------------------------------------------------
+
+_POPCOUNT = bytes(bin(i).count("1") for i in range(256))
+_RUN_RE = re.compile(rb"(\x00+)|(\xff+)|([^\x00\xff])", re.S)
+
+
+def _byte_runs(value: int) -> Tuple[Tuple[int, int, bool], ...]:
+    runs: List[Tuple[int, int, bool]] = []
+    for bit in range(8):
+        present = bool(value >> bit & 1)
+        if runs and runs[-1][2] == present:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, present)
+        else:
+            runs.append((bit, 1, present))
+    return tuple(runs)
+
+
+_BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
+
+
+def _bitmap_runs(bits: bytes, pages: int) -> Iterator[Tuple[int, int, bool]]:
+    """Maximal (first, count, present) runs of the first ``pages`` bits of ``bits``.
+
+    Long runs of 0x00/0xff bytes are found by a regex in C; only mixed bytes are
+    split bit by bit, so the Python work is proportional to the number of run
+    boundaries, not to the number of pages.
+    """
+    cur_first = 0
+    cur_count = 0
+    cur_present = False
+    for m in _RUN_RE.finditer(bits):
+        start = m.start() * 8
+        if m.lastindex == 3:
+            pieces: Iterable[Tuple[int, int, bool]] = (
+                (start + b, c, p) for b, c, p in _BYTE_RUNS[bits[m.start()]])
+        else:
+            pieces = ((start, (m.end() - m.start()) * 8, m.lastindex == 2),)
+        for first, count, present in pieces:
+            if first >= pages:
+                break
+            count = min(count, pages - first)
+            if cur_count and present == cur_present:
+                cur_count += count
+            else:
+                if cur_count:
+                    yield (cur_first, cur_count, cur_present)
+                cur_first, cur_count, cur_present = first, count, present
+    if cur_count:
+        yield (cur_first, cur_count, cur_present)
+
+
+def _bitmap_size(pages: int) -> int:
+    """Bytes of a bitmap of ``pages`` bits as QEMU writes it (64-bit unsigned longs)."""
+    return (pages + 63) // 64 * 8
+
+
+def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set bits [first, first+count) of a little-endian bitmap."""
+    end = first + count
+    while first < end and first & 7:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+    full_end = end & ~7
+    if first < full_end:
+        bitmap[first >> 3:full_end >> 3] = b"\xff" * ((full_end - first) >> 3)
+        first = full_end
+    while first < end:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+def _clear_bit(bitmap: bytearray, i: int) -> None:
+    bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+
+# --- model --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """One QEMU_VM_SECTION_FULL device section.
+
+    ``offset``/``length`` are the absolute byte range of the whole section,
+    including its header and footer.
+    """
+
+    name: str
+    instance: int
+    version: int
+    section_id: int
+    offset: int
+    length: int
+
+
+class RamBlock:
+    """One RAMBlock of a mapped-ram snapshot.
+
+    ``length`` is the block's used length in bytes, ``page_size`` the bitmap
+    granularity in bytes (4096 on x86), ``pages`` the page count.
+    ``bitmap`` is the raw bitmap as stored in the file: host-native unsigned
+    long words, which on the little-endian 64-bit hosts QEMU runs on means page
+    *i* is present iff ``bitmap[i >> 3] >> (i & 7) & 1``.  Bits past ``pages``
+    (padding) are ignored.  ``bitmap_offset`` and ``pages_offset`` are
+    absolute file offsets; ``header_offset`` is the offset of the block's
+    record (its name length byte) in the RAM section.
+    """
+
+    def __init__(self, source: _Source, *, name: str, length: int, page_size: int,
+                 bitmap_offset: int, pages_offset: int, bitmap: bytes,
+                 header_offset: int, header_version: int) -> None:
+        self._source = source
+        self.name = name
+        self.length = length
+        self.page_size = page_size
+        self.pages = length // page_size
+        self.bitmap_offset = bitmap_offset
+        self.pages_offset = pages_offset
+        self.bitmap = bitmap
+        self.header_offset = header_offset
+        self.header_version = header_version
+        used = (self.pages + 7) // 8
+        bits = bytearray(bitmap[:used])
+        if self.pages & 7:
+            bits[-1] &= (1 << (self.pages & 7)) - 1
+        self._bits = bytes(bits)
+        self.present_pages = sum(self._bits.translate(_POPCOUNT))
+        self.zero_pages = self.pages - self.present_pages
+
+    def __repr__(self) -> str:
+        return (f"RamBlock(name={self.name!r}, length={self.length:#x}, page_size={self.page_size}, "
+                f"pages={self.pages}, present_pages={self.present_pages}, "
+                f"bitmap_offset={self.bitmap_offset:#x}, pages_offset={self.pages_offset:#x})")
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.pages:
+            raise IndexError(f"page {i} out of range for block {self.name!r} of {self.pages} pages")
+
+    def is_present(self, i: int) -> bool:
+        """True if page ``i`` has data in the file; False if it is a zero page.
+
+        Raises: IndexError if ``i`` is not a page of this block.
+        """
+        self._check_index(i)
+        return bool(self._bits[i >> 3] >> (i & 7) & 1)
+
+    def page_offset(self, i: int) -> int:
+        """Absolute file offset (bytes) of page ``i``, whether present or not.
+
+        Raises: IndexError if ``i`` is not a page of this block.
+        """
+        self._check_index(i)
+        return self.pages_offset + i * self.page_size
+
+    def read_page(self, i: int) -> bytes:
+        """The ``page_size`` bytes of page ``i``; zeros if its bit is clear.
+
+        Raises: IndexError for a bad index; MappedRamError if the file is
+        shorter than it was when opened; ValueError if the snapshot is closed.
+        """
+        return self.read_pages(i, 1)
+
+    def read_pages(self, first: int, count: int) -> bytes:
+        """``count`` pages from page ``first`` as one bytes object (zeros for clear bits).
+
+        Raises: as :meth:`read_page`.
+        """
+        if count < 0 or not 0 <= first or first + count > self.pages:
+            raise IndexError(f"pages [{first}, {first + count}) out of range for block "
+                             f"{self.name!r} of {self.pages} pages")
+        out = bytearray(count * self.page_size)
+        for run_first, run_count, present in self._runs_in(first, count):
+            if present:
+                lo = (run_first - first) * self.page_size
+                out[lo:lo + run_count * self.page_size] = self._source.read_exact(
+                    self.pages_offset + run_first * self.page_size, run_count * self.page_size,
+                    f"pages {run_first}..{run_first + run_count - 1} of block {self.name!r}")
+        return bytes(out)
+
+    def _runs_in(self, first: int, count: int) -> Iterator[Tuple[int, int, bool]]:
+        end = first + count
+        if count == 0:
+            return
+        lo, hi = first >> 3, (end + 7) >> 3
+        sub = self._bits[lo:hi]
+        for f, c, p in _bitmap_runs(sub, (hi - lo) * 8):
+            f += lo * 8
+            s, e = max(f, first), min(f + c, end)
+            if s < e:
+                yield (s, e - s, p)
+
+    def runs(self) -> Iterator[Tuple[int, int, bool]]:
+        """Yield ``(first_page, page_count, present)`` maximal runs covering the block in order."""
+        return _bitmap_runs(self._bits, self.pages)
+
+
+class Snapshot:
+    """An open, validated mapped-ram snapshot file.
+
+    Use :meth:`open`; the object holds the file open until :meth:`close`
+    (idempotent; also on ``with`` exit).  Attributes: ``path``, ``offset``
+    (where the stream starts in the file), ``machine`` (machine type name),
+    ``capabilities``, ``blocks`` (file order), ``devices`` (device sections in
+    file order), ``vmdesc`` (the JSON trailer, or None), ``file_size``,
+    ``ram_section_id``, ``device_state_range`` (start, end) of everything after
+    the RAM sections: device sections, EOF byte and vmdesc, to copy verbatim.
+    """
+
+    path: str
+    offset: int
+    machine: str
+    capabilities: List[str]
+    blocks: List[RamBlock]
+    devices: List[DeviceSection]
+    vmdesc: Optional[Dict[str, Any]]
+    device_state_range: Tuple[int, int]
+    file_size: int
+
+    def __init__(self, source: _Source, offset: int) -> None:
+        self._source: Optional[_Source] = source
+        self.path = source.path
+        self.offset = offset
+        self.file_size = source.size
+        self.machine = ""
+        self.capabilities = []
+        self.target_page_bits = TARGET_PAGE_BITS_DEFAULT
+        self.uuid: Optional[bytes] = None
+        self.blocks = []
+        self.devices = []
+        self.vmdesc = None
+        self.ram_section_id = -1
+        self.ram_section_offset = -1
+        self.device_state_range = (source.size, source.size)
+        self.eof_offset = -1
+        self.vmdesc_offset: Optional[int] = None
+
+    @classmethod
+    def open(cls, path: PathLike, *, offset: int = 0) -> "Snapshot":
+        """Open and validate the mapped-ram stream starting at byte ``offset`` of ``path``.
+
+        Raises: OSError if the file cannot be opened; NotMappedRamError for a
+        migration stream saved without mapped-ram; MappedRamError for any
+        other malformation.
+        """
+        source = _Source(path)
+        try:
+            if offset < 0 or offset >= source.size:
+                raise MappedRamError(source.path, None, "stream offset outside the file",
+                                     f"0 <= offset < {source.size}", offset)
+            snap = cls(source, offset)
+            _Parser(snap, source).parse()
+            return snap
+        except BaseException:
+            source.close()
+            raise
+
+    def block(self, name: str) -> RamBlock:
+        """The RAMBlock named ``name``. Raises: KeyError if there is none."""
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"{self.path}: no RAMBlock named {name!r} "
+                       f"(blocks: {', '.join(b.name for b in self.blocks)})")
+
+    def fileno(self) -> int:
+        """The open file descriptor. Raises: ValueError if closed."""
+        if self._source is None or self._source.fd < 0:
+            raise ValueError(f"{self.path}: snapshot is closed")
+        return self._source.fd
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file (e.g. ``device_state_range``).
+
+        Raises: MappedRamError past EOF; ValueError if closed.
+        """
+        if self._source is None:
+            raise ValueError(f"{self.path}: snapshot is closed")
+        return self._source.read_exact(start, end - start, "byte range")
+
+    @property
+    def closed(self) -> bool:
+        return self._source is None
+
+    def close(self) -> None:
+        """Close the file; safe to call more than once."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Snapshot(path={self.path!r}, offset={self.offset}, machine={self.machine!r}, "
+                f"blocks={[b.name for b in self.blocks]}, devices={len(self.devices)})")
+
+
+# --- parser -------------------------------------------------------------------------
+
+class _Parser:
+    def __init__(self, snap: Snapshot, src: _Source) -> None:
+        self.snap = snap
+        self.src = src
+        self.cur = _Cursor(src, snap.offset)
+        self.vmdesc_devices: Optional[List[Tuple[str, int]]] = None
+        self.device_index = 0
+
+    def err(self, offset: Optional[int], what: str, expected: object = None,
+            actual: object = None) -> MappedRamError:
+        return MappedRamError(self.src.path, offset, what, expected, actual)
+
+    def parse(self) -> None:
+        self._header()
+        self._configuration()
+        self._sections()
+
+    # header and configuration
+
+    def _header(self) -> None:
+        cur = self.cur
+        at = cur.pos
+        magic = cur.be32("file magic")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise self.err(at, "not a QEMU migration stream: bad magic",
+                           f"{QEMU_VM_FILE_MAGIC:#010x} ('QEVM')", f"{magic:#010x}")
+        at = cur.pos
+        version = cur.be32("stream version")
+        if version != QEMU_VM_FILE_VERSION:
+            raise self.err(at, "unsupported stream version", QEMU_VM_FILE_VERSION, version)
+
+    def _configuration(self) -> None:
+        cur, snap = self.cur, self.snap
+        at = cur.pos
+        kind = cur.u8("configuration section marker")
+        if kind != QEMU_VM_CONFIGURATION:
+            raise self.err(at, "configuration section (mapped-ram streams always carry one)",
+                           f"{QEMU_VM_CONFIGURATION:#04x}", f"{kind:#04x}")
+        at = cur.pos
+        n = cur.be32("machine type length")
+        if not 0 < n <= 256:
+            raise self.err(at, "machine type length", "1..256", n)
+        raw = cur.take(n, "machine type")
+        try:
+            snap.machine = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise self.err(at + 4, "machine type is not ASCII", "ASCII", repr(raw)) from None
+        has_caps = False
+        while True:
+            at = cur.pos
+            peek = self.src.read_exact(at, min(2 + len(_CONFIG_SUBSECTION_PREFIX),
+                                               self.src.size - at), "configuration subsection")
+            if (len(peek) < 2 or peek[0] != QEMU_VM_SUBSECTION
+                    or peek[1] < len(_CONFIG_SUBSECTION_PREFIX) + 1
+                    or not peek[2:].startswith(_CONFIG_SUBSECTION_PREFIX)):
+                break
+            cur.pos += 1
+            name = cur.counted_string("configuration subsection name")
+            vat = cur.pos
+            sub_version = cur.be32(f"{name} version")
+            if sub_version != 1:
+                raise self.err(vat, f"{name} version", 1, sub_version)
+            if name == "configuration/capabilities":
+                cat = cur.pos
+                count = cur.be32("capability count")
+                if count > 64:
+                    raise self.err(cat, "capability count", "<= 64", count)
+                for _ in range(count):
+                    snap.capabilities.append(cur.counted_string("capability name"))
+                has_caps = True
+            elif name == "configuration/target-page-bits":
+                bat = cur.pos
+                bits = cur.be32("target page bits")
+                if not 12 <= bits <= 30:
+                    raise self.err(bat, "target page bits", "12..30", bits)
+                snap.target_page_bits = bits
+            elif name == "configuration/uuid":
+                snap.uuid = cur.take(16, "uuid")
+            else:
+                raise self.err(at, "unknown configuration subsection",
+                               "capabilities, target-page-bits or uuid", repr(name))
+        if "mapped-ram" not in snap.capabilities:
+            listed = ", ".join(snap.capabilities) if has_caps else "no capabilities subsection"
+            raise NotMappedRamError(self.src.path, cur.pos, "capabilities do not include mapped-ram",
+                                    "mapped-ram", listed, hint=_NOT_MAPPED_RAM_HINT)
+
+    # vmdesc trailer
+
+    def _find_vmdesc(self, tail_start: int) -> None:
+        """Locate the ``06 | be32 len | JSON`` trailer at the very end of the file, if any.
+
+        Only bytes from ``tail_start`` on are searched (called when the first
+        device section or the EOF byte is reached, so normally just the tail).
+        """
+        if self.snap.eof_offset >= 0:
+            return
+        src, snap = self.src, self.snap
+        tail_start = max(tail_start, src.size - _MAX_TAIL_BYTES)
+        # Device state is small; the tail before the vmdesc is read again later anyway.
+        window = min(src.size - tail_start, 4 << 20)
+        while True:
+            start = src.size - window
+            tail = src.read_exact(start, window, "vmdesc trailer")
+            p = tail.rfind(b"{")
+            found = None
+            while p >= 5:
+                q = p - 5
+                if (tail[q] == QEMU_VM_VMDESCRIPTION
+                        and _BE32.unpack_from(tail, q + 1)[0] == len(tail) - p):
+                    found = q
+                    break
+                p = tail.rfind(b"{", 0, p)
+            if found is not None or start == tail_start:
+                break
+            window = min(src.size - tail_start, window * 4)
+        if found is None:
+            snap.eof_offset = src.size - 1
+            return
+        json_at = start + found + 5
+        try:
+            desc = json.loads(tail[found + 5:].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self.err(json_at, "vmdesc trailer is not valid JSON", "a JSON object",
+                           str(e)) from None
+        if not isinstance(desc, dict):
+            raise self.err(json_at, "vmdesc trailer", "a JSON object", type(desc).__name__)
+        devices = desc.get("devices", [])
+        listed: List[Tuple[str, int]] = []
+        if not isinstance(devices, list):
+            raise self.err(json_at, "vmdesc 'devices'", "a list", type(devices).__name__)
+        for d in devices:
+            if (not isinstance(d, dict) or not isinstance(d.get("name"), str)
+                    or not isinstance(d.get("instance_id"), int)):
+                raise self.err(json_at, "vmdesc device entry", "{name: str, instance_id: int}",
+                               repr(d)[:80])
+            listed.append((d["name"], d["instance_id"]))
+        snap.vmdesc = desc
+        snap.vmdesc_offset = start + found
+        snap.eof_offset = start + found - 1
+        self.vmdesc_devices = listed
+
+    # sections
+
+    def _sections(self) -> None:
+        cur, snap = self.cur, self.snap
+        ram_done = False
+        device_phase = False
+        while True:
+            at = cur.pos
+            kind = cur.u8("section type")
+            if kind in (QEMU_VM_EOF, QEMU_VM_SECTION_FULL):
+                self._find_vmdesc(at)
+            if kind == QEMU_VM_EOF:
+                if at != snap.eof_offset:
+                    raise self.err(at, "end of stream (QEMU_VM_EOF) position",
+                                   f"{snap.eof_offset:#x} (just before the vmdesc trailer / end "
+                                   "of file)", f"{at:#x}")
+                if not ram_done:
+                    raise self.err(at, "stream ends without a RAM section", "a 'ram' START section",
+                                   "EOF")
+                if not device_phase:
+                    snap.device_state_range = (at, self.src.size)
+                return
+            if kind == QEMU_VM_SECTION_FULL:
+                if ram_done and not device_phase:
+                    device_phase = True
+                    snap.device_state_range = (at, self.src.size)
+                self._device_section(at, early=not ram_done)
+            elif device_phase:
+                raise self.err(at, "section type after device state", "FULL (0x04) or EOF (0x00)",
+                               f"{kind:#04x}")
+            elif kind == QEMU_VM_SECTION_START:
+                if ram_done:
+                    raise self.err(at, "second START section", "PART/END/FULL/EOF", "START")
+                self._ram_start(at)
+                ram_done = True
+            elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+                if not ram_done:
+                    raise self.err(at, "PART/END section before the RAM START section")
+                sid = cur.be32("section id")
+                if sid != snap.ram_section_id:
+                    raise self.err(at + 1, "PART/END section id (only 'ram' is iterable here)",
+                                   snap.ram_section_id, sid)
+                self._ram_eos()
+                cur.footer(sid, "RAM PART/END section")
+            elif kind == QEMU_VM_COMMAND:
+                cmd_at = cur.pos
+                cmd = cur.be16("command")
+                length = cur.be16("command length")
+                if (cmd, length) != (MIG_CMD_SWITCHOVER_START, 0):
+                    raise self.err(cmd_at, "command (only SWITCHOVER_START is expected with "
+                                   "mapped-ram)", f"{MIG_CMD_SWITCHOVER_START:#06x} length 0",
+                                   f"{cmd:#06x} length {length}")
+            else:
+                raise self.err(at, "section type",
+                               "EOF, START, PART, END, FULL or COMMAND (0x00-0x04, 0x08)",
+                               f"{kind:#04x}")
+
+    def _ram_eos(self) -> None:
+        at = self.cur.pos
+        word = self.cur.be64("RAM flags word")
+        if word != RAM_SAVE_FLAG_EOS:
+            self._bad_ram_word(at, word, "EOS (0x10)")
+
+    def _bad_ram_word(self, at: int, word: int, expected: str) -> None:
+        mask = (1 << self.snap.target_page_bits) - 1
+        flags = word & mask
+        bad = flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE
+                       | RAM_SAVE_FLAG_HOOK | RAM_SAVE_FLAG_MULTIFD_FLUSH)
+        what = "RAM flags word"
+        if bad:
+            what += " (flags that mapped-ram never writes)"
+        raise self.err(at, what, expected, f"{word:#x}")
+
+    def _ram_start(self, at: int) -> None:
+        cur, snap, src = self.cur, self.snap, self.src
+        sid = cur.be32("section id")
+        name_at = cur.pos
+        name = cur.counted_string("section name")
+        instance = cur.be32("section instance")
+        vat = cur.pos
+        version = cur.be32("section version")
+        if name != RAM_SECTION_IDSTR or instance != 0:
+            raise self.err(name_at, "START section (only the 'ram' iterable section is supported)",
+                           "'ram' instance 0", f"{name!r} instance {instance}")
+        if version != RAM_SECTION_VERSION:
+            raise self.err(vat, "'ram' section version", RAM_SECTION_VERSION, version)
+        snap.ram_section_id = sid
+        snap.ram_section_offset = at
+        word_at = cur.pos
+        word = cur.be64("RAM MEM_SIZE word")
+        mask = (1 << snap.target_page_bits) - 1
+        if word & mask != RAM_SAVE_FLAG_MEM_SIZE:
+            self._bad_ram_word(word_at, word, "MEM_SIZE (0x04) with the total RAM size")
+        total = word & ~mask
+        consumed = 0
+        ignore_shared = "x-ignore-shared" in snap.capabilities
+        regions: List[Tuple[int, int, str]] = []
+        names = set()
+        while consumed < total:
+            rec_at = cur.pos
+            name = cur.counted_string("RAMBlock name")
+            if not name:
+                raise self.err(rec_at, "RAMBlock name length", ">= 1", 0)
+            if name in names:
+                raise self.err(rec_at, "RAMBlock name", "a unique name", f"duplicate {name!r}")
+            names.add(name)
+            len_at = cur.pos
+            length = cur.be64(f"used length of {name!r}")
+            if ignore_shared:
+                cur.be64(f"guest address of {name!r}")
+            hdr_at = cur.pos
+            hdr_version, page_size, bitmap_offset, pages_offset = _HEADER.unpack(
+                cur.take(MAPPED_RAM_HEADER_SIZE, f"MappedRamHeader of {name!r}"))
+            hdr_end = cur.pos
+            if hdr_version > MAPPED_RAM_HDR_VERSION:
+                raise self.err(hdr_at, "bad RAMBlock header version",
+                               f"<= {MAPPED_RAM_HDR_VERSION}", hdr_version)
+            if (page_size < 4096 or page_size > _MAX_PAGE_SIZE
+                    or page_size & (page_size - 1)):
+                raise self.err(hdr_at + 4, f"page size of {name!r}",
+                               "a power of two >= 4096", page_size)
+            if length % page_size:
+                raise self.err(len_at, f"used length of {name!r}",
+                               f"a multiple of the page size {page_size}", f"{length:#x}")
+            if consumed + length > total:
+                raise self.err(len_at, f"used length of {name!r} (sum exceeds MEM_SIZE total)",
+                               f"<= {total - consumed:#x}", f"{length:#x}")
+            if pages_offset % 4096:
+                raise self.err(hdr_at + 20, f"pages offset of {name!r}", "4096-aligned",
+                               f"{pages_offset:#x}")
+            pages = length // page_size
+            bitmap_size = _bitmap_size(pages)
+            for what, off, size, field_at in (("bitmap", bitmap_offset, bitmap_size, hdr_at + 12),
+                                              ("pages region", pages_offset, length, hdr_at + 20)):
+                if off < snap.offset or off + size > src.size:
+                    raise self.err(field_at, f"{what} of {name!r} outside the stream",
+                                   f"[{snap.offset:#x}, {src.size:#x})",
+                                   f"[{off:#x}, {off + size:#x})")
+            next_at = pages_offset + length
+            if next_at < hdr_end:
+                raise self.err(hdr_at + 20, f"pages region of {name!r} ends before its header",
+                               f"end >= {hdr_end:#x}", f"{next_at:#x}")
+            regions.append((rec_at, hdr_end, f"record of {name!r}"))
+            regions.append((bitmap_offset, bitmap_offset + bitmap_size, f"bitmap of {name!r}"))
+            regions.append((pages_offset, pages_offset + length, f"pages of {name!r}"))
+            bitmap = src.read_exact(bitmap_offset, bitmap_size, f"bitmap of {name!r}")
+            snap.blocks.append(RamBlock(
+                src, name=name, length=length, page_size=page_size,
+                bitmap_offset=bitmap_offset, pages_offset=pages_offset, bitmap=bitmap,
+                header_offset=rec_at, header_version=hdr_version))
+            consumed += length
+            cur.pos = next_at
+        self._check_overlaps(regions)
+        self._ram_eos()
+        cur.footer(sid, "RAM START section")
+
+    def _check_overlaps(self, regions: List[Tuple[int, int, str]]) -> None:
+        spans = sorted((r for r in regions if r[1] > r[0]), key=lambda r: (r[0], r[1]))
+        for (a0, a1, aname), (b0, b1, bname) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise self.err(b0, f"{bname} overlaps {aname}", f"start >= {a1:#x}", f"{b0:#x}")
+
+    # device sections
+
+    def _device_section(self, at: int, *, early: bool) -> None:
+        cur, snap = self.cur, self.snap
+        sid = cur.be32("section id")
+        name_at = cur.pos
+        name = cur.counted_string("device section name")
+        instance = cur.be32("device section instance")
+        version = cur.be32("device section version")
+        body = cur.pos
+        k = self.device_index
+        expected: Optional[Tuple[str, int]] = None
+        following: Optional[Tuple[str, int]] = None
+        if self.vmdesc_devices is not None:
+            if k >= len(self.vmdesc_devices):
+                raise self.err(at, "device section not listed in the vmdesc trailer",
+                               f"{len(self.vmdesc_devices)} device sections",
+                               f"section {k} ({name!r})")
+            expected = self.vmdesc_devices[k]
+            if (name, instance) != expected:
+                raise self.err(name_at, f"device section {k} (vmdesc order)",
+                               f"{expected[0]!r} instance {expected[1]}",
+                               f"{name!r} instance {instance}")
+            if k + 1 < len(self.vmdesc_devices):
+                following = self.vmdesc_devices[k + 1]
+        self.device_index += 1
+        end = self._device_end(body, sid, early=early, following=following, last=(
+            self.vmdesc_devices is not None and following is None))
+        snap.devices.append(DeviceSection(name=name, instance=instance, version=version,
+                                          section_id=sid, offset=at, length=end - at))
+        cur.pos = end
+
+    def _device_end(self, body: int, sid: int, *, early: bool,
+                    following: Optional[Tuple[str, int]], last: bool) -> int:
+        """Find the end of a device section whose body starts at ``body``.
+
+        The body's layout is device-specific, so look for the footer
+        ``7e | be32 sid`` followed by something that can only start the next
+        thing in the stream: the next device section of the vmdesc list, the
+        RAM START section (early sections), or the EOF byte at its known offset.
+        """
+        src, snap = self.src, self.snap
+        footer = bytes([QEMU_VM_SECTION_FOOTER]) + _BE32.pack(sid)
+        limit = snap.eof_offset if not early else src.size
+        window = 1 << 16
+        while True:
+            stop = min(limit, body + window)
+            buf = src.read_exact(body, stop - body, "device section")
+            p = buf.find(footer)
+            while p >= 0:
+                nxt = body + p + 5
+                if self._plausible_next(buf, p + 5, nxt, early=early, following=following,
+                                        last=last):
+                    return nxt
+                p = buf.find(footer, p + 1)
+            if stop >= limit:
+                break
+            window *= 4
+        raise self.err(body, "end of device section (footer followed by the next section)",
+                       f"7e {sid:08x} then the next section", "no such footer")
+
+    def _plausible_next(self, buf: bytes, i: int, nxt: int, *, early: bool,
+                        following: Optional[Tuple[str, int]], last: bool) -> bool:
+        if not early and nxt == self.snap.eof_offset:
+            return True
+        if last or i >= len(buf):
+            return False
+        kind = buf[i]
+        if kind == QEMU_VM_SECTION_START and early:
+            return buf[i + 5:i + 9] == b"\x03ram"
+        if kind != QEMU_VM_SECTION_FULL or i + 6 > len(buf):
+            return False
+        n = buf[i + 5]
+        name = buf[i + 6:i + 6 + n]
+        inst = buf[i + 6 + n:i + 10 + n]
+        if len(inst) < 4 or n == 0:
+            return False
+        if following is not None:
+            return name == following[0].encode("ascii", "replace") and \
+                _BE32.unpack(inst)[0] == following[1]
+        return all(32 < c < 127 for c in name)
+
+
+# --- writer -------------------------------------------------------------------------
+
+BytesLike = Union[bytes, bytearray, memoryview]
+Chunks = Iterable[Tuple[int, BytesLike]]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A RAMBlock for :func:`write_snapshot`.
+
+    ``name`` is the RAMBlock idstr QEMU knows it by (``ram`` for ``-machine
+    none``, ``pc.ram``, a memory-backend id, ...), ``length`` its used length
+    in bytes.  ``data`` is either the whole contents (a bytes-like object of
+    ``length`` bytes), or an iterable of ``(first_page, chunk)`` pairs in
+    increasing, non-overlapping page order, each chunk a whole number of pages
+    (so multi-GiB blocks can be streamed), or None for an all-zero block.
+    Pages not covered, and pages whose bytes are all zero, are left out of the
+    file (bit clear), as QEMU does.
+    """
+
+    name: str
+    length: int
+    data: Union[BytesLike, Chunks, None] = None
+
+
+BlockArg = Union[BlockSpec, Tuple[str, Union[BytesLike, int]]]
+
+
+def _as_spec(arg: BlockArg) -> BlockSpec:
+    if isinstance(arg, BlockSpec):
+        return arg
+    name, contents = arg
+    if isinstance(contents, int):
+        return BlockSpec(name, contents, None)
+    return BlockSpec(name, memoryview(contents).nbytes, contents)
+
+
+def _counted(text: str) -> bytes:
+    raw = text.encode("ascii")
+    if not 0 < len(raw) < 256:
+        raise ValueError(f"name {text!r} must be 1..255 ASCII bytes")
+    return bytes([len(raw)]) + raw
+
+
+def _configuration_bytes(machine: str, capabilities: Sequence[str]) -> bytes:
+    raw = machine.encode("ascii")
+    out = bytearray([QEMU_VM_CONFIGURATION]) + _BE32.pack(len(raw)) + raw
+    if capabilities:
+        out += bytes([QEMU_VM_SUBSECTION]) + _counted("configuration/capabilities")
+        out += _BE32.pack(1) + _BE32.pack(len(capabilities))
+        for cap in capabilities:
+            out += _counted(cap)
+    return bytes(out)
+
+
+def _pwrite_all(fd: int, data: BytesLike, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _iter_chunks(spec: BlockSpec, page_size: int) -> Iterator[Tuple[int, memoryview]]:
+    if spec.data is None:
+        return
+    data: Any = spec.data
+    try:
+        view = memoryview(data)         # bytes, bytearray, mmap, array...
+    except TypeError:                   # an iterable of (first_page, chunk)
+        for first, chunk in data:
+            yield (first, memoryview(chunk).cast("B"))
+        return
+    view = view.cast("B")
+    if view.nbytes != spec.length:
+        raise ValueError(f"block {spec.name!r}: data is {view.nbytes} bytes, length is "
+                         f"{spec.length}")
+    yield (0, view)
+
+
+def _nonzero_runs(view: memoryview, page_size: int) -> Iterator[Tuple[int, int]]:
+    """(first, count) runs of pages of ``view`` that are not all zero."""
+    zero = bytes(page_size)
+    pages = view.nbytes // page_size
+    start = -1
+    for j in range(pages):
+        if view[j * page_size:(j + 1) * page_size] == zero:
+            if start >= 0:
+                yield (start, j - start)
+                start = -1
+        elif start < 0:
+            start = j
+    if start >= 0:
+        yield (start, pages - start)
+
+
+def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str = "none",
+                   page_size: int = 4096, capabilities: Sequence[str] = ("mapped-ram",),
+                   device_state: Optional[BytesLike] = None, early_device_state: BytesLike = b"",
+                   offset: int = 0, ram_section_id: int = 1) -> None:
+    """Write a mapped-ram snapshot that QEMU 10 loads with ``migrate-incoming``.
+
+    The layout is the one QEMU writes: header, configuration, optional early
+    device sections (``early_device_state``, verbatim), the RAM START section
+    with every block's record, MappedRamHeader, bitmap right after it and pages
+    region on the next 1 MiB boundary, EOS and footer, an END section, then
+    ``device_state`` verbatim.  ``device_state`` must be everything QEMU writes
+    after the RAM sections (device sections, EOF byte, vmdesc trailer), e.g.
+    ``Snapshot.read_range(*snap.device_state_range)``; with None the file gets
+    no device sections (QEMU then starts the VM with reset device state), an
+    EOF byte and a minimal vmdesc.  ``blocks`` are :class:`BlockSpec` or
+    ``(name, contents_or_length_in_bytes)`` pairs, written in the order given.
+    Zero pages are never written, so the file is sparse.  Bytes of ``path``
+    before ``offset`` are kept (as with ``file:PATH,offset=N``).
+
+    ``machine`` must be the exact machine type of the destination (``none``,
+    ``pc-q35-10.0``...); ``page_size`` is bytes per bitmap bit and must be 4096
+    for x86 QEMU.
+
+    Raises: ValueError for inconsistent arguments (lengths not a multiple of
+    ``page_size``, chunks out of order or out of range, duplicate names);
+    OSError from the file system.
+    """
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 4096, not {page_size}")
+    if "mapped-ram" not in capabilities:
+        raise ValueError("capabilities must include 'mapped-ram'")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, not {offset}")
+    specs = [_as_spec(b) for b in blocks]
+    seen = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"duplicate block name {spec.name!r}")
+        seen.add(spec.name)
+        if spec.length < 0 or spec.length % page_size:
+            raise ValueError(f"block {spec.name!r}: length {spec.length} is not a multiple of "
+                             f"the page size {page_size}")
+    total = sum(s.length for s in specs)
+    if total & (page_size - 1) or total >= 1 << 64:
+        raise ValueError(f"total RAM size {total} cannot be encoded")
+
+    head = bytearray(_BE32.pack(QEMU_VM_FILE_MAGIC) + _BE32.pack(QEMU_VM_FILE_VERSION))
+    head += _configuration_bytes(machine, capabilities)
+    head += bytes(early_device_state)
+    head += bytes([QEMU_VM_SECTION_START]) + _BE32.pack(ram_section_id) + _counted(
+        RAM_SECTION_IDSTR) + _BE32.pack(0) + _BE32.pack(RAM_SECTION_VERSION)
+    head += _BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE)
+    pos = offset + len(head)
+
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.ftruncate(fd, offset)
+        _pwrite_all(fd, head, offset)
+        for spec in specs:
+            pages = spec.length // page_size
+            record = _counted(spec.name) + _BE64.pack(spec.length)
+            hdr_at = pos + len(record)
+            bitmap_offset = hdr_at + MAPPED_RAM_HEADER_SIZE
+            bitmap = bytearray(_bitmap_size(pages))
+            pages_offset = _round_up(bitmap_offset + len(bitmap), MAPPED_RAM_FILE_OFFSET_ALIGNMENT)
+            next_page = 0
+            for first, view in _iter_chunks(spec, page_size):
+                count, rest = divmod(view.nbytes, page_size)
+                if rest or first < next_page or first + count > pages:
+                    raise ValueError(
+                        f"block {spec.name!r}: chunk at page {first} of {view.nbytes} bytes is not "
+                        f"whole pages in increasing order inside the block ({pages} pages)")
+                for run_first, run_count in _nonzero_runs(view, page_size):
+                    _set_bits(bitmap, first + run_first, run_count)
+                    _pwrite_all(fd, view[run_first * page_size:(run_first + run_count) * page_size],
+                                pages_offset + (first + run_first) * page_size)
+                next_page = first + count
+            header = _HEADER.pack(MAPPED_RAM_HDR_VERSION, page_size, bitmap_offset, pages_offset)
+            _pwrite_all(fd, record + header + bytes(bitmap), pos)
+            pos = pages_offset + spec.length
+        tail = bytearray(_BE64.pack(RAM_SAVE_FLAG_EOS))
+        tail += bytes([QEMU_VM_SECTION_FOOTER]) + _BE32.pack(ram_section_id)
+        tail += bytes([QEMU_VM_SECTION_END]) + _BE32.pack(ram_section_id)
+        tail += _BE64.pack(RAM_SAVE_FLAG_EOS)
+        tail += bytes([QEMU_VM_SECTION_FOOTER]) + _BE32.pack(ram_section_id)
+        if device_state is None:
+            desc = json.dumps({"page_size": page_size, "devices": []}).encode()
+            tail += bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(desc)) + desc
+        else:
+            tail += bytes(device_state)
+        _pwrite_all(fd, tail, pos)
+        os.ftruncate(fd, pos + len(tail))
+    finally:
+        os.close(fd)
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, *, skip_zero: bool) -> None:
+    step = 8 << 20
+    zero = bytes(step)
+    while start < end:
+        n = min(step, end - start)
+        data = os.pread(src_fd, n, start)
+        if len(data) != n:
+            raise OSError(f"short read at offset {start:#x}")
+        if not (skip_zero and data == zero[:n]):
+            _pwrite_all(dst_fd, data, start)
+        start += n
+
+
+def rewrite_snapshot(src: Union[Snapshot, PathLike], dst: PathLike,
+                     patches: Mapping[Tuple[str, int], BytesLike], *, offset: int = 0) -> None:
+    """Copy snapshot ``src`` to ``dst`` with some pages replaced.
+
+    ``patches`` maps ``(block name, page index)`` to the page's new bytes
+    (exactly ``page_size`` bytes; an all-zero page clears the page's bit).
+    Every byte outside the patched pages and their bitmaps is carried over
+    unchanged (headers, device state, vmdesc, bytes before the stream offset),
+    and zero pages stay holes.  ``offset`` is used only when ``src`` is a path.
+
+    Raises: MappedRamError if ``src`` is not a valid snapshot; KeyError for an
+    unknown block; IndexError for a page index out of range; ValueError for a
+    patch of the wrong size or ``dst`` being the source file; OSError.
+    """
+    snap = src if isinstance(src, Snapshot) else Snapshot.open(src, offset=offset)
+    try:
+        checked: Dict[str, List[Tuple[int, bytes]]] = {}
+        for (name, index), page in patches.items():
+            block = snap.block(name)
+            block.page_offset(index)
+            data = bytes(page)
+            if len(data) != block.page_size:
+                raise ValueError(f"patch for page {index} of {name!r} is {len(data)} bytes, "
+                                 f"expected {block.page_size}")
+            checked.setdefault(name, []).append((index, data))
+        dst_path = os.fspath(dst)
+        if os.path.exists(dst_path) and os.path.samefile(dst_path, snap.path):
+            raise ValueError(f"{dst_path}: destination is the source snapshot")
+        src_fd = snap.fileno()
+        fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
+        try:
+            os.ftruncate(fd, snap.file_size)
+            cursor = 0
+            for block in sorted(snap.blocks, key=lambda b: b.pages_offset):
+                _copy_range(src_fd, fd, cursor, block.pages_offset, skip_zero=True)
+                for first, count, present in block.runs():
+                    if present:
+                        start = block.pages_offset + first * block.page_size
+                        _copy_range(src_fd, fd, start, start + count * block.page_size,
+                                    skip_zero=False)
+                cursor = block.pages_offset + block.length
+            _copy_range(src_fd, fd, cursor, snap.file_size, skip_zero=True)
+            zero_page: Optional[bytes] = None
+            for block in snap.blocks:
+                if block.name not in checked:
+                    continue
+                bitmap = bytearray(block.bitmap)
+                for index, data in checked[block.name]:
+                    if zero_page is None or len(zero_page) != block.page_size:
+                        zero_page = bytes(block.page_size)
+                    if data == zero_page:
+                        _clear_bit(bitmap, index)
+                    else:
+                        _set_bits(bitmap, index, 1)
+                        _pwrite_all(fd, data, block.page_offset(index))
+                _pwrite_all(fd, bitmap, block.bitmap_offset)
+        finally:
+            os.close(fd)
+    finally:
+        if snap is not src:
+            snap.close()
+
+
+# --- synthetic snapshots ----------------------------------------------------------------
+
+def synthetic_runs(pages: int, fill: float, seed: int) -> List[Tuple[int, int, bool]]:
+    """The deterministic (first_page, page_count, present) runs of a synthetic block.
+
+    Run lengths vary from 1 to 512 pages; a run is present with probability
+    ``fill``.  Adjacent runs of the same kind are merged.
+    """
+    if not 0.0 <= fill <= 1.0:
+        raise ValueError(f"fill must be in [0, 1], not {fill}")
+    rng = random.Random(seed)
+    runs: List[Tuple[int, int, bool]] = []
+    first = 0
+    while first < pages:
+        count = min(pages - first, rng.randint(1, 1 << rng.randint(0, 9)))
+        present = rng.random() < fill
+        if runs and runs[-1][2] == present:
+            runs[-1] = (runs[-1][0], runs[-1][1] + count, present)
+        else:
+            runs.append((first, count, present))
+        first += count
+    return runs
+
+
+def synthetic_run_data(seed: int, first: int, count: int, page_size: int = 4096) -> bytes:
+    """Deterministic random bytes for pages [first, first+count) of a synthetic block.
+
+    Each page is generated from ``(seed, page index)`` alone, so any sub-range
+    can be recomputed; no page is all zero.
+    """
+    out = bytearray()
+    for i in range(first, first + count):
+        page = bytearray(random.Random(seed * 1_000_003 + i).randbytes(page_size))
+        page[0] |= 1
+        out += page
+    return bytes(out)
+
+
+def make_synthetic(path: PathLike, *, size: int, fill: float, seed: int,
+                   machine: str = "none", page_size: int = 4096) -> None:
+    """Write a one-block snapshot (block ``ram`` of ``size`` bytes) for ``-machine none -m SIZE``.
+
+    About ``fill`` of the pages hold random data in runs of varying length
+    (see :func:`synthetic_runs`, :func:`synthetic_run_data`), the rest are
+    zero.  Memory use stays bounded for any ``size``.
+
+    Raises: ValueError if ``size`` is not a positive multiple of ``page_size``
+    or ``fill`` is outside [0, 1]; OSError.
+    """
+    if size <= 0 or size % page_size:
+        raise ValueError(f"size must be a positive multiple of {page_size}, not {size}")
+    runs = synthetic_runs(size // page_size, fill, seed)
+
+    def chunks() -> Iterator[Tuple[int, bytes]]:
+        for first, count, present in runs:
+            if not present:
+                continue
+            for lo in range(first, first + count, 256):
+                n = min(256, first + count - lo)
+                yield (lo, synthetic_run_data(seed, lo, n, page_size))
+
+    write_snapshot(path, [BlockSpec("ram", size, chunks())], machine=machine,
+                   page_size=page_size)
