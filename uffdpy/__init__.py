@@ -1,0 +1,57 @@
+"""uffdpy: lazy loading of QEMU mapped-ram VM snapshots with Linux userfaultfd.
+
+Pure Python (ctypes only).  Importing the package touches no kernel and works
+on any OS; the first call that needs userfaultfd fails with a message instead.
+
+Modules:
+    ioctl      the kernel ABI: structs, constants, ioctl numbers, libc calls
+    uffd       ``Userfaultfd``: an owning, typed wrapper over every ioctl
+    memory     ``Mapping``: owned mmap regions with a memoryview
+    mappedram  the QEMU mapped-ram file format: ``Snapshot``, writer (no kernel calls)
+    loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``EagerLoader``
+    cli        the ``uffdpy`` command
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Userfaultfd": "uffd",
+    "UffdError": "uffd",
+    "UffdPermissionError": "uffd",
+    "Feature": "uffd",
+    "RegisterMode": "uffd",
+    "probe_features": "uffd",
+    "Mapping": "memory",
+    "Snapshot": "mappedram",
+    "RamBlock": "mappedram",
+    "MappedRamError": "mappedram",
+    "NotMappedRamError": "mappedram",
+    "write_snapshot": "mappedram",
+    "rewrite_snapshot": "mappedram",
+    "make_synthetic": "mappedram",
+    "LazyLoader": "loader",
+    "EagerLoader": "loader",
+    "LoaderError": "loader",
+    "ServerDiedError": "loader",
+    "Stats": "loader",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the defining module on first use (keeps ``import uffdpy`` side-effect free)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uffdpy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__
