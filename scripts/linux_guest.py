@@ -69,6 +69,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 PAGE_SIZE = 4096
 READY_MARKER = "UFFDPY-READY"
+BOOTED_MARKER = "UFFDPY-BOOTED"
 FAILED_MARKER = "UFFDPY-FAILED"
 DEFAULT_CACHE = Path.home() / ".cache" / "uffdpy" / "linux-guest"
 DEFAULT_TIMEOUT = 300.0
@@ -204,6 +205,7 @@ def _init_script(fill_mib: int) -> str:
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+echo "{BOOTED_MARKER} $(cut -d' ' -f1 /proc/uptime)"
 mkdir -p /fill
 mount -t tmpfs -o size={tmpfs_mib}m tmpfs /fill || echo "{FAILED_MARKER} mount tmpfs"
 echo "uffdpy: writing {fill_mib} MiB of pattern to /fill/pattern"
@@ -526,8 +528,11 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         try:
             qmp = _QMP(qmp_path, deadline)
             # 1. Wait for the guest to say it is ready.
+            t_booted = None
             while True:
                 text = console()
+                if t_booted is None and BOOTED_MARKER in text:
+                    t_booted = time.monotonic()
                 if READY_MARKER in text:
                     break
                 if FAILED_MARKER in text:
@@ -589,6 +594,7 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         "downloaded": files.get("downloaded", False),
         "seconds": {
             "fetch_files": round(t_files - t_start, 3),
+            "boot": round((t_booted or t_ready) - t_boot0, 3),
             "boot_and_fill": round(t_ready - t_boot0, 3),
             "migrate": round(t_mig1 - t_mig0, 3),
             "pmemsave": round(t_pmem - t_mig1, 3),
