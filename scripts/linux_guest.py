@@ -48,9 +48,7 @@ is used (QMP is spoken directly over the unix socket).
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
-import io
 import json
 import os
 import re
@@ -333,7 +331,8 @@ def ensure_guest_files(cache: Optional[PathLike] = None) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="dl-", dir=cache_dir) as tmp:
         tmpdir = Path(tmp)
-        os.chmod(tmpdir, 0o755)  # let apt's _apt user write there (else a warning)
+        # (As root, apt-get download warns that it downloads unsandboxed
+        # because _apt cannot write here; harmless, and stderr is not shown.)
         if not kernels:
             pkg = resolve_kernel_package()
             deb = _download_deb(pkg, tmpdir)
