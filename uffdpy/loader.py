@@ -1,0 +1,1037 @@
+"""Fast snapshot load: guest RAM usable at once, filled behind the guest's back.
+
+How it works
+============
+``LazyLoader`` maps anonymous memory for every RAMBlock of a mapped-ram
+snapshot, registers all of it with one userfaultfd in MISSING mode and only
+then reports itself ready.  From that moment any access to a page that is not
+yet there traps into the kernel, which queues a fault message on the uffd and
+puts the accessing thread to sleep.  Two workers then race to fill memory:
+
+* the **fault loop** polls the uffd and a wake fd, reads fault messages in
+  batches, and places each faulting page with one ``UFFDIO_COPY`` straight
+  from a read-only mmap of the snapshot file (or ``UFFDIO_ZEROPAGE`` when the
+  block's bitmap says the page is zero).  The ioctl installs the whole page
+  atomically and wakes the sleeping thread: nobody ever sees half a page.
+* the **prefetcher** walks every block in file order by runs of present and
+  zero pages and places them in large chunks (2 MiB by default), one ioctl per
+  chunk, with no per-page Python loop.
+
+Both go through the **claim map**: one byte per page, ``UNCLAIMED`` ->
+``CLAIMED`` -> ``PLACED``, with the claim taken under a lock.  Whoever claims
+a page places it; the other side leaves it alone.  When the fault loop reads a
+fault for a page the prefetcher has claimed but not yet placed it does
+nothing: the prefetcher's copy (issued without ``DONTWAKE``) wakes the
+faulting thread.  A fault for a page already ``PLACED`` is a message that was
+read after the page arrived, or a page that was dropped again: the loop issues
+the placement once more and the kernel answers ``EEXIST`` ("already there",
+counted in ``eexist``, and the range is woken) or, if the page really was
+dropped, installs it again (counted in ``double_placements``: a healthy load
+shows zero).
+
+When the last page is placed, every block is unregistered, the uffd and the
+file mapping are closed, and the memory is ordinary anonymous memory.
+
+Shutdown order (``close()``, any time, mid-load included): stop the workers
+(set the stop flag, write the wake fd, join them with a timeout; a process
+server is told through the same eventfd and killed if it does not go),
+unregister the blocks, close the uffd, unmap the file, unmap the blocks.
+Closing the uffd while a fault is pending makes the kernel resolve it as an
+ordinary fault, i.e. with a zero page.  That is why a *failed* loader (a worker
+raised, or the server process died) first replaces its blocks with
+inaccessible memory: a thread still waiting for a page that can never be
+served then gets SIGSEGV instead of silently reading zeros.
+
+Servers and the GIL
+===================
+``server="thread"`` runs the fault loop and the prefetcher as threads of this
+process.  A Python thread that touches not-yet-loaded guest memory *while
+holding the GIL* (``bytes(mem[a:b])``, ``struct.unpack_from``, numpy) sleeps
+in the kernel with the GIL held; the fault loop then can never run to serve
+it, and the whole interpreter deadlocks.  With the thread server, touch guest
+memory only without the GIL: ``ctypes.memmove``/``ctypes.memset``, a KVM vCPU,
+or from another process.  ``scripts/gil_deadlock.py`` shows the deadlock (under
+a timeout) and the cure.
+
+``server="process"`` registers the memory here (a uffd belongs to the address
+space that created it), then forks a server process that inherits the uffd,
+the parsed snapshot and the file mapping and runs both workers there.  Serving
+a fault then needs nothing from this process, so any Python code here may read
+guest memory while it loads.  This process keeps its own copy of the uffd
+until completion, so a dying server leaves faults pending (the accessing
+threads wait) instead of letting the kernel fill them with zeros; ``wait()``
+then raises ``ServerDiedError`` naming the exit status.  The fork happens while
+the constructor holds the GIL; the child uses only objects made before the
+fork and new threads, and leaves with ``os._exit``.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import errno
+import json
+import mmap
+import os
+import select
+import signal
+import struct
+import threading
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import ioctl
+from .mappedram import RamBlock, Snapshot
+from .memory import PAGE_SIZE, Mapping
+from .uffd import RegisterMode, Userfaultfd
+
+__all__ = [
+    "ClaimMap",
+    "EagerLoader",
+    "LazyLoader",
+    "LoaderError",
+    "ServerDiedError",
+    "Stats",
+]
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 2 * MiB
+#: Memory for each block is aligned like this (THP-friendly, as QEMU does).
+BLOCK_ALIGN = 2 * MiB
+#: At most this many bytes per ``pread`` in the eager loader (QEMU 10's value).
+EAGER_READ_BYTES = 1 * MiB
+#: Fault messages read per ``read`` call.
+MSG_BATCH = 64
+_MSG_SIZE = 32  # sizeof(struct uffd_msg)
+
+
+class LoaderError(RuntimeError):
+    """The loader stopped because a worker failed; the worker's error is ``__cause__``."""
+
+
+class ServerDiedError(LoaderError):
+    """The fault-server process exited before every page was placed."""
+
+    def __init__(self, message: str, *, pid: int, status: Optional[int] = None,
+                 signal_number: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.status = status
+        self.signal_number = signal_number
+
+
+# --------------------------------------------------------------------------- stats
+
+def _percentiles(samples_ns: Sequence[int]) -> Dict[str, float]:
+    if not samples_ns:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+    s = sorted(samples_ns)
+    n = len(s)
+
+    def pick(q: float) -> float:
+        return s[min(n - 1, int(q * n))] / 1000.0
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": s[-1] / 1000.0}
+
+
+@dataclasses.dataclass
+class Stats:
+    """What a load did.  Times in seconds, latencies in microseconds, sizes in bytes."""
+
+    time_to_ready_s: float = 0.0
+    time_to_complete_s: Optional[float] = None
+    faults: int = 0
+    fault_service_us: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: _percentiles(()))
+    pages_by_fault: int = 0
+    pages_by_prefetch: int = 0
+    zero_pages: int = 0
+    bytes_copied: int = 0
+    eexist: int = 0
+    eagain: int = 0
+    double_placements: int = 0
+    total_pages: int = 0
+    placed_pages: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The stats as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+class _Counters:
+    """Per-worker tallies; each worker owns one, so no locking is needed."""
+
+    __slots__ = ("faults", "service_ns", "pages", "zero_pages", "bytes_copied",
+                 "eexist", "eagain")
+
+    def __init__(self) -> None:
+        self.faults = 0
+        self.service_ns: List[int] = []
+        self.pages = 0
+        self.zero_pages = 0
+        self.bytes_copied = 0
+        self.eexist = 0
+        self.eagain = 0
+
+
+# ----------------------------------------------------------------------- claim map
+
+UNCLAIMED, CLAIMED, PLACED = 0, 1, 2
+
+
+class ClaimMap:
+    """Per-page state shared by the fault loop and the prefetcher.
+
+    One byte per page and block: ``UNCLAIMED`` (0), ``CLAIMED`` (1, somebody is
+    placing it), ``PLACED`` (2).  Claims are taken under one lock, held only for
+    the few C-level bytearray operations a claim needs, never across an ioctl,
+    so exactly one worker places each page.  All methods work on whole ranges
+    with bytearray primitives: no per-page Python loop.
+    """
+
+    def __init__(self, pages_per_block: Sequence[int],
+                 on_complete: Optional[Callable[[], None]] = None) -> None:
+        self._state = [bytearray(n) for n in pages_per_block]
+        self._on_complete = on_complete
+        self._lock = threading.Lock()
+        self.total_pages = sum(pages_per_block)
+        self.placed_pages = 0
+        self.double_placements = 0
+        self.complete = threading.Event()
+        if self.total_pages == 0:
+            self.complete.set()
+
+    def state(self, block: int, page: int) -> int:
+        """The state of one page (``UNCLAIMED``, ``CLAIMED`` or ``PLACED``)."""
+        return self._state[block][page]
+
+    def claim(self, block: int, page: int) -> int:
+        """Claim one page; return its state *before* the call (``UNCLAIMED`` = now yours)."""
+        st = self._state[block]
+        with self._lock:
+            old = st[page]
+            if old == UNCLAIMED:
+                st[page] = CLAIMED
+        return old
+
+    def claim_range(self, block: int, first: int, end: int) -> List[Tuple[int, int]]:
+        """Claim every unclaimed page in ``[first, end)``; return the claimed sub-ranges."""
+        st = self._state[block]
+        out: List[Tuple[int, int]] = []
+        with self._lock:
+            i = st.find(UNCLAIMED, first, end)
+            while i != -1:
+                j = st.find(CLAIMED, i, end)
+                k = st.find(PLACED, i, end)
+                stop = min(x for x in (j, k, end) if x != -1)
+                st[i:stop] = bytes([CLAIMED]) * (stop - i)
+                out.append((i, stop))
+                i = st.find(UNCLAIMED, stop, end) if stop < end else -1
+        return out
+
+    def claim_following(self, block: int, page: int, limit: int) -> int:
+        """Claim unclaimed pages right after ``page`` (up to ``limit`` pages); return the end."""
+        st = self._state[block]
+        end = min(len(st), page + 1 + limit)
+        with self._lock:
+            stop = page + 1
+            while stop < end and st[stop] == UNCLAIMED:
+                stop += 1
+            st[page + 1:stop] = bytes([CLAIMED]) * (stop - page - 1)
+        return stop
+
+    def release(self, block: int, first: int, end: int) -> None:
+        """Give back claimed-but-unplaced pages ``[first, end)`` (used when stopping)."""
+        st = self._state[block]
+        with self._lock:
+            st[first:end] = bytes(end - first)
+
+    def mark_placed(self, block: int, first: int, end: int) -> None:
+        """Record ``[first, end)`` as placed; set ``complete`` when the last page lands."""
+        st = self._state[block]
+        n = end - first
+        with self._lock:
+            already = st.count(PLACED, first, end)
+            st[first:end] = bytes([PLACED]) * n
+            self.double_placements += already
+            self.placed_pages += n - already
+            done = self.placed_pages == self.total_pages
+        if done:
+            self.complete.set()
+            if self._on_complete is not None:
+                self._on_complete()
+
+
+# ------------------------------------------------------------------------ placement
+
+class _Region:
+    """One block as the workers see it: guest address, file source, bitmap."""
+
+    __slots__ = ("index", "name", "start", "end", "length", "page_size", "pages",
+                 "src", "bitmap", "block")
+
+    def __init__(self, index: int, block: RamBlock, start: int, file_base: int) -> None:
+        self.index = index
+        self.block = block
+        self.name = block.name
+        self.start = start
+        self.length = block.length
+        self.end = start + block.length
+        self.page_size = block.page_size
+        self.pages = block.pages
+        self.src = file_base + block.pages_offset
+        self.bitmap = block.bitmap
+
+    def present(self, page: int) -> bool:
+        return bool(self.bitmap[page >> 3] >> (page & 7) & 1)
+
+
+class _Server:
+    """The fault loop and the prefetcher over one uffd; runs in-process or in the child."""
+
+    def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
+                 wake_fd: int, *, prefetch: bool, chunk_bytes: int,
+                 fault_around_pages: int, server_cpu: Optional[int],
+                 busy_poll: bool) -> None:
+        self.uffd = uffd
+        self.regions = regions
+        self.starts = [r.start for r in regions]
+        self.claims = claims
+        self.wake_fd = wake_fd
+        self.prefetch_enabled = prefetch
+        self.chunk_bytes = chunk_bytes
+        self.fault_around_pages = fault_around_pages
+        self.server_cpu = server_cpu
+        self.busy_poll = busy_poll
+        self.stopping = False
+        self.error: Optional[BaseException] = None
+        self.fault_counters = _Counters()
+        self.prefetch_counters = _Counters()
+        self.threads: List[threading.Thread] = []
+        self.ended = threading.Event()
+        self._on_end: Optional[Callable[[], None]] = None
+
+    # -- lifecycle
+    def start(self, on_end: Optional[Callable[[], None]] = None) -> None:
+        """Start the workers; ``on_end`` runs in the fault-loop thread once both have ended."""
+        self.claims._on_complete = self._wake
+        self._on_end = on_end
+        if self.prefetch_enabled:
+            self.threads.append(threading.Thread(target=self._run, args=(self.prefetch,),
+                                                 name="uffdpy-prefetch", daemon=True))
+        self.threads.insert(0, threading.Thread(target=self._fault_thread,
+                                                name="uffdpy-fault-loop", daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def _fault_thread(self) -> None:
+        self._run(self.fault_loop)
+        self.stopping = True                  # the prefetcher stops at its next chunk
+        for t in self.threads[1:]:
+            t.join()
+        self.ended.set()
+        if self._on_end is not None:
+            self._on_end()
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised from wait()/close()
+            if self.error is None:
+                self.error = exc
+            self.stop()
+
+    def _wake(self) -> None:
+        if self.wake_fd >= 0:
+            _signal_fd(self.wake_fd)
+
+    def stop(self) -> None:
+        """Ask both workers to stop (from any thread)."""
+        self.stopping = True
+        self._wake()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until both workers have ended; True when they have."""
+        return self.ended.wait(timeout) if self.threads else True
+
+    def merged_stats(self, stats: Stats) -> Stats:
+        f, p = self.fault_counters, self.prefetch_counters
+        stats.faults = f.faults
+        stats.fault_service_us = _percentiles(f.service_ns)
+        stats.pages_by_fault = f.pages
+        stats.pages_by_prefetch = p.pages
+        stats.zero_pages = f.zero_pages + p.zero_pages
+        stats.bytes_copied = f.bytes_copied + p.bytes_copied
+        stats.eexist = f.eexist + p.eexist
+        stats.eagain = f.eagain + p.eagain
+        stats.double_placements = self.claims.double_placements
+        stats.total_pages = self.claims.total_pages
+        stats.placed_pages = self.claims.placed_pages
+        return stats
+
+    # -- placing
+    def _place(self, region: _Region, first: int, end: int, present: bool,
+               counters: _Counters) -> Optional[int]:
+        """Place pages ``[first, end)`` of one kind with as few ioctls as possible.
+
+        Returns the number of pages this call installed (pages the kernel
+        already had, ``EEXIST``, are woken and skipped), or None when the
+        kernel says events are pending and nothing was done: retry later.
+        """
+        ps = region.page_size
+        dst = region.start + first * ps
+        src = region.src + first * ps
+        length = (end - first) * ps
+        installed = 0
+        uffd = self.uffd
+        while length:
+            if present:
+                done = uffd.copy(dst, src, length)
+            else:
+                done = uffd.zeropage(dst, length)
+            if done > 0:
+                if done < length:              # EAGAIN after progress: go on from there
+                    counters.eagain += 1
+                installed += done
+                dst += done
+                src += done
+                length -= done
+            elif done == -errno.EEXIST:        # first page already there: wake, skip it
+                counters.eexist += 1
+                uffd.wake(dst, ps)
+                dst += ps
+                src += ps
+                length -= ps
+            elif done == -errno.EAGAIN:        # non-cooperative events pending
+                counters.eagain += 1
+                if installed == 0 and length == (end - first) * ps:
+                    return None
+                time.sleep(0)                  # partly done: let the reader drain, retry
+            else:
+                raise OSError(-done, f"unexpected fill result {done}")
+        if present:
+            counters.bytes_copied += installed
+        else:
+            counters.zero_pages += installed // ps
+        return installed // ps
+
+    # -- the fault loop
+    def fault_loop(self) -> None:
+        """Serve faults until every page is placed or ``stop()`` is called."""
+        if self.server_cpu is not None:
+            os.sched_setaffinity(threading.get_native_id(), {self.server_cpu})
+        ufd = self.uffd.fileno()
+        wake_fd = self.wake_fd
+        poller = select.poll()
+        poller.register(ufd, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        buf = bytearray(_MSG_SIZE * MSG_BATCH)
+        words = memoryview(buf).cast("Q")
+        views = [buf]
+        counters = self.fault_counters
+        complete = self.claims.complete
+        deferred: List[int] = []
+        pagefault = ioctl.UFFD_EVENT_PAGEFAULT
+        busy = self.busy_poll
+        while True:
+            ready = poller.poll(0 if (busy or deferred) else None)
+            if complete.is_set() or self.stopping:
+                break
+            for fd, _ in ready:
+                if fd == wake_fd:          # a stop request (completion was checked above)
+                    self.stopping = True
+            if self.stopping:
+                break
+            try:
+                nbytes = os.readv(ufd, views)
+            except BlockingIOError:
+                nbytes = 0
+            t_read = time.perf_counter_ns()
+            addresses = deferred
+            deferred = []
+            for k in range(nbytes // _MSG_SIZE):
+                if buf[k * _MSG_SIZE] == pagefault:
+                    addresses.append(words[k * 4 + 2])
+            for address in addresses:
+                if not self._serve(address, counters):
+                    deferred.append(address)
+                counters.service_ns.append(time.perf_counter_ns() - t_read)
+                counters.faults += 1
+
+    def _serve(self, address: int, counters: _Counters) -> bool:
+        """Resolve one fault; False when it must be retried after events are read."""
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i < 0 or address >= self.regions[i].end:
+            raise LoaderError(f"fault at 0x{address:x} outside every registered block")
+        region = self.regions[i]
+        claims = self.claims
+        page = (address - region.start) // region.page_size
+        old = claims.claim(region.index, page)
+        if old == CLAIMED:
+            return True                       # the other worker's copy will wake it
+        present = region.present(page)
+        if old == PLACED:
+            # Read after the page arrived (the kernel answers EEXIST and we
+            # wake), or the page was dropped since: then this places it again.
+            placed = self._place(region, page, page + 1, present, counters)
+            if placed:
+                counters.pages += placed
+                claims.mark_placed(region.index, page, page + 1)
+            return placed is not None
+        end = page + 1
+        if self.fault_around_pages:
+            end = claims.claim_following(region.index, page, self.fault_around_pages)
+            for j in range(page + 1, end):    # one kind of page per ioctl
+                if region.present(j) != present:
+                    claims.release(region.index, j, end)
+                    end = j
+                    break
+        placed = self._place(region, page, end, present, counters)
+        if placed is None:
+            claims.release(region.index, page, end)
+            return False
+        counters.pages += placed
+        claims.mark_placed(region.index, page, end)
+        return True
+
+    # -- the prefetcher
+    def prefetch(self) -> None:
+        """Place every unclaimed page, block by block, in chunks of ``chunk_bytes``."""
+        counters = self.prefetch_counters
+        claims = self.claims
+        for region in self.regions:
+            chunk = max(1, self.chunk_bytes // region.page_size)
+            for first, count, present in region.block.runs():
+                end_run = first + count
+                for lo in range(first, end_run, chunk):
+                    if self.stopping:
+                        return
+                    hi = min(lo + chunk, end_run)
+                    for a, b in claims.claim_range(region.index, lo, hi):
+                        placed = self._place(region, a, b, present, counters)
+                        while placed is None:  # events pending: the fault loop reads them
+                            if self.stopping:
+                                claims.release(region.index, a, b)
+                                return
+                            time.sleep(0.0001)
+                            placed = self._place(region, a, b, present, counters)
+                        counters.pages += placed
+                        claims.mark_placed(region.index, a, b)
+
+
+def _signal_fd(fd: int) -> None:
+    try:
+        os.write(fd, struct.pack("=Q", 1))
+    except (BlockingIOError, OSError):
+        pass  # already signalled (counter full) or closed during shutdown
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _eventfd() -> int:
+    if hasattr(os, "eventfd"):
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # type: ignore[attr-defined]
+    return ioctl.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)
+
+
+# -------------------------------------------------------------------------- loaders
+
+SnapshotLike = Union[Snapshot, str, "os.PathLike[str]"]
+
+
+def _open_snapshot(snapshot: SnapshotLike) -> Tuple[Snapshot, bool]:
+    if isinstance(snapshot, Snapshot):
+        return snapshot, False
+    return Snapshot.open(os.fspath(snapshot)), True
+
+
+class _LoaderBase:
+    """What both loaders share: one anonymous mapping per block, ``memory()``, ``stats``."""
+
+    _closed = True
+
+    def __init__(self) -> None:
+        self._mappings: Dict[str, Mapping] = {}
+        self._order: List[str] = []
+        self._snapshot: Optional[Snapshot] = None
+        self._owns_snapshot = False
+        self._stats = Stats()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The snapshot being loaded."""
+        assert self._snapshot is not None
+        return self._snapshot
+
+    @property
+    def block_names(self) -> List[str]:
+        """Block names, in file order."""
+        return list(self._order)
+
+    def memory(self, name: str) -> memoryview:
+        """A writable memoryview of block ``name`` (its used length, in bytes).
+
+        Raises:
+            KeyError: no block of that name.
+            ValueError: the loader is closed.
+        """
+        return self._mapping(name).view()[: self.snapshot.block(name).length]
+
+    def address(self, name: str) -> int:
+        """The address of block ``name``'s memory in this process."""
+        return self._mapping(name).address
+
+    def _mapping(self, name: str) -> Mapping:
+        if self._closed:
+            raise ValueError("loader is closed")
+        try:
+            return self._mappings[name]
+        except KeyError:
+            raise KeyError(f"no RAMBlock named {name!r}; blocks: {', '.join(self._order)}") from None
+
+    def _map_blocks(self, *, transparent_huge_pages: bool) -> None:
+        for block in self.snapshot.blocks:
+            length = _round_up(block.length, PAGE_SIZE)
+            m = Mapping.anonymous(max(length, PAGE_SIZE), align=BLOCK_ALIGN)
+            self._mappings[block.name] = m
+            self._order.append(block.name)
+            advice = ioctl.MADV_HUGEPAGE if transparent_huge_pages else ioctl.MADV_NOHUGEPAGE
+            try:
+                m.madvise(advice)
+            except OSError:
+                pass  # THP not configured in this kernel: nothing to turn on or off
+
+    def _unmap_blocks(self) -> None:
+        for m in self._mappings.values():
+            m.close()
+        self._mappings.clear()
+
+    def __enter__(self) -> "_LoaderBase":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(_raise=exc[0] is None)
+
+    def close(self, *, _raise: bool = True) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+class EagerLoader(_LoaderBase):
+    """The QEMU 10 way, as a baseline: read every present run into memory, then return.
+
+    Memory is mapped as QEMU maps guest RAM (anonymous, transparent huge pages
+    allowed); each run of present pages is read with ``preadv`` in calls of at
+    most 1 MiB straight into it; zero pages are left untouched (fresh anonymous
+    memory reads as zero).  Same ``memory()``/``address()``/``stats`` as
+    ``LazyLoader``, so the two compare like with like.
+
+    Raises:
+        MappedRamError: the snapshot is malformed (before anything is mapped).
+        OSError: mapping or reading failed.
+    """
+
+    def __init__(self, snapshot: SnapshotLike) -> None:
+        super().__init__()
+        t0 = time.perf_counter()
+        self._snapshot, self._owns_snapshot = _open_snapshot(snapshot)
+        self._closed = False
+        try:
+            self._map_blocks(transparent_huge_pages=True)
+            fd = os.open(self.snapshot.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._read_all(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+        total = time.perf_counter() - t0
+        s = self._stats
+        s.time_to_ready_s = s.time_to_complete_s = total
+        s.total_pages = s.placed_pages = sum(b.pages for b in self.snapshot.blocks)
+
+    def _read_all(self, fd: int) -> None:
+        s = self._stats
+        for block in self.snapshot.blocks:
+            view = self._mappings[block.name].view()
+            ps = block.page_size
+            for first, count, present in block.runs():
+                if not present:
+                    s.zero_pages += count
+                    continue
+                pos = first * ps
+                end = pos + count * ps
+                while pos < end:
+                    n = min(EAGER_READ_BYTES, end - pos)
+                    got = os.preadv(fd, [view[pos:pos + n]], block.pages_offset + pos)
+                    if got != n:
+                        raise OSError(errno.EIO, f"{self.snapshot.path}: short read of "
+                                      f"block {block.name!r} at file offset "
+                                      f"{block.pages_offset + pos}")
+                    pos += n
+                s.bytes_copied += count * ps
+            view.release()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Always True: an eager load is complete when the constructor returns."""
+        return True
+
+    @property
+    def stats(self) -> Stats:
+        """Load statistics (see ``Stats``)."""
+        return self._stats
+
+    def close(self, *, _raise: bool = True) -> None:
+        """Unmap the memory and close the snapshot (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unmap_blocks()
+        if self._owns_snapshot and self._snapshot is not None:
+            self._snapshot.close()
+
+
+class LazyLoader(_LoaderBase):
+    """Make every block of a mapped-ram snapshot usable now and load it behind the guest.
+
+    Args:
+        snapshot_or_path: a ``Snapshot`` or the path of a mapped-ram file.
+        server: ``"thread"`` (workers in this process: touch guest memory only
+            without the GIL) or ``"process"`` (workers in a forked server
+            process: any Python code may read guest memory).
+        prefetch: fill every page in the background; without it only touched
+            pages are placed and the load completes when all have been touched.
+        prefetch_chunk_bytes: the most bytes the prefetcher places per ioctl.
+        fault_around_pages: on a fault, also place up to this many following
+            unclaimed pages of the same kind in the same ioctl.
+        server_cpu: pin the fault loop to this CPU (``None``: leave it alone).
+        busy_poll: spin on the uffd instead of sleeping in ``poll`` (lower
+            fault latency across CPUs, one CPU burnt while loading).
+
+    Raises:
+        MappedRamError: the snapshot is malformed; nothing was mapped or registered.
+        UffdError: userfaultfd could not be set up (the message says how to fix it).
+        ValueError: a bad argument.
+    """
+
+    def __init__(self, snapshot_or_path: SnapshotLike, *, server: str = "thread",
+                 prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 fault_around_pages: int = 0, server_cpu: Optional[int] = None,
+                 busy_poll: bool = False) -> None:
+        super().__init__()
+        if server not in ("thread", "process"):
+            raise ValueError(f"server must be 'thread' or 'process', not {server!r}")
+        if prefetch_chunk_bytes < PAGE_SIZE:
+            raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
+        if fault_around_pages < 0:
+            raise ValueError("fault_around_pages must be >= 0")
+        t0 = time.perf_counter()
+        self._server_mode = server
+        self._uffd: Optional[Userfaultfd] = None
+        self._file_map: Optional[Mapping] = None
+        self._wake_fd = -1
+        self._server: Optional[_Server] = None
+        self._child_pid = 0
+        self._result_fd = -1
+        self._monitor: Optional[threading.Thread] = None
+        self._progress: Optional[mmap.mmap] = None
+        self._error: Optional[BaseException] = None
+        self._error_reported = False
+        self._failed = False
+        self._done = threading.Event()
+        self._registered = False
+        self._t0 = t0
+        self._snapshot, self._owns_snapshot = _open_snapshot(snapshot_or_path)
+        self._closed = False
+        try:
+            self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
+                        fault_around_pages=fault_around_pages, server_cpu=server_cpu,
+                        busy_poll=busy_poll)
+        except BaseException:
+            self.close(_raise=False)
+            raise
+        self._stats.time_to_ready_s = time.perf_counter() - t0
+
+    # -- setup, in the order the module essay gives
+    def _setup(self, **options: Any) -> None:
+        snap = self.snapshot
+        self._map_blocks(transparent_huge_pages=False)
+        self._uffd = Userfaultfd()
+        for name in self._order:
+            m = self._mappings[name]
+            self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
+        self._registered = True
+        fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._file_map = Mapping.of_file(fd, _round_up(snap.file_size, PAGE_SIZE))
+        finally:
+            os.close(fd)
+        regions = [_Region(i, b, self._mappings[b.name].address, self._file_map.address)
+                   for i, b in enumerate(snap.blocks)]
+        claims = ClaimMap([b.pages for b in snap.blocks])
+        self._wake_fd = _eventfd()
+        self._server = _Server(self._uffd, regions, claims, self._wake_fd,
+                               chunk_bytes=options["chunk_bytes"],
+                               prefetch=options["prefetch"],
+                               fault_around_pages=options["fault_around_pages"],
+                               server_cpu=options["server_cpu"],
+                               busy_poll=options["busy_poll"])
+        if self._server_mode == "thread":
+            self._server.start(on_end=self._thread_server_ended)
+        else:
+            self._start_process_server()
+
+    # -- the in-process server
+    def _thread_server_ended(self) -> None:
+        """Runs in the fault-loop thread once both workers have ended."""
+        server = self._server
+        assert server is not None
+        if server.error is not None:
+            self._fail(server.error)
+        elif server.claims.complete.is_set():
+            self._finish()
+        self._done.set()
+
+    # -- the process server
+    def _start_process_server(self) -> None:
+        server = self._server
+        assert server is not None and self._file_map is not None
+        # Keep the guest memory out of the child: it must never own a copy.
+        for m in self._mappings.values():
+            m.madvise(ioctl.MADV_DONTFORK)
+        self._progress = mmap.mmap(-1, PAGE_SIZE)    # shared with the child: 2 x u64
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the server process
+            os.close(read_fd)
+            _child_main(server, write_fd, self._progress)
+        os.close(write_fd)
+        self._child_pid = pid
+        self._result_fd = read_fd
+        # The parent needs no file mapping: the child serves from its own copy.
+        self._file_map.close()
+        self._monitor = threading.Thread(target=self._watch_child, name="uffdpy-server-watch",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _watch_child(self) -> None:
+        chunks = []
+        while True:
+            data = os.read(self._result_fd, 65536)   # sleeps without the GIL
+            if not data:
+                break
+            chunks.append(data)
+        pid = self._child_pid
+        _, status = os.waitpid(pid, 0)
+        self._child_pid = 0
+        report: Dict[str, Any] = {}
+        if chunks:
+            try:
+                report = json.loads(b"".join(chunks))
+            except ValueError:
+                report = {}
+        if report.get("complete"):
+            self._apply_child_stats(report)
+            self._finish()
+        elif report.get("error"):
+            self._fail(LoaderError(f"fault server failed: {report['error']}"))
+        elif report.get("stopped"):
+            self._apply_child_stats(report)
+        else:
+            self._fail(_server_died(pid, status))
+        self._done.set()
+
+    def _apply_child_stats(self, report: Dict[str, Any]) -> None:
+        for key, value in report.get("stats", {}).items():
+            if key not in ("time_to_ready_s", "time_to_complete_s"):
+                setattr(self._stats, key, value)
+
+    # -- endings
+    def _finish(self) -> None:
+        """Every page is placed: unregister, close the uffd and the file mapping."""
+        if self._stats.time_to_complete_s is None:
+            self._stats.time_to_complete_s = time.perf_counter() - self._t0
+        self._teardown_uffd()
+        for m in self._mappings.values():
+            if self._server_mode == "process":
+                m.madvise(ioctl.MADV_DOFORK)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._failed = True
+
+    def _teardown_uffd(self) -> None:
+        uffd = self._uffd
+        if uffd is not None and not uffd.closed:
+            if self._registered:
+                for m in self._mappings.values():
+                    uffd.unregister(m.address, m.length)
+                self._registered = False
+            uffd.close()
+        if self._file_map is not None:
+            self._file_map.close()
+        if self._wake_fd >= 0:
+            if self._server is not None:
+                self._server.wake_fd = -1
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    # -- public
+    @property
+    def server(self) -> str:
+        """``"thread"`` or ``"process"``."""
+        return self._server_mode
+
+    @property
+    def complete(self) -> bool:
+        """True once every page is placed and the uffd is closed."""
+        return self._done.is_set() and not self._failed and self._stats.time_to_complete_s is not None
+
+    def progress(self) -> Tuple[int, int]:
+        """``(placed_pages, total_pages)`` right now."""
+        server = self._server
+        if server is None:
+            return (0, 0)
+        total = server.claims.total_pages
+        if self._server_mode == "process" and self._progress is not None:
+            if self._done.is_set():
+                return (self._stats.placed_pages, total)
+            (placed,) = struct.unpack_from("=Q", self._progress, 0)
+            return (placed, total)
+        return (server.claims.placed_pages, total)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every page is placed and the uffd is closed.
+
+        Returns:
+            True when the load is complete, False when ``timeout`` (seconds) ran out.
+
+        Raises:
+            LoaderError: a worker failed (its exception is ``__cause__``).
+            ServerDiedError: the server process died before completion.
+        """
+        if not self._done.wait(timeout):
+            return False
+        self._raise_error()
+        return self.complete
+
+    def _raise_error(self) -> None:
+        exc = self._error
+        if exc is None:
+            return
+        self._error_reported = True
+        if isinstance(exc, LoaderError):
+            raise exc
+        raise LoaderError(f"loader stopped: {exc!r}") from exc
+
+    @property
+    def stats(self) -> Stats:
+        """Load statistics so far (see ``Stats``)."""
+        server = self._server
+        if server is not None and self._server_mode == "thread":
+            server.merged_stats(self._stats)
+        return self._stats
+
+    def close(self, *, _raise: bool = True) -> None:
+        """Stop loading, unregister and unmap everything (idempotent, safe mid-load).
+
+        Raises:
+            LoaderError: a worker had failed and ``wait()`` has not reported it yet.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        server = self._server
+        if server is not None:
+            if self._server_mode == "thread":
+                if not server.ended.is_set():
+                    server.stop()
+                self._done.wait(30.0)
+                server.merged_stats(self._stats)
+            elif self._child_pid:
+                server.stop()
+                self._reap_child(timeout=5.0)
+        if self._monitor is not None:
+            self._monitor.join(timeout=30.0)
+        if self._failed and self._registered:
+            # Nothing may read a page that was never served as zeros.
+            for m in self._mappings.values():
+                ioctl.mmap(m.address, m.length, ioctl.PROT_NONE,
+                           ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
+                           | ioctl.MAP_NORESERVE, -1, 0)
+            self._registered = False
+        self._teardown_uffd()
+        if self._result_fd >= 0:
+            os.close(self._result_fd)
+            self._result_fd = -1
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._unmap_blocks()
+        if self._owns_snapshot and self._snapshot is not None:
+            self._snapshot.close()
+        if _raise and not self._error_reported:
+            self._raise_error()
+
+    def _reap_child(self, timeout: float) -> None:
+        """Wait for the server to leave after a stop request; kill it if it does not."""
+        deadline = time.monotonic() + timeout
+        assert self._monitor is not None
+        self._monitor.join(max(0.0, deadline - time.monotonic()))
+        if self._monitor.is_alive() and self._child_pid:
+            try:
+                os.kill(self._child_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _server_died(pid: int, status: int) -> ServerDiedError:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        how = f"was killed by signal {sig} ({signal.Signals(sig).name})"
+        return ServerDiedError(_DIED.format(pid=pid, how=how), pid=pid, signal_number=sig)
+    code = os.WEXITSTATUS(status)
+    return ServerDiedError(_DIED.format(pid=pid, how=f"exited with status {code}"),
+                           pid=pid, status=code)
+
+
+_DIED = ("the fault server process (pid {pid}) {how} before every page was placed; "
+         "pages it had not placed stay inaccessible (never zero-filled)")
+
+
+def _child_main(server: _Server, result_fd: int, progress: mmap.mmap) -> None:
+    """Body of the forked server process: serve, report, leave with ``os._exit``."""
+    code = 0
+    report: Dict[str, Any]
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.start()
+        complete = server.claims.complete
+        while not server.ended.wait(0.02):
+            struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
+        if server.error is not None:
+            raise server.error
+        stats = server.merged_stats(Stats()).as_dict()
+        report = {"complete": complete.is_set(), "stopped": not complete.is_set(),
+                  "stats": stats}
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        code = 1
+        report = {"error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()}
+    try:
+        struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
+        data = json.dumps(report).encode()
+        while data:
+            data = data[os.write(result_fd, data):]
+    finally:
+        os._exit(code)
