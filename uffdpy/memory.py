@@ -73,7 +73,9 @@ class Mapping:
                              f"the page size {PAGE_SIZE:#x}")
         align = max(align, page)
         flags = _abi.MAP_PRIVATE | _abi.MAP_ANONYMOUS
-        if noreserve:
+        if noreserve and not huge_pages:
+            # A hugetlb mapping without reservation is SIGBUS at first touch
+            # when the pool is empty; with it, mmap fails up front (ENOMEM).
             flags |= _abi.MAP_NORESERVE
         if populate:
             flags |= _abi.MAP_POPULATE
