@@ -292,7 +292,7 @@ class _Server:
     def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
                  wake_fd: int, *, prefetch: bool, chunk_bytes: int,
                  fault_around_pages: int, server_cpu: Optional[int],
-                 busy_poll: bool) -> None:
+                 busy_poll: bool, prefetch_threads: int = 1) -> None:
         self.uffd = uffd
         self.regions = regions
         self.starts = [r.start for r in regions]
@@ -303,10 +303,11 @@ class _Server:
         self.fault_around_pages = fault_around_pages
         self.server_cpu = server_cpu
         self.busy_poll = busy_poll
+        self.prefetch_threads = prefetch_threads
         self.stopping = False
         self.error: Optional[BaseException] = None
         self.fault_counters = _Counters()
-        self.prefetch_counters = _Counters()
+        self.prefetch_counters = [_Counters() for _ in range(prefetch_threads)]
         self.threads: List[threading.Thread] = []
         self.ended = threading.Event()
         self._on_end: Optional[Callable[[], None]] = None
@@ -317,8 +318,10 @@ class _Server:
         self.claims._on_complete = self._wake
         self._on_end = on_end
         if self.prefetch_enabled:
-            self.threads.append(threading.Thread(target=self._run, args=(self.prefetch,),
-                                                 name="uffdpy-prefetch", daemon=True))
+            for k in range(self.prefetch_threads):
+                self.threads.append(threading.Thread(
+                    target=self._run, args=(lambda k=k: self.prefetch(k),),
+                    name=f"uffdpy-prefetch-{k}", daemon=True))
         self.threads.insert(0, threading.Thread(target=self._fault_thread,
                                                 name="uffdpy-fault-loop", daemon=True))
         for t in self.threads:
@@ -355,15 +358,15 @@ class _Server:
         return self.ended.wait(timeout) if self.threads else True
 
     def merged_stats(self, stats: Stats) -> Stats:
-        f, p = self.fault_counters, self.prefetch_counters
+        f, ps = self.fault_counters, self.prefetch_counters
         stats.faults = f.faults
         stats.fault_service_us = _percentiles(f.service_ns)
         stats.pages_by_fault = f.pages
-        stats.pages_by_prefetch = p.pages
-        stats.zero_pages = f.zero_pages + p.zero_pages
-        stats.bytes_copied = f.bytes_copied + p.bytes_copied
-        stats.eexist = f.eexist + p.eexist
-        stats.eagain = f.eagain + p.eagain
+        stats.pages_by_prefetch = sum(p.pages for p in ps)
+        stats.zero_pages = f.zero_pages + sum(p.zero_pages for p in ps)
+        stats.bytes_copied = f.bytes_copied + sum(p.bytes_copied for p in ps)
+        stats.eexist = f.eexist + sum(p.eexist for p in ps)
+        stats.eagain = f.eagain + sum(p.eagain for p in ps)
         stats.double_placements = self.claims.double_placements
         stats.total_pages = self.claims.total_pages
         stats.placed_pages = self.claims.placed_pages
@@ -495,15 +498,25 @@ class _Server:
         return True
 
     # -- the prefetcher
-    def prefetch(self) -> None:
-        """Place every unclaimed page, block by block, in chunks of ``chunk_bytes``."""
-        counters = self.prefetch_counters
+    def prefetch(self, lane: int = 0) -> None:
+        """Place every unclaimed page, block by block, in chunks of ``chunk_bytes``.
+
+        With several prefetch threads, thread ``lane`` takes every
+        ``prefetch_threads``-th chunk: the kernel copies in parallel while the
+        threads wait in the ioctl without the GIL.
+        """
+        counters = self.prefetch_counters[lane]
         claims = self.claims
+        lanes = self.prefetch_threads
+        n = 0
         for region in self.regions:
             chunk = max(1, self.chunk_bytes // region.page_size)
             for first, count, present in region.block.runs():
                 end_run = first + count
                 for lo in range(first, end_run, chunk):
+                    n += 1
+                    if n % lanes != lane:
+                        continue
                     if self.stopping:
                         return
                     hi = min(lo + chunk, end_run)
@@ -716,6 +729,8 @@ class LazyLoader(_LoaderBase):
         server_cpu: pin the fault loop to this CPU (``None``: leave it alone).
         busy_poll: spin on the uffd instead of sleeping in ``poll`` (lower
             fault latency across CPUs, one CPU burnt while loading).
+        prefetch_threads: prefetch threads; each takes every n-th chunk, and
+            the kernel copies for them in parallel (2 helps on 2 CPUs).
 
     Raises:
         MappedRamError: the snapshot is malformed; nothing was mapped or registered.
@@ -726,7 +741,7 @@ class LazyLoader(_LoaderBase):
     def __init__(self, snapshot_or_path: SnapshotLike, *, server: str = "thread",
                  prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  fault_around_pages: int = 0, server_cpu: Optional[int] = None,
-                 busy_poll: bool = False) -> None:
+                 busy_poll: bool = False, prefetch_threads: int = 1) -> None:
         super().__init__()
         if server not in ("thread", "process"):
             raise ValueError(f"server must be 'thread' or 'process', not {server!r}")
@@ -734,6 +749,8 @@ class LazyLoader(_LoaderBase):
             raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
         if fault_around_pages < 0:
             raise ValueError("fault_around_pages must be >= 0")
+        if prefetch_threads < 1:
+            raise ValueError("prefetch_threads must be >= 1")
         t0 = time.perf_counter()
         self._server_mode = server
         self._uffd: Optional[Userfaultfd] = None
@@ -755,7 +772,7 @@ class LazyLoader(_LoaderBase):
         try:
             self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
                         fault_around_pages=fault_around_pages, server_cpu=server_cpu,
-                        busy_poll=busy_poll)
+                        busy_poll=busy_poll, prefetch_threads=prefetch_threads)
         except BaseException:
             self.close(_raise=False)
             raise
@@ -784,7 +801,8 @@ class LazyLoader(_LoaderBase):
                                prefetch=options["prefetch"],
                                fault_around_pages=options["fault_around_pages"],
                                server_cpu=options["server_cpu"],
-                               busy_poll=options["busy_poll"])
+                               busy_poll=options["busy_poll"],
+                               prefetch_threads=options["prefetch_threads"])
         if self._server_mode == "thread":
             self._server.start(on_end=self._thread_server_ended)
         else:

@@ -1,0 +1,226 @@
+"""``uffdpy bench SNAP``: eager vs lazy vs QEMU's own load of one snapshot, side by side.
+
+All figures come from one run.  The contenders are interleaved round by round
+(eager, lazy thread, lazy process, lazy under random access, QEMU, then again)
+so that a noisy shared machine hurts each the same; the table shows the median
+of the rounds and ratios against the eager load and QEMU's load.  The snapshot
+file is read through the page cache by everyone (after the first round it is
+warm for all); ``--cold`` drops the page cache before every measurement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tabulate import tabulate
+
+from .loader import EagerLoader, LazyLoader
+from .mappedram import Snapshot
+from .workload import latency_summary, run_access
+
+__all__ = ["run_bench", "qemu_load_seconds"]
+
+
+def _drop_caches() -> None:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+class _QMP:
+    """The few QMP commands a timed ``migrate-incoming`` needs, over a UNIX socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"QEMU did not open its QMP socket {path}") from None
+                time.sleep(0.01)
+        self.file = self.sock.makefile("rwb")
+        self._read()                                   # greeting
+        self.call("qmp_capabilities")
+
+    def _read(self) -> Dict[str, Any]:
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("QEMU closed its QMP socket")
+            msg: Dict[str, Any] = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def call(self, command: str, **arguments: Any) -> Any:
+        req: Dict[str, Any] = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        self.file.write(json.dumps(req).encode() + b"\n")
+        self.file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
+                      binary: str = "qemu-system-x86_64", timeout: float = 120.0) -> float:
+    """Seconds QEMU takes from ``migrate-incoming`` to status ``completed``.
+
+    Raises:
+        RuntimeError: QEMU reported a failed migration or a QMP error.
+        TimeoutError: QEMU did not finish within ``timeout`` seconds.
+    """
+    tmp = tempfile.mkdtemp(prefix="uffdpy-qemu-")
+    sock = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen([binary, "-nodefaults", "-display", "none", *qemu_args,
+                             "-incoming", "defer", "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    qmp: Optional[_QMP] = None
+    try:
+        qmp = _QMP(sock, timeout)
+        qmp.call("migrate-set-capabilities",
+                 capabilities=[{"capability": "mapped-ram", "state": True}])
+        t0 = time.perf_counter()
+        qmp.call("migrate-incoming", uri=f"file:{os.path.abspath(snapshot_path)}")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = qmp.call("query-migrate").get("status")
+            if status == "completed":
+                return time.perf_counter() - t0
+            if status == "failed":
+                raise RuntimeError("QEMU's migrate-incoming failed")
+            if time.monotonic() > deadline:
+                raise TimeoutError("QEMU's migrate-incoming did not complete")
+            time.sleep(0.0005)
+    finally:
+        if qmp is not None:
+            qmp.close()
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _qemu_args_for(snap: Snapshot) -> Optional[List[str]]:
+    """QEMU arguments that recreate the snapshot's machine, when that is known."""
+    if snap.machine == "none" and [b.name for b in snap.blocks] == ["ram"]:
+        return ["-machine", "none", "-m", f"{snap.blocks[0].length >> 20}M"]
+    return None
+
+
+def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = True,
+              as_json: bool = False, cold: bool = False,
+              qemu_args: Optional[List[str]] = None) -> int:
+    """Measure every contender ``rounds`` times, interleaved; print one table."""
+    ncpu = len(os.sched_getaffinity(0))
+    other = 1 if ncpu > 1 else 0
+    samples: Dict[str, List[Dict[str, float]]] = {}
+
+    def lazy(server: str, access: bool, server_cpu: Optional[int] = None,
+             busy: bool = False, lanes: int = 1) -> Callable[[Snapshot], Dict[str, float]]:
+        def run(snap: Snapshot) -> Dict[str, float]:
+            with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
+                            prefetch_threads=lanes) as ld:
+                out: Dict[str, float] = {}
+                if access:
+                    blocks = [(ld.address(b.name), b) for b in snap.blocks]
+                    lat = latency_summary(run_access(blocks, pattern="random", touches=touches,
+                                                     cpu=0))
+                    out.update(access_p50_us=lat["p50"], access_p99_us=lat["p99"])
+                ld.wait()
+                st = ld.stats
+                out.update(ready_s=st.time_to_ready_s, complete_s=st.time_to_complete_s or 0.0,
+                           faults=st.faults)
+                return out
+        return run
+
+    def eager(snap: Snapshot) -> Dict[str, float]:
+        with EagerLoader(snap) as ld:
+            return {"ready_s": ld.stats.time_to_ready_s,
+                    "complete_s": ld.stats.time_to_complete_s or 0.0}
+
+    contenders: List[Tuple[str, Callable[[Snapshot], Dict[str, float]]]] = [
+        ("eager (QEMU-style pread, THP)", eager),
+        ("lazy, thread server, prefetch only", lazy("thread", False)),
+        ("lazy, process server, prefetch only", lazy("process", False)),
+        ("lazy, thread server, 2 prefetch threads", lazy("thread", False, lanes=2)),
+        ("lazy, process server, 2 prefetch threads", lazy("process", False, lanes=2)),
+        ("lazy thread + random access, loop on toucher's CPU", lazy("thread", True, 0)),
+        ("lazy thread + random access, loop on other CPU", lazy("thread", True, other)),
+        ("lazy thread + random access, other CPU, busy-poll", lazy("thread", True, other, True)),
+        ("lazy process + random access, other CPU", lazy("process", True, other)),
+    ]
+    with Snapshot.open(path) as snap:
+        q_args = qemu_args or _qemu_args_for(snap)
+        binary = shutil.which("qemu-system-x86_64")
+        qemu_note = ""
+        if qemu and binary and q_args:
+            contenders.append(("QEMU 10 migrate-incoming (mapped-ram)",
+                               lambda s: {"complete_s": qemu_load_seconds(path, q_args or [],
+                                                                          binary=binary or "")}))
+        elif qemu:
+            qemu_note = ("QEMU's own load not measured: " +
+                         ("qemu-system-x86_64 not found" if not binary else
+                          f"machine {snap.machine!r} needs --qemu-args"))
+        for _ in range(rounds):
+            for name, fn in contenders:
+                if cold:
+                    _drop_caches()
+                samples.setdefault(name, []).append(fn(snap))
+        data_mib = sum(b.present_pages * b.page_size for b in snap.blocks) / (1 << 20)
+        size_mib = sum(b.length for b in snap.blocks) / (1 << 20)
+
+    med: Dict[str, Dict[str, float]] = {
+        name: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+        for name, runs in samples.items()}
+    eager_total = med[contenders[0][0]]["complete_s"]
+    qemu_total = med.get("QEMU 10 migrate-incoming (mapped-ram)", {}).get("complete_s")
+    if as_json:
+        print(json.dumps({"snapshot": path, "rounds": rounds, "size_mib": size_mib,
+                          "data_mib": data_mib, "results": med}, indent=2))
+        return 0
+
+    def ms(v: Optional[float]) -> str:
+        return "" if v is None else f"{v * 1e3:.2f}"
+
+    rows = []
+    for name, _ in contenders:
+        m = med[name]
+        ready = m.get("ready_s")
+        complete = m.get("complete_s")
+        rows.append([
+            name, ms(ready), ms(complete),
+            f"{complete / eager_total:.2f}" if complete else "",
+            f"{complete / qemu_total:.2f}" if complete and qemu_total else "",
+            f"{qemu_total / ready:.0f}x" if ready and qemu_total else "",
+            int(m["faults"]) if "faults" in m else "",
+            f"{m['access_p50_us']:.0f} / {m['access_p99_us']:.0f}" if "access_p50_us" in m else "",
+        ])
+    print(f"{path}: {size_mib:.0f} MiB of RAM, {data_mib:.0f} MiB of data; median of {rounds} "
+          f"interleaved rounds; page cache {'dropped before each run' if cold else 'warm'}")
+    print(tabulate(rows, headers=["contender", "ready ms", "complete ms", "complete/eager",
+                                  "complete/QEMU", "QEMU/ready", "faults",
+                                  "access p50/p99 us"]))
+    if qemu_note:
+        print(qemu_note)
+    return 0
