@@ -356,6 +356,11 @@ _REGISTER_EINVAL_HINT = (
     "hugetlbfs); MINOR mode needs shmem or hugetlbfs, WP mode needs PAGEFAULT_FLAG_WP; "
     "and the handshake (api()) must have been done")
 
+_CONTINUE_HINTS: Dict[int, str] = {
+    errno.EFAULT: ("no page in the page cache at this file offset (a hole): write the "
+                   "file (pwrite, or through another mapping) before UFFDIO_CONTINUE"),
+}
+
 _HINTS: Dict[int, str] = {
     errno.EINVAL: ("check that start and length are page-aligned (huge-page-aligned on "
                    "hugetlbfs), that the range is registered with this uffd in a mode "
@@ -734,7 +739,7 @@ class Userfaultfd:
             self._ioctl(self._fd, _abi.UFFDIO_CONTINUE, ctypes.byref(arg))
         except OSError as exc:
             return _fill_outcome(exc, arg.mapped, "UFFDIO_CONTINUE", start, length,
-                                 ContinueMode(mode))
+                                 ContinueMode(mode), hints=_CONTINUE_HINTS)
         return int(arg.mapped)
 
     def poison(self, start: int, length: int, *, mode: PoisonMode = PoisonMode(0)) -> int:
@@ -846,7 +851,8 @@ class Userfaultfd:
 
 
 def _fill_outcome(exc: OSError, count: int, name: str, start: int, length: int,
-                  mode: Any, src: Optional[int] = None) -> int:
+                  mode: Any, src: Optional[int] = None,
+                  hints: Optional[Dict[int, str]] = None) -> int:
     """The result of a failed fill ioctl: a count, -EEXIST, -EAGAIN, or a raise."""
     error = exc.errno
     if error == errno.EAGAIN:
@@ -857,7 +863,8 @@ def _fill_outcome(exc: OSError, count: int, name: str, start: int, length: int,
         call = _range_call(name, start, length, mode)
     else:
         call = f"{name}(dst={start:#x}, src={src:#x}, len={length:#x}, mode={_flag_names(mode)})"
-    raise _error(error or errno.EIO, call) from exc
+    error = error or errno.EIO
+    raise _error(error, call, hints.get(error) if hints else None) from exc
 
 
 def decode_message(msg: _abi.uffd_msg) -> Event:
