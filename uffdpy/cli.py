@@ -135,7 +135,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                                      cpu=args.access_cpu)
                 result["access_us"] = latency_summary(samples)
                 result["accesses"] = len(samples)
-            if args.no_prefetch and args.mode == "lazy" and not loader.wait(0):
+            if args.no_prefetch and args.mode == "lazy" and not loader.wait(1.0):
                 result["complete"] = False
             else:
                 _wait_with_progress(loader, not args.json)
