@@ -766,7 +766,8 @@ class _Parser:
         total = word & ~mask
         consumed = 0
         ignore_shared = "x-ignore-shared" in snap.capabilities
-        regions: List[Tuple[int, int, str]] = []
+        regions: List[Tuple[int, int, str]] = [
+            (snap.offset, cur.pos, "stream header and RAM section start")]
         names = set()
         while consumed < total:
             rec_at = cur.pos
@@ -822,6 +823,7 @@ class _Parser:
                 header_offset=rec_at, header_version=hdr_version))
             consumed += length
             cur.pos = next_at
+        regions.append((cur.pos, src.size, "end of the RAM section and device state"))
         self._check_overlaps(regions)
         self._ram_eos()
         cur.footer(sid, "RAM START section")
@@ -1018,7 +1020,8 @@ def _nonzero_runs(view: memoryview, page_size: int) -> Iterator[Tuple[int, int]]
 def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str = "none",
                    page_size: int = 4096, capabilities: Sequence[str] = ("mapped-ram",),
                    device_state: Optional[BytesLike] = None, early_device_state: BytesLike = b"",
-                   offset: int = 0, ram_section_id: int = 1) -> None:
+                   offset: int = 0, ram_section_id: int = 1,
+                   pages_alignment: int = MAPPED_RAM_FILE_OFFSET_ALIGNMENT) -> None:
     """Write a mapped-ram snapshot that QEMU 10 loads with ``migrate-incoming``.
 
     The layout is the one QEMU writes: header, configuration, optional early
@@ -1034,6 +1037,9 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
     Zero pages are never written, so the file is sparse.  Bytes of ``path``
     before ``offset`` are kept (as with ``file:PATH,offset=N``).
 
+    ``pages_alignment`` (bytes) is where each pages region starts: QEMU
+    uses 1 MiB; QEMU 10 also loads 4096.
+
     ``machine`` must be the exact machine type of the destination (``none``,
     ``pc-q35-10.0``...); ``page_size`` is bytes per bitmap bit and must be 4096
     for x86 QEMU.
@@ -1048,15 +1054,18 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
         raise ValueError("capabilities must include 'mapped-ram'")
     if offset < 0:
         raise ValueError(f"offset must be >= 0, not {offset}")
+    if pages_alignment < 4096 or pages_alignment % 4096:
+        raise ValueError(f"pages_alignment must be a multiple of 4096, not {pages_alignment}")
     specs = [_as_spec(b) for b in blocks]
     seen = set()
     for spec in specs:
         if spec.name in seen:
             raise ValueError(f"duplicate block name {spec.name!r}")
         seen.add(spec.name)
-        if spec.length < 0 or spec.length % page_size:
-            raise ValueError(f"block {spec.name!r}: length {spec.length} is not a multiple of "
-                             f"the page size {page_size}")
+        if spec.length <= 0 or spec.length % page_size:
+            # a zero-length block cannot be told apart from the end of the block list
+            raise ValueError(f"block {spec.name!r}: length {spec.length} is not a positive "
+                             f"multiple of the page size {page_size}")
     total = sum(s.length for s in specs)
     if total & (page_size - 1) or total >= 1 << 64:
         raise ValueError(f"total RAM size {total} cannot be encoded")
@@ -1079,7 +1088,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
             hdr_at = pos + len(record)
             bitmap_offset = hdr_at + MAPPED_RAM_HEADER_SIZE
             bitmap = bytearray(_bitmap_size(pages))
-            pages_offset = _round_up(bitmap_offset + len(bitmap), MAPPED_RAM_FILE_OFFSET_ALIGNMENT)
+            pages_offset = _round_up(bitmap_offset + len(bitmap), pages_alignment)
             next_page = 0
             for first, view in _iter_chunks(spec, page_size):
                 count, rest = divmod(view.nbytes, page_size)
