@@ -122,11 +122,14 @@ class Handler(threading.Thread):
             serve(read_raw())
 
     def busy_loop(self) -> None:
-        read_raw, serve = self.uffd.read_raw, self.serve
+        # poll(0) rather than reading until EAGAIN: an empty poll is cheaper
+        # than a raised BlockingIOError, and the GIL is held for less time.
+        poller = select.poll()
+        poller.register(self.uffd.fileno(), select.POLLIN)
+        poll, read_raw, serve = poller.poll, self.uffd.read_raw, self.serve
         while not self.stopping:
-            messages = read_raw()
-            if messages:
-                serve(messages)
+            if poll(0):
+                serve(read_raw())
 
     def stop(self) -> None:
         self.stopping = True

@@ -681,3 +681,12 @@ def test_closing_the_uffd_releases_parked_faults_with_zeros(region: Mapping) -> 
     next_fault(uffd)
     uffd.close()
     assert toucher.finish() == b"\0" * 8
+
+
+def test_bench_fault_quick_runs() -> None:
+    script = ROOT / "scripts" / "bench_fault.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True,
+                            text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    for needle in ("same CPU, poll", "other CPU, poll", "other CPU, busy", "2 MiB", "ZEROPAGE"):
+        assert needle in result.stdout
