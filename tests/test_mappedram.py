@@ -572,3 +572,19 @@ def test_public_names() -> None:
     with pytest.raises(Exception):
         d.name = "y"  # type: ignore[misc]
     assert RamBlock.runs.__doc__ and Snapshot.open.__doc__
+
+
+def test_early_device_sections(tmp_path: Path) -> None:
+    """early_setup device sections sit between the configuration and the RAM START section."""
+    early = device_section(5, "virtio-mem-early", 0, 1, b"\x7e\x00\x00\x00\x05\x01xx" + bytes(9))
+    desc = json.dumps({"devices": [
+        {"name": "virtio-mem-early", "instance_id": 0},
+        {"name": "timer", "instance_id": 0}, {"name": "globalstate", "instance_id": 0}]}).encode()
+    tail = fake_device_state(with_vmdesc=False) + b"\x06" + struct.pack(">I", len(desc)) + desc
+    path = tmp_path / "early.img"
+    write_snapshot(path, [("ram", page_of(1, 2))], early_device_state=early, device_state=tail)
+    with Snapshot.open(path) as snap:
+        assert [d.name for d in snap.devices] == ["virtio-mem-early", "timer", "globalstate"]
+        assert snap.read_range(*snap.early_device_state_range) == early
+        assert snap.read_range(*snap.device_state_range) == tail
+        assert snap.blocks[0].read_page(0) == page_of(1, 2)

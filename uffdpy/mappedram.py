@@ -34,7 +34,7 @@ This module imports nothing kernel-facing; it works on any OS.
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -143,12 +143,12 @@ class _Source:
 
     def __init__(self, path: PathLike) -> None:
         self.path = os.fspath(path)
-        self.fd = -1
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.size = os.fstat(self.fd).st_size
         except OSError:
+            self.close()
             raise
-        self.size = os.fstat(self.fd).st_size
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -231,53 +231,33 @@ class _Cursor:
 # --- bit helpers --------------------------------------------------------------------
 
 _POPCOUNT = bytes(bin(i).count("1") for i in range(256))
-_RUN_RE = re.compile(rb"(\x00+)|(\xff+)|([^\x00\xff])", re.S)
-
-
-def _byte_runs(value: int) -> Tuple[Tuple[int, int, bool], ...]:
-    runs: List[Tuple[int, int, bool]] = []
-    for bit in range(8):
-        present = bool(value >> bit & 1)
-        if runs and runs[-1][2] == present:
-            first, count, _ = runs[-1]
-            runs[-1] = (first, count + 1, present)
-        else:
-            runs.append((bit, 1, present))
-    return tuple(runs)
-
-
-_BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
+_BIT_POSITIONS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
 
 
 def _bitmap_runs(bits: bytes, pages: int) -> Iterator[Tuple[int, int, bool]]:
     """Maximal (first, count, present) runs of the first ``pages`` bits of ``bits``.
 
-    Long runs of 0x00/0xff bytes are found by a regex in C; only mixed bytes are
-    split bit by bit, so the Python work is proportional to the number of run
-    boundaries, not to the number of pages.
+    XOR-ing the bitmap (as one big integer) with itself shifted by one bit
+    leaves a bit set exactly where a run starts; a regex in C finds the few
+    non-zero bytes of that, so the Python work is proportional to the number
+    of runs, not to the number of pages.
     """
-    cur_first = 0
-    cur_count = 0
-    cur_present = False
-    for m in _RUN_RE.finditer(bits):
-        start = m.start() * 8
-        if m.lastindex == 3:
-            pieces: Iterable[Tuple[int, int, bool]] = (
-                (start + b, c, p) for b, c, p in _BYTE_RUNS[bits[m.start()]])
-        else:
-            pieces = ((start, (m.end() - m.start()) * 8, m.lastindex == 2),)
-        for first, count, present in pieces:
-            if first >= pages:
-                break
-            count = min(count, pages - first)
-            if cur_count and present == cur_present:
-                cur_count += count
-            else:
-                if cur_count:
-                    yield (cur_first, cur_count, cur_present)
-                cur_first, cur_count, cur_present = first, count, present
-    if cur_count:
-        yield (cur_first, cur_count, cur_present)
+    if pages <= 0:
+        return
+    mask = (1 << pages) - 1
+    x = int.from_bytes(bits[:(pages + 7) // 8], "little") & mask
+    starts = ((x ^ (x << 1)) & mask).to_bytes((pages + 7) // 8, "little")
+    first = 0
+    present = bool(x & 1)
+    for m in _NONZERO_BYTE.finditer(starts):
+        base = m.start() * 8
+        for bit in _BIT_POSITIONS[starts[m.start()]]:
+            pos = base + bit
+            if pos:
+                yield (first, pos - first, present)
+                first, present = pos, not present
+    yield (first, pages - first, present)
 
 
 def _bitmap_size(pages: int) -> int:
@@ -432,7 +412,10 @@ class Snapshot:
     ``capabilities``, ``blocks`` (file order), ``devices`` (device sections in
     file order), ``vmdesc`` (the JSON trailer, or None), ``file_size``,
     ``ram_section_id``, ``device_state_range`` (start, end) of everything after
-    the RAM sections: device sections, EOF byte and vmdesc, to copy verbatim.
+    the RAM sections: device sections, EOF byte and vmdesc, to copy verbatim,
+    and ``early_device_state_range``, the device sections QEMU writes before
+    the RAM section (``early_setup`` devices such as virtio-mem; usually
+    empty).
     """
 
     path: str
@@ -460,6 +443,7 @@ class Snapshot:
         self.ram_section_id = -1
         self.ram_section_offset = -1
         self.device_state_range = (source.size, source.size)
+        self.early_device_state_range = (0, 0)
         self.eof_offset = -1
         self.vmdesc_offset: Optional[int] = None
 
@@ -676,6 +660,7 @@ class _Parser:
         cur, snap = self.cur, self.snap
         ram_done = False
         device_phase = False
+        config_end = cur.pos
         while True:
             at = cur.pos
             kind = cur.u8("section type")
@@ -703,6 +688,7 @@ class _Parser:
             elif kind == QEMU_VM_SECTION_START:
                 if ram_done:
                     raise self.err(at, "second START section", "PART/END/FULL/EOF", "START")
+                snap.early_device_state_range = (config_end, at)
                 self._ram_start(at)
                 ram_done = True
             elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
@@ -1221,17 +1207,25 @@ def synthetic_runs(pages: int, fill: float, seed: int) -> List[Tuple[int, int, b
     return runs
 
 
-def synthetic_run_data(seed: int, first: int, count: int, page_size: int = 4096) -> bytes:
-    """Deterministic random bytes for pages [first, first+count) of a synthetic block.
+def _synthetic_base(seed: int, page_size: int) -> int:
+    return int.from_bytes(random.Random(seed).randbytes(page_size), "little")
 
-    Each page is generated from ``(seed, page index)`` alone, so any sub-range
-    can be recomputed; no page is all zero.
+
+def synthetic_run_data(seed: int, first: int, count: int, page_size: int = 4096) -> bytes:
+    """Deterministic pseudo-random bytes for pages [first, first+count) of a synthetic block.
+
+    Page *i* is a random page fixed by ``seed`` XOR a 64-byte BLAKE2b digest
+    of ``(seed, i)`` repeated over the page: every page differs from every
+    other, none is all zero, any sub-range can be recomputed, and it is fast
+    (a few microseconds per page).
     """
+    base = _synthetic_base(seed, page_size)
     out = bytearray()
     for i in range(first, first + count):
-        page = bytearray(random.Random(seed * 1_000_003 + i).randbytes(page_size))
-        page[0] |= 1
-        out += page
+        digest = hashlib.blake2b(struct.pack("<qq", seed, i), digest_size=64).digest()
+        page = (base ^ int.from_bytes(digest * (page_size // 64), "little")).to_bytes(
+            page_size, "little")
+        out += page if page[0] else b"\x01" + page[1:]
     return bytes(out)
 
 
