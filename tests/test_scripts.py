@@ -1,0 +1,129 @@
+"""Every script in ``scripts/`` runs in its quickest mode, so none rots.
+
+Each runs as a subprocess under a timeout; exit status 0 and the key lines of
+its output are checked.  Scripts that need QEMU are marked ``qemu``.  A new
+script must be added here: ``test_every_script_is_run`` fails until it is.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+#: Every script and the test(s) below that run it.
+COVERED = {
+    "gil_deadlock.py", "bench_load.py", "teach_fault.py", "bench_fault.py",
+    "qemu_snapshot.py", "linux_guest.py",
+}
+
+
+def run_script(name: str, args: Sequence[object] = (), *, timeout: float = 120.0,
+               cwd: Path = ROOT) -> str:
+    """Run ``scripts/NAME ARGS``; insist on exit status 0; return stdout."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, (
+        f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
+        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc.stdout
+
+
+def test_every_script_is_run() -> None:
+    present = {p.name for p in SCRIPTS.glob("*.py")}
+    assert present - COVERED == set(), "add a quick run of these scripts to tests/test_scripts.py"
+
+
+@pytest.mark.parametrize("name", sorted(COVERED))
+def test_script_has_docstring(name: str) -> None:
+    path = SCRIPTS / name
+    if not path.exists():
+        pytest.fail(f"scripts/{name} is missing")
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc and len(doc.splitlines()) >= 3, f"scripts/{name} needs a docstring saying what it shows"
+
+
+def test_gil_deadlock_quick() -> None:
+    out = run_script("gil_deadlock.py", ["--quick"], timeout=90)
+    assert "deadlocked as expected" in out
+    assert out.count("matches the snapshot") == 2       # memmove/thread and plain/process
+    assert "-> ok in" in out and "unexpectedly" not in out
+
+
+def test_teach_fault_quick() -> None:
+    out = run_script("teach_fault.py", ["--quick"], timeout=60)
+    assert "registered the range in MISSING mode" in out
+    assert "PAGEFAULT at 0x" in out
+    assert "UFFDIO_COPY(" in out and "returned 4096" in out
+    assert "the toucher read b'hello from the f'" in out
+    assert "with 0 new fault(s)" in out
+
+
+def test_bench_load_quick_no_qemu() -> None:
+    out = run_script("bench_load.py", ["--quick", "--no-qemu"], timeout=120)
+    assert "eager (QEMU-style pread, THP)" in out
+    assert "lazy, thread server, prefetch only" in out
+    assert "lazy, process server, prefetch only" in out
+    assert "QEMU 10 migrate-incoming" not in out
+
+
+def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
+    snap = tmp_path / "made.img"
+    out = run_script("bench_load.py", [snap, "--make-synthetic", "16M", "--fill", "0.25",
+                                       "--rounds", "1", "--touch", "100", "--no-qemu", "--json"],
+                     timeout=120)
+    assert snap.exists()
+    report = json.loads(out)
+    assert report["size_mib"] == 16 and report["rounds"] == 1
+    assert report["results"]["eager (QEMU-style pread, THP)"]["complete_s"] > 0
+
+
+@pytest.mark.qemu
+def test_bench_load_quick_with_qemu(qemu_binary: str) -> None:
+    out = run_script("bench_load.py", ["--quick"], timeout=120)
+    assert "QEMU 10 migrate-incoming (mapped-ram)" in out
+    assert "not measured" not in out
+
+
+def test_bench_fault_quick() -> None:
+    if not (SCRIPTS / "bench_fault.py").exists():
+        pytest.fail("scripts/bench_fault.py is missing")
+    out = run_script("bench_fault.py", ["--quick"], timeout=180)
+    for row in ("COPY", "ZEROPAGE", "same CPU, poll", "other CPU, poll", "bulk COPY per call"):
+        assert row in out, row
+
+
+def test_qemu_snapshot_help() -> None:
+    out = run_script("qemu_snapshot.py", ["--help"], timeout=60)
+    assert "save" in out and "load" in out
+
+
+@pytest.mark.qemu
+def test_qemu_snapshot_save_and_load(qemu_binary: str, tmp_path: Path) -> None:
+    """The script's quickest real use: save a tiny -machine none VM, load it back."""
+    img, pmem, loaded = tmp_path / "vm.img", tmp_path / "vm.pmem", tmp_path / "loaded.pmem"
+    common = ["--machine", "none", "--mem", "16M", "--qemu", qemu_binary, "--timeout", "60"]
+    saved = json.loads(run_script("qemu_snapshot.py",
+                                  ["save", img, *common, "--random", "0x1000:0x2000:3",
+                                   "--pmemsave", pmem], timeout=120, cwd=tmp_path))
+    assert saved["query-migrate"]["status"] == "completed"
+    back = json.loads(run_script("qemu_snapshot.py", ["load", img, *common, "--pmemsave", loaded],
+                                 timeout=120, cwd=tmp_path))
+    assert back["query-migrate"]["status"] == "completed"
+    assert loaded.read_bytes() == pmem.read_bytes()
+    assert pmem.read_bytes()[0x1000:0x3000] != bytes(0x2000)
+
+
+def test_linux_guest_help() -> None:
+    out = run_script("linux_guest.py", ["--help"], timeout=60)
+    assert "--fill-mib" in out and "--pmemsave" in out
