@@ -241,9 +241,6 @@ def test_load_table_output(synth16: Path) -> None:
 #: blocks a fault lands in the wrong region, the fault loop raises and dies,
 #: and the faulting thread sleeps forever.  Remove these marks once the
 #: loader bisects over the regions sorted by address.
-UNSORTED_BISECT = pytest.mark.xfail(
-    reason="loader bisects over unsorted block addresses: faults in a multi-block "
-           "snapshot kill the fault loop and hang the toucher", strict=False)
 HANG_TIMEOUT = 10.0     # a load of this 80 MiB snapshot takes well under a second
 
 
@@ -257,8 +254,8 @@ def ok_json_or_hang(*args: object) -> Dict[str, Any]:
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("mode,server", [
-    pytest.param("lazy", "thread", marks=UNSORTED_BISECT),
-    pytest.param("lazy", "process", marks=UNSORTED_BISECT),
+    ("lazy", "thread"),
+    ("lazy", "process"),
     ("eager", "thread")])
 def test_load_json_qemu(qemu_snap: Tuple[Path, Path, int], mode: str, server: str) -> None:
     path = qemu_snap[0]
@@ -268,8 +265,7 @@ def test_load_json_qemu(qemu_snap: Tuple[Path, Path, int], mode: str, server: st
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("server", [pytest.param("thread", marks=UNSORTED_BISECT),
-                                    pytest.param("process", marks=UNSORTED_BISECT)])
+@pytest.mark.parametrize("server", ["thread", "process"])
 def test_load_no_prefetch_qemu(qemu_snap: Tuple[Path, Path, int], server: str) -> None:
     """Every page of every block arrives by a fault: each block's faults must be served."""
     path = qemu_snap[0]
@@ -299,7 +295,7 @@ def test_dump_synthetic(synth: Path, workdir: Path, mode: str) -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("mode", [pytest.param("lazy", marks=UNSORTED_BISECT), "eager"])
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
 def test_dump_qemu_matches_pmemsave(qemu_snap: Tuple[Path, Path, int], workdir: Path,
                                     mode: str) -> None:
     path, pmem, ram_size = qemu_snap

@@ -227,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         make_synthetic(path, size=size, fill=0.4, seed=7)
         with Snapshot.open(path) as snap:
             with EagerLoader(snap) as eager:
-                eager_s = eager.stats.time_to_complete_s
+                eager_s = eager.stats.time_to_complete_s or 0.0
             with LazyLoader(snap, server="thread") as lazy:
                 ready_s = lazy.stats.time_to_ready_s
                 blocks = [(lazy.address(b.name), b) for b in snap.blocks]

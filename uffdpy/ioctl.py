@@ -398,6 +398,13 @@ MREMAP_FIXED = 2
 MREMAP_DONTUNMAP = 4
 
 MFD_CLOEXEC = 0x0001
+
+# <sys/eventfd.h> (x86_64/arm64 values; they equal O_CLOEXEC and O_NONBLOCK)
+EFD_CLOEXEC = 0o2000000
+EFD_NONBLOCK = 0o4000
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
 MFD_ALLOW_SEALING = 0x0002
 MFD_HUGETLB = 0x0004
 MFD_NOEXEC_SEAL = 0x0008
@@ -449,6 +456,8 @@ _LIBC_FUNCTIONS: Dict[str, Tuple[Any, Tuple[Any, ...], Callable[..., Any]]] = {
     "mprotect": (_c_int, (_c_void_p, _c_size_t, _c_int), _check_int),
     "mremap": (_c_void_p, (_c_void_p, _c_size_t, _c_size_t, _c_int, _c_void_p), _check_ptr),
     "memfd_create": (_c_int, (ctypes.c_char_p, _c_uint), _check_int),
+    "eventfd": (_c_int, (_c_uint, _c_int), _check_int),
+    "prctl": (_c_int, (_c_int, _c_ulong, _c_ulong, _c_ulong, _c_ulong), _check_int),
 }
 
 
@@ -468,6 +477,8 @@ class _Libc:
     mprotect: Callable[..., int]
     mremap: Callable[..., int]
     memfd_create: Callable[..., int]
+    eventfd: Callable[..., int]
+    prctl: Callable[..., int]
 
     def __getattr__(self, name: str) -> Any:
         if name not in _LIBC_FUNCTIONS:

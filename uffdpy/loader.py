@@ -78,7 +78,7 @@ import struct
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import ioctl
 from .mappedram import RamBlock, Snapshot
@@ -295,7 +295,9 @@ class _Server:
                  busy_poll: bool, prefetch_threads: int = 1) -> None:
         self.uffd = uffd
         self.regions = regions
-        self.starts = [r.start for r in regions]
+        # mmap hands out addresses top-down: bisect needs them sorted
+        self.by_address = sorted(regions, key=lambda r: r.start)
+        self.starts = [r.start for r in self.by_address]
         self.claims = claims
         self.wake_fd = wake_fd
         self.prefetch_enabled = prefetch
@@ -324,7 +326,7 @@ class _Server:
                     name=f"uffdpy-prefetch-{k}", daemon=True))
         self.threads.insert(0, threading.Thread(target=self._fault_thread,
                                                 name="uffdpy-fault-loop", daemon=True))
-        for t in self.threads:
+        for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
             t.start()
 
     def _fault_thread(self) -> None:
@@ -464,9 +466,9 @@ class _Server:
     def _serve(self, address: int, counters: _Counters) -> bool:
         """Resolve one fault; False when it must be retried after events are read."""
         i = bisect.bisect_right(self.starts, address) - 1
-        if i < 0 or address >= self.regions[i].end:
+        if i < 0 or address >= self.by_address[i].end:
             raise LoaderError(f"fault at 0x{address:x} outside every registered block")
-        region = self.regions[i]
+        region = self.by_address[i]
         claims = self.claims
         page = (address - region.start) // region.page_size
         old = claims.claim(region.index, page)
@@ -548,8 +550,8 @@ def _drain_fd(fd: int) -> None:
 
 def _eventfd() -> int:
     if hasattr(os, "eventfd"):
-        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # type: ignore[attr-defined]
-    return ioctl.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    return ioctl.libc.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)  # Python < 3.10
 
 
 # -------------------------------------------------------------------------- loaders
@@ -561,6 +563,9 @@ def _open_snapshot(snapshot: SnapshotLike) -> Tuple[Snapshot, bool]:
     if isinstance(snapshot, Snapshot):
         return snapshot, False
     return Snapshot.open(os.fspath(snapshot)), True
+
+
+_L = TypeVar("_L", bound="_LoaderBase")
 
 
 class _LoaderBase:
@@ -624,7 +629,7 @@ class _LoaderBase:
             m.close()
         self._mappings.clear()
 
-    def __enter__(self) -> "_LoaderBase":
+    def __enter__(self: _L) -> _L:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -632,6 +637,14 @@ class _LoaderBase:
 
     def close(self, *, _raise: bool = True) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def wait(self, timeout: Optional[float] = None) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> Stats:
+        """Load statistics (see ``Stats``)."""
+        return self._stats
 
 
 def _round_up(n: int, align: int) -> int:
@@ -828,10 +841,11 @@ class LazyLoader(_LoaderBase):
             m.madvise(ioctl.MADV_DONTFORK)
         self._progress = mmap.mmap(-1, PAGE_SIZE)    # shared with the child: 2 x u64
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:                                   # the server process
             os.close(read_fd)
-            _child_main(server, write_fd, self._progress)
+            _child_main(server, write_fd, self._progress, parent)
         os.close(write_fd)
         self._child_pid = pid
         self._result_fd = read_fd
@@ -984,7 +998,7 @@ class LazyLoader(_LoaderBase):
         if self._failed and self._registered:
             # Nothing may read a page that was never served as zeros.
             for m in self._mappings.values():
-                ioctl.mmap(m.address, m.length, ioctl.PROT_NONE,
+                ioctl.libc.mmap(m.address, m.length, ioctl.PROT_NONE,
                            ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
                            | ioctl.MAP_NORESERVE, -1, 0)
             self._registered = False
@@ -1027,11 +1041,15 @@ _DIED = ("the fault server process (pid {pid}) {how} before every page was place
          "pages it had not placed stay inaccessible (never zero-filled)")
 
 
-def _child_main(server: _Server, result_fd: int, progress: mmap.mmap) -> None:
+def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: int) -> None:
     """Body of the forked server process: serve, report, leave with ``os._exit``."""
     code = 0
     report: Dict[str, Any]
     try:
+        # Die with the loading process: its memory is what we serve.
+        ioctl.libc.prctl(ioctl.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         server.start()
         complete = server.claims.complete

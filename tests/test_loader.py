@@ -1,0 +1,421 @@
+"""LazyLoader and EagerLoader against the real kernel, on real QEMU and synthetic snapshots.
+
+Every access to registered memory while a load runs is made without the GIL
+(``ctypes.memmove`` in a thread) or from another process, and every wait has
+a timeout: a thread that faults while holding the GIL would deadlock the
+in-process fault loop, and with it the test run.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+from uffdpy.loader import EagerLoader, LazyLoader, LoaderError, ServerDiedError
+from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
+from uffdpy.memory import PAGE_SIZE
+from uffdpy import ioctl
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ["thread", "process"]
+
+
+# ----------------------------------------------------------------------- helpers
+
+def memory_equals_snapshot(loader, snap: Snapshot) -> None:
+    """Every page of every block equals ``read_page`` (the reader's independent path)."""
+    for block in snap.blocks:
+        mem = loader.memory(block.name)          # load complete: plain memory now
+        step = 256
+        for first in range(0, block.pages, step):
+            n = min(step, block.pages - first)
+            want = block.read_pages(first, n)
+            got = bytes(mem[first * block.page_size:(first + n) * block.page_size])
+            if got != want:
+                for k in range(n):
+                    a, b = k * block.page_size, (k + 1) * block.page_size
+                    assert got[a:b] == want[a:b], f"{block.name} page {first + k} differs"
+
+
+def touch(address: int, length: int = 8) -> bytes:
+    """Read guest memory without the GIL."""
+    buf = ctypes.create_string_buffer(length)
+    ctypes.memmove(buf, address, length)
+    return buf.raw
+
+
+def touch_in_thread(address: int, length: int = 8) -> Tuple[threading.Thread, List[bytes]]:
+    out: List[bytes] = []
+    t = threading.Thread(target=lambda: out.append(touch(address, length)), daemon=True)
+    t.start()
+    return t, out
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """The fault loop counts a page just after its ioctl woke the toucher: poll a moment."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def resources() -> Tuple[int, int, int]:
+    """Open fds, live threads, mapping lines of this process."""
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    return fds, threading.active_count(), maps
+
+
+def uffd_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("lazy") / "syn64.img")
+    make_synthetic(path, size=64 << 20, fill=0.4, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("lazy") / "syn4.img")
+    make_synthetic(path, size=4 << 20, fill=0.5, seed=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qemu_pc(qemu_binary, tmp_path_factory) -> str:
+    """A real QEMU snapshot with several RAMBlocks (pc.ram, vga.vram, ROMs) and known data."""
+    from qemu_snapshot import VmConfig, random_region, save_snapshot
+    d = tmp_path_factory.mktemp("qemu-pc")
+    cfg = VmConfig(machine="pc", mem="64M", args=("-device", "VGA"), qemu=qemu_binary)
+    regions = [random_region(str(d), addr=0x200000, size=0x40000, seed=11),
+               random_region(str(d), addr=0x3000000, size=0x123000, seed=12)]
+    path = str(d / "pc.img")
+    save_snapshot(cfg, path, regions=regions)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_synthetic(tmp_path_factory) -> str:
+    """A multi-GiB snapshot from the writer (sparse on disk: 5% of pages hold data)."""
+    path = str(tmp_path_factory.mktemp("big") / "syn3g.img")
+    make_synthetic(path, size=3 << 30, fill=0.05, seed=9)
+    return path
+
+
+# ------------------------------------------------------------------------- tests
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("server", SERVERS)
+def test_lazy_load_of_real_qemu_snapshot_equals_reader(qemu_pc, server):
+    with Snapshot.open(qemu_pc) as snap:
+        assert len(snap.blocks) >= 3
+        with LazyLoader(snap, server=server) as loader:
+            assert loader.wait(60)
+            st = loader.stats
+            assert st.placed_pages == st.total_pages == sum(b.pages for b in snap.blocks)
+            assert st.double_placements == 0
+            assert st.pages_by_prefetch + st.pages_by_fault == st.total_pages
+            memory_equals_snapshot(loader, snap)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("server", SERVERS)
+def test_faults_in_every_block_of_a_real_snapshot(qemu_pc, server):
+    """Without prefetch every page comes by fault: one touch in each block, in both orders."""
+    with Snapshot.open(qemu_pc) as snap:
+        with LazyLoader(snap, server=server, prefetch=False) as loader:
+            for block in list(snap.blocks) + list(reversed(snap.blocks)):
+                i = block.pages // 2
+                t, out = touch_in_thread(loader.address(block.name) + i * block.page_size,
+                                         block.page_size)
+                t.join(10)
+                assert out == [block.read_page(i)], f"block {block.name} not served"
+
+
+@pytest.mark.qemu
+def test_lazy_load_data_matches_what_qemu_was_given(qemu_pc):
+    """The known random data put into the guest is in pc.ram at its address."""
+    import random as _random
+    with LazyLoader(qemu_pc, server="thread") as loader:
+        assert loader.wait(60)
+        mem = loader.memory("pc.ram")
+        for addr, size, seed in ((0x200000, 0x40000, 11), (0x3000000, 0x123000, 12)):
+            assert bytes(mem[addr:addr + size]) == _random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_lazy_load_of_multi_gib_snapshot(big_synthetic, server):
+    with Snapshot.open(big_synthetic) as snap:
+        with LazyLoader(snap, server=server, prefetch_chunk_bytes=8 << 20) as loader:
+            assert loader.stats.time_to_ready_s < 1.0
+            assert loader.wait(240)
+            assert loader.stats.double_placements == 0
+            block = snap.blocks[0]
+            mem = loader.memory("ram")
+            # every present run checked, and a sample of zero pages
+            for first, count, present in block.runs():
+                a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+                if present:
+                    assert bytes(mem[a:b]) == block.read_pages(first, count)
+                else:
+                    assert bytes(mem[a:a + PAGE_SIZE]) == bytes(PAGE_SIZE)
+                    assert bytes(mem[b - PAGE_SIZE:b]) == bytes(PAGE_SIZE)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_four_touchers_and_prefetcher(synthetic, server):
+    with Snapshot.open(synthetic) as snap:
+        block = snap.blocks[0]
+        with LazyLoader(snap, server=server, prefetch_chunk_bytes=256 << 10) as loader:
+            base = loader.address("ram")
+            errors: List[str] = []
+
+            def toucher(seed: int) -> None:
+                rng = random.Random(seed)
+                buf = ctypes.create_string_buffer(PAGE_SIZE)
+                for _ in range(400):
+                    i = rng.randrange(block.pages)
+                    ctypes.memmove(buf, base + i * PAGE_SIZE, PAGE_SIZE)
+                    if buf.raw != block.read_page(i):
+                        errors.append(f"page {i}")
+
+            threads = [threading.Thread(target=toucher, args=(s,), daemon=True) for s in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a toucher was never served"
+            assert not errors
+            assert loader.wait(60)
+            st = loader.stats
+            assert st.double_placements == 0
+            assert st.pages_by_fault + st.pages_by_prefetch == st.total_pages
+            memory_equals_snapshot(loader, snap)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_fault_around(small, server):
+    with Snapshot.open(small) as snap:
+        with LazyLoader(snap, server=server, prefetch=False, fault_around_pages=15) as loader:
+            base = loader.address("ram")
+            block = snap.blocks[0]
+            # a present page near the start: its neighbours come in the same ioctl
+            i = next(f for f, c, p in block.runs() if p and c >= 16)
+            assert touch(base + i * PAGE_SIZE, PAGE_SIZE) == block.read_page(i)
+            assert eventually(lambda: loader.progress()[0] == 16)
+            if server == "thread":
+                assert loader.stats.pages_by_fault == 16 and loader.stats.faults == 1
+
+
+def test_prefetch_off_places_only_touched_pages(small):
+    with Snapshot.open(small) as snap:
+        block = snap.blocks[0]
+        with LazyLoader(snap, server="thread", prefetch=False) as loader:
+            base = loader.address("ram")
+            touched = sorted(random.Random(1).sample(range(block.pages), 50))
+            for i in touched:
+                t, out = touch_in_thread(base + i * PAGE_SIZE, PAGE_SIZE)
+                t.join(10)
+                assert out == [block.read_page(i)]
+            assert eventually(lambda: loader.stats.placed_pages == 50)
+            st = loader.stats
+            assert st.placed_pages == 50 and st.pages_by_fault == 50
+            assert st.pages_by_prefetch == 0
+            assert not loader.wait(0.2)          # not complete: untouched pages remain
+            # touch the rest, one GIL-free sweep: completion and unregistration follow
+            t, out = touch_in_thread(base, block.length)
+            t.join(60)
+            assert out and out[0] == block.read_pages(0, block.pages)
+            assert loader.wait(30)
+            assert loader._uffd is not None and loader._uffd.closed
+            # plain memory now: a dropped page reads back as zero without any handler
+            loader._mappings["ram"].madvise(ioctl.MADV_DONTNEED, 0, PAGE_SIZE)
+            t, out = touch_in_thread(base, PAGE_SIZE)
+            t.join(10)
+            assert out == [bytes(PAGE_SIZE)]
+
+
+def test_process_server_allows_plain_python_reads(synthetic):
+    with Snapshot.open(synthetic) as snap:
+        block = snap.blocks[0]
+        with LazyLoader(snap, server="process", prefetch=False) as loader:
+            mem = loader.memory("ram")
+            rng = random.Random(5)
+            for _ in range(200):                 # plain Python: holds the GIL while faulting
+                i = rng.randrange(block.pages)
+                assert bytes(mem[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) == block.read_page(i)
+            assert int.from_bytes(mem[0:8], "little") >= 0
+            assert eventually(lambda: loader.progress()[0] > 0)   # published every 20 ms
+            placed, total = loader.progress()
+            assert 0 < placed <= 201 and total == block.pages
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import ctypes, os, signal, sys, threading, time
+    from uffdpy.loader import LazyLoader, ServerDiedError
+    from uffdpy.mappedram import Snapshot
+    snap = Snapshot.open(sys.argv[1])
+    loader = LazyLoader(snap, server="process", prefetch=False)
+    base = loader.address("ram")
+    buf = ctypes.create_string_buffer(8)
+    ctypes.memmove(buf, base, 8)                       # served: the server is alive
+    os.kill(loader._child_pid, signal.SIGKILL)
+    try:
+        loader.wait(10)
+    except ServerDiedError as exc:
+        print("DIED:", exc, flush=True)
+    page = snap.blocks[0]
+    i = next(f for f, c, p in page.runs() if p and f > 8)
+    out = []
+    dst = ctypes.create_string_buffer(8)
+    # memmove releases the GIL; ctypes.string_at would not (it is a PYFUNCTYPE)
+    t = threading.Thread(target=lambda: out.append(ctypes.memmove(dst, base + i * 4096, 8)),
+                         daemon=True)
+    t.start()
+    t.join(1.5)
+    print("BLOCKED" if t.is_alive() else "READ " + repr(out), flush=True)
+    if sys.argv[2] == "close":
+        loader.close(_raise=False)                      # the waiter gets SIGSEGV, not zeros
+        t.join(5)
+        print("AFTER CLOSE " + repr(out), flush=True)
+    os._exit(0)
+""")
+
+
+def test_killed_server_gives_clear_error_and_never_zeros(small):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "keep"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "DIED:" in r.stdout and "killed by signal 9 (SIGKILL)" in r.stdout
+    assert "never zero-filled" in r.stdout
+    assert "BLOCKED" in r.stdout
+    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "close"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert "BLOCKED" in r.stdout
+    assert "AFTER CLOSE" not in r.stdout          # it never returned with data
+    assert r.returncode == -11                     # SIGSEGV: loud, instead of zeros
+
+
+def test_killed_server_without_waiters_closes_cleanly(small):
+    before_uffd = uffd_fds()
+    loader = LazyLoader(small, server="process", prefetch=False)
+    os.kill(loader._child_pid, 9)
+    with pytest.raises(ServerDiedError) as info:
+        loader.wait(10)
+    assert info.value.signal_number == 9
+    loader.close()                                 # already reported by wait(): no raise
+    assert uffd_fds() == before_uffd
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_close_mid_load_from_another_thread(synthetic, server):
+    before = resources()
+    loader = LazyLoader(synthetic, server=server, prefetch_chunk_bytes=PAGE_SIZE * 4)
+    closer = threading.Thread(target=loader.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive()
+    loader.close()                                 # idempotent
+    with pytest.raises(ValueError):
+        loader.memory("ram")
+    assert resources()[0] == before[0]
+
+
+def test_load_close_cycles_leak_nothing(small):
+    snap = Snapshot.open(small)
+    try:
+        LazyLoader(snap).close()                   # warm up lazily created objects
+        before = resources()
+        for k in range(200):
+            server = SERVERS[k % 2]
+            prefetch = k % 3 != 0
+            loader = LazyLoader(snap, server=server, prefetch=prefetch)
+            if prefetch and k % 4 == 1:
+                assert loader.wait(30)
+            loader.close()
+        deadline = time.monotonic() + 10
+        while resources() != before and time.monotonic() < deadline:
+            time.sleep(0.05)                       # thread objects finish exiting
+        fds, nthreads, maps = resources()
+        assert fds == before[0], "fd leaked"
+        assert nthreads == before[1], [t.name for t in threading.enumerate()]
+        assert maps == before[2], "mapping leaked"
+    finally:
+        snap.close()
+
+
+def test_corrupt_snapshot_fails_before_anything_is_registered(small, tmp_path):
+    data = Path(small).read_bytes()
+    before = resources()
+    cases = {"truncated": data[:0x60], "empty": b"", "garbage": os.urandom(4096)}
+    bad = bytearray(data)
+    bad[0:4] = b"XXXX"
+    cases["bad magic"] = bytes(bad)
+    for name, content in cases.items():
+        p = tmp_path / f"{name.replace(' ', '_')}.img"
+        p.write_bytes(content)
+        for cls in (LazyLoader, EagerLoader):
+            with pytest.raises(MappedRamError):
+                cls(str(p))
+    assert resources() == before
+
+
+def test_worker_error_is_reraised_from_wait_and_close(small, monkeypatch):
+    import uffdpy.loader as loader_module
+    boom = RuntimeError("boom from the prefetcher")
+
+    def failing(self, lane=0):
+        raise boom
+    monkeypatch.setattr(loader_module._Server, "prefetch", failing)
+    loader = LazyLoader(small, server="thread")
+    with pytest.raises(LoaderError) as info:
+        loader.wait(10)
+    assert info.value.__cause__ is boom
+    loader.close()                                 # reported by wait() already: no raise
+    loader = LazyLoader(small, server="thread")
+    deadline = time.monotonic() + 10
+    while not loader._done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(LoaderError):               # not reported yet: close() raises it
+        loader.close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_eager_and_lazy_agree(synthetic, server):
+    with Snapshot.open(synthetic) as snap:
+        with EagerLoader(snap) as eager, LazyLoader(snap, server=server) as lazy:
+            assert lazy.wait(60)
+            assert bytes(eager.memory("ram")) == bytes(lazy.memory("ram"))
+            assert eager.stats.bytes_copied == lazy.stats.bytes_copied
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        LazyLoader("/nonexistent", server="fiber")
+    with pytest.raises(FileNotFoundError):
+        LazyLoader("/nonexistent/snapshot.img")
