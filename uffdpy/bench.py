@@ -137,7 +137,7 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
     samples: Dict[str, List[Dict[str, float]]] = {}
 
     def lazy(server: str, access: bool, server_cpu: Optional[int] = None,
-             busy: bool = False, lanes: int = 1) -> Callable[[Snapshot], Dict[str, float]]:
+             busy: bool = False, lanes: Optional[int] = None) -> Callable[[Snapshot], Dict[str, float]]:
         def run(snap: Snapshot) -> Dict[str, float]:
             with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
                             prefetch_threads=lanes) as ld:
@@ -163,8 +163,9 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         ("eager (QEMU-style pread, THP)", eager),
         ("lazy, thread server, prefetch only", lazy("thread", False)),
         ("lazy, process server, prefetch only", lazy("process", False)),
-        ("lazy, thread server, 2 prefetch threads", lazy("thread", False, lanes=2)),
-        ("lazy, process server, 2 prefetch threads", lazy("process", False, lanes=2)),
+        ("lazy, thread server, prefetch only, 1 prefetch thread", lazy("thread", False, lanes=1)),
+        ("lazy, process server, prefetch only, 1 prefetch thread",
+         lazy("process", False, lanes=1)),
         ("lazy thread + random access, loop on toucher's CPU", lazy("thread", True, 0)),
         ("lazy thread + random access, loop on other CPU", lazy("thread", True, other)),
         ("lazy thread + random access, other CPU, busy-poll", lazy("thread", True, other, True)),

@@ -106,7 +106,7 @@ def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) 
     return LazyLoader(snap, server=getattr(args, "server", "thread"), prefetch=prefetch,
                       server_cpu=getattr(args, "server_cpu", None),
                       busy_poll=getattr(args, "busy_poll", False),
-                      prefetch_threads=getattr(args, "prefetch_threads", 1))
+                      prefetch_threads=getattr(args, "prefetch_threads", None))
 
 
 def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> None:
@@ -293,8 +293,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--server-cpu", type=int, default=None, help="pin the fault loop")
     sp.add_argument("--access-cpu", type=int, default=None, help="pin the accessing threads")
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
-    sp.add_argument("--prefetch-threads", type=int, default=1,
-                    help="parallel prefetch threads (2 helps on 2 CPUs)")
+    sp.add_argument("--prefetch-threads", type=int, default=None,
+                    help="parallel prefetch threads (default: 2 on 2+ CPUs)")
     sp.add_argument("--verify", action="store_true", help="compare every page with the file")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_load)
