@@ -84,6 +84,7 @@ from . import ioctl
 from .mappedram import RamBlock, Snapshot
 from .memory import PAGE_SIZE, Mapping
 from .uffd import RegisterMode, Userfaultfd
+from .workload import latency_summary
 
 __all__ = [
     "ClaimMap",
@@ -122,18 +123,6 @@ class ServerDiedError(LoaderError):
 
 # --------------------------------------------------------------------------- stats
 
-def _percentiles(samples_ns: Sequence[int]) -> Dict[str, float]:
-    if not samples_ns:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    s = sorted(samples_ns)
-    n = len(s)
-
-    def pick(q: float) -> float:
-        return s[min(n - 1, int(q * n))] / 1000.0
-
-    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": s[-1] / 1000.0}
-
-
 @dataclasses.dataclass
 class Stats:
     """What a load did.  Times in seconds, latencies in microseconds, sizes in bytes."""
@@ -142,7 +131,7 @@ class Stats:
     time_to_complete_s: Optional[float] = None
     faults: int = 0
     fault_service_us: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: _percentiles(()))
+        default_factory=lambda: latency_summary(()))
     pages_by_fault: int = 0
     pages_by_prefetch: int = 0
     zero_pages: int = 0
@@ -366,7 +355,7 @@ class _Server:
     def merged_stats(self, stats: Stats) -> Stats:
         f, ps = self.fault_counters, self.prefetch_counters
         stats.faults = f.faults
-        stats.fault_service_us = _percentiles(f.service_ns)
+        stats.fault_service_us = latency_summary(f.service_ns)
         stats.pages_by_fault = f.pages
         stats.pages_by_prefetch = sum(p.pages for p in ps)
         stats.zero_pages = f.zero_pages + sum(p.zero_pages for p in ps)
