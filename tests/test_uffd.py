@@ -9,11 +9,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -116,11 +118,21 @@ def run_python(code: str, *, user: Optional[int] = None,
                timeout: float = 30) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     """Run ``code`` in a fresh interpreter that imports uffdpy from this checkout."""
     argv = [sys.executable, "-c", textwrap.dedent(code)]
-    if user is not None:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + argv
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd="/")
+    path = str(ROOT)
+    with tempfile.TemporaryDirectory(prefix="uffdpy-user-") as tmp:
+        if user is not None:
+            # the checkout may sit in a folder the other user cannot enter
+            # (mktemp -d is 0700): give it a world-readable copy of the package
+            os.chmod(tmp, 0o755)
+            shutil.copytree(ROOT / "uffdpy", os.path.join(tmp, "uffdpy"))
+            for dirpath, dirnames, filenames in os.walk(tmp):
+                for name in dirnames + filenames:
+                    os.chmod(os.path.join(dirpath, name), 0o755)
+            path = tmp
+            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + argv
+        env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd="/")
 
 
 # ---------------------------------------------------------------------------
