@@ -535,13 +535,6 @@ def _signal_fd(fd: int) -> None:
         pass  # already signalled (counter full) or closed during shutdown
 
 
-def _drain_fd(fd: int) -> None:
-    try:
-        os.read(fd, 8)
-    except (BlockingIOError, OSError):
-        pass
-
-
 def _eventfd() -> int:
     if hasattr(os, "eventfd"):
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -704,11 +697,6 @@ class EagerLoader(_LoaderBase):
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Always True: an eager load is complete when the constructor returns."""
         return True
-
-    @property
-    def stats(self) -> Stats:
-        """Load statistics (see ``Stats``)."""
-        return self._stats
 
     def close(self, *, _raise: bool = True) -> None:
         """Unmap the memory and close the snapshot (idempotent)."""
