@@ -8,6 +8,7 @@ Modules:
     uffd       ``Userfaultfd``: an owning, typed wrapper over every ioctl
     memory     ``Mapping``: owned mmap regions with a memoryview
     mappedram  the QEMU mapped-ram file format: ``Snapshot``, writer (no kernel calls)
+    elfcore    ELF core files (QEMU dump-guest-memory, process cores): ``ElfImage`` (no kernel calls)
     loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``EagerLoader``
     cli        the ``uffdpy`` command
 """
@@ -33,6 +34,8 @@ _EXPORTS = {
     "write_snapshot": "mappedram",
     "rewrite_snapshot": "mappedram",
     "make_synthetic": "mappedram",
+    "ElfImage": "elfcore",
+    "ElfImageError": "elfcore",
     "LazyLoader": "loader",
     "EagerLoader": "loader",
     "LoaderError": "loader",
