@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from uffdpy import mappedram
+from uffdpy import mappedram, pagesource
 from uffdpy.mappedram import (BlockSpec, DeviceSection, MappedRamError, NotMappedRamError,
                               RamBlock, Snapshot, make_synthetic, rewrite_snapshot,
                               synthetic_run_data, synthetic_runs, write_snapshot)
@@ -271,13 +271,13 @@ def test_runs_match_reference(pages: int) -> None:
             while i < pages:
                 n = rng.randint(1, 40)
                 if rng.random() < 0.5:
-                    mappedram._set_bits(bits, i, min(n, pages - i))
+                    pagesource.set_bits(bits, i, min(n, pages - i))
                 i += n
         else:                 # all ones, plus junk in the padding bits
-            mappedram._set_bits(bits, 0, len(bits) * 8)
-        assert list(mappedram._bitmap_runs(bytes(bits), pages)) == slow_runs(bytes(bits), pages)
+            pagesource.set_bits(bits, 0, len(bits) * 8)
+        assert list(pagesource.bitmap_runs(bytes(bits), pages)) == slow_runs(bytes(bits), pages)
         if style == 2:
-            assert list(mappedram._bitmap_runs(bytes(bits), pages)) == [(0, pages, True)]
+            assert list(pagesource.bitmap_runs(bytes(bits), pages)) == [(0, pages, True)]
 
 
 @pytest.mark.timeout(60)

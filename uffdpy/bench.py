@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from tabulate import tabulate
 
 from .loader import EagerLoader, LazyLoader
-from .mappedram import Snapshot
+from .pagesource import PageSource, open_image
 from .workload import latency_summary, run_access
 
 __all__ = ["run_bench", "qemu_load_seconds"]
@@ -121,10 +121,13 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _qemu_args_for(snap: Snapshot) -> Optional[List[str]]:
+def _qemu_args_for(snap: PageSource) -> Optional[List[str]]:
     """QEMU arguments that recreate the snapshot's machine, when that is known."""
-    if snap.machine == "none" and [b.name for b in snap.blocks] == ["ram"]:
-        return ["-machine", "none", "-m", f"{snap.blocks[0].length >> 20}M"]
+    if snap.format != "mapped-ram":
+        return None
+    blocks = snap.regions
+    if getattr(snap, "machine", None) == "none" and [b.name for b in blocks] == ["ram"]:
+        return ["-machine", "none", "-m", f"{blocks[0].length >> 20}M"]
     return None
 
 
@@ -137,13 +140,13 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
     samples: Dict[str, List[Dict[str, float]]] = {}
 
     def lazy(server: str, access: bool, server_cpu: Optional[int] = None,
-             busy: bool = False, lanes: Optional[int] = None) -> Callable[[Snapshot], Dict[str, float]]:
-        def run(snap: Snapshot) -> Dict[str, float]:
+             busy: bool = False, lanes: Optional[int] = None) -> Callable[[PageSource], Dict[str, float]]:
+        def run(snap: PageSource) -> Dict[str, float]:
             with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
                             prefetch_threads=lanes) as ld:
                 out: Dict[str, float] = {}
                 if access:
-                    blocks = [(ld.address(b.name), b) for b in snap.blocks]
+                    blocks = [(ld.address(b.name), b) for b in snap.regions]
                     lat = latency_summary(run_access(blocks, pattern="random", touches=touches,
                                                      cpu=0))
                     out.update(access_p50_us=lat["p50"], access_p99_us=lat["p99"])
@@ -154,12 +157,12 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                 return out
         return run
 
-    def eager(snap: Snapshot) -> Dict[str, float]:
+    def eager(snap: PageSource) -> Dict[str, float]:
         with EagerLoader(snap) as ld:
             return {"ready_s": ld.stats.time_to_ready_s,
                     "complete_s": ld.stats.time_to_complete_s or 0.0}
 
-    contenders: List[Tuple[str, Callable[[Snapshot], Dict[str, float]]]] = [
+    contenders: List[Tuple[str, Callable[[PageSource], Dict[str, float]]]] = [
         ("eager (QEMU-style pread, THP)", eager),
         ("lazy, thread server, prefetch only", lazy("thread", False)),
         ("lazy, process server, prefetch only", lazy("process", False)),
@@ -171,7 +174,7 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         ("lazy thread + random access, other CPU, busy-poll", lazy("thread", True, other, True)),
         ("lazy process + random access, other CPU", lazy("process", True, other)),
     ]
-    with Snapshot.open(path) as snap:
+    with open_image(path) as snap:
         q_args = qemu_args or _qemu_args_for(snap)
         binary = shutil.which("qemu-system-x86_64")
         qemu_note = ""
@@ -182,14 +185,15 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         elif qemu:
             qemu_note = ("QEMU's own load not measured: " +
                          ("qemu-system-x86_64 not found" if not binary else
-                          f"machine {snap.machine!r} needs --qemu-args"))
+                          "QEMU loads mapped-ram files only" if snap.format != "mapped-ram"
+                          else f"machine {getattr(snap, 'machine', '?')!r} needs --qemu-args"))
         for _ in range(rounds):
             for name, fn in contenders:
                 if cold:
                     _drop_caches()
                 samples.setdefault(name, []).append(fn(snap))
-        data_mib = sum(b.present_pages * b.page_size for b in snap.blocks) / (1 << 20)
-        size_mib = sum(b.length for b in snap.blocks) / (1 << 20)
+        data_mib = sum(b.present_pages * b.page_size for b in snap.regions) / (1 << 20)
+        size_mib = sum(b.length for b in snap.regions) / (1 << 20)
 
     med: Dict[str, Dict[str, float]] = {
         name: {k: statistics.median(s[k] for s in runs) for k in runs[0]}

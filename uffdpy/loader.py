@@ -67,6 +67,7 @@ fork and new threads, and leaves with ``os._exit``.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import errno
 import json
@@ -78,11 +79,12 @@ import struct
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar,
+                    Union)
 
 from . import ioctl
-from .mappedram import RamBlock, Snapshot
 from .memory import PAGE_SIZE, Mapping
+from .pagesource import PageRegion, PageSource, open_image, set_bits
 from .uffd import RegisterMode, Userfaultfd
 from .workload import latency_summary
 
@@ -253,26 +255,75 @@ class ClaimMap:
 
 # ------------------------------------------------------------------------ placement
 
+#: How a page is placed: ZEROPAGE, COPY straight from the file mapping, or
+#: COPY from a bounce buffer (the bytes are not page-aligned in the file, or
+#: the page is only partly in the file and the rest must read as zeros).
+ZERO, DIRECT, BOUNCE = 0, 1, 2
+
+
 class _Region:
-    """One block as the workers see it: guest address, file source, bitmap."""
+    """One region as the workers see it: guest address, where its bytes are, page kinds."""
 
     __slots__ = ("index", "name", "start", "end", "length", "page_size", "pages",
-                 "src", "bitmap", "block")
+                 "src", "bitmap", "source", "file_base", "direct_pages", "needs_bounce")
 
-    def __init__(self, index: int, block: RamBlock, start: int, file_base: int) -> None:
+    def __init__(self, index: int, region: PageRegion, start: int, file_base: int) -> None:
         self.index = index
-        self.block = block
-        self.name = block.name
+        self.source = region
+        self.name = region.name
         self.start = start
-        self.length = block.length
-        self.end = start + block.length
-        self.page_size = block.page_size
-        self.pages = block.pages
-        self.src = file_base + block.pages_offset
-        self.bitmap = block.bitmap
+        self.length = region.length
+        self.end = start + region.length
+        self.page_size = ps = region.page_size
+        self.pages = region.pages
+        self.file_base = file_base
+        self.src = file_base + region.file_offset
+        bits = bytearray((region.pages + 7) // 8)
+        for first, count, present in region.runs():
+            if present:
+                set_bits(bits, first, count)
+        self.bitmap = bytes(bits)
+        # Pages below this are copied straight from the file mapping; present
+        # pages at or above it go through a bounce buffer.
+        aligned = region.file_offset % PAGE_SIZE == 0 and ps % PAGE_SIZE == 0
+        self.direct_pages = region.file_bytes // ps if aligned else 0
+        self.needs_bounce = any(kind == BOUNCE for _, _, kind in self.runs())
 
-    def present(self, page: int) -> bool:
-        return bool(self.bitmap[page >> 3] >> (page & 7) & 1)
+    def kind(self, page: int) -> int:
+        if not self.bitmap[page >> 3] >> (page & 7) & 1:
+            return ZERO
+        return DIRECT if page < self.direct_pages else BOUNCE
+
+    def runs(self) -> Iterator[Tuple[int, int, int]]:
+        """``(first, count, kind)`` runs in page order: the source's runs, split by kind."""
+        cut = self.direct_pages
+        for first, count, present in self.source.runs():
+            end = first + count
+            if not present:
+                yield first, count, ZERO
+            elif end <= cut:
+                yield first, count, DIRECT
+            elif first >= cut:
+                yield first, count, BOUNCE
+            else:
+                yield first, cut - first, DIRECT
+                yield cut, end - cut, BOUNCE
+
+    def fill_bounce(self, first: int, end: int, buffer: Mapping) -> int:
+        """Copy pages ``[first, end)`` from the file mapping into ``buffer``; return its address.
+
+        Bytes past the region's ``file_bytes`` read as zeros.  ``ctypes.memmove``
+        runs without the GIL.
+        """
+        ps = self.page_size
+        lo = first * ps
+        want = (end - first) * ps
+        have = max(0, min(want, self.source.file_bytes - lo))
+        if have:
+            ctypes.memmove(buffer.address, self.src + lo, have)
+        if have < want:
+            ctypes.memset(buffer.address + have, 0, want - have)
+        return buffer.address
 
 
 class _Server:
@@ -299,6 +350,15 @@ class _Server:
         self.error: Optional[BaseException] = None
         self.fault_counters = _Counters()
         self.prefetch_counters = [_Counters() for _ in range(prefetch_threads)]
+        # One bounce buffer per worker, only when some region needs one.
+        self.fault_bounce: Optional[Mapping] = None
+        self.prefetch_bounce: List[Optional[Mapping]] = [None] * prefetch_threads
+        if any(r.needs_bounce for r in regions):
+            most = max(r.page_size for r in regions)
+            self.fault_bounce = Mapping.anonymous((fault_around_pages + 1) * most)
+            if prefetch:
+                size = max(chunk_bytes // most, 1) * most
+                self.prefetch_bounce = [Mapping.anonymous(size) for _ in range(prefetch_threads)]
         self.threads: List[threading.Thread] = []
         self.ended = threading.Event()
         #: set once the loader has reported ready: the prefetcher waits for it,
@@ -348,6 +408,12 @@ class _Server:
         self.go.set()
         self._wake()
 
+    def close_buffers(self) -> None:
+        """Unmap the bounce buffers (once the workers are done with them)."""
+        for m in [self.fault_bounce, *self.prefetch_bounce]:
+            if m is not None:
+                m.close()
+
     def join(self, timeout: float) -> bool:
         """Wait until both workers have ended; True when they have."""
         return self.ended.wait(timeout) if self.threads else True
@@ -368,18 +434,26 @@ class _Server:
         return stats
 
     # -- placing
-    def _place(self, region: _Region, first: int, end: int, present: bool,
-               counters: _Counters) -> Optional[int]:
+    def _place(self, region: _Region, first: int, end: int, kind: int,
+               counters: _Counters, bounce: Optional[Mapping]) -> Optional[int]:
         """Place pages ``[first, end)`` of one kind with as few ioctls as possible.
 
+        ``bounce`` is the calling worker's bounce buffer (``BOUNCE`` pages).
         Returns the number of pages this call installed (pages the kernel
         already had, ``EEXIST``, are woken and skipped), or None when the
         kernel says events are pending and nothing was done: retry later.
         """
         ps = region.page_size
         dst = region.start + first * ps
-        src = region.src + first * ps
         length = (end - first) * ps
+        present = kind != ZERO
+        if kind == DIRECT:
+            src = region.src + first * ps
+        elif kind == BOUNCE:
+            assert bounce is not None and bounce.length >= length
+            src = region.fill_bounce(first, end, bounce)
+        else:
+            src = 0
         installed = 0
         uffd = self.uffd
         while length:
@@ -467,11 +541,12 @@ class _Server:
         old = claims.claim(region.index, page)
         if old == CLAIMED:
             return True                       # the other worker's copy will wake it
-        present = region.present(page)
+        kind = region.kind(page)
+        bounce = self.fault_bounce
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
             # wake), or the page was dropped since: then this places it again.
-            placed = self._place(region, page, page + 1, present, counters)
+            placed = self._place(region, page, page + 1, kind, counters, bounce)
             if placed:
                 counters.pages += placed
                 claims.mark_placed(region.index, page, page + 1)
@@ -480,11 +555,11 @@ class _Server:
         if self.fault_around_pages:
             end = claims.claim_following(region.index, page, self.fault_around_pages)
             for j in range(page + 1, end):    # one kind of page per ioctl
-                if region.present(j) != present:
+                if region.kind(j) != kind:
                     claims.release(region.index, j, end)
                     end = j
                     break
-        placed = self._place(region, page, end, present, counters)
+        placed = self._place(region, page, end, kind, counters, bounce)
         if placed is None:
             claims.release(region.index, page, end)
             return False
@@ -502,12 +577,13 @@ class _Server:
         """
         self.go.wait()
         counters = self.prefetch_counters[lane]
+        bounce = self.prefetch_bounce[lane]
         claims = self.claims
         lanes = self.prefetch_threads
         n = 0
         for region in self.regions:
             chunk = max(1, self.chunk_bytes // region.page_size)
-            for first, count, present in region.block.runs():
+            for first, count, kind in region.runs():
                 end_run = first + count
                 for lo in range(first, end_run, chunk):
                     n += 1
@@ -517,13 +593,13 @@ class _Server:
                         return
                     hi = min(lo + chunk, end_run)
                     for a, b in claims.claim_range(region.index, lo, hi):
-                        placed = self._place(region, a, b, present, counters)
+                        placed = self._place(region, a, b, kind, counters, bounce)
                         while placed is None:  # events pending: the fault loop reads them
                             if self.stopping:
                                 claims.release(region.index, a, b)
                                 return
                             time.sleep(0.0001)
-                            placed = self._place(region, a, b, present, counters)
+                            placed = self._place(region, a, b, kind, counters, bounce)
                         counters.pages += placed
                         claims.mark_placed(region.index, a, b)
 
@@ -543,49 +619,55 @@ def _eventfd() -> int:
 
 # -------------------------------------------------------------------------- loaders
 
-SnapshotLike = Union[Snapshot, str, "os.PathLike[str]"]
+#: A page source (a mapped-ram ``Snapshot``, an ``ElfImage``) or the path of one.
+SourceLike = Union[PageSource, str, "os.PathLike[str]"]
+SnapshotLike = SourceLike
 
 
-def _open_snapshot(snapshot: SnapshotLike) -> Tuple[Snapshot, bool]:
-    if isinstance(snapshot, Snapshot):
-        return snapshot, False
-    return Snapshot.open(os.fspath(snapshot)), True
+def _open_source(source: SourceLike) -> Tuple[PageSource, bool]:
+    """The source, and whether the loader opened it (and so must close it)."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_image(os.fspath(source)), True
+    return source, False
 
 
 _L = TypeVar("_L", bound="_LoaderBase")
 
 
 class _LoaderBase:
-    """What both loaders share: one anonymous mapping per block, ``memory()``, ``stats``."""
+    """What both loaders share: one anonymous mapping per region, ``memory()``, ``stats``."""
 
     _closed = True
 
     def __init__(self) -> None:
         self._mappings: Dict[str, Mapping] = {}
         self._order: List[str] = []
-        self._snapshot: Optional[Snapshot] = None
-        self._owns_snapshot = False
+        self._source: Optional[PageSource] = None
+        self._owns_source = False
         self._stats = Stats()
 
     @property
-    def snapshot(self) -> Snapshot:
-        """The snapshot being loaded."""
-        assert self._snapshot is not None
-        return self._snapshot
+    def source(self) -> PageSource:
+        """The image being loaded (a ``Snapshot``, an ``ElfImage``)."""
+        assert self._source is not None
+        return self._source
+
+    #: The old name of :attr:`source`, from when only mapped-ram was loaded.
+    snapshot = source
 
     @property
     def block_names(self) -> List[str]:
-        """Block names, in file order."""
+        """Region (RAMBlock, segment) names, in file order."""
         return list(self._order)
 
     def memory(self, name: str) -> memoryview:
-        """A writable memoryview of block ``name`` (its used length, in bytes).
+        """A writable memoryview of region ``name`` (its length in bytes).
 
         Raises:
-            KeyError: no block of that name.
+            KeyError: no region of that name.
             ValueError: the loader is closed.
         """
-        return self._mapping(name).view()[: self.snapshot.block(name).length]
+        return self._mapping(name).view()[: self.source.region(name).length]
 
     def address(self, name: str) -> int:
         """The address of block ``name``'s memory in this process."""
@@ -597,10 +679,10 @@ class _LoaderBase:
         try:
             return self._mappings[name]
         except KeyError:
-            raise KeyError(f"no RAMBlock named {name!r}; blocks: {', '.join(self._order)}") from None
+            raise KeyError(f"no region named {name!r}; regions: {', '.join(self._order)}") from None
 
     def _map_blocks(self, *, transparent_huge_pages: bool) -> None:
-        for block in self.snapshot.blocks:
+        for block in self.source.regions:
             length = _round_up(block.length, PAGE_SIZE)
             m = Mapping.anonymous(max(length, PAGE_SIZE), align=BLOCK_ALIGN)
             self._mappings[block.name] = m
@@ -655,11 +737,11 @@ class EagerLoader(_LoaderBase):
     def __init__(self, snapshot: SnapshotLike) -> None:
         super().__init__()
         t0 = time.perf_counter()
-        self._snapshot, self._owns_snapshot = _open_snapshot(snapshot)
+        self._source, self._owns_source = _open_source(snapshot)
         self._closed = False
         try:
             self._map_blocks(transparent_huge_pages=True)
-            fd = os.open(self.snapshot.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.source.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self._read_all(fd)
             finally:
@@ -670,26 +752,26 @@ class EagerLoader(_LoaderBase):
         total = time.perf_counter() - t0
         s = self._stats
         s.time_to_ready_s = s.time_to_complete_s = total
-        s.total_pages = s.placed_pages = sum(b.pages for b in self.snapshot.blocks)
+        s.total_pages = s.placed_pages = sum(r.pages for r in self.source.regions)
 
     def _read_all(self, fd: int) -> None:
         s = self._stats
-        for block in self.snapshot.blocks:
-            view = self._mappings[block.name].view()
-            ps = block.page_size
-            for first, count, present in block.runs():
+        for region in self.source.regions:
+            view = self._mappings[region.name].view()
+            ps = region.page_size
+            for first, count, present in region.runs():
                 if not present:
                     s.zero_pages += count
                     continue
                 pos = first * ps
-                end = pos + count * ps
+                end = min(pos + count * ps, region.file_bytes)  # the rest reads as zeros
                 while pos < end:
                     n = min(EAGER_READ_BYTES, end - pos)
-                    got = os.preadv(fd, [view[pos:pos + n]], block.pages_offset + pos)
+                    got = os.preadv(fd, [view[pos:pos + n]], region.file_offset + pos)
                     if got != n:
-                        raise OSError(errno.EIO, f"{self.snapshot.path}: short read of "
-                                      f"block {block.name!r} at file offset "
-                                      f"{block.pages_offset + pos}")
+                        raise OSError(errno.EIO, f"{self.source.path}: short read of "
+                                      f"region {region.name!r} at file offset "
+                                      f"{region.file_offset + pos}")
                     pos += n
                 s.bytes_copied += count * ps
             view.release()
@@ -704,15 +786,16 @@ class EagerLoader(_LoaderBase):
             return
         self._closed = True
         self._unmap_blocks()
-        if self._owns_snapshot and self._snapshot is not None:
-            self._snapshot.close()
+        if self._owns_source and self._source is not None:
+            self._source.close()
 
 
 class LazyLoader(_LoaderBase):
     """Make every block of a mapped-ram snapshot usable now and load it behind the guest.
 
     Args:
-        snapshot_or_path: a ``Snapshot`` or the path of a mapped-ram file.
+        snapshot_or_path: a page source (a mapped-ram ``Snapshot``, an
+            ``ElfImage``) or the path of either (the format is recognised).
         server: ``"thread"`` (workers in this process: touch guest memory only
             without the GIL) or ``"process"`` (workers in a forked server
             process: any Python code may read guest memory).
@@ -766,7 +849,7 @@ class LazyLoader(_LoaderBase):
         self._done = threading.Event()
         self._registered = False
         self._t0 = t0
-        self._snapshot, self._owns_snapshot = _open_snapshot(snapshot_or_path)
+        self._source, self._owns_source = _open_source(snapshot_or_path)
         self._closed = False
         try:
             self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
@@ -781,21 +864,21 @@ class LazyLoader(_LoaderBase):
 
     # -- setup, in the order the module essay gives
     def _setup(self, **options: Any) -> None:
-        snap = self.snapshot
+        source = self.source
         self._map_blocks(transparent_huge_pages=False)
         self._uffd = Userfaultfd()
         for name in self._order:
             m = self._mappings[name]
             self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
         self._registered = True
-        fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._file_map = Mapping.of_file(fd, _round_up(snap.file_size, PAGE_SIZE))
+            self._file_map = Mapping.of_file(fd, _round_up(source.file_size, PAGE_SIZE))
         finally:
             os.close(fd)
-        regions = [_Region(i, b, self._mappings[b.name].address, self._file_map.address)
-                   for i, b in enumerate(snap.blocks)]
-        claims = ClaimMap([b.pages for b in snap.blocks])
+        regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address)
+                   for i, r in enumerate(source.regions)]
+        claims = ClaimMap([r.pages for r in regions])
         self._wake_fd = _eventfd()
         self._server = _Server(self._uffd, regions, claims, self._wake_fd,
                                chunk_bytes=options["chunk_bytes"],
@@ -900,6 +983,8 @@ class LazyLoader(_LoaderBase):
             uffd.close()
         if self._file_map is not None:
             self._file_map.close()
+        if self._server is not None:
+            self._server.close_buffers()
         if self._wake_fd >= 0:
             if self._server is not None:
                 self._server.wake_fd = -1
@@ -998,8 +1083,8 @@ class LazyLoader(_LoaderBase):
             self._progress.close()
             self._progress = None
         self._unmap_blocks()
-        if self._owns_snapshot and self._snapshot is not None:
-            self._snapshot.close()
+        if self._owns_source and self._source is not None:
+            self._source.close()
         if _raise and not self._error_reported:
             self._raise_error()
 

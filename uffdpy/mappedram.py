@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import struct
 from dataclasses import dataclass
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
@@ -94,36 +93,18 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-PathLike = Union[str, "os.PathLike[str]"]
+from .pagesource import POPCOUNT, ImageError, PathLike, bitmap_runs, set_bits
 
 
 # --- errors ----------------------------------------------------------------------
 
-class MappedRamError(ValueError):
+class MappedRamError(ImageError):
     """A mapped-ram file is malformed, or is not a mapped-ram file.
 
-    Attributes: ``path`` (the file), ``offset`` (absolute file offset of the
-    offending bytes, or None), ``what`` (what was being read), ``expected`` and
-    ``actual`` (human-readable descriptions).
+    Attributes (from :class:`~uffdpy.pagesource.ImageError`): ``path``,
+    ``offset`` (absolute file offset of the offending bytes, or None),
+    ``what``, ``expected``, ``actual``, ``hint``.
     """
-
-    def __init__(self, path: object, offset: Optional[int], what: str,
-                 expected: object = None, actual: object = None,
-                 hint: Optional[str] = None) -> None:
-        self.path = str(path)
-        self.offset = offset
-        self.what = what
-        self.expected = expected
-        self.actual = actual
-        self.hint = hint
-        msg = f"{self.path}: {what}"
-        if offset is not None:
-            msg += f" at offset {offset:#x}"
-        if expected is not None or actual is not None:
-            msg += f": expected {expected}, got {actual}"
-        if hint:
-            msg += f" ({hint})"
-        super().__init__(msg)
 
 
 class NotMappedRamError(MappedRamError):
@@ -230,54 +211,11 @@ class _Cursor:
 
 # --- bit helpers --------------------------------------------------------------------
 
-_POPCOUNT = bytes(bin(i).count("1") for i in range(256))
-_BIT_POSITIONS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
-_NONZERO_BYTE = re.compile(rb"[^\x00]")
-
-
-def _bitmap_runs(bits: bytes, pages: int) -> Iterator[Tuple[int, int, bool]]:
-    """Maximal (first, count, present) runs of the first ``pages`` bits of ``bits``.
-
-    XOR-ing the bitmap (as one big integer) with itself shifted by one bit
-    leaves a bit set exactly where a run starts; a regex in C finds the few
-    non-zero bytes of that, so the Python work is proportional to the number
-    of runs, not to the number of pages.
-    """
-    if pages <= 0:
-        return
-    mask = (1 << pages) - 1
-    x = int.from_bytes(bits[:(pages + 7) // 8], "little") & mask
-    starts = ((x ^ (x << 1)) & mask).to_bytes((pages + 7) // 8, "little")
-    first = 0
-    present = bool(x & 1)
-    for m in _NONZERO_BYTE.finditer(starts):
-        base = m.start() * 8
-        for bit in _BIT_POSITIONS[starts[m.start()]]:
-            pos = base + bit
-            if pos:
-                yield (first, pos - first, present)
-                first, present = pos, not present
-    yield (first, pages - first, present)
 
 
 def _bitmap_size(pages: int) -> int:
     """Bytes of a bitmap of ``pages`` bits as QEMU writes it (64-bit unsigned longs)."""
     return (pages + 63) // 64 * 8
-
-
-def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
-    """Set bits [first, first+count) of a little-endian bitmap."""
-    end = first + count
-    while first < end and first & 7:
-        bitmap[first >> 3] |= 1 << (first & 7)
-        first += 1
-    full_end = end & ~7
-    if first < full_end:
-        bitmap[first >> 3:full_end >> 3] = b"\xff" * ((full_end - first) >> 3)
-        first = full_end
-    while first < end:
-        bitmap[first >> 3] |= 1 << (first & 7)
-        first += 1
 
 
 def _clear_bit(bitmap: bytearray, i: int) -> None:
@@ -325,6 +263,9 @@ class RamBlock:
         self.pages = length // page_size
         self.bitmap_offset = bitmap_offset
         self.pages_offset = pages_offset
+        #: the page-source view (see uffdpy.pagesource): page i at file_offset + i * page_size
+        self.file_offset = pages_offset
+        self.file_bytes = length
         self.bitmap = bitmap
         self.header_offset = header_offset
         self.header_version = header_version
@@ -333,7 +274,7 @@ class RamBlock:
         if self.pages & 7:
             bits[-1] &= (1 << (self.pages & 7)) - 1
         self._bits = bytes(bits)
-        self.present_pages = sum(self._bits.translate(_POPCOUNT))
+        self.present_pages = sum(self._bits.translate(POPCOUNT))
         self.zero_pages = self.pages - self.present_pages
 
     def __repr__(self) -> str:
@@ -392,7 +333,7 @@ class RamBlock:
             return
         lo, hi = first >> 3, (end + 7) >> 3
         sub = self._bits[lo:hi]
-        for f, c, p in _bitmap_runs(sub, (hi - lo) * 8):
+        for f, c, p in bitmap_runs(sub, (hi - lo) * 8):
             f += lo * 8
             s, e = max(f, first), min(f + c, end)
             if s < e:
@@ -400,7 +341,7 @@ class RamBlock:
 
     def runs(self) -> Iterator[Tuple[int, int, bool]]:
         """Yield ``(first_page, page_count, present)`` maximal runs covering the block in order."""
-        return _bitmap_runs(self._bits, self.pages)
+        return bitmap_runs(self._bits, self.pages)
 
 
 class Snapshot:
@@ -466,6 +407,17 @@ class Snapshot:
         except BaseException:
             source.close()
             raise
+
+    format = "mapped-ram"
+
+    @property
+    def regions(self) -> List[RamBlock]:
+        """The blocks, as the page-source interface names them (see uffdpy.pagesource)."""
+        return self.blocks
+
+    def region(self, name: str) -> RamBlock:
+        """Same as :meth:`block`."""
+        return self.block(name)
 
     def block(self, name: str) -> RamBlock:
         """The RAMBlock named ``name``. Raises: KeyError if there is none."""
@@ -1083,7 +1035,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
                         f"block {spec.name!r}: chunk at page {first} of {view.nbytes} bytes is not "
                         f"whole pages in increasing order inside the block ({pages} pages)")
                 for run_first, run_count in _nonzero_runs(view, page_size):
-                    _set_bits(bitmap, first + run_first, run_count)
+                    set_bits(bitmap, first + run_first, run_count)
                     _pwrite_all(fd, view[run_first * page_size:(run_first + run_count) * page_size],
                                 pages_offset + (first + run_first) * page_size)
                 next_page = first + count
@@ -1173,7 +1125,7 @@ def rewrite_snapshot(src: Union[Snapshot, PathLike], dst: PathLike,
                     if data == zero_page:
                         _clear_bit(bitmap, index)
                     else:
-                        _set_bits(bitmap, index, 1)
+                        set_bits(bitmap, index, 1)
                         _pwrite_all(fd, data, block.page_offset(index))
                 _pwrite_all(fd, bitmap, block.bitmap_offset)
         finally:

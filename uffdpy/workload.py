@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .mappedram import RamBlock
+from .pagesource import PageRegion
 
 __all__ = ["parse_access", "run_access", "verify", "latency_summary"]
 
@@ -41,7 +41,7 @@ def parse_access(spec: str) -> Tuple[str, float]:
     return name, fraction
 
 
-def _page_addresses(blocks: Sequence[Tuple[int, RamBlock]], pattern: str, fraction: float,
+def _page_addresses(blocks: Sequence[Tuple[int, PageRegion]], pattern: str, fraction: float,
                     touches: int, seed: int) -> List[int]:
     """The addresses one toucher visits, in order."""
     spans = [(base, b.page_size, b.pages) for base, b in blocks]
@@ -65,7 +65,7 @@ def _page_addresses(blocks: Sequence[Tuple[int, RamBlock]], pattern: str, fracti
     return [address(rng.choice(hot)) for _ in range(touches)]
 
 
-def run_access(blocks: Sequence[Tuple[int, RamBlock]], *, pattern: str, fraction: float = 1.0,
+def run_access(blocks: Sequence[Tuple[int, PageRegion]], *, pattern: str, fraction: float = 1.0,
                touches: int, threads: int = 1, cpu: Optional[int] = None,
                seed: int = 1) -> List[int]:
     """Touch guest pages from ``threads`` threads; return every access latency in ns.
@@ -116,34 +116,27 @@ def latency_summary(samples_ns: Sequence[int]) -> Dict[str, float]:
             "p99": s[min(n - 1, int(0.99 * n))] / 1e3, "max": s[-1] / 1e3}
 
 
-def verify(blocks: Sequence[Tuple[int, RamBlock]], snapshot_path: str,
+def verify(regions: Sequence[Tuple[int, PageRegion]],
            chunk_pages: int = 256) -> Tuple[int, int]:
-    """Compare every page of loaded memory with the snapshot; return ``(verified, mismatched)``.
+    """Compare every page of loaded memory with its image; return ``(verified, mismatched)``.
 
-    Reads memory with ``ctypes.memmove`` (safe while a load is still running)
-    and the file with ``pread``, independently of the loader's file mapping;
-    pages whose bitmap bit is clear must read as zeros.
+    ``regions`` pairs each region's address in memory with the region.  Memory
+    is read with ``ctypes.memmove`` (safe while a load is still running), the
+    image with the region's own ``read_pages`` (plain ``pread``, independent of
+    the loader's file mapping; zero pages read as zeros).
     """
     verified = mismatched = 0
-    fd = os.open(snapshot_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for base, block in blocks:
-            ps = block.page_size
-            buf = ctypes.create_string_buffer(chunk_pages * ps)
-            for first, count, present in block.runs():
-                for lo in range(first, first + count, chunk_pages):
-                    n = min(chunk_pages, first + count - lo)
-                    size = n * ps
-                    ctypes.memmove(buf, base + lo * ps, size)
-                    got = buf.raw[:size]
-                    if present:
-                        want = os.pread(fd, size, block.pages_offset + lo * ps)
-                    else:
-                        want = bytes(size)
-                    verified += n
-                    if got != want:
-                        mismatched += sum(1 for k in range(n)
-                                          if got[k * ps:(k + 1) * ps] != want[k * ps:(k + 1) * ps])
-    finally:
-        os.close(fd)
+    for base, region in regions:
+        ps = region.page_size
+        buf = ctypes.create_string_buffer(chunk_pages * ps)
+        for lo in range(0, region.pages, chunk_pages):
+            n = min(chunk_pages, region.pages - lo)
+            size = n * ps
+            ctypes.memmove(buf, base + lo * ps, size)
+            got = buf.raw[:size]
+            want = region.read_pages(lo, n)
+            verified += n
+            if got != want:
+                mismatched += sum(1 for k in range(n)
+                                  if got[k * ps:(k + 1) * ps] != want[k * ps:(k + 1) * ps])
     return verified, mismatched

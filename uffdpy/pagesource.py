@@ -1,0 +1,182 @@
+"""What the loader needs from a memory image, and nothing more (pure file-format code).
+
+A *page source* is a file that holds the contents of one or more memory
+regions.  The loader, ``inspect``, ``dump`` and ``bench`` see a source only
+through the small interface below, so a QEMU mapped-ram snapshot
+(:mod:`uffdpy.mappedram`) and an ELF core (:mod:`uffdpy.elfcore`) are loaded by
+the same fault loop, prefetcher and claim map.
+
+The interface (structural: nothing has to inherit from anything):
+
+``PageSource``
+    ``path``, ``file_size``, ``format`` (``"mapped-ram"``, ``"elf-core"``),
+    ``regions`` (a sequence of ``PageRegion``, file order), ``region(name)``,
+    ``fileno()``, ``close()`` (idempotent) and the context-manager methods.
+
+``PageRegion``
+    ``name`` (unique in its source), ``length`` (bytes of memory, a multiple of
+    ``page_size``), ``page_size``, ``pages``, ``present_pages``,
+    ``zero_pages``; ``is_present(i)``; ``runs()`` yielding maximal
+    ``(first_page, count, present)`` runs in order; ``read_pages(first, count)``
+    (an independent, plain-``pread`` path to the bytes, zeros for zero pages).
+    And where the bytes live: page *i* of a present run starts at file offset
+    ``file_offset + i * page_size``; only the first ``file_bytes`` bytes of
+    the region are in the file, the rest of the region reads as zeros.
+    Mapped-ram blocks have ``file_bytes == length`` and a bitmap for zero
+    pages; an ELF ``PT_LOAD`` segment has ``file_bytes = p_filesz`` (its
+    tail up to ``p_memsz`` is zeros) and a file offset that need not be
+    page-aligned.
+
+The loader copies straight from a read-only mmap of the file when a range is
+page-aligned in the file and lies inside ``file_bytes``; anything else goes
+through a bounce buffer.  That decision is the loader's, made from the two
+numbers above, so a new format only describes where its bytes are.
+
+Every format error is an :class:`ImageError`: one line naming the file, the
+offset, what was read, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterator, Optional, Protocol, Sequence, Tuple, Union
+
+__all__ = ["ImageError", "PageRegion", "PageSource", "open_image", "sniff_format"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ImageError(ValueError):
+    """A memory image file is malformed, or is not a format uffdpy reads.
+
+    Attributes: ``path`` (the file), ``offset`` (absolute file offset of the
+    offending bytes, or None), ``what`` (what was being read), ``expected`` and
+    ``actual`` (human-readable descriptions), ``hint`` (what to do, or None).
+    """
+
+    def __init__(self, path: object, offset: Optional[int], what: str,
+                 expected: object = None, actual: object = None,
+                 hint: Optional[str] = None) -> None:
+        self.path = str(path)
+        self.offset = offset
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        self.hint = hint
+        msg = f"{self.path}: {what}"
+        if offset is not None:
+            msg += f" at offset {offset:#x}"
+        if expected is not None or actual is not None:
+            msg += f": expected {expected}, got {actual}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class PageRegion(Protocol):
+    """One region of a page source (see the module docstring)."""
+
+    name: str
+    length: int
+    page_size: int
+    pages: int
+    present_pages: int
+    zero_pages: int
+    file_offset: int
+    file_bytes: int
+
+    def is_present(self, i: int) -> bool: ...
+    def runs(self) -> Iterator[Tuple[int, int, bool]]: ...
+    def read_pages(self, first: int, count: int) -> bytes: ...
+
+
+class PageSource(Protocol):
+    """A memory image file (see the module docstring)."""
+
+    path: str
+    file_size: int
+    format: str
+
+    @property
+    def regions(self) -> Sequence[PageRegion]: ...
+    def region(self, name: str) -> PageRegion: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> "PageSource": ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+# --- bitmaps, shared by the formats ----------------------------------------------------
+
+POPCOUNT = bytes(bin(i).count("1") for i in range(256))
+_BIT_POSITIONS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+
+
+def bitmap_runs(bits: bytes, pages: int) -> Iterator[Tuple[int, int, bool]]:
+    """Maximal (first, count, present) runs of the first ``pages`` bits of ``bits``.
+
+    Bit *i* is ``bits[i >> 3] >> (i & 7) & 1``.  XOR-ing the bitmap (as one
+    big integer) with itself shifted by one bit leaves a bit set exactly where
+    a run starts; a regex in C finds the few non-zero bytes of that, so the
+    Python work is proportional to the number of runs, not of pages.
+    """
+    if pages <= 0:
+        return
+    mask = (1 << pages) - 1
+    x = int.from_bytes(bits[:(pages + 7) // 8], "little") & mask
+    starts = ((x ^ (x << 1)) & mask).to_bytes((pages + 7) // 8, "little")
+    first = 0
+    present = bool(x & 1)
+    for m in _NONZERO_BYTE.finditer(starts):
+        base = m.start() * 8
+        for bit in _BIT_POSITIONS[starts[m.start()]]:
+            pos = base + bit
+            if pos:
+                yield (first, pos - first, present)
+                first, present = pos, not present
+    yield (first, pages - first, present)
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set bits [first, first+count) of a little-endian bitmap."""
+    end = first + count
+    while first < end and first & 7:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+    full_end = end & ~7
+    if first < full_end:
+        bitmap[first >> 3:full_end >> 3] = b"\xff" * ((full_end - first) >> 3)
+        first = full_end
+    while first < end:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+# --- opening any supported image ---------------------------------------------------------
+
+_ELF_MAGIC = b"\x7fELF"
+_QEVM_MAGIC = b"QEVM"
+
+
+def sniff_format(path: PathLike) -> str:
+    """``"elf-core"`` when ``path`` starts with the ELF magic, else ``"mapped-ram"``.
+
+    Raises: OSError if the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return "elf-core" if head == _ELF_MAGIC else "mapped-ram"
+
+
+def open_image(path: PathLike) -> PageSource:
+    """Open a mapped-ram snapshot or an ELF core file, whichever ``path`` holds.
+
+    Raises: OSError if the file cannot be opened; ImageError (MappedRamError or
+    ElfImageError) if it is malformed or neither format.
+    """
+    if sniff_format(path) == "elf-core":
+        from .elfcore import ElfImage
+        return ElfImage.open(path)
+    from .mappedram import Snapshot
+    return Snapshot.open(path)
