@@ -1,4 +1,8 @@
-"""The ``uffdpy`` command: inspect, load, dump, benchmark and make snapshots.
+"""The ``uffdpy`` command: inspect, load, dump, benchmark, convert and make images.
+
+Every command that reads an image takes a QEMU mapped-ram snapshot or an ELF
+core (QEMU ``dump-guest-memory``, a process core); the format is recognised
+from the file's first bytes.
 
 Errors in the input give one line, ``uffdpy: error: FILE: WHAT (offset N)``,
 and exit status 2; ``--debug`` shows the traceback instead.
@@ -60,11 +64,56 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _open_source(args: argparse.Namespace) -> Any:
+    """The image named on the command line: a mapped-ram ``Snapshot`` or an ``ElfImage``."""
+    from .pagesource import open_image, sniff_format
+    if sniff_format(args.snapshot) == "elf-core":
+        if args.offset:
+            raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
+                             "only, and this is an ELF core")
+        return open_image(args.snapshot)
+    from .mappedram import Snapshot
+    return Snapshot.open(args.snapshot, offset=args.offset)
+
+
 # ------------------------------------------------------------------------ inspect
+
+def _inspect_elf_dict(image: Any) -> Dict[str, Any]:
+    return {
+        "path": image.path,
+        "format": image.format,
+        "machine": image.machine,
+        "address_space": image.address_space,
+        "regions": [{"name": r.name, "address": r.address, "length": r.length,
+                     "page_size": r.page_size, "pages": r.pages,
+                     "present_pages": r.present_pages, "zero_pages": r.zero_pages,
+                     "file_offset": r.file_offset, "file_bytes": r.file_bytes,
+                     "flags": r.flags} for r in image.regions],
+        "notes": [{"name": n.name, "type": n.type, "type_name": n.type_name,
+                   "offset": n.offset, "size": n.size} for n in image.notes],
+    }
+
+
+def _print_elf(info: Dict[str, Any]) -> None:
+    print(f"file:          {info['path']}")
+    print(f"format:        ELF core ({info['machine']}), "
+          f"{info['address_space']} addresses")
+    rows = [[r["name"], _mib(r["length"]), r["present_pages"], r["zero_pages"],
+             f"0x{r['file_offset']:x}", "".join(c if r["flags"] & bit else "-" for c, bit
+                                                in (("r", 4), ("w", 2), ("x", 1)))]
+            for r in info["regions"]]
+    print(tabulate(rows, headers=["region", "size", "in file", "zero", "file offset",
+                                  "flags"]))
+    print()
+    print(tabulate([[n["name"], n["type_name"], n["size"], f"0x{n['offset']:x}"]
+                    for n in info["notes"]],
+                   headers=["note", "type", "bytes", "offset"]))
+
 
 def _inspect_dict(snap: Any) -> Dict[str, Any]:
     return {
         "path": snap.path,
+        "format": snap.format,
         "machine": snap.machine,
         "capabilities": list(snap.capabilities),
         "blocks": [{"name": b.name, "length": b.length, "page_size": b.page_size,
@@ -77,11 +126,13 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .mappedram import Snapshot
-    with Snapshot.open(args.snapshot, offset=args.offset) as snap:
-        info = _inspect_dict(snap)
+    with _open_source(args) as image:
+        info = _inspect_dict(image) if image.format == "mapped-ram" else _inspect_elf_dict(image)
     if args.json:
         print(json.dumps(info, indent=2))
+        return 0
+    if info["format"] != "mapped-ram":
+        _print_elf(info)
         return 0
     print(f"file:         {info['path']}")
     print(f"machine:      {info['machine']}")
@@ -120,15 +171,14 @@ def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> N
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .mappedram import Snapshot
     from .workload import latency_summary, parse_access, run_access, verify
     pattern, fraction = parse_access(args.access)
-    with Snapshot.open(args.snapshot, offset=args.offset) as snap:
+    with _open_source(args) as snap:
         with _open_loader(args, snap, prefetch=not args.no_prefetch) as loader:
-            blocks = [(loader.address(b.name), b) for b in snap.blocks]
+            blocks = [(loader.address(b.name), b) for b in snap.regions]
             result: Dict[str, Any] = {}
             if pattern != "none":
-                touches = args.touch or (sum(b.pages for b in snap.blocks)
+                touches = args.touch or (sum(b.pages for b in snap.regions)
                                          if pattern == "seq" else 10000)
                 samples = run_access(blocks, pattern=pattern, fraction=fraction,
                                      touches=touches, threads=args.threads,
@@ -141,7 +191,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                 _wait_with_progress(loader, not args.json)
                 result["complete"] = True
             if args.verify:
-                verified, mismatched = verify(blocks, snap.path)
+                verified, mismatched = verify(blocks)
                 result["verified_pages"] = verified
                 result["mismatched_pages"] = mismatched
             stats = loader.stats.as_dict()
@@ -167,9 +217,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     import ctypes
-    from .mappedram import Snapshot
-    with Snapshot.open(args.snapshot, offset=args.offset) as snap:
-        block = snap.block(args.block)
+    with _open_source(args) as snap:
+        block = snap.region(args.block)
         with _open_loader(args, snap) as loader:
             base = loader.address(block.name)
             ps = block.page_size
@@ -191,7 +240,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
             finally:
                 os.close(fd)
                 bar.finish()
-    print(f"{args.output}: {block.length} bytes of block {block.name!r}")
+    print(f"{args.output}: {block.length} bytes of region {block.name!r}")
     return 0
 
 
@@ -203,6 +252,26 @@ def cmd_make(args: argparse.Namespace) -> int:
     print(f"{args.output}: synthetic snapshot, block 'ram' of {_mib(args.size)}, "
           f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "
           f"-m {args.size >> 20}M")
+    return 0
+
+
+# ----------------------------------------------------------------------- convert
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import to_mapped_ram
+    with _open_source(args) as image:
+        if image.format != "elf-core":
+            raise ValueError(f"{args.snapshot}: convert reads ELF memory images; this is "
+                             f"already a {image.format} file")
+        blocks = to_mapped_ram(image, args.output, layout=args.layout,
+                               ram_size=args.ram_size or 0)
+    for b in blocks:
+        print(f"{args.output}: block {b.name!r} of {_mib(b.length)}, "
+              f"{b.data_pages} pages with data")
+    if args.layout == "ram":
+        print(f"load it with: qemu-system-x86_64 -machine none -m {blocks[0].length >> 20}M "
+              "-incoming defer, then migrate-incoming file:"
+              f"{args.output} with the mapped-ram capability on")
     return 0
 
 
@@ -243,7 +312,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 _wait_with_progress(lazy, True, "prefetching")
                 toucher.join()
                 stats = lazy.stats
-                verified, mismatched = verify(blocks, path)
+                verified, mismatched = verify(blocks)
     lat = latency_summary(accesses)
     rows = [
         ["eager load (QEMU 10 style): VM waits", f"{eager_s * 1e3:.1f} ms"],
@@ -267,17 +336,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uffdpy", description=(
-        "Lazy loading of QEMU mapped-ram snapshots with userfaultfd."))
+        "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     def snapshot_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("snapshot", metavar="SNAP", help="a mapped-ram snapshot file")
+        sp.add_argument("snapshot", metavar="IMAGE",
+                        help="a mapped-ram snapshot or an ELF core file")
         sp.add_argument("--offset", type=parse_size, default=0,
                         help="where the stream starts in the file (file:...,offset=N)")
 
-    sp = sub.add_parser("inspect", help="show machine, RAMBlocks and device sections")
+    sp = sub.add_parser("inspect", help="show RAMBlocks and device sections, or ELF segments and notes")
     snapshot_arg(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)
@@ -299,9 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_load)
 
-    sp = sub.add_parser("dump", help="write one block's memory, read through the loader")
+    sp = sub.add_parser("dump", help="write one region's memory, read through the loader")
     snapshot_arg(sp)
-    sp.add_argument("block", metavar="BLOCK")
+    sp.add_argument("block", metavar="REGION", help="a RAMBlock or ELF segment name (see inspect)")
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
     sp.add_argument("--server", choices=("thread", "process"), default="thread")
@@ -314,6 +384,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-qemu", action="store_true")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("convert", help="write an ELF memory dump as a mapped-ram snapshot")
+    snapshot_arg(sp)
+    sp.add_argument("-o", "--output", required=True, metavar="SNAP")
+    sp.add_argument("--layout", choices=("ram", "regions"), default="ram",
+                    help="ram: one 'ram' block by guest-physical address, as QEMU "
+                         "-machine none has (default); regions: one block per segment")
+    sp.add_argument("--ram-size", type=parse_size, default=None,
+                    help="length of the 'ram' block (default: end of the last segment, "
+                         "rounded up to a MiB)")
+    sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("make", help="write a synthetic snapshot for -machine none")
     sp.add_argument("output", metavar="OUT")
@@ -329,8 +410,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    from .mappedram import MappedRamError
-    if isinstance(exc, MappedRamError):
+    from .pagesource import ImageError
+    if isinstance(exc, ImageError):
         what = exc.what
         if exc.expected is not None or exc.actual is not None:
             what += f": expected {exc.expected}, got {exc.actual}"

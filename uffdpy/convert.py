@@ -1,0 +1,101 @@
+"""Turn a memory dump into a mapped-ram snapshot (pure file-format code).
+
+``uffdpy convert DUMP.elf -o SNAP`` makes a guest memory dump (QEMU's
+``dump-guest-memory``) explorable with every mapped-ram tool, and loadable by
+QEMU itself:
+
+* ``layout="ram"`` (the default) writes one block named ``ram`` covering
+  guest-physical address 0 up to the end of the highest segment, rounded up to
+  a MiB, each segment's bytes at their guest-physical address and the holes
+  between segments as zero pages.  That is exactly what QEMU's ``-machine
+  none -m SIZE`` has, so ``qemu-system-x86_64 -machine none -m SIZE
+  -incoming defer`` plus ``migrate-incoming file:SNAP`` (mapped-ram on) loads
+  it, and ``pmemsave`` then shows the dump's bytes at their addresses.
+* ``layout="regions"`` writes one block per segment, named as the segment is
+  (see :mod:`uffdpy.elfcore`): for process cores and for looking at a dump
+  with ``inspect``/``load``/``dump``; QEMU has no machine with such blocks.
+
+Only pages that hold data are written (the file is sparse, as QEMU's own).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence, Tuple
+
+from .mappedram import BlockSpec, write_snapshot
+from .pagesource import ImageError, PageRegion, PathLike
+
+__all__ = ["ConvertedBlock", "to_mapped_ram"]
+
+MiB = 1 << 20
+#: Pages read and written per piece while streaming.
+_PIECE_PAGES = 256
+
+
+@dataclass(frozen=True)
+class ConvertedBlock:
+    """One block written by :func:`to_mapped_ram`."""
+
+    name: str
+    length: int
+    data_pages: int
+
+
+def _pieces(region: PageRegion, first_out_page: int) -> Iterator[Tuple[int, bytes]]:
+    """``(block page, bytes)`` pieces of a region's pages that hold data, in order."""
+    for first, count, present in region.runs():
+        if not present:
+            continue
+        for lo in range(first, first + count, _PIECE_PAGES):
+            n = min(_PIECE_PAGES, first + count - lo)
+            yield first_out_page + lo, region.read_pages(lo, n)
+
+
+def to_mapped_ram(image: object, path: PathLike, *, layout: str = "ram",
+                  ram_size: int = 0) -> List[ConvertedBlock]:
+    """Write ``image`` (an open ``ElfImage``) to ``path`` as a mapped-ram snapshot.
+
+    ``ram_size`` (layout ``ram`` only) sets the block length; 0 means the end
+    of the highest segment rounded up to a MiB.
+
+    Returns the blocks written.
+
+    Raises:
+        ImageError: the layout does not fit the image (a process core has
+            virtual addresses; a segment not page-aligned in guest-physical
+            memory; ``ram_size`` too small).
+        ValueError: a bad ``layout``.
+        OSError: writing failed.
+    """
+    regions: Sequence = list(getattr(image, "regions"))
+    src_path = getattr(image, "path")
+    page_size = 4096
+    if layout == "regions":
+        specs = [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions]
+        out = [ConvertedBlock(r.name, r.length, r.present_pages) for r in regions]
+        write_snapshot(path, specs, page_size=page_size)
+        return out
+    if layout != "ram":
+        raise ValueError(f"layout must be 'ram' or 'regions', not {layout!r}")
+    if getattr(image, "address_space", None) != "guest-physical":
+        raise ImageError(src_path, None, "a single 'ram' block needs guest-physical addresses",
+                         "a QEMU dump-guest-memory file",
+                         f"{getattr(image, 'address_space', '?')} addresses",
+                         hint="use --layout regions for a process core")
+    by_address = sorted(regions, key=lambda r: r.address)
+    for r in by_address:
+        if r.address % page_size:
+            raise ImageError(src_path, None, f"segment {r.name} is not page-aligned",
+                             f"a multiple of {page_size}", hex(r.address))
+    end = max((r.address + r.length for r in by_address), default=0)
+    length = ram_size or (end + MiB - 1) // MiB * MiB
+    if length < end or length % page_size:
+        raise ImageError(src_path, None, "RAM size for the converted snapshot",
+                         f"a multiple of {page_size} of at least {end:#x}", hex(length))
+
+    def chunks() -> Iterator[Tuple[int, bytes]]:
+        for r in by_address:
+            yield from _pieces(r, r.address // page_size)
+
+    write_snapshot(path, [BlockSpec("ram", length, chunks())], page_size=page_size)
+    return [ConvertedBlock("ram", length, sum(r.present_pages for r in regions))]
