@@ -9,7 +9,8 @@ known guest-physical addresses with ``-device loader,file=F,addr=A,force-raw=on`
 then over QMP: ``stop``, ``migrate-set-capabilities`` (mapped-ram, multifd),
 ``migrate`` to ``file:PATH[,offset=N]``, polls ``query-migrate`` until
 completed, and optionally ``pmemsave``-s guest memory so a reader can be
-checked against QEMU's own view.  It can also load a snapshot back into a
+checked against QEMU's own view.  ``dump`` writes an ELF core of guest memory
+with ``dump-guest-memory`` instead (the format :mod:`uffdpy.elfcore` reads).  It can also load a snapshot back into a
 fresh QEMU (``-incoming defer``, ``migrate-incoming``), time it and
 ``pmemsave`` the result.
 
@@ -27,6 +28,8 @@ Command line::
         [--offset N] [--no-mapped-ram] [--pmemsave OUT.pmem] [--qemu PATH]
     python3 scripts/qemu_snapshot.py load IMG [--machine pc] [--mem 128M]
         [--arg ...] [--offset N] [--multifd N] [--pmemsave OUT.pmem]
+    python3 scripts/qemu_snapshot.py dump OUT.elf --machine pc [--mem 128M]
+        [--random ADDR:SIZE[:SEED]]... [--pmemsave OUT.pmem] [--paging]
 
 Both print a JSON summary (timings in seconds, paths, regions).  From Python
 (the tests put ``scripts/`` on ``sys.path``)::
@@ -36,6 +39,7 @@ Both print a JSON summary (timings in seconds, paths, regions).  From Python
     region = random_region(tmpdir, addr=0x100000, size=0x10000, seed=1)
     info = save_snapshot(cfg, "vm.img", regions=[region], pmemsave="vm.pmem")
     info = load_snapshot(cfg, "vm.img", pmemsave="loaded.pmem")
+    info = dump_guest_memory(VmConfig(machine="pc", mem="128M"), "vm.elf", regions=[region])
 
 Only ``qemu.qmp`` (the synchronous ``qemu.qmp.legacy`` shim) and the standard
 library are used.
@@ -54,7 +58,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -252,6 +256,44 @@ class QemuVM:
             size = self.config.mem_bytes - addr
         self.cmd("pmemsave", val=addr, size=size, filename=os.path.abspath(path))
 
+    def dump_guest_memory(self, path: str, *, paging: bool = False) -> Dict[str, Any]:
+        """``dump-guest-memory`` (ELF format) of the whole guest to ``path``; returns query-dump.
+
+        Synchronous (QMP returns when the file is written, within ``timeout``).
+        QEMU creates the file with mode 0400.  With ``paging: false`` every
+        PT_LOAD is a range of guest RAM at its guest-physical address.
+        Raises: QemuError if the dump fails or does not complete.
+        """
+        self.cmd("dump-guest-memory", paging=paging, protocol=f"file:{os.path.abspath(path)}")
+        info = dict(self.cmd("query-dump"))
+        if info.get("status") != "completed":
+            raise QemuError(f"dump-guest-memory did not complete: {info}\n{self.log()}")
+        return info
+
+    def ram_ranges(self) -> List[Tuple[int, int, str]]:
+        """Guest-physical [start, end) ranges of RAM and ROM, from ``info mtree -f``.
+
+        Adjacent ranges are merged (as QEMU's dump merges contiguous guest
+        memory); each item is (start, end, names joined by '+').
+        """
+        text = self.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+        ranges: List[Tuple[int, int, str]] = []
+        in_memory = False
+        for line in str(text).splitlines():
+            if line.startswith("FlatView"):
+                in_memory = False
+            elif line.strip().startswith('AS "memory"'):
+                in_memory = True
+            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)", line)
+            if not (in_memory and m and m.group(3) in ("ram", "rom", "romd")):
+                continue
+            start, end, name = int(m.group(1), 16), int(m.group(2), 16) + 1, m.group(4)
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end, ranges[-1][2] + "+" + name)
+            else:
+                ranges.append((start, end, name))
+        return ranges
+
     def close(self) -> None:
         """Quit QMP, kill QEMU and remove the socket directory; safe to call twice."""
         qmp, self.qmp = self.qmp, None
@@ -319,6 +361,38 @@ def load_snapshot(config: VmConfig, path: str, *, offset: int = 0,
     return result
 
 
+def dump_guest_memory(config: VmConfig, path: str, *, regions: Sequence[Region] = (),
+                      pmemsave: Optional[str] = None, run_seconds: float = 0.0,
+                      paging: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
+    """Start a VM with ``regions`` loaded, stop it, and ``dump-guest-memory`` it to ``path``.
+
+    The ELF dump is what :mod:`uffdpy.elfcore` reads.  With ``pmemsave``,
+    guest-physical memory [0, -m) is also saved there for comparison.  The
+    summary has ``ram_ranges`` (RAM/ROM ranges from ``info mtree -f``,
+    [start, end) pairs) and ``query-dump``.  ``-machine none`` has no CPU and
+    QEMU then writes an ELF32/EM_386 file; use a machine with a CPU (``pc``).
+    Raises: QemuError.
+    """
+    extra: List[str] = []
+    for r in regions:
+        extra += r.args()
+    t0 = time.monotonic()
+    with QemuVM(config, extra=extra, timeout=timeout) as vm:
+        if run_seconds:
+            time.sleep(run_seconds)
+        vm.cmd("stop")
+        if pmemsave:
+            vm.pmemsave(pmemsave)
+        ranges = vm.ram_ranges()
+        t1 = time.monotonic()
+        info = vm.dump_guest_memory(path, paging=paging)
+        seconds = time.monotonic() - t1
+    return {"path": path, "pmemsave": pmemsave, "seconds": seconds, "query-dump": info,
+            "total_seconds": time.monotonic() - t0,
+            "ram_ranges": [[start, end, name] for start, end, name in ranges],
+            "regions": [{"addr": r.addr, "size": r.size, "path": r.path} for r in regions]}
+
+
 def _region_arg(text: str, directory: str) -> Region:
     parts = text.split(":")
     if len(parts) not in (2, 3):
@@ -330,7 +404,7 @@ def _region_arg(text: str, directory: str) -> Region:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("save", "load"):
+    for name in ("save", "load", "dump"):
         p = sub.add_parser(name)
         p.add_argument("image")
         p.add_argument("--machine", default="none")
@@ -339,16 +413,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument("--arg", action="append", default=[], metavar="ARG",
                        help="extra QEMU argument (repeat; use --arg=-device --arg=VGA)")
         p.add_argument("--qemu", default=DEFAULT_QEMU)
-        p.add_argument("--offset", type=lambda s: int(s, 0), default=0)
-        p.add_argument("--multifd", type=int, default=None, metavar="CHANNELS")
+        if name != "dump":
+            p.add_argument("--offset", type=lambda s: int(s, 0), default=0)
+            p.add_argument("--multifd", type=int, default=None, metavar="CHANNELS")
         p.add_argument("--pmemsave")
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-        if name == "save":
+        if name in ("save", "dump"):
             p.add_argument("--random", action="append", default=[], metavar="ADDR:SIZE[:SEED]",
                            help="put random bytes at a guest-physical address")
             p.add_argument("--data-dir", help="where to keep --random files (default: next to IMAGE)")
-            p.add_argument("--no-mapped-ram", action="store_true")
             p.add_argument("--run-seconds", type=float, default=0.0)
+        if name == "save":
+            p.add_argument("--no-mapped-ram", action="store_true")
+        if name == "dump":
+            p.add_argument("--paging", action="store_true",
+                           help="dump-guest-memory paging: true (virtual addresses)")
     args = parser.parse_args(argv)
     config = VmConfig(machine=args.machine, mem=args.mem, accel=args.accel, args=args.arg,
                       qemu=args.qemu)
@@ -359,6 +438,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                mapped_ram=not args.no_mapped_ram, multifd_channels=args.multifd,
                                offset=args.offset, pmemsave=args.pmemsave,
                                run_seconds=args.run_seconds, timeout=args.timeout)
+    elif args.command == "dump":
+        directory = args.data_dir or os.path.dirname(os.path.abspath(args.image))
+        regions = [_region_arg(r, directory) for r in args.random]
+        result = dump_guest_memory(config, args.image, regions=regions, pmemsave=args.pmemsave,
+                                   run_seconds=args.run_seconds, paging=args.paging,
+                                   timeout=args.timeout)
     else:
         result = load_snapshot(config, args.image, offset=args.offset,
                                multifd_channels=args.multifd, pmemsave=args.pmemsave,
