@@ -273,25 +273,31 @@ class QemuVM:
     def ram_ranges(self) -> List[Tuple[int, int, str]]:
         """Guest-physical [start, end) ranges of RAM and ROM, from ``info mtree -f``.
 
-        Adjacent ranges are merged (as QEMU's dump merges contiguous guest
-        memory); each item is (start, end, names joined by '+').
+        Adjacent ranges of the same memory region at contiguous offsets are
+        merged, as QEMU's dump merges guest memory that is contiguous both in
+        the guest and in the host; each item is (start, end, region name).
         """
         text = self.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
         ranges: List[Tuple[int, int, str]] = []
+        last_offset = 0
         in_memory = False
         for line in str(text).splitlines():
             if line.startswith("FlatView"):
                 in_memory = False
             elif line.strip().startswith('AS "memory"'):
                 in_memory = True
-            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)", line)
+            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)"
+                         r"(?: @([0-9a-f]+))?", line)
             if not (in_memory and m and m.group(3) in ("ram", "rom", "romd")):
                 continue
             start, end, name = int(m.group(1), 16), int(m.group(2), 16) + 1, m.group(4)
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], end, ranges[-1][2] + "+" + name)
+            offset = int(m.group(5), 16) if m.group(5) else 0
+            if (ranges and ranges[-1][1] == start and ranges[-1][2] == name
+                    and last_offset + (ranges[-1][1] - ranges[-1][0]) == offset):
+                ranges[-1] = (ranges[-1][0], end, name)
             else:
                 ranges.append((start, end, name))
+                last_offset = offset
         return ranges
 
     def close(self) -> None:
@@ -371,13 +377,19 @@ def dump_guest_memory(config: VmConfig, path: str, *, regions: Sequence[Region] 
     summary has ``ram_ranges`` (RAM/ROM ranges from ``info mtree -f``,
     [start, end) pairs) and ``query-dump``.  ``-machine none`` has no CPU and
     QEMU then writes an ELF32/EM_386 file; use a machine with a CPU (``pc``).
+
+    Without ``run_seconds`` the VM never runs (started with ``-S``), so the
+    memory layout is the reset one: for ``pc`` the firmware has not yet
+    turned the 0xc0000-0xfffff ROM shadows into RAM, and the dump has five
+    segments (pc.ram below 0xc0000, pc.rom, the BIOS alias, pc.ram from 1 MiB,
+    the BIOS below 4 GiB).  Once the firmware has run it has two.
     Raises: QemuError.
     """
     extra: List[str] = []
     for r in regions:
         extra += r.args()
     t0 = time.monotonic()
-    with QemuVM(config, extra=extra, timeout=timeout) as vm:
+    with QemuVM(config, extra=extra, timeout=timeout, paused=not run_seconds) as vm:
         if run_seconds:
             time.sleep(run_seconds)
         vm.cmd("stop")
