@@ -37,3 +37,49 @@ def qemu_binary() -> str:
             pytest.fail(reason + " [UFFDPY_REQUIRE_QEMU=1]")
         pytest.skip(reason)
     return path
+
+
+def _huge_pages_free() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def hugetlb_pool():
+    """``reserve(n)``: make sure ``n`` 2 MiB pages are free in the hugetlb pool.
+
+    As root the pool is grown through /proc/sys/vm/nr_hugepages for the test and
+    shrunk back after it.  A test skips only when the kernel refuses (no root,
+    or no memory for the pages), with the errno and the fix in the reason.
+    """
+    path = "/proc/sys/vm/nr_hugepages"
+    with open(path) as f:
+        original = int(f.read())
+    grown = False
+
+    def reserve(n: int) -> None:
+        nonlocal grown
+        deficit = n - _huge_pages_free()
+        if deficit <= 0:
+            return
+        with open(path) as f:
+            current = int(f.read())
+        try:
+            with open(path, "w") as f:
+                f.write(f"{current + deficit}\n")
+            grown = True
+        except OSError as exc:
+            pytest.skip(f"cannot grow the hugetlb pool ({exc}); as root: "
+                        f"echo {current + deficit} > {path}")
+        if _huge_pages_free() < n:
+            pytest.skip(f"the kernel found memory for only {_huge_pages_free()} of {n} "
+                        f"2 MiB pages (ENOMEM); free memory or reserve at boot "
+                        f"(hugepages={n} on the kernel command line)")
+
+    yield reserve
+    if grown:
+        with open(path, "w") as f:
+            f.write(f"{original}\n")

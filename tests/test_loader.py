@@ -22,7 +22,7 @@ import pytest
 
 from uffdpy.loader import EagerLoader, LazyLoader, LoaderError, ServerDiedError
 from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
-from uffdpy.memory import PAGE_SIZE
+from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
 pytestmark = pytest.mark.timeout(300)
@@ -130,13 +130,17 @@ def big_synthetic(tmp_path_factory) -> str:
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("server", SERVERS)
-def test_lazy_load_of_real_qemu_snapshot_equals_reader(qemu_pc, server):
+@pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb"])
+def test_lazy_load_of_real_qemu_snapshot_equals_reader(qemu_pc, server, huge, hugetlb_pool):
     with Snapshot.open(qemu_pc) as snap:
         assert len(snap.blocks) >= 3
-        with LazyLoader(snap, server=server) as loader:
+        units = [-(-b.length // HUGE_PAGE_SIZE) if huge else b.pages for b in snap.blocks]
+        if huge:
+            hugetlb_pool(sum(units))
+        with LazyLoader(snap, server=server, huge_pages=huge) as loader:
             assert loader.wait(60)
             st = loader.stats
-            assert st.placed_pages == st.total_pages == sum(b.pages for b in snap.blocks)
+            assert st.placed_pages == st.total_pages == sum(units)
             assert st.double_placements == 0
             assert st.pages_by_prefetch + st.pages_by_fault == st.total_pages
             memory_equals_snapshot(loader, snap)
@@ -187,10 +191,15 @@ def test_lazy_load_of_multi_gib_snapshot(big_synthetic, server):
 
 
 @pytest.mark.parametrize("server", SERVERS)
-def test_four_touchers_and_prefetcher(synthetic, server):
+@pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb"])
+def test_four_touchers_and_prefetcher(synthetic, server, huge, hugetlb_pool):
     with Snapshot.open(synthetic) as snap:
         block = snap.blocks[0]
-        with LazyLoader(snap, server=server, prefetch_chunk_bytes=256 << 10) as loader:
+        if huge:
+            hugetlb_pool(block.length // HUGE_PAGE_SIZE)
+        chunk = (4 << 20) if huge else (256 << 10)
+        with LazyLoader(snap, server=server, prefetch_chunk_bytes=chunk,
+                        huge_pages=huge) as loader:
             base = loader.address("ram")
             errors: List[str] = []
 

@@ -65,13 +65,9 @@ def test_anonymous_rejects_bad_arguments() -> None:
         Mapping.anonymous(PAGE_SIZE, huge_pages=True)
 
 
-def test_anonymous_huge_pages() -> None:
-    try:
-        mapping = Mapping.anonymous(HUGE_PAGE_SIZE, huge_pages=True)
-    except OSError as exc:
-        pytest.skip(f"MAP_HUGETLB refused ({exc}); reserve pages: "
-                    "echo 4 > /proc/sys/vm/nr_hugepages")
-    with mapping:
+def test_anonymous_huge_pages(hugetlb_pool) -> None:
+    hugetlb_pool(1)
+    with Mapping.anonymous(HUGE_PAGE_SIZE, huge_pages=True) as mapping:
         assert mapping.address % HUGE_PAGE_SIZE == 0
         ctypes.memset(mapping.address, 7, HUGE_PAGE_SIZE)
 

@@ -127,8 +127,11 @@ def test_the_test_source_satisfies_the_protocol(awkward):
 
 
 @pytest.mark.parametrize("server", ["thread", "process"])
-def test_prefetch_places_every_kind_of_page(awkward, server):
-    with LazyLoader(awkward, server=server) as loader:
+@pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb"])
+def test_prefetch_places_every_kind_of_page(awkward, server, huge, hugetlb_pool):
+    if huge:
+        hugetlb_pool(len(awkward.regions))
+    with LazyLoader(awkward, server=server, huge_pages=huge) as loader:
         assert loader.wait(30)
         regions = [(loader.address(r.name), r) for r in awkward.regions]
         assert verify(regions) == (sum(r.pages for r in awkward.regions), 0)
@@ -136,10 +139,14 @@ def test_prefetch_places_every_kind_of_page(awkward, server):
         assert st.double_placements == 0 and st.placed_pages == st.total_pages
 
 
-@pytest.mark.parametrize("fault_around", [0, 7])
-def test_faults_on_every_kind_of_page(awkward, fault_around):
+@pytest.mark.parametrize("fault_around,huge", [(0, False), (7, False), (0, True)],
+                         ids=["4k", "4k-fault-around", "hugetlb"])
+def test_faults_on_every_kind_of_page(awkward, fault_around, huge, hugetlb_pool):
     """No prefetcher: four GIL-free touchers fault in every page in random order."""
-    with LazyLoader(awkward, prefetch=False, fault_around_pages=fault_around) as loader:
+    if huge:
+        hugetlb_pool(len(awkward.regions))
+    with LazyLoader(awkward, prefetch=False, fault_around_pages=fault_around,
+                    huge_pages=huge) as loader:
         pages = [(loader.address(r.name) + i * PS, r, i)
                  for r in awkward.regions for i in range(r.pages)]
         random.Random(1).shuffle(pages)

@@ -73,6 +73,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import select
 import signal
 import struct
@@ -83,8 +84,8 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tup
                     Union)
 
 from . import ioctl
-from .memory import PAGE_SIZE, Mapping
-from .pagesource import PageRegion, PageSource, open_image, set_bits
+from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from .pagesource import PageRegion, PageSource, open_image
 from .uffd import RegisterMode, Userfaultfd
 from .workload import latency_summary
 
@@ -259,70 +260,85 @@ class ClaimMap:
 #: COPY from a bounce buffer (the bytes are not page-aligned in the file, or
 #: the page is only partly in the file and the rest must read as zeros).
 ZERO, DIRECT, BOUNCE = 0, 1, 2
+_KIND_BYTES = (b"\x00", b"\x01", b"\x02")
+
+
+_KIND_RUN = re.compile(rb"\x00+|\x01+|\x02+")
 
 
 class _Region:
-    """One region as the workers see it: guest address, where its bytes are, page kinds."""
+    """One region as the workers see it: guest address, where its bytes are, page kinds.
 
-    __slots__ = ("index", "name", "start", "end", "length", "page_size", "pages",
-                 "src", "bitmap", "source", "file_base", "direct_pages", "needs_bounce")
+    Placement works in *units*: the source's pages (4 KiB), or 2 MiB huge
+    pages when guest memory is hugetlbfs.  ``kinds`` holds one kind per unit;
+    a huge unit is ``DIRECT`` only when all its pages are, ``ZERO`` when all
+    are zero, and ``BOUNCE`` (assembled in a bounce buffer) otherwise.
+    """
 
-    def __init__(self, index: int, region: PageRegion, start: int, file_base: int) -> None:
+    __slots__ = ("index", "name", "start", "end", "length", "page_size", "unit", "units",
+                 "src", "source", "kinds", "page_kinds", "needs_bounce")
+
+    def __init__(self, index: int, region: PageRegion, start: int, file_base: int,
+                 unit: int) -> None:
         self.index = index
         self.source = region
         self.name = region.name
-        self.start = start
-        self.length = region.length
-        self.end = start + region.length
         self.page_size = ps = region.page_size
-        self.pages = region.pages
-        self.file_base = file_base
+        self.unit = unit
+        self.units = -(-region.length // unit)
+        self.length = self.units * unit
+        self.start = start
+        self.end = start + self.length
         self.src = file_base + region.file_offset
-        bits = bytearray((region.pages + 7) // 8)
+        # Present pages below ``direct`` are copied straight from the file
+        # mapping; present pages at or above it go through a bounce buffer.
+        aligned = region.file_offset % PAGE_SIZE == 0 and ps % PAGE_SIZE == 0
+        direct = region.file_bytes // ps if aligned else 0
+        per_unit = unit // ps
+        pk = bytearray(self.units * per_unit)      # ZERO; a huge tail past the region too
         for first, count, present in region.runs():
             if present:
-                set_bits(bits, first, count)
-        self.bitmap = bytes(bits)
-        # Pages below this are copied straight from the file mapping; present
-        # pages at or above it go through a bounce buffer.
-        aligned = region.file_offset % PAGE_SIZE == 0 and ps % PAGE_SIZE == 0
-        self.direct_pages = region.file_bytes // ps if aligned else 0
-        self.needs_bounce = any(kind == BOUNCE for _, _, kind in self.runs())
-
-    def kind(self, page: int) -> int:
-        if not self.bitmap[page >> 3] >> (page & 7) & 1:
-            return ZERO
-        return DIRECT if page < self.direct_pages else BOUNCE
+                end = first + count
+                cut = min(max(direct, first), end)
+                pk[first:cut] = _KIND_BYTES[DIRECT] * (cut - first)
+                pk[cut:end] = _KIND_BYTES[BOUNCE] * (end - cut)
+        self.page_kinds = pk
+        if per_unit == 1:
+            self.kinds = pk
+        else:
+            kinds = bytearray(self.units)
+            for u in range(self.units):
+                lo = u * per_unit
+                if pk.count(ZERO, lo, lo + per_unit) != per_unit:
+                    kinds[u] = (DIRECT if pk.count(DIRECT, lo, lo + per_unit) == per_unit
+                                else BOUNCE)
+            self.kinds = kinds
+        self.needs_bounce = BOUNCE in self.kinds
 
     def runs(self) -> Iterator[Tuple[int, int, int]]:
-        """``(first, count, kind)`` runs in page order: the source's runs, split by kind."""
-        cut = self.direct_pages
-        for first, count, present in self.source.runs():
-            end = first + count
-            if not present:
-                yield first, count, ZERO
-            elif end <= cut:
-                yield first, count, DIRECT
-            elif first >= cut:
-                yield first, count, BOUNCE
-            else:
-                yield first, cut - first, DIRECT
-                yield cut, end - cut, BOUNCE
+        """``(first, count, kind)`` maximal runs of units of one kind, in order."""
+        kinds = self.kinds
+        for m in _KIND_RUN.finditer(kinds):
+            yield m.start(), m.end() - m.start(), kinds[m.start()]
 
     def fill_bounce(self, first: int, end: int, buffer: Mapping) -> int:
-        """Copy pages ``[first, end)`` from the file mapping into ``buffer``; return its address.
+        """Assemble units ``[first, end)`` in ``buffer`` from the file mapping; return its address.
 
-        Bytes past the region's ``file_bytes`` read as zeros.  ``ctypes.memmove``
-        runs without the GIL.
+        Zero pages, and bytes past the region's ``file_bytes``, are zeroed.
+        ``ctypes.memmove``/``memset`` run without the GIL.
         """
         ps = self.page_size
-        lo = first * ps
-        want = (end - first) * ps
-        have = max(0, min(want, self.source.file_bytes - lo))
-        if have:
-            ctypes.memmove(buffer.address, self.src + lo, have)
-        if have < want:
-            ctypes.memset(buffer.address + have, 0, want - have)
+        per_unit = self.unit // ps
+        a, b = first * per_unit, end * per_unit
+        base = buffer.address - a * ps
+        file_bytes = self.source.file_bytes
+        for m in _KIND_RUN.finditer(self.page_kinds, a, b):
+            lo, hi = m.start() * ps, m.end() * ps
+            have = 0 if self.page_kinds[m.start()] == ZERO else max(0, min(hi, file_bytes) - lo)
+            if have:
+                ctypes.memmove(base + lo, self.src + lo, have)
+            if have < hi - lo:
+                ctypes.memset(base + lo + have, 0, hi - lo - have)
         return buffer.address
 
 
@@ -353,12 +369,18 @@ class _Server:
         # One bounce buffer per worker, only when some region needs one.
         self.fault_bounce: Optional[Mapping] = None
         self.prefetch_bounce: List[Optional[Mapping]] = [None] * prefetch_threads
+        unit = max((r.unit for r in regions), default=PAGE_SIZE)
+        fault_bytes = (fault_around_pages + 1) * unit
+        chunk = max(chunk_bytes // unit, 1) * unit
         if any(r.needs_bounce for r in regions):
-            most = max(r.page_size for r in regions)
-            self.fault_bounce = Mapping.anonymous((fault_around_pages + 1) * most)
+            self.fault_bounce = Mapping.anonymous(fault_bytes)
             if prefetch:
-                size = max(chunk_bytes // most, 1) * most
-                self.prefetch_bounce = [Mapping.anonymous(size) for _ in range(prefetch_threads)]
+                self.prefetch_bounce = [Mapping.anonymous(chunk) for _ in range(prefetch_threads)]
+        #: hugetlbfs has no UFFDIO_ZEROPAGE: zero huge pages are copied from
+        #: here, memory that is never written (reads map the shared zero page)
+        self.zero_source: Optional[Mapping] = None
+        if unit != PAGE_SIZE:
+            self.zero_source = Mapping.anonymous(max(fault_bytes, chunk))
         self.threads: List[threading.Thread] = []
         self.ended = threading.Event()
         #: set once the loader has reported ready: the prefetcher waits for it,
@@ -410,7 +432,7 @@ class _Server:
 
     def close_buffers(self) -> None:
         """Unmap the bounce buffers (once the workers are done with them)."""
-        for m in [self.fault_bounce, *self.prefetch_bounce]:
+        for m in [self.fault_bounce, self.zero_source, *self.prefetch_bounce]:
             if m is not None:
                 m.close()
 
@@ -443,7 +465,7 @@ class _Server:
         already had, ``EEXIST``, are woken and skipped), or None when the
         kernel says events are pending and nothing was done: retry later.
         """
-        ps = region.page_size
+        ps = region.unit
         dst = region.start + first * ps
         length = (end - first) * ps
         present = kind != ZERO
@@ -452,6 +474,9 @@ class _Server:
         elif kind == BOUNCE:
             assert bounce is not None and bounce.length >= length
             src = region.fill_bounce(first, end, bounce)
+        elif self.zero_source is not None:     # hugetlbfs: no ZEROPAGE, copy zeros
+            src = self.zero_source.address
+            present = True
         else:
             src = 0
         installed = 0
@@ -481,10 +506,10 @@ class _Server:
                 time.sleep(0)                  # partly done: let the reader drain, retry
             else:
                 raise OSError(-done, f"unexpected fill result {done}")
-        if present:
-            counters.bytes_copied += installed
+        if kind == ZERO:
+            counters.zero_pages += installed // region.page_size
         else:
-            counters.zero_pages += installed // ps
+            counters.bytes_copied += installed
         return installed // ps
 
     # -- the fault loop
@@ -537,11 +562,11 @@ class _Server:
             raise LoaderError(f"fault at 0x{address:x} outside every registered block")
         region = self.by_address[i]
         claims = self.claims
-        page = (address - region.start) // region.page_size
+        page = (address - region.start) // region.unit
         old = claims.claim(region.index, page)
         if old == CLAIMED:
             return True                       # the other worker's copy will wake it
-        kind = region.kind(page)
+        kind = region.kinds[page]
         bounce = self.fault_bounce
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
@@ -555,7 +580,7 @@ class _Server:
         if self.fault_around_pages:
             end = claims.claim_following(region.index, page, self.fault_around_pages)
             for j in range(page + 1, end):    # one kind of page per ioctl
-                if region.kind(j) != kind:
+                if region.kinds[j] != kind:
                     claims.release(region.index, j, end)
                     end = j
                     break
@@ -582,7 +607,7 @@ class _Server:
         lanes = self.prefetch_threads
         n = 0
         for region in self.regions:
-            chunk = max(1, self.chunk_bytes // region.page_size)
+            chunk = max(1, self.chunk_bytes // region.unit)
             for first, count, kind in region.runs():
                 end_run = first + count
                 for lo in range(first, end_run, chunk):
@@ -692,6 +717,24 @@ class _LoaderBase:
                 m.madvise(advice)
             except OSError:
                 pass  # THP not configured in this kernel: nothing to turn on or off
+
+    def _map_huge_blocks(self) -> None:
+        """hugetlbfs memory for every region, each rounded up to whole 2 MiB pages."""
+        need = sum(-(-r.length // HUGE_PAGE_SIZE) for r in self.source.regions)
+        for region in self.source.regions:
+            length = max(_round_up(region.length, HUGE_PAGE_SIZE), HUGE_PAGE_SIZE)
+            try:
+                m = Mapping.anonymous(length, align=BLOCK_ALIGN, huge_pages=True)
+            except OSError as exc:
+                if exc.errno != errno.ENOMEM:
+                    raise
+                raise OSError(errno.ENOMEM, (
+                    f"huge_pages=True needs {need} free 2 MiB pages in the hugetlb pool and "
+                    f"mapping region {region.name!r} failed; see HugePages_Free in "
+                    f"/proc/meminfo and reserve more, e.g. as root: "
+                    f"echo {need} > /proc/sys/vm/nr_hugepages")) from None
+            self._mappings[region.name] = m
+            self._order.append(region.name)
 
     def _unmap_blocks(self) -> None:
         for m in self._mappings.values():
@@ -811,17 +854,25 @@ class LazyLoader(_LoaderBase):
             the kernel copies for them in parallel.  Default: 2 when this
             process may run on 2 or more CPUs (measured ~1.4x faster to
             complete than 1 on a 2-CPU machine), else 1.
+        huge_pages: back guest memory with 2 MiB hugetlbfs pages (as QEMU's
+            ``-mem-path /dev/hugepages``) and place whole huge pages: one
+            fault brings 2 MiB.  Needs free pages in the hugetlb pool
+            (``/proc/sys/vm/nr_hugepages``); the counts in ``stats``
+            (``pages_by_fault``, ``total_pages``...) are then of 2 MiB pages.
 
     Raises:
         MappedRamError: the snapshot is malformed; nothing was mapped or registered.
         UffdError: userfaultfd could not be set up (the message says how to fix it).
+        OSError: ENOMEM with ``huge_pages`` when the hugetlb pool is too small
+            (the message says how many pages to reserve).
         ValueError: a bad argument.
     """
 
     def __init__(self, snapshot_or_path: SnapshotLike, *, server: str = "thread",
                  prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  fault_around_pages: int = 0, server_cpu: Optional[int] = None,
-                 busy_poll: bool = False, prefetch_threads: Optional[int] = None) -> None:
+                 busy_poll: bool = False, prefetch_threads: Optional[int] = None,
+                 huge_pages: bool = False) -> None:
         super().__init__()
         if prefetch_threads is None:
             prefetch_threads = min(2, len(os.sched_getaffinity(0)))
@@ -835,6 +886,7 @@ class LazyLoader(_LoaderBase):
             raise ValueError("prefetch_threads must be >= 1")
         t0 = time.perf_counter()
         self._server_mode = server
+        self._huge_pages = huge_pages
         self._uffd: Optional[Userfaultfd] = None
         self._file_map: Optional[Mapping] = None
         self._wake_fd = -1
@@ -865,7 +917,10 @@ class LazyLoader(_LoaderBase):
     # -- setup, in the order the module essay gives
     def _setup(self, **options: Any) -> None:
         source = self.source
-        self._map_blocks(transparent_huge_pages=False)
+        if self._huge_pages:
+            self._map_huge_blocks()
+        else:
+            self._map_blocks(transparent_huge_pages=False)
         self._uffd = Userfaultfd()
         for name in self._order:
             m = self._mappings[name]
@@ -876,9 +931,10 @@ class LazyLoader(_LoaderBase):
             self._file_map = Mapping.of_file(fd, _round_up(source.file_size, PAGE_SIZE))
         finally:
             os.close(fd)
-        regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address)
+        unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
+        regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
                    for i, r in enumerate(source.regions)]
-        claims = ClaimMap([r.pages for r in regions])
+        claims = ClaimMap([r.units for r in regions])
         self._wake_fd = _eventfd()
         self._server = _Server(self._uffd, regions, claims, self._wake_fd,
                                chunk_bytes=options["chunk_bytes"],
