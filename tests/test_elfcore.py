@@ -473,6 +473,9 @@ def test_elf32_and_big_endian(mini: Path, tmp_path: Path) -> None:
     patch(mini, 5, b"\x02")
     e = error_of(mini)
     assert e.offset == 5 and "big-endian" in str(e)
+    patch(mini, 5, b"\x07")
+    e = error_of(mini)
+    assert e.offset == 5 and "invalid ELF EI_DATA" in str(e)
 
 
 def test_not_a_core(mini: Path) -> None:

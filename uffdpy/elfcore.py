@@ -459,6 +459,10 @@ class _Parser:
         try:
             elf = ELFFile(self.io)
         except _LIB_ERRORS as e:
+            for field, at in (("EI_CLASS", 4), ("EI_DATA", 5)):
+                if field in str(e):
+                    raise self.err(at, f"invalid ELF {field}", "1 or 2",
+                                   repr(src.read_exact(at, 1, field))) from None
             if src.size < ELF64_EHDR_SIZE:
                 raise self.err(0, "truncated ELF header", f"{ELF64_EHDR_SIZE} bytes",
                                f"{src.size} bytes") from None
