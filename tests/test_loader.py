@@ -288,46 +288,90 @@ _KILL_SCRIPT = textwrap.dedent("""
     from uffdpy.loader import LazyLoader, ServerDiedError
     from uffdpy.mappedram import Snapshot
     snap = Snapshot.open(sys.argv[1])
+    block = snap.blocks[0]
     loader = LazyLoader(snap, server="process", prefetch=False)
     base = loader.address("ram")
-    buf = ctypes.create_string_buffer(8)
-    ctypes.memmove(buf, base, 8)                       # served: the server is alive
-    os.kill(loader._child_pid, signal.SIGKILL)
+    buf = ctypes.create_string_buffer(4096)
+    ctypes.memmove(buf, base, 4096)                    # served: the server is alive
+    i = next(f for f, c, p in block.runs() if p and f > 8)
+    out = []
+    if sys.argv[2] == "waiter":
+        os.kill(loader._child_pid, signal.SIGSTOP)     # nobody serves the next fault...
+        dst = ctypes.create_string_buffer(8)
+        # memmove releases the GIL; ctypes.string_at would not (it is a PYFUNCTYPE)
+        t = threading.Thread(target=lambda: out.append(ctypes.memmove(dst, base + i * 4096, 8)),
+                             daemon=True)
+        t.start()
+        time.sleep(0.5)
+        print("BLOCKED" if t.is_alive() else "READ " + repr(dst.raw), flush=True)
+    os.kill(loader._child_pid, signal.SIGKILL)         # ...and then the server dies
     try:
         loader.wait(10)
     except ServerDiedError as exc:
         print("DIED:", exc, flush=True)
-    page = snap.blocks[0]
-    i = next(f for f, c, p in page.runs() if p and f > 8)
-    out = []
-    dst = ctypes.create_string_buffer(8)
-    # memmove releases the GIL; ctypes.string_at would not (it is a PYFUNCTYPE)
-    t = threading.Thread(target=lambda: out.append(ctypes.memmove(dst, base + i * 4096, 8)),
-                         daemon=True)
-    t.start()
-    t.join(1.5)
-    print("BLOCKED" if t.is_alive() else "READ " + repr(out), flush=True)
-    if sys.argv[2] == "close":
-        loader.close(_raise=False)                      # the waiter gets SIGSEGV, not zeros
-        t.join(5)
-        print("AFTER CLOSE " + repr(out), flush=True)
+    if sys.argv[2] == "waiter":
+        time.sleep(5)
+        print("WAITER RETURNED " + repr(out), flush=True)  # must not be reached
+    else:
+        print("PLACED PAGE INTACT", buf.raw == block.read_page(0), flush=True)
+        target = base + i * 4096
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= target < hi:
+                    print("UNPLACED PAGE MAPPED", line.split()[1], flush=True)
+        loader.close(_raise=False)
     os._exit(0)
 """)
 
 
 def test_killed_server_gives_clear_error_and_never_zeros(small):
+    """A waiter of a dead server gets SIGSEGV at once: neither zeros nor a wait forever."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "keep"], env=env,
+    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "waiter"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert "BLOCKED" in r.stdout, r.stdout + r.stderr
+    assert "WAITER RETURNED" not in r.stdout       # it never returned with data
+    assert r.returncode == -11, r.stdout + r.stderr  # SIGSEGV: loud, instead of zeros
+
+
+def test_killed_server_keeps_placed_pages_and_fences_the_rest(small):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "nowaiter"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "DIED:" in r.stdout and "killed by signal 9 (SIGKILL)" in r.stdout
     assert "never zero-filled" in r.stdout
-    assert "BLOCKED" in r.stdout
-    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, small, "close"], env=env,
+    assert "PLACED PAGE INTACT True" in r.stdout
+    assert "UNPLACED PAGE MAPPED ---p" in r.stdout
+
+
+_FAULT_LOOP_FAILS_SCRIPT = textwrap.dedent("""
+    import ctypes, sys, threading, time
+    import uffdpy.loader as L
+    def failing(self, address, counters):
+        raise RuntimeError("boom in the fault loop")
+    L._Server._serve = failing
+    loader = L.LazyLoader(sys.argv[1], server="thread", prefetch=False)
+    dst = ctypes.create_string_buffer(8)
+    t = threading.Thread(target=lambda: ctypes.memmove(dst, loader.address("ram"), 8),
+                         daemon=True)
+    t.start()
+    try:
+        loader.wait(10)
+    except L.LoaderError as exc:
+        print("FAILED:", exc, flush=True)
+    time.sleep(5)
+    print("WAITER ALIVE" if t.is_alive() else "WAITER RETURNED " + repr(dst.raw), flush=True)
+""")
+
+
+def test_fault_loop_failure_does_not_leave_the_faulting_thread_blocked(small):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _FAULT_LOOP_FAILS_SCRIPT, small], env=env,
                        capture_output=True, text=True, timeout=60)
-    assert "BLOCKED" in r.stdout
-    assert "AFTER CLOSE" not in r.stdout          # it never returned with data
-    assert r.returncode == -11                     # SIGSEGV: loud, instead of zeros
+    assert "WAITER" not in r.stdout, r.stdout   # neither blocked nor served zeros
+    assert r.returncode == -11, r.stdout + r.stderr
 
 
 def test_killed_server_without_waiters_closes_cleanly(small):

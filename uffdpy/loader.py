@@ -36,11 +36,16 @@ Shutdown order (``close()``, any time, mid-load included): stop the workers
 (set the stop flag, write the wake fd, join them with a timeout; a process
 server is told through the same eventfd and killed if it does not go),
 unregister the blocks, close the uffd, unmap the file, unmap the blocks.
-Closing the uffd while a fault is pending makes the kernel resolve it as an
-ordinary fault, i.e. with a zero page.  That is why a *failed* loader (a worker
-raised, or the server process died) first replaces its blocks with
-inaccessible memory: a thread still waiting for a page that can never be
-served then gets SIGSEGV instead of silently reading zeros.
+Closing the uffd (or unregistering) while a fault is pending makes the kernel
+resolve it as an ordinary fault, i.e. with a zero page: silent corruption.  So
+a loader closed before completion first replaces its memory with inaccessible
+(``PROT_NONE``) memory.  And a *failed* load (a worker raised, or the server
+process died) does so at once for every page nobody placed, then wakes those
+pages with ``UFFDIO_WAKE``: a thread waiting for a page that can never be
+served gets SIGSEGV now, instead of waiting forever or reading zeros, while
+the pages that were placed stay readable for a post-mortem.  For the process
+server the claim map lives in ``MAP_SHARED`` memory, so this process knows
+what a dead server had placed.
 
 Servers and the GIL
 ===================
@@ -58,9 +63,9 @@ space that created it), then forks a server process that inherits the uffd,
 the parsed snapshot and the file mapping and runs both workers there.  Serving
 a fault then needs nothing from this process, so any Python code here may read
 guest memory while it loads.  This process keeps its own copy of the uffd
-until completion, so a dying server leaves faults pending (the accessing
-threads wait) instead of letting the kernel fill them with zeros; ``wait()``
-then raises ``ServerDiedError`` naming the exit status.  The fork happens while
+until completion, so a dying server never lets the kernel fill pending faults
+with zeros: its unplaced pages are fenced as above, and ``wait()`` raises
+``ServerDiedError`` naming the exit status.  The fork happens while
 the constructor holds the GIL; the child uses only objects made before the
 fork and new threads, and leaves with ``os._exit``.
 """
@@ -178,12 +183,20 @@ class ClaimMap:
     placing it), ``PLACED`` (2).  Claims are taken under one lock, held only for
     the few C-level bytearray operations a claim needs, never across an ioctl,
     so exactly one worker places each page.  All methods work on whole ranges
-    with bytearray primitives: no per-page Python loop.
+    with C-level buffer primitives (find, slices): no per-page Python loop.
+
+    With ``shared=True`` the bytes live in ``MAP_SHARED`` memory, so a process
+    forked after construction (the process server) updates what this one
+    reads: the loader then knows which pages a dead server had placed.  The
+    lock is per process: only one process may claim.
     """
 
     def __init__(self, pages_per_block: Sequence[int],
-                 on_complete: Optional[Callable[[], None]] = None) -> None:
-        self._state = [bytearray(n) for n in pages_per_block]
+                 on_complete: Optional[Callable[[], None]] = None, *,
+                 shared: bool = False) -> None:
+        self._state: List[Any] = [mmap.mmap(-1, max(n, 1)) if shared else bytearray(n)
+                                  for n in pages_per_block]
+        self._pages = list(pages_per_block)
         self._on_complete = on_complete
         self._lock = threading.Lock()
         self.total_pages = sum(pages_per_block)
@@ -211,40 +224,40 @@ class ClaimMap:
         st = self._state[block]
         out: List[Tuple[int, int]] = []
         with self._lock:
-            i = st.find(UNCLAIMED, first, end)
+            i = st.find(_UNCLAIMED, first, end)
             while i != -1:
-                j = st.find(CLAIMED, i, end)
-                k = st.find(PLACED, i, end)
+                j = st.find(_CLAIMED, i, end)
+                k = st.find(_PLACED, i, end)
                 stop = min(x for x in (j, k, end) if x != -1)
-                st[i:stop] = bytes([CLAIMED]) * (stop - i)
+                st[i:stop] = _CLAIMED * (stop - i)
                 out.append((i, stop))
-                i = st.find(UNCLAIMED, stop, end) if stop < end else -1
+                i = st.find(_UNCLAIMED, stop, end) if stop < end else -1
         return out
 
     def claim_following(self, block: int, page: int, limit: int) -> int:
         """Claim unclaimed pages right after ``page`` (up to ``limit`` pages); return the end."""
         st = self._state[block]
-        end = min(len(st), page + 1 + limit)
+        end = min(self._pages[block], page + 1 + limit)
         with self._lock:
             stop = page + 1
             while stop < end and st[stop] == UNCLAIMED:
                 stop += 1
-            st[page + 1:stop] = bytes([CLAIMED]) * (stop - page - 1)
+            st[page + 1:stop] = _CLAIMED * (stop - page - 1)
         return stop
 
     def release(self, block: int, first: int, end: int) -> None:
         """Give back claimed-but-unplaced pages ``[first, end)`` (used when stopping)."""
         st = self._state[block]
         with self._lock:
-            st[first:end] = bytes(end - first)
+            st[first:end] = _UNCLAIMED * (end - first)
 
     def mark_placed(self, block: int, first: int, end: int) -> None:
         """Record ``[first, end)`` as placed; set ``complete`` when the last page lands."""
         st = self._state[block]
         n = end - first
         with self._lock:
-            already = st.count(PLACED, first, end)
-            st[first:end] = bytes([PLACED]) * n
+            already = st[first:end].count(_PLACED)
+            st[first:end] = _PLACED * n
             self.double_placements += already
             self.placed_pages += n - already
             done = self.placed_pages == self.total_pages
@@ -252,6 +265,22 @@ class ClaimMap:
             self.complete.set()
             if self._on_complete is not None:
                 self._on_complete()
+
+    def unplaced_runs(self, block: int) -> List[Tuple[int, int]]:
+        """``[first, end)`` runs of pages of ``block`` not placed (yet)."""
+        st = self._state[block]
+        n = self._pages[block]
+        return [(m.start(), m.end()) for m in _UNPLACED_RUN.finditer(st, 0, n)]
+
+    def close(self) -> None:
+        """Release shared state memory (idempotent); counters stay readable."""
+        for st in self._state:
+            if isinstance(st, mmap.mmap):
+                st.close()
+
+
+_UNCLAIMED, _CLAIMED, _PLACED = b"\x00", b"\x01", b"\x02"
+_UNPLACED_RUN = re.compile(rb"[\x00\x01]+")
 
 
 # ------------------------------------------------------------------------ placement
@@ -934,7 +963,7 @@ class LazyLoader(_LoaderBase):
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
         regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
                    for i, r in enumerate(source.regions)]
-        claims = ClaimMap([r.units for r in regions])
+        claims = ClaimMap([r.units for r in regions], shared=self._server_mode == "process")
         self._wake_fd = _eventfd()
         self._server = _Server(self._uffd, regions, claims, self._wake_fd,
                                chunk_bytes=options["chunk_bytes"],
@@ -955,6 +984,7 @@ class LazyLoader(_LoaderBase):
         assert server is not None
         if server.error is not None:
             self._fail(server.error)
+            self._fence_unplaced()
         elif server.claims.complete.is_set():
             self._finish()
         self._done.set()
@@ -1003,10 +1033,12 @@ class LazyLoader(_LoaderBase):
             self._finish()
         elif report.get("error"):
             self._fail(LoaderError(f"fault server failed: {report['error']}"))
+            self._fence_unplaced()
         elif report.get("stopped"):
             self._apply_child_stats(report)
         else:
             self._fail(_server_died(pid, status))
+            self._fence_unplaced()
         self._done.set()
 
     def _apply_child_stats(self, report: Dict[str, Any]) -> None:
@@ -1028,6 +1060,25 @@ class LazyLoader(_LoaderBase):
         if self._error is None:
             self._error = exc
         self._failed = True
+
+    def _fence_unplaced(self) -> None:
+        """The load failed: make every page nobody placed inaccessible, then wake its waiters.
+
+        Runs once the workers have ended.  Each unplaced run is replaced by
+        ``PROT_NONE`` memory and woken with ``UFFDIO_WAKE``: a thread that was
+        waiting for it retries and gets SIGSEGV now, instead of waiting
+        forever, and can never read zeros in place of data.  Placed pages stay
+        readable.
+        """
+        server, uffd = self._server, self._uffd
+        if server is None or uffd is None or uffd.closed:
+            return
+        for region in server.regions:
+            for first, end in server.claims.unplaced_runs(region.index):
+                start = region.start + first * region.unit
+                length = (end - first) * region.unit
+                _protect_none(start, length)
+                uffd.wake(start, length)
 
     def _teardown_uffd(self) -> None:
         uffd = self._uffd
@@ -1124,12 +1175,11 @@ class LazyLoader(_LoaderBase):
                 self._reap_child(timeout=5.0)
         if self._monitor is not None:
             self._monitor.join(timeout=30.0)
-        if self._failed and self._registered:
-            # Nothing may read a page that was never served as zeros.
+        if self._registered:                      # closed before completion
+            # Unregistering wakes the waiters, which would then fault in zero
+            # pages: nothing may read a page that was never served as zeros.
             for m in self._mappings.values():
-                ioctl.libc.mmap(m.address, m.length, ioctl.PROT_NONE,
-                           ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
-                           | ioctl.MAP_NORESERVE, -1, 0)
+                _protect_none(m.address, m.length)
             self._registered = False
         self._teardown_uffd()
         if self._result_fd >= 0:
@@ -1138,6 +1188,8 @@ class LazyLoader(_LoaderBase):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        if server is not None:
+            server.claims.close()
         self._unmap_blocks()
         if self._owns_source and self._source is not None:
             self._source.close()
@@ -1154,6 +1206,13 @@ class LazyLoader(_LoaderBase):
                 os.kill(self._child_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _protect_none(start: int, length: int) -> None:
+    """Replace ``[start, start+length)`` by inaccessible memory (no longer registered)."""
+    ioctl.libc.mmap(start, length, ioctl.PROT_NONE,
+                    ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
+                    | ioctl.MAP_NORESERVE, -1, 0)
 
 
 def _server_died(pid: int, status: int) -> ServerDiedError:
