@@ -649,3 +649,141 @@ def test_fuzz_real_core_headers(kernel_core: ProcessCore, tmp_path: Path) -> Non
             f.flush()
     assert open_fds() == before
     assert fuzz_outcome(p) == "ok"
+
+
+# ------------------------------------------- lazy loading, the command line, convert
+#
+# Memory under a running load is read with ctypes.memmove only (no GIL held),
+# and every wait has a timeout.
+
+def _uffdpy(*args: object, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "uffdpy", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def _ok(*args: object) -> str:
+    proc = _uffdpy(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _memmove_read(address: int, size: int) -> bytes:
+    import ctypes
+    buf = ctypes.create_string_buffer(size)
+    ctypes.memmove(buf, address, size)
+    return buf.raw
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("server", ["thread", "process"])
+def test_lazy_load_of_qemu_dump_equals_pmemsave(pc_dump: QemuDump, server: str) -> None:
+    from uffdpy.loader import LazyLoader
+    from uffdpy.workload import verify
+    with ElfImage.open(pc_dump.path) as image, LazyLoader(image, server=server) as loader:
+        # the known bytes, read while the load runs: served by faults or the prefetcher
+        for r in pc_dump.regions:
+            region = image.region_at(r.addr)
+            got = _memmove_read(loader.address(region.name) + r.addr - region.address, r.size)
+            assert got == r.data(), f"known bytes at {r.addr:#x}"
+        assert loader.wait(60)
+        assert loader.stats.double_placements == 0
+        for start, end, _ in pc_dump.ram_ranges:
+            region = image.region_at(start)
+            want = pc_dump.pmem[start].read_bytes()
+            mem = loader.memory(region.name)
+            assert bytes(mem[start - region.address:end - region.address]) == want
+        regions = [(loader.address(r.name), r) for r in image.regions]
+        assert verify(regions) == (sum(r.pages for r in image.regions), 0)
+
+
+@pytest.mark.qemu
+def test_cli_inspect_and_dump_of_qemu_dump(pc_dump: QemuDump, tmp_path: Path) -> None:
+    info = json.loads(_ok("inspect", pc_dump.path, "--json"))
+    assert info["format"] == "elf-core" and info["address_space"] == "guest-physical"
+    assert [(r["address"], r["address"] + r["length"]) for r in info["regions"]] == \
+        [(s, e) for s, e, _ in pc_dump.ram_ranges]
+    assert any(n["type_name"] == "NT_PRSTATUS" for n in info["notes"])
+    text = _ok("inspect", pc_dump.path)
+    assert "guest-physical" in text and info["regions"][0]["name"] in text
+    big = max(info["regions"], key=lambda r: r["length"])
+    out = tmp_path / "region.raw"
+    for mode in ("lazy", "eager"):
+        _ok("dump", pc_dump.path, big["name"], "-o", out, "--mode", mode)
+        assert out.read_bytes() == pc_dump.pmem[big["address"]].read_bytes()
+    report = json.loads(_ok("load", pc_dump.path, "--access", "random", "--touch", "300",
+                            "--verify", "--json"))
+    assert report["mismatched_pages"] == 0 and report["double_placements"] == 0
+
+
+@pytest.mark.qemu
+def test_convert_qemu_dump_loads_in_qemu(pc_dump: QemuDump, qemu_binary: str,
+                                         tmp_path: Path) -> None:
+    """``uffdpy convert`` output, loaded by a real QEMU -machine none, has the data in place."""
+    from uffdpy.mappedram import Snapshot
+    snap_path = tmp_path / "converted.img"
+    out = _ok("convert", pc_dump.path, "-o", snap_path)
+    end = max(e for _, e, _ in pc_dump.ram_ranges)
+    mem = -(-end // (1 << 20))
+    assert f"-machine none -m {mem}M" in out
+    with Snapshot.open(snap_path) as snap:
+        assert [b.name for b in snap.blocks] == ["ram"]
+        block = snap.blocks[0]
+        assert block.length == mem << 20
+        for start, e, _ in pc_dump.ram_ranges:       # the reader sees the dump's bytes
+            first, count = start // PAGE, (e - start) // PAGE
+            assert block.read_pages(first, count) == pc_dump.pmem[start].read_bytes()
+    cfg = qemu_snapshot.VmConfig(machine="none", mem=f"{mem}M", qemu=qemu_binary)
+    with qemu_snapshot.QemuVM(cfg, incoming=True, timeout=120) as vm:
+        vm.load(str(snap_path))
+        for r in pc_dump.regions:
+            got = tmp_path / f"qemu-{r.addr:#x}.pmem"
+            vm.pmemsave(str(got), addr=r.addr, size=r.size)
+            assert got.read_bytes() == r.data(), f"QEMU sees other bytes at {r.addr:#x}"
+        for start, e, _ in pc_dump.ram_ranges:
+            got = tmp_path / f"qemu-range-{start:#x}.pmem"
+            vm.pmemsave(str(got), addr=start, size=e - start)
+            assert got.read_bytes() == pc_dump.pmem[start].read_bytes()
+
+
+@pytest.mark.parametrize("which", ["gcore", "kernel_core"])
+@pytest.mark.parametrize("server", ["thread", "process"])
+def test_lazy_load_of_process_core(which: str, server: str,
+                                   request: pytest.FixtureRequest) -> None:
+    """Faults only (no prefetcher): the known buffer arrives through the fault loop."""
+    from uffdpy.loader import LazyLoader
+    from uffdpy.workload import verify
+    core: ProcessCore = request.getfixturevalue(which)
+    with ElfImage.open(core.path) as image:
+        region = image.region_at(core.address)
+        with LazyLoader(image, server=server, prefetch=False) as loader:
+            base = loader.address(region.name) + core.address - region.address
+            assert _memmove_read(base, len(core.data)) == core.data
+            if server == "thread":
+                assert loader.stats.faults >= 1 and loader.stats.pages_by_prefetch == 0
+            regions = [(loader.address(r.name), r) for r in image.regions]
+            assert verify(regions) == (sum(r.pages for r in image.regions), 0)
+            assert loader.wait(30), "every page was touched by verify: load complete"
+
+
+def test_cli_on_a_process_core(gcore: ProcessCore, tmp_path: Path) -> None:
+    info = json.loads(_ok("inspect", gcore.path, "--json"))
+    assert info["address_space"] == "virtual"
+    region = next(r for r in info["regions"]
+                  if r["address"] <= gcore.address < r["address"] + r["length"])
+    out = tmp_path / "seg.raw"
+    _ok("dump", gcore.path, region["name"], "-o", out)
+    lo = gcore.address - region["address"]
+    assert out.read_bytes()[lo:lo + len(gcore.data)] == gcore.data
+    # a process core has virtual addresses: no single 'ram' block, one block per segment
+    snap_path = tmp_path / "core.img"
+    proc = _uffdpy("convert", gcore.path, "-o", snap_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert "--layout regions" in proc.stderr and str(gcore.path) in proc.stderr
+    _ok("convert", gcore.path, "-o", snap_path, "--layout", "regions")
+    snap_info = json.loads(_ok("inspect", snap_path, "--json"))
+    assert [b["name"] for b in snap_info["blocks"]] == [r["name"] for r in info["regions"]]
+    out2 = tmp_path / "seg2.raw"
+    _ok("dump", snap_path, region["name"], "-o", out2)
+    assert out2.read_bytes() == out.read_bytes()

@@ -24,6 +24,7 @@ SCRIPTS = ROOT / "scripts"
 COVERED = {
     "gil_deadlock.py", "bench_load.py", "teach_fault.py", "bench_fault.py",
     "qemu_snapshot.py", "linux_guest.py",
+    "process_core.py",          # its CLI (--verify) runs in tests/test_elfcore.py
 }
 
 

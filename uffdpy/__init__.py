@@ -7,8 +7,10 @@ Modules:
     ioctl      the kernel ABI: structs, constants, ioctl numbers, libc calls
     uffd       ``Userfaultfd``: an owning, typed wrapper over every ioctl
     memory     ``Mapping``: owned mmap regions with a memoryview
+    pagesource what a loader needs from any image: ``PageSource``, ``open_image``, ``ImageError``
     mappedram  the QEMU mapped-ram file format: ``Snapshot``, writer (no kernel calls)
     elfcore    ELF core files (QEMU dump-guest-memory, process cores): ``ElfImage`` (no kernel calls)
+    convert    an ELF guest memory dump as a mapped-ram snapshot (no kernel calls)
     loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``EagerLoader``
     cli        the ``uffdpy`` command
 """
@@ -34,6 +36,10 @@ _EXPORTS = {
     "write_snapshot": "mappedram",
     "rewrite_snapshot": "mappedram",
     "make_synthetic": "mappedram",
+    "open_image": "pagesource",
+    "ImageError": "pagesource",
+    "PageSource": "pagesource",
+    "to_mapped_ram": "convert",
     "ElfImage": "elfcore",
     "ElfImageError": "elfcore",
     "LazyLoader": "loader",

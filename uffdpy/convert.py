@@ -20,8 +20,9 @@ Only pages that hold data are written (the file is sparse, as QEMU's own).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Tuple
 
+from .elfcore import ElfImage
 from .mappedram import BlockSpec, write_snapshot
 from .pagesource import ImageError, PageRegion, PathLike
 
@@ -51,9 +52,9 @@ def _pieces(region: PageRegion, first_out_page: int) -> Iterator[Tuple[int, byte
             yield first_out_page + lo, region.read_pages(lo, n)
 
 
-def to_mapped_ram(image: object, path: PathLike, *, layout: str = "ram",
+def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
                   ram_size: int = 0) -> List[ConvertedBlock]:
-    """Write ``image`` (an open ``ElfImage``) to ``path`` as a mapped-ram snapshot.
+    """Write ``image`` (an open ELF memory image) to ``path`` as a mapped-ram snapshot.
 
     ``ram_size`` (layout ``ram`` only) sets the block length; 0 means the end
     of the highest segment rounded up to a MiB.
@@ -67,8 +68,7 @@ def to_mapped_ram(image: object, path: PathLike, *, layout: str = "ram",
         ValueError: a bad ``layout``.
         OSError: writing failed.
     """
-    regions: Sequence = list(getattr(image, "regions"))
-    src_path = getattr(image, "path")
+    regions = image.regions
     page_size = 4096
     if layout == "regions":
         specs = [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions]
@@ -77,20 +77,19 @@ def to_mapped_ram(image: object, path: PathLike, *, layout: str = "ram",
         return out
     if layout != "ram":
         raise ValueError(f"layout must be 'ram' or 'regions', not {layout!r}")
-    if getattr(image, "address_space", None) != "guest-physical":
-        raise ImageError(src_path, None, "a single 'ram' block needs guest-physical addresses",
-                         "a QEMU dump-guest-memory file",
-                         f"{getattr(image, 'address_space', '?')} addresses",
+    if image.address_space != "guest-physical":
+        raise ImageError(image.path, None, "a single 'ram' block needs guest-physical addresses",
+                         "a QEMU dump-guest-memory file", f"{image.address_space} addresses",
                          hint="use --layout regions for a process core")
     by_address = sorted(regions, key=lambda r: r.address)
     for r in by_address:
         if r.address % page_size:
-            raise ImageError(src_path, None, f"segment {r.name} is not page-aligned",
+            raise ImageError(image.path, None, f"segment {r.name} is not page-aligned",
                              f"a multiple of {page_size}", hex(r.address))
     end = max((r.address + r.length for r in by_address), default=0)
     length = ram_size or (end + MiB - 1) // MiB * MiB
     if length < end or length % page_size:
-        raise ImageError(src_path, None, "RAM size for the converted snapshot",
+        raise ImageError(image.path, None, "RAM size for the converted snapshot",
                          f"a multiple of {page_size} of at least {end:#x}", hex(length))
 
     def chunks() -> Iterator[Tuple[int, bytes]]:
