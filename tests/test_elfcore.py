@@ -787,3 +787,11 @@ def test_cli_on_a_process_core(gcore: ProcessCore, tmp_path: Path) -> None:
     out2 = tmp_path / "seg2.raw"
     _ok("dump", snap_path, region["name"], "-o", out2)
     assert out2.read_bytes() == out.read_bytes()
+
+
+def test_bench_on_a_process_core(gcore: ProcessCore) -> None:
+    report = json.loads(_ok("bench", gcore.path, "--rounds", "1", "--touch", "50", "--json"))
+    results = report["results"]
+    assert "eager (QEMU-style pread, THP)" in results
+    assert all(r["complete_s"] > 0 for r in results.values())
+    assert not any(name.startswith("QEMU") for name in results)  # QEMU loads mapped-ram only
