@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
 from .elfcore import ElfImage
-from .mappedram import BlockSpec, write_snapshot
+from .mappedram import BlockSpec, Snapshot, write_snapshot
 from .pagesource import ImageError, PageRegion, PathLike
 
 __all__ = ["ConvertedBlock", "to_mapped_ram"]
@@ -35,7 +35,7 @@ _PIECE_PAGES = 256
 
 @dataclass(frozen=True)
 class ConvertedBlock:
-    """One block written by :func:`to_mapped_ram`."""
+    """One block written by :func:`to_mapped_ram`; ``data_pages`` were written (not all zero)."""
 
     name: str
     length: int
@@ -71,10 +71,9 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
     regions = image.regions
     page_size = 4096
     if layout == "regions":
-        specs = [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions]
-        out = [ConvertedBlock(r.name, r.length, r.present_pages) for r in regions]
-        write_snapshot(path, specs, page_size=page_size)
-        return out
+        write_snapshot(path, [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions],
+                       page_size=page_size)
+        return _written(path)
     if layout != "ram":
         raise ValueError(f"layout must be 'ram' or 'regions', not {layout!r}")
     if image.address_space != "guest-physical":
@@ -97,4 +96,9 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
             yield from _pieces(r, r.address // page_size)
 
     write_snapshot(path, [BlockSpec("ram", length, chunks())], page_size=page_size)
-    return [ConvertedBlock("ram", length, sum(r.present_pages for r in regions))]
+    return _written(path)
+
+
+def _written(path: PathLike) -> List[ConvertedBlock]:
+    with Snapshot.open(path) as snap:
+        return [ConvertedBlock(b.name, b.length, b.present_pages) for b in snap.blocks]
