@@ -93,7 +93,7 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-from .pagesource import POPCOUNT, ImageError, PathLike, bitmap_runs, set_bits
+from .pagesource import POPCOUNT, ImageError, ImageFile, PathLike, bitmap_runs, set_bits
 
 
 # --- errors ----------------------------------------------------------------------
@@ -119,40 +119,11 @@ _NOT_MAPPED_RAM_HINT = (
 
 # --- low-level reading -------------------------------------------------------------
 
-class _Source:
+class _Source(ImageFile):
     """An open file read with pread; every read is exact or raises MappedRamError."""
 
-    def __init__(self, path: PathLike) -> None:
-        self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            self.size = os.fstat(self.fd).st_size
-        except OSError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def read_exact(self, offset: int, count: int, what: str) -> bytes:
-        """Return exactly ``count`` bytes at ``offset``; MappedRamError if the file is shorter."""
-        if self.fd < 0:
-            raise ValueError(f"{self.path}: I/O on a closed snapshot")
-        if offset < 0 or count < 0 or offset + count > self.size:
-            raise MappedRamError(self.path, offset, f"{what} runs past the end of the file",
-                                 f"{count} bytes", f"{max(0, self.size - offset)} bytes left")
-        chunks = []
-        done = 0
-        while done < count:
-            chunk = os.pread(self.fd, count - done, offset + done)
-            if not chunk:
-                raise MappedRamError(self.path, offset + done, f"{what}: file shrank while reading",
-                                     f"{count} bytes", f"{done} bytes")
-            chunks.append(chunk)
-            done += len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    error = MappedRamError
+    noun = "snapshot"
 
 
 class _Cursor:

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterator, Optional, Protocol, Sequence, Tuple, Union
+from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, Union
 
-__all__ = ["ImageError", "PageRegion", "PageSource", "open_image", "sniff_format"]
+__all__ = ["ImageError", "ImageFile", "PageRegion", "PageSource", "open_image", "sniff_format"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -71,6 +71,53 @@ class ImageError(ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+class ImageFile:
+    """An open image file read with ``pread``; every read is exact or raises ``error``.
+
+    Formats subclass it to set ``error`` (their ImageError subclass) and
+    ``noun`` (how the file is called in messages).
+    """
+
+    error: ClassVar[Type[ImageError]] = ImageError
+    noun: ClassVar[str] = "image"
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.size = os.fstat(self.fd).st_size
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def read_exact(self, offset: int, count: int, what: str) -> bytes:
+        """Exactly ``count`` bytes at ``offset``.
+
+        Raises: ``error`` if the file is shorter; ValueError if it is closed.
+        """
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: I/O on a closed {self.noun}")
+        if offset < 0 or count < 0 or offset + count > self.size:
+            raise self.error(self.path, offset, f"{what} runs past the end of the file",
+                             f"{count} bytes", f"{max(0, self.size - offset)} bytes left")
+        chunks = []
+        done = 0
+        while done < count:
+            chunk = os.pread(self.fd, count - done, offset + done)
+            if not chunk:
+                raise self.error(self.path, offset + done, f"{what}: file shrank while reading",
+                                 f"{count} bytes", f"{done} bytes")
+            chunks.append(chunk)
+            done += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class PageRegion(Protocol):
