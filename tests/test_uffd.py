@@ -27,7 +27,7 @@ from uffdpy import ioctl as abi
 from uffdpy.memory import PAGE_SIZE, Mapping, memfd_create
 from uffdpy.uffd import (
     ContinueMode, CopyMode, Event, EventsPendingError, Feature, FeatureUnavailableError,
-    ForkEvent, Ioctl, MoveMode, PagefaultEvent, PagefaultFlag, ProcessGoneError,
+    Filler, ForkEvent, Ioctl, MoveMode, PagefaultEvent, PagefaultFlag, ProcessGoneError,
     RangeGoneError, RegisterMode, RemoveEvent, UffdError, UffdPermissionError, Userfaultfd,
     WriteprotectMode, ZeropageMode, _fill_outcome, probe_features,
 )
@@ -693,6 +693,175 @@ def test_closing_the_uffd_releases_parked_faults_with_zeros(region: Mapping) -> 
     next_fault(uffd)
     uffd.close()
     assert toucher.finish() == b"\0" * 8
+
+
+# ---------------------------------------------------------------------------
+# Filler: the fault loop's fast path, same semantics as the methods
+# ---------------------------------------------------------------------------
+
+
+def wait_readable(uffd: Userfaultfd) -> None:
+    poller = select.poll()
+    poller.register(uffd.fileno(), select.POLLIN)
+    assert poller.poll(int(WAIT * 1000)), f"no event within {WAIT} s"
+
+
+def test_filler_serves_faults_with_copy_and_zeropage(region: Mapping) -> None:
+    with Userfaultfd(features=Feature.THREAD_ID) as uffd:
+        uffd.register(region.address, region.length)
+        filler = Filler(uffd)
+        assert filler.read() == 0                     # nothing queued: 0, no exception
+        src = page_of(0x5A)
+        for page, use_copy in ((2, True), (0, False), (3, True)):
+            toucher = Toucher(region.address + page * PAGE_SIZE + 8, write=b"w")
+            toucher.start()
+            wait_readable(uffd)
+            assert filler.read() == 1
+            assert filler.buffer[0] == abi.UFFD_EVENT_PAGEFAULT
+            address = filler.words[2]
+            assert address == region.address + page * PAGE_SIZE
+            assert filler.words[1] == abi.UFFD_PAGEFAULT_FLAG_WRITE
+            assert filler.words[3] & 0xFFFFFFFF == toucher.tid != 0
+            assert filler.decode(0) == PagefaultEvent(address, PagefaultFlag.WRITE, toucher.tid)
+            if use_copy:
+                assert filler.copy(address, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
+            else:
+                assert filler.zeropage(address, PAGE_SIZE) == PAGE_SIZE
+            toucher.finish()
+            fill = b"\x5a" if use_copy else b"\0"
+            assert ctypes.string_at(address + 7, 3) == fill + b"w" + fill
+
+
+def test_filler_reads_many_faults_at_once(region: Mapping) -> None:
+    with Userfaultfd() as uffd:
+        uffd.register(region.address, region.length)
+        filler = Filler(uffd, max_messages=2)         # fewer than the faults: two reads
+        touchers = [Toucher(region.address + i * PAGE_SIZE) for i in range(4)]
+        for toucher in touchers:
+            toucher.start()
+        seen: set = set()
+        while len(seen) < 4:
+            wait_readable(uffd)
+            count = filler.read()
+            assert 1 <= count <= 2
+            for k in range(count):
+                assert filler.buffer[k * 32] == abi.UFFD_EVENT_PAGEFAULT
+                seen.add(filler.words[k * 4 + 2])
+        assert seen == {region.address + i * PAGE_SIZE for i in range(4)}
+        for address in seen:
+            assert filler.zeropage(address, PAGE_SIZE) == PAGE_SIZE
+        for toucher in touchers:
+            assert toucher.finish() == b"\0" * 8
+
+
+def test_filler_eexist_dontwake_then_wake(region: Mapping) -> None:
+    with Userfaultfd() as uffd:
+        uffd.register(region.address, region.length)
+        filler = Filler(uffd)
+        toucher = Toucher(region.address + PAGE_SIZE)
+        toucher.start()
+        wait_readable(uffd)
+        assert filler.read() == 1
+        address = filler.words[2]
+        src = page_of(0x22)
+        assert filler.copy(address, ctypes.addressof(src), PAGE_SIZE,
+                           abi.UFFDIO_COPY_MODE_DONTWAKE) == PAGE_SIZE
+        toucher.join(0.3)
+        assert toucher.is_alive(), "DONTWAKE must leave the thread parked"
+        assert filler.copy(address, ctypes.addressof(src), PAGE_SIZE) == -errno.EEXIST
+        assert filler.zeropage(address, PAGE_SIZE) == -errno.EEXIST
+        filler.wake(address, PAGE_SIZE)
+        assert toucher.finish() == b"\x22" * 8
+
+
+def test_filler_partial_progress_and_reused_count(region: Mapping) -> None:
+    with Userfaultfd() as uffd:
+        uffd.register(region.address, region.length)
+        filler = Filler(uffd)
+        src = ctypes.create_string_buffer(b"\x01" * PAGE_SIZE + b"\x02" * PAGE_SIZE)
+        second = region.address + PAGE_SIZE
+        assert filler.zeropage(second, PAGE_SIZE) == PAGE_SIZE
+        assert filler.copy(region.address, ctypes.addressof(src), 2 * PAGE_SIZE) == PAGE_SIZE
+        assert ctypes.string_at(region.address, 1) == b"\x01"
+        assert filler.copy(second, ctypes.addressof(src), PAGE_SIZE) == -errno.EEXIST
+        third = region.address + 2 * PAGE_SIZE
+        assert filler.zeropage(third + PAGE_SIZE, PAGE_SIZE) == PAGE_SIZE
+        assert filler.zeropage(third, 2 * PAGE_SIZE) == PAGE_SIZE   # partial zeropage
+        assert filler.zeropage(third, PAGE_SIZE) == -errno.EEXIST
+
+
+def test_filler_eagain_while_events_pending(region: Mapping) -> None:
+    with Userfaultfd(features=Feature.EVENT_REMOVE) as uffd:
+        uffd.register(region.address, region.length)
+        filler = Filler(uffd)
+        src = page_of(0x44)
+        assert filler.copy(region.address, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
+        result: List[BaseException] = []
+
+        def dontneed() -> None:
+            try:
+                abi.libc.madvise(region.address, PAGE_SIZE, abi.MADV_DONTNEED)
+            except BaseException as exc:
+                result.append(exc)
+
+        advisor = threading.Thread(target=dontneed, daemon=True)
+        advisor.start()
+        wait_readable(uffd)
+        target = region.address + 2 * PAGE_SIZE
+        assert filler.copy(target, ctypes.addressof(src), PAGE_SIZE) == -errno.EAGAIN
+        assert filler.zeropage(target, PAGE_SIZE) == -errno.EAGAIN
+        assert filler.copy(target, ctypes.addressof(src), PAGE_SIZE) == -errno.EAGAIN
+        assert filler.read() == 1
+        assert filler.buffer[0] == abi.UFFD_EVENT_REMOVE
+        assert filler.decode(0) == RemoveEvent(region.address, region.address + PAGE_SIZE)
+        advisor.join(WAIT)
+        assert not advisor.is_alive() and not result
+        assert filler.copy(target, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
+
+
+def test_filler_errors_name_the_ioctl_and_range(region: Mapping) -> None:
+    uffd = Userfaultfd()
+    filler = Filler(uffd)
+    src = page_of(0)
+    with pytest.raises(UffdError) as info:            # not registered
+        filler.copy(region.address, ctypes.addressof(src), PAGE_SIZE)
+    assert info.value.errno in (errno.ENOENT, errno.EINVAL)
+    assert f"UFFDIO_COPY(dst={region.address:#x}, src={ctypes.addressof(src):#x}, " \
+           f"len={PAGE_SIZE:#x}, mode=0)" in str(info.value)
+    uffd.register(region.address, region.length)
+    with pytest.raises(UffdError) as info:            # misaligned
+        filler.zeropage(region.address + 1, PAGE_SIZE, abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+    assert info.value.errno == errno.EINVAL
+    assert "UFFDIO_ZEROPAGE(start=" in str(info.value) and "mode=DONTWAKE" in str(info.value)
+    with pytest.raises(UffdError) as info:
+        filler.wake(region.address, 0)
+    assert info.value.errno == errno.EINVAL and "UFFDIO_WAKE(start=" in str(info.value)
+    with pytest.raises(ValueError):
+        filler.copy(-PAGE_SIZE, ctypes.addressof(src), PAGE_SIZE)
+    uffd.close()
+    for call in (lambda: filler.copy(region.address, ctypes.addressof(src), PAGE_SIZE),
+                 lambda: filler.zeropage(region.address, PAGE_SIZE),
+                 lambda: filler.wake(region.address, PAGE_SIZE),
+                 filler.read):
+        with pytest.raises(UffdError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    with pytest.raises(ValueError):
+        Filler(uffd, max_messages=0)
+
+
+def test_methods_wrap_out_of_range_values_like_ctypes(region: Mapping) -> None:
+    """A negative address travels as its 64-bit two's complement: EINVAL from the kernel."""
+    with Userfaultfd() as uffd:
+        uffd.register(region.address, region.length)
+        for call in (lambda: uffd.copy(-PAGE_SIZE, 0, PAGE_SIZE),
+                     lambda: uffd.zeropage(-PAGE_SIZE, PAGE_SIZE),
+                     lambda: uffd.wake(-PAGE_SIZE, PAGE_SIZE)):
+            with pytest.raises(UffdError) as info:
+                call()
+            assert info.value.errno == errno.EINVAL
+        with pytest.raises(TypeError):
+            uffd.copy(region.address, 0.5, PAGE_SIZE)  # type: ignore[arg-type]
 
 
 def test_bench_fault_quick_runs() -> None:
