@@ -10,12 +10,18 @@
  *       a handler thread serves each fault with one single-page UFFDIO_COPY
  *       or UFFDIO_ZEROPAGE.  Placements: "same" (handler on CPU 0, sleeping
  *       in poll), "poll" (handler on CPU 1, sleeping in poll), "busy"
- *       (handler on CPU 1, spinning on non-blocking read).
+ *       (handler on CPU 1, spinning on non-blocking read); with a "proc-"
+ *       prefix the handler is a forked child process instead of a thread
+ *       (the uffd still covers the parent's memory), as uffdpy's process
+ *       server runs it.
  *   bulk <chunk_bytes> <GB_per_s>
  *       UFFDIO_COPY of a whole registered region in chunks (median of 3
  *       runs after a warm-up), no faults involved.
  *
- * Usage: fault_handler.bin <faults> <bulk_mib>
+ * Usage: fault_handler.bin <faults> <bulk_mib>          every row
+ *        fault_handler.bin <faults> lat <op> <placement>  one latency row
+ *        fault_handler.bin <bulk_mib> bulk <chunk_bytes>  one bulk row
+ * (the script runs single rows, interleaved with its own).
  * Built by the script with the system compiler only when one exists; the
  * package itself never compiles anything.
  */
@@ -34,6 +40,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -184,19 +191,23 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 static void latency(size_t faults, int zeropage, const char *placement, int cpu, int busy,
-		    char *src)
+		    int proc, char *src)
 {
 	size_t len = faults * PAGE, *order = malloc(faults * sizeof(size_t));
 	uint64_t *lat = malloc(faults * sizeof(uint64_t));
 	char *base = map_region(len);
 	int uffd = new_uffd(), stopfd = eventfd(0, EFD_CLOEXEC);
-	struct handler h = { uffd, stopfd, cpu, busy, zeropage, src, 0 };
+	/* shared, so that a forked handler sees the stop flag */
+	struct handler *hp = mmap(NULL, sizeof(*hp), PROT_READ | PROT_WRITE,
+				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	struct toucher t = { base, order, faults, lat };
 	pthread_t ht, tt;
+	pid_t pid = 0;
 	uint64_t one = 1;
 
-	if (!order || !lat || stopfd < 0)
+	if (!order || !lat || stopfd < 0 || hp == MAP_FAILED)
 		die("setup");
+	*hp = (struct handler){ uffd, stopfd, cpu, busy, zeropage, src, 0 };
 	for (size_t i = 0; i < faults; i++)
 		order[i] = i;
 	for (size_t i = faults - 1; i > 0; i--) {
@@ -206,13 +217,30 @@ static void latency(size_t faults, int zeropage, const char *placement, int cpu,
 		order[j] = tmp;
 	}
 	register_range(uffd, base, len);
-	pthread_create(&ht, NULL, handler_main, &h);
+	if (proc) {
+		pid = fork();
+		if (pid < 0)
+			die("fork");
+		if (pid == 0) {
+			handler_main(hp);
+			_exit(0);
+		}
+	} else {
+		pthread_create(&ht, NULL, handler_main, hp);
+	}
 	pthread_create(&tt, NULL, toucher_main, &t);
 	pthread_join(tt, NULL);
-	h.stop = 1;
+	hp->stop = 1;
 	if (write(stopfd, &one, sizeof(one)) != sizeof(one))
 		die("write");
-	pthread_join(ht, NULL);
+	if (proc) {
+		int status;
+
+		if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status))
+			die("handler process");
+	} else {
+		pthread_join(ht, NULL);
+	}
 	qsort(lat, faults, sizeof(*lat), cmp_u64);
 	printf("lat %s %s %llu %llu %llu\n", zeropage ? "zeropage" : "copy", placement,
 	       (unsigned long long)lat[faults / 2], (unsigned long long)lat[faults * 9 / 10],
@@ -220,6 +248,7 @@ static void latency(size_t faults, int zeropage, const char *placement, int cpu,
 	fflush(stdout);
 	close(uffd);
 	close(stopfd);
+	munmap(hp, sizeof(*hp));
 	munmap(base, len);
 	free(order);
 	free(lat);
@@ -268,17 +297,36 @@ int main(int argc, char **argv)
 	char *src;
 	static const size_t chunks[] = { 4096, 65536, 2UL << 20 };
 
-	if (argc != 3)
-		return fprintf(stderr, "usage: %s <faults> <bulk_mib>\n", argv[0]), 2;
-	faults = strtoul(argv[1], NULL, 0);
-	mib = strtoul(argv[2], NULL, 0);
+	if (argc != 3 && !(argc == 5 && !strcmp(argv[2], "lat"))
+	    && !(argc == 4 && !strcmp(argv[2], "bulk")))
+		return fprintf(stderr, "usage: %s <faults> <bulk_mib> | <faults> lat <op> "
+			       "<placement> | <bulk_mib> bulk <chunk>\n", argv[0]), 2;
 	src = map_region(2UL << 20);
 	memset(src, 0x5a, 2UL << 20);
 	srandom(1);
+	if (argc == 5) {
+		const char *op = argv[3], *pl = argv[4];
+		int proc = !strncmp(pl, "proc-", 5), zp = !strcmp(op, "zeropage");
+		const char *base = proc ? pl + 5 : pl;
+
+		if (!zp && strcmp(op, "copy"))
+			return fprintf(stderr, "op: copy or zeropage\n"), 2;
+		if (strcmp(base, "same") && strcmp(base, "poll") && strcmp(base, "busy"))
+			return fprintf(stderr, "placement: [proc-]same, poll or busy\n"), 2;
+		latency(strtoul(argv[1], NULL, 0), zp, pl, strcmp(base, "same") ? 1 : 0,
+			!strcmp(base, "busy"), proc, src);
+		return 0;
+	}
+	if (argc == 4) {
+		bulk(strtoul(argv[1], NULL, 0), strtoul(argv[3], NULL, 0), src);
+		return 0;
+	}
+	faults = strtoul(argv[1], NULL, 0);
+	mib = strtoul(argv[2], NULL, 0);
 	for (int zp = 0; zp < 2; zp++) {
-		latency(faults, zp, "same", 0, 0, src);
-		latency(faults, zp, "poll", 1, 0, src);
-		latency(faults, zp, "busy", 1, 1, src);
+		latency(faults, zp, "same", 0, 0, 0, src);
+		latency(faults, zp, "poll", 1, 0, 0, src);
+		latency(faults, zp, "busy", 1, 1, 0, src);
 	}
 	for (int i = 0; i < 3; i++)
 		bulk(mib, chunks[i], src);

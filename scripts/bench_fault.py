@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import os
 import random
 import select
@@ -52,16 +53,19 @@ from tabulate import tabulate  # noqa: E402
 
 from uffdpy import ioctl as abi  # noqa: E402
 from uffdpy.memory import PAGE_SIZE, Mapping  # noqa: E402
-from uffdpy.uffd import Userfaultfd  # noqa: E402
+from uffdpy.uffd import Filler, Userfaultfd  # noqa: E402
 
 C_SOURCE = ROOT / "benchmarks" / "fault_handler.c"
 C_BINARY = ROOT / "benchmarks" / "fault_handler.bin"
 
-# (key, label, handler CPU, busy-poll)
+# (key, label, handler CPU, busy-poll, handler in a forked child process)
 PLACEMENTS = [
-    ("same", "same CPU, poll", 0, False),
-    ("poll", "other CPU, poll", 1, False),
-    ("busy", "other CPU, busy", 1, True),
+    ("same", "same CPU, poll", 0, False, False),
+    ("poll", "other CPU, poll", 1, False, False),
+    ("busy", "other CPU, busy", 1, True, False),
+    ("proc-same", "process: same CPU, poll", 0, False, True),
+    ("proc-poll", "process: other CPU, poll", 1, False, True),
+    ("proc-busy", "process: other CPU, busy", 1, True, True),
 ]
 OPS = ["copy", "zeropage"]
 CHUNKS = [4096, 64 * 1024, 2 * 1024 * 1024]
@@ -82,65 +86,97 @@ def percentiles(samples_ns: List[int]) -> Percentiles:
     return tuple(ordered[int(count * q)] / 1000 for q in (0.5, 0.9, 0.99))  # type: ignore
 
 
-class Handler(threading.Thread):
-    """The fault loop: read messages into the preallocated buffer, one ioctl per fault."""
+class Handler:
+    """The fault loop, as fast as the package makes it: poll, one read, one ioctl per fault.
+
+    :class:`uffdpy.uffd.Filler` reads into its preallocated buffer and fills
+    through preallocated structs; the loop polls the uffd and a stop pipe
+    (with a zero timeout when busy-polling: an empty poll is cheaper than a
+    raised BlockingIOError) and decodes the address from the 64-bit words.
+    """
 
     def __init__(self, uffd: Userfaultfd, op: str, cpu: int, busy: bool, src: int) -> None:
-        super().__init__(daemon=True)
         self.uffd, self.op, self.cpu, self.busy, self.src = uffd, op, cpu, busy, src
         self.stop_read, self.stop_write = os.pipe()
-        self.stopping = False
         self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+        self.pid = 0
 
     def run(self) -> None:
         try:
             pin(self.cpu)
-            self.busy_loop() if self.busy else self.poll_loop()
+            self.loop()
         except BaseException as exc:  # re-raised by stop()
             self.error = exc
 
-    def serve(self, messages: "ctypes.Array[abi.uffd_msg]") -> None:
-        src = self.src
-        if self.op == "copy":
-            copy = self.uffd.copy
-            for message in messages:
-                copy(message.arg.pagefault.address, src, PAGE_SIZE)
-        else:
-            zeropage = self.uffd.zeropage
-            for message in messages:
-                zeropage(message.arg.pagefault.address, PAGE_SIZE)
-
-    def poll_loop(self) -> None:
+    def loop(self) -> None:
+        filler = Filler(self.uffd)
+        read, buffer, words = filler.read, filler.buffer, filler.words
+        copy, zeropage, src = filler.copy, filler.zeropage, self.src
+        use_copy = self.op == "copy"
+        ufd = self.uffd.fileno()
         poller = select.poll()
-        poller.register(self.uffd.fileno(), select.POLLIN)
+        poller.register(ufd, select.POLLIN)
         poller.register(self.stop_read, select.POLLIN)
-        read_raw, serve, stop_read = self.uffd.read_raw, self.serve, self.stop_read
+        poll, timeout = poller.poll, (0 if self.busy else None)
+        pagefault, page, eexist = abi.UFFD_EVENT_PAGEFAULT, PAGE_SIZE, -errno.EEXIST
         while True:
-            ready = poller.poll()
-            if any(fd == stop_read for fd, _ in ready):
-                return
-            serve(read_raw())
+            ready = poll(timeout)
+            if not ready:
+                continue
+            if len(ready) > 1 or ready[0][0] != ufd:
+                return                          # the stop pipe
+            for k in range(read()):
+                if buffer[k << 5] != pagefault:
+                    continue
+                if use_copy:
+                    done = copy(words[k * 4 + 2], src, page)
+                else:
+                    done = zeropage(words[k * 4 + 2], page)
+                if done != page and done != eexist:
+                    raise RuntimeError(f"fill returned {done}")
 
-    def busy_loop(self) -> None:
-        # poll(0) rather than reading until EAGAIN: an empty poll is cheaper
-        # than a raised BlockingIOError, and the GIL is held for less time.
-        poller = select.poll()
-        poller.register(self.uffd.fileno(), select.POLLIN)
-        poll, read_raw, serve = poller.poll, self.uffd.read_raw, self.serve
-        while not self.stopping:
-            if poll(0):
-                serve(read_raw())
+    def start(self, process: bool) -> None:
+        """Run the loop in a thread, or in a forked child (the uffd covers our memory)."""
+        if process:
+            self.pid = os.fork()
+            if self.pid == 0:                   # the child: serve, report by exit status
+                status = 1
+                try:
+                    self.run()
+                    status = 0 if self.error is None else 1
+                    if self.error is not None:
+                        print(f"handler process: {self.error!r}", file=sys.stderr)
+                finally:
+                    os._exit(status)
+        else:
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
 
     def stop(self) -> None:
-        self.stopping = True
         os.write(self.stop_write, b"x")
-        self.join(10)
-        os.close(self.stop_read)
-        os.close(self.stop_write)
-        if self.is_alive():
-            raise RuntimeError("handler thread did not stop within 10 s")
-        if self.error is not None:
-            raise self.error
+        try:
+            if self.pid:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        if os.waitstatus_to_exitcode(status) != 0:
+                            raise RuntimeError(f"handler process exited with status {status}")
+                        return
+                    time.sleep(0.01)
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+                raise RuntimeError("handler process did not stop within 10 s")
+            assert self.thread is not None
+            self.thread.join(10)
+            if self.thread.is_alive():
+                raise RuntimeError("handler thread did not stop within 10 s")
+            if self.error is not None:
+                raise self.error
+        finally:
+            os.close(self.stop_read)
+            os.close(self.stop_write)
 
 
 def touch_all(base: int, order: Sequence[int], samples: List[int]) -> None:
@@ -155,14 +191,27 @@ def touch_all(base: int, order: Sequence[int], samples: List[int]) -> None:
         samples.append(clock() - start)
 
 
-def python_latency(op: str, cpu: int, busy: bool, faults: int, src: int) -> Percentiles:
+def toucher_floor(pages: int = 256, rounds: int = 20) -> float:
+    """p50 (us) of the toucher's own timed access to a page that is present: no fault."""
+    samples: List[int] = []
+    with Mapping.anonymous(pages * PAGE_SIZE) as region:
+        ctypes.memset(region.address, 1, region.length)
+        order = list(range(pages)) * rounds
+        worker = threading.Thread(target=touch_all, args=(region.address, order, samples))
+        worker.start()
+        worker.join(60)
+    return percentiles(samples)[0]
+
+
+def python_latency(op: str, cpu: int, busy: bool, process: bool, faults: int,
+                   src: int) -> Percentiles:
     order = list(range(faults))
     random.Random(1).shuffle(order)
     samples: List[int] = []
     with Mapping.anonymous(faults * PAGE_SIZE) as region, Userfaultfd() as uffd:
         uffd.register(region.address, region.length)
         handler = Handler(uffd, op, cpu, busy, src)
-        handler.start()
+        handler.start(process)                  # fork first: no other thread is running
         toucher = threading.Thread(target=touch_all, args=(region.address, order, samples),
                                    daemon=True)
         toucher.start()
@@ -178,7 +227,7 @@ def python_bulk(chunk: int, mib: int, src: int) -> float:
     rates = []
     with Mapping.anonymous(length) as region, Userfaultfd() as uffd:
         uffd.register(region.address, length)
-        copy, base = uffd.copy, region.address
+        copy, base = Filler(uffd).copy, region.address
         for _ in range(4):
             start = time.perf_counter_ns()
             for offset in range(0, length, chunk):
@@ -190,32 +239,49 @@ def python_bulk(chunk: int, mib: int, src: int) -> float:
     return statistics.median(rates[1:])  # rates[0] is the warm-up
 
 
-def c_results(faults: int, mib: int) -> Tuple[Dict[Tuple[str, str], Percentiles],
-                                              Dict[int, float], str]:
-    """Build (if needed) and run the C comparator; empty results and a note without cc."""
-    compiler = shutil.which("cc")
-    if compiler is None:
-        return {}, {}, "no C compiler (cc) found: C columns left empty"
-    if (not C_BINARY.exists()
-            or C_BINARY.stat().st_mtime < C_SOURCE.stat().st_mtime):
-        build = subprocess.run([compiler, "-O2", "-pthread", "-o", str(C_BINARY),
-                                str(C_SOURCE)], capture_output=True, text=True, timeout=120)
-        if build.returncode != 0:
-            return {}, {}, f"C comparator did not build: {build.stderr.strip()[:300]}"
-    run = subprocess.run([str(C_BINARY), str(faults), str(mib)], capture_output=True,
-                         text=True, timeout=300)
-    if run.returncode != 0:
-        return {}, {}, f"C comparator failed: {run.stderr.strip()[:300]}"
-    latency: Dict[Tuple[str, str], Percentiles] = {}
-    bulk: Dict[int, float] = {}
-    for line in run.stdout.splitlines():
-        fields = line.split()
-        if fields[0] == "lat":
-            latency[(fields[1], fields[2])] = tuple(  # type: ignore[assignment]
-                int(value) / 1000 for value in fields[3:6])
-        elif fields[0] == "bulk":
-            bulk[int(fields[1])] = float(fields[2])
-    return latency, bulk, f"C comparator: {C_BINARY.relative_to(ROOT)}"
+class Comparator:
+    """The C comparator, built on first use when ``cc`` exists, run one row at a time."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.note = "C comparator skipped (--no-c)"
+        self.binary: Optional[Path] = None
+        if enabled:
+            self.note = self._build()
+
+    def _build(self) -> str:
+        compiler = shutil.which("cc")
+        if compiler is None:
+            return "no C compiler (cc) found: C columns left empty"
+        if (not C_BINARY.exists()
+                or C_BINARY.stat().st_mtime < C_SOURCE.stat().st_mtime):
+            build = subprocess.run([compiler, "-O2", "-pthread", "-o", str(C_BINARY),
+                                    str(C_SOURCE)], capture_output=True, text=True,
+                                   timeout=120)
+            if build.returncode != 0:
+                return f"C comparator did not build: {build.stderr.strip()[:300]}"
+        self.binary = C_BINARY
+        return f"C comparator: {C_BINARY.relative_to(ROOT)}"
+
+    def _run(self, *args: object) -> Optional[List[str]]:
+        if self.binary is None:
+            return None
+        run = subprocess.run([str(self.binary), *map(str, args)], capture_output=True,
+                             text=True, timeout=300)
+        if run.returncode != 0:
+            raise RuntimeError(f"C comparator {args} failed: {run.stderr.strip()[:300]}")
+        return run.stdout.split()
+
+    def latency(self, faults: int, op: str, placement: str) -> Optional[Percentiles]:
+        fields = self._run(faults, "lat", op, placement)
+        return tuple(int(v) / 1000 for v in fields[3:6]) if fields else None  # type: ignore
+
+    def bulk(self, mib: int, chunk: int) -> Optional[float]:
+        fields = self._run(mib, "bulk", chunk)
+        return float(fields[2]) if fields else None
+
+
+def median_of(results: List[Percentiles]) -> Percentiles:
+    return tuple(statistics.median(r[i] for r in results) for i in range(3))  # type: ignore
 
 
 def ratio(python: float, c: Optional[float]) -> str:
@@ -232,40 +298,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="few faults and a small region: a few seconds")
     parser.add_argument("--faults", type=int, help="faults per latency row (default 20000)")
     parser.add_argument("--bulk-mib", type=int, help="bulk COPY region in MiB (default 256)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved Python/C rounds, medians reported (default 3)")
     parser.add_argument("--no-c", action="store_true", help="skip the C comparator")
     args = parser.parse_args(argv)
     faults = args.faults or (1000 if args.quick else 20000)
     mib = args.bulk_mib or (16 if args.quick else 256)
+    rounds = args.rounds or (1 if args.quick else 3)
     if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
         print("needs CPUs 0 and 1 (thread placements)", file=sys.stderr)
         return 2
 
-    c_latency: Dict[Tuple[str, str], Percentiles] = {}
-    c_bulk: Dict[int, float] = {}
-    note = "C comparator skipped (--no-c)"
-    if not args.no_c:
-        c_latency, c_bulk, note = c_results(faults, mib)
-
+    comparator = Comparator(not args.no_c)
+    py_lat: Dict[Tuple[str, str], List[Percentiles]] = {}
+    c_lat: Dict[Tuple[str, str], List[Percentiles]] = {}
+    py_bulk: Dict[int, List[float]] = {}
+    c_bulk: Dict[int, List[float]] = {}
     with Mapping.anonymous(SOURCE_SIZE) as source:
-        ctypes.memset(source.address, 0x5A, SOURCE_SIZE)
-        rows = []
-        for op in OPS:
-            for key, label, cpu, busy in PLACEMENTS:
-                py = python_latency(op, cpu, busy, faults, source.address)
-                c = c_latency.get((op, key))
-                c_cells = [f"{v:.1f}" for v in c] if c else ["-"] * 3
-                rows.append([op.upper(), label, *(f"{v:.1f}" for v in py), *c_cells,
-                             ratio(py[0], c[0] if c else None)])
-        bulk_rows = []
-        for chunk in CHUNKS:
-            rate = python_bulk(chunk, mib, source.address)
-            c_rate = c_bulk.get(chunk)
-            bulk_rows.append([human_size(chunk), f"{rate:.2f}",
-                              f"{c_rate:.2f}" if c_rate else "-", ratio(rate, c_rate)])
+        ctypes.memset(source.address, 0x5A, SOURCE_SIZE)   # pre-touched, as the C one
+        for round_ in range(rounds):
+            c_first = round_ % 2 == 0           # alternate who goes first in each row
+            for op in OPS:
+                for key, _, cpu, busy, process in PLACEMENTS:
+                    for which in ((0, 1) if c_first else (1, 0)):
+                        if which == 0:
+                            c = comparator.latency(faults, op, key)
+                            if c:
+                                c_lat.setdefault((op, key), []).append(c)
+                        else:
+                            py_lat.setdefault((op, key), []).append(python_latency(
+                                op, cpu, busy, process, faults, source.address))
+            for chunk in CHUNKS:
+                for which in ((0, 1) if c_first else (1, 0)):
+                    if which == 0:
+                        c_rate = comparator.bulk(mib, chunk)
+                        if c_rate:
+                            c_bulk.setdefault(chunk, []).append(c_rate)
+                    else:
+                        py_bulk.setdefault(chunk, []).append(
+                            python_bulk(chunk, mib, source.address))
+    floor = toucher_floor()
+
+    rows = []
+    for op in OPS:
+        for key, label, *_ in PLACEMENTS:
+            py = median_of(py_lat[(op, key)])
+            c = median_of(c_lat[(op, key)]) if (op, key) in c_lat else None
+            c_cells = [f"{v:.1f}" for v in c] if c else ["-"] * 3
+            rows.append([op.upper(), label, *(f"{v:.1f}" for v in py), *c_cells,
+                         ratio(py[0], c[0] if c else None)])
+    bulk_rows = []
+    for chunk in CHUNKS:
+        rate = statistics.median(py_bulk[chunk])
+        c_rate = statistics.median(c_bulk[chunk]) if chunk in c_bulk else None
+        bulk_rows.append([human_size(chunk), f"{rate:.2f}",
+                          f"{c_rate:.2f}" if c_rate else "-", ratio(rate, c_rate)])
 
     print(f"uffdpy fault benchmark: {faults} faults per row, random order, 1 page per "
-          f"fault; bulk region {mib} MiB; Python {sys.version.split()[0]}, "
-          f"kernel {os.uname().release}; {note}")
+          f"fault; bulk region {mib} MiB; median of {rounds} interleaved Python/C "
+          f"round(s); Python {sys.version.split()[0]}, kernel {os.uname().release}; "
+          f"{comparator.note}")
+    print(f"The Python toucher's own timed access without a fault: p50 {floor:.1f} µs "
+          "(included in every py figure; the C toucher's is ~0).  \"process\" rows: the "
+          "handler is a forked child, as uffdpy's process server (no GIL shared with "
+          "the toucher).")
     print()
     print(tabulate(rows, headers=["ioctl", "handler placement", "py p50 µs", "py p90",
                                   "py p99", "C p50 µs", "C p90", "C p99", "py/C p50"],
