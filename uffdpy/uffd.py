@@ -462,20 +462,36 @@ def _no_ioctl(fd: int, request: int, arg: bytearray) -> int:  # pragma: no cover
 
 try:
     import fcntl as _fcntl
-    #: ioctl(fd, request, bytearray): the kernel's writes land in the bytearray
-    #: (also on failure); releases the GIL around the call.
+    #: ioctl(fd, request, bytearray): releases the GIL around the call, and the
+    #: kernel's writes land in the bytearray, also on failure, because every
+    #: argument buffer is _ARG_BYTES long (see there).
     _buffer_ioctl: Callable[[int, int, bytearray], int] = _fcntl.ioctl
 except ImportError:  # pragma: no cover - not a Unix: creating a Userfaultfd fails first
     _buffer_ioctl = _no_ioctl
 
 
+#: Length of every ioctl argument buffer.  CPython's ``fcntl.ioctl`` copies a
+#: mutable buffer of at most 1024 bytes to its own stack, and recent versions
+#: copy the kernel's writes back only when the ioctl *succeeded*.  A fill's
+#: signed count matters most when it fails (EAGAIN after partial progress,
+#: EEXIST), so the buffers are longer than that: CPython then hands the kernel
+#: the buffer itself on every version.  The kernel reads only its struct from
+#: the start of it.
+_ARG_BYTES = 1024 + 64
+
+
 def _pack(layout: struct.Struct, *values: int) -> bytearray:
-    """``layout`` packed into a fresh ``bytearray``; values wrap modulo 2**64 as ctypes does."""
+    """``layout`` packed at the start of a fresh argument buffer (see ``_ARG_BYTES``).
+
+    Values wrap modulo 2**64 as ctypes does.
+    """
+    arg = bytearray(_ARG_BYTES)
     try:
-        return bytearray(layout.pack(*values))
+        layout.pack_into(arg, 0, *values)
     except struct.error:
         # out of range for a u64 (negative, huge): wrap; the count going in is 0
-        return bytearray(layout.pack(*(operator.index(value) & _U64_MASK for value in values)))
+        layout.pack_into(arg, 0, *(operator.index(value) & _U64_MASK for value in values))
+    return arg
 
 
 def _count_at(arg: bytearray, offset: int) -> int:
@@ -745,10 +761,7 @@ class Userfaultfd:
         Raises:
             UffdError: EINVAL (misaligned, or length 0) or another failure.
         """
-        try:
-            arg = bytearray(_RANGE_LAYOUT.pack(start, length))
-        except struct.error:
-            arg = _pack(_RANGE_LAYOUT, start, length)
+        arg = _pack(_RANGE_LAYOUT, start, length)
         try:
             _buffer_ioctl(self._fd, _abi.UFFDIO_WAKE, arg)
         except ValueError as exc:
@@ -773,10 +786,7 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL, EFAULT, ENOMEM...).
         """
-        try:
-            arg = bytearray(_COPY_LAYOUT.pack(dst, src, length, mode, 0))
-        except struct.error:
-            arg = _pack(_COPY_LAYOUT, dst, src, length, mode, 0)
+        arg = _pack(_COPY_LAYOUT, dst, src, length, mode, 0)
         try:
             _buffer_ioctl(self._fd, _abi.UFFDIO_COPY, arg)
         except ValueError as exc:
@@ -797,10 +807,7 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL on hugetlbfs, which has no ZEROPAGE).
         """
-        try:
-            arg = bytearray(_RANGE_MODE_LAYOUT.pack(start, length, mode, 0))
-        except struct.error:
-            arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
+        arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
         try:
             _buffer_ioctl(self._fd, _abi.UFFDIO_ZEROPAGE, arg)
         except ValueError as exc:
@@ -1000,11 +1007,11 @@ class Filler:
         self.buffer = bytearray(max_messages * _MSG_SIZE)
         self.words = memoryview(self.buffer).cast("Q")
         self._views = [memoryview(self.buffer)]
-        self._copy_arg = bytearray(_COPY_LAYOUT.size)
+        self._copy_arg = bytearray(_ARG_BYTES)
         self._copy_words = memoryview(self._copy_arg).cast("Q")
-        self._zero_arg = bytearray(_RANGE_MODE_LAYOUT.size)
+        self._zero_arg = bytearray(_ARG_BYTES)
         self._zero_words = memoryview(self._zero_arg).cast("Q")
-        self._range_arg = bytearray(_RANGE_LAYOUT.size)
+        self._range_arg = bytearray(_ARG_BYTES)
         self._range_words = memoryview(self._range_arg).cast("Q")
 
     def __repr__(self) -> str:
