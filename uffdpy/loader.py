@@ -91,7 +91,7 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tup
 from . import ioctl
 from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
 from .pagesource import PageRegion, PageSource, open_image
-from .uffd import RegisterMode, Userfaultfd
+from .uffd import Filler, RegisterMode, Userfaultfd
 from .workload import latency_summary
 
 __all__ = [
@@ -266,6 +266,21 @@ class ClaimMap:
             if self._on_complete is not None:
                 self._on_complete()
 
+    def mark_one(self, block: int, page: int) -> None:
+        """``mark_placed`` of a single page, the fault loop's common case."""
+        st = self._state[block]
+        with self._lock:
+            if st[page] == PLACED:
+                self.double_placements += 1
+                return
+            st[page] = PLACED
+            self.placed_pages += 1
+            done = self.placed_pages == self.total_pages
+        if done:
+            self.complete.set()
+            if self._on_complete is not None:
+                self._on_complete()
+
     def unplaced_runs(self, block: int) -> List[Tuple[int, int]]:
         """``[first, end)`` runs of pages of ``block`` not placed (yet)."""
         st = self._state[block]
@@ -383,6 +398,7 @@ class _Server:
         # mmap hands out addresses top-down: bisect needs them sorted
         self.by_address = sorted(regions, key=lambda r: r.start)
         self.starts = [r.start for r in self.by_address]
+        self._last_region: Optional[_Region] = self.by_address[0] if regions else None
         self.claims = claims
         self.wake_fd = wake_fd
         self.prefetch_enabled = prefetch
@@ -486,10 +502,13 @@ class _Server:
 
     # -- placing
     def _place(self, region: _Region, first: int, end: int, kind: int,
-               counters: _Counters, bounce: Optional[Mapping]) -> Optional[int]:
+               counters: _Counters, bounce: Optional[Mapping],
+               uffd: Union[Userfaultfd, Filler]) -> Optional[int]:
         """Place pages ``[first, end)`` of one kind with as few ioctls as possible.
 
-        ``bounce`` is the calling worker's bounce buffer (``BOUNCE`` pages).
+        ``bounce`` is the calling worker's bounce buffer (``BOUNCE`` pages),
+        ``uffd`` the calling worker's way to the ioctls (the fault loop's own
+        ``Filler``, or the thread-safe ``Userfaultfd`` methods).
         Returns the number of pages this call installed (pages the kernel
         already had, ``EEXIST``, are woken and skipped), or None when the
         kernel says events are pending and nothing was done: retry later.
@@ -509,7 +528,6 @@ class _Server:
         else:
             src = 0
         installed = 0
-        uffd = self.uffd
         while length:
             if present:
                 done = uffd.copy(dst, src, length)
@@ -547,60 +565,84 @@ class _Server:
         if self.server_cpu is not None:
             os.sched_setaffinity(threading.get_native_id(), {self.server_cpu})
         ufd = self.uffd.fileno()
-        wake_fd = self.wake_fd
         poller = select.poll()
         poller.register(ufd, select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        buf = bytearray(_MSG_SIZE * MSG_BATCH)
-        words = memoryview(buf).cast("Q")
-        views = [buf]
+        poller.register(self.wake_fd, select.POLLIN)
+        poll = poller.poll
+        filler = Filler(self.uffd, max_messages=MSG_BATCH)   # this thread's own structs
+        read, buf, words = filler.read, filler.buffer, filler.words
         counters = self.fault_counters
+        service_ns = counters.service_ns
+        clock = time.perf_counter_ns
+        serve = self._serve
         complete = self.claims.complete
         deferred: List[int] = []
         pagefault = ioctl.UFFD_EVENT_PAGEFAULT
         busy = self.busy_poll
         while True:
-            ready = poller.poll(0 if (busy or deferred) else None)
+            ready = poll(0 if (busy or deferred) else None)
             if complete.is_set() or self.stopping:
                 break
-            for fd, _ in ready:
-                if fd == wake_fd:          # a stop request (completion was checked above)
-                    self.stopping = True
-            if self.stopping:
+            if ready and (len(ready) > 1 or ready[0][0] != ufd):
+                self.stopping = True          # the wake fd: a stop request
                 break
-            try:
-                nbytes = os.readv(ufd, views)
-            except BlockingIOError:
-                nbytes = 0
-            t_read = time.perf_counter_ns()
+            n = read()
+            t_read = clock()
             addresses = deferred
             deferred = []
-            for k in range(nbytes // _MSG_SIZE):
+            for k in range(n):
                 if buf[k * _MSG_SIZE] == pagefault:
                     addresses.append(words[k * 4 + 2])
             for address in addresses:
-                if not self._serve(address, counters):
+                if not serve(address, counters, filler):
                     deferred.append(address)
-                counters.service_ns.append(time.perf_counter_ns() - t_read)
-                counters.faults += 1
+                service_ns.append(clock() - t_read)
+            counters.faults += len(addresses)
 
-    def _serve(self, address: int, counters: _Counters) -> bool:
-        """Resolve one fault; False when it must be retried after events are read."""
+    def _region_of(self, address: int) -> _Region:
+        region = self._last_region                # faults cluster: try the last one first
+        if region is not None and region.start <= address < region.end:
+            return region
         i = bisect.bisect_right(self.starts, address) - 1
         if i < 0 or address >= self.by_address[i].end:
             raise LoaderError(f"fault at 0x{address:x} outside every registered block")
-        region = self.by_address[i]
+        region = self._last_region = self.by_address[i]
+        return region
+
+    def _serve(self, address: int, counters: _Counters, filler: Filler) -> bool:
+        """Resolve one fault; False when it must be retried after events are read."""
+        region = self._region_of(address)
         claims = self.claims
         page = (address - region.start) // region.unit
         old = claims.claim(region.index, page)
         if old == CLAIMED:
             return True                       # the other worker's copy will wake it
         kind = region.kinds[page]
+        if old == UNCLAIMED and not self.fault_around_pages and kind != BOUNCE:
+            # the common cases, one page from the file or one zero page: one ioctl, one store
+            unit = region.unit
+            offset = page * unit
+            if kind == DIRECT:
+                done = filler.copy(region.start + offset, region.src + offset, unit)
+                counters.bytes_copied += unit if done == unit else 0
+            elif self.zero_source is None:
+                done = filler.zeropage(region.start + offset, unit)
+                counters.zero_pages += 1 if done == unit else 0
+            else:
+                done = 0                      # hugetlbfs zeros: the general path
+            if done == unit:
+                counters.pages += 1
+                claims.mark_one(region.index, page)
+                return True
+            claims.release(region.index, page, page + 1)   # not placed: the general path
+            old = claims.claim(region.index, page)
+            if old == CLAIMED:
+                return True
         bounce = self.fault_bounce
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
             # wake), or the page was dropped since: then this places it again.
-            placed = self._place(region, page, page + 1, kind, counters, bounce)
+            placed = self._place(region, page, page + 1, kind, counters, bounce, filler)
             if placed:
                 counters.pages += placed
                 claims.mark_placed(region.index, page, page + 1)
@@ -613,7 +655,7 @@ class _Server:
                     claims.release(region.index, j, end)
                     end = j
                     break
-        placed = self._place(region, page, end, kind, counters, bounce)
+        placed = self._place(region, page, end, kind, counters, bounce, filler)
         if placed is None:
             claims.release(region.index, page, end)
             return False
@@ -632,6 +674,7 @@ class _Server:
         self.go.wait()
         counters = self.prefetch_counters[lane]
         bounce = self.prefetch_bounce[lane]
+        uffd = self.uffd
         claims = self.claims
         lanes = self.prefetch_threads
         n = 0
@@ -647,13 +690,13 @@ class _Server:
                         return
                     hi = min(lo + chunk, end_run)
                     for a, b in claims.claim_range(region.index, lo, hi):
-                        placed = self._place(region, a, b, kind, counters, bounce)
+                        placed = self._place(region, a, b, kind, counters, bounce, uffd)
                         while placed is None:  # events pending: the fault loop reads them
                             if self.stopping:
                                 claims.release(region.index, a, b)
                                 return
                             time.sleep(0.0001)
-                            placed = self._place(region, a, b, kind, counters, bounce)
+                            placed = self._place(region, a, b, kind, counters, bounce, uffd)
                         counters.pages += placed
                         claims.mark_placed(region.index, a, b)
 
