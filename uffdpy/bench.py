@@ -172,6 +172,7 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         ("lazy thread + random access, loop on toucher's CPU", lazy("thread", True, 0)),
         ("lazy thread + random access, loop on other CPU", lazy("thread", True, other)),
         ("lazy thread + random access, other CPU, busy-poll", lazy("thread", True, other, True)),
+        ("lazy process + random access, loop on toucher's CPU", lazy("process", True, 0)),
         ("lazy process + random access, other CPU", lazy("process", True, other)),
     ]
     with open_image(path) as snap:
