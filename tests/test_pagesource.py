@@ -45,7 +45,7 @@ class _Region:
         for first, count in holes:
             for i in range(first, first + count):
                 bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-        self.bits = bytes(bits)
+        self.bits = self.bitmap = bytes(bits)
         self.present_pages = sum(bin(b).count("1") for b in bits)
         self.zero_pages = pages - self.present_pages
 

@@ -93,7 +93,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-from .pagesource import POPCOUNT, ImageError, ImageFile, PathLike, bitmap_runs, set_bits
+from .pagesource import (POPCOUNT, ImageError, ImageFile, PathLike, bitmap_runs, bitmap_runs_in,
+                         set_bits)
 
 
 # --- errors ----------------------------------------------------------------------
@@ -290,25 +291,13 @@ class RamBlock:
             raise IndexError(f"pages [{first}, {first + count}) out of range for block "
                              f"{self.name!r} of {self.pages} pages")
         out = bytearray(count * self.page_size)
-        for run_first, run_count, present in self._runs_in(first, count):
+        for run_first, run_count, present in bitmap_runs_in(self._bits, first, first + count):
             if present:
                 lo = (run_first - first) * self.page_size
                 out[lo:lo + run_count * self.page_size] = self._source.read_exact(
                     self.pages_offset + run_first * self.page_size, run_count * self.page_size,
                     f"pages {run_first}..{run_first + run_count - 1} of block {self.name!r}")
         return bytes(out)
-
-    def _runs_in(self, first: int, count: int) -> Iterator[Tuple[int, int, bool]]:
-        end = first + count
-        if count == 0:
-            return
-        lo, hi = first >> 3, (end + 7) >> 3
-        sub = self._bits[lo:hi]
-        for f, c, p in bitmap_runs(sub, (hi - lo) * 8):
-            f += lo * 8
-            s, e = max(f, first), min(f + c, end)
-            if s < e:
-                yield (s, e - s, p)
 
     def runs(self) -> Iterator[Tuple[int, int, bool]]:
         """Yield ``(first_page, page_count, present)`` maximal runs covering the block in order."""

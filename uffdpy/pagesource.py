@@ -16,7 +16,9 @@ The interface (structural: nothing has to inherit from anything):
 ``PageRegion``
     ``name`` (unique in its source), ``length`` (bytes of memory, a multiple of
     ``page_size``), ``page_size``, ``pages``, ``present_pages``,
-    ``zero_pages``; ``is_present(i)``; ``runs()`` yielding maximal
+    ``zero_pages``; ``bitmap`` (bit *i*, ``bitmap[i >> 3] >> (i & 7) & 1``,
+    set when page *i* has data; bits past ``pages`` are ignored);
+    ``is_present(i)``; ``runs()`` yielding maximal
     ``(first_page, count, present)`` runs in order; ``read_pages(first, count)``
     (an independent, plain-``pread`` path to the bytes, zeros for zero pages).
     And where the bytes live: page *i* of a present run starts at file offset
@@ -132,6 +134,8 @@ class PageRegion(Protocol):
     file_offset: int
     file_bytes: int
 
+    @property
+    def bitmap(self) -> bytes: ...
     def is_present(self, i: int) -> bool: ...
     def runs(self) -> Iterator[Tuple[int, int, bool]]: ...
     def read_pages(self, first: int, count: int) -> bytes: ...
@@ -183,6 +187,26 @@ def bitmap_runs(bits: bytes, pages: int) -> Iterator[Tuple[int, int, bool]]:
                 yield (first, pos - first, present)
                 first, present = pos, not present
     yield (first, pages - first, present)
+
+
+def bitmap_runs_in(bits: bytes, first: int, end: int) -> Iterator[Tuple[int, int, bool]]:
+    """Maximal (first, count, present) runs of bits ``[first, end)``, in order."""
+    if end <= first:
+        return
+    lo, hi = first >> 3, (end + 7) >> 3
+    for f, c, p in bitmap_runs(bits[lo:hi], (hi - lo) * 8):
+        f += lo * 8
+        s, e = max(f, first), min(f + c, end)
+        if s < e:
+            yield (s, e - s, p)
+
+
+def count_bits(bits: bytes, first: int, end: int) -> int:
+    """How many of bits ``[first, end)`` are set."""
+    if end <= first:
+        return 0
+    x = int.from_bytes(bits[first >> 3:(end + 7) >> 3], "little") >> (first & 7)
+    return bin(x & ((1 << (end - first)) - 1)).count("1")
 
 
 def set_bits(bitmap: bytearray, first: int, count: int) -> None:
