@@ -872,15 +872,3 @@ def test_bench_fault_quick_runs() -> None:
     for needle in ("same CPU, poll", "other CPU, poll", "other CPU, busy", "2 MiB", "ZEROPAGE"):
         assert needle in result.stdout
 
-
-def test_ioctl_argument_buffers_are_longer_than_cpythons_stack_copy() -> None:
-    """fcntl.ioctl copies buffers of <= 1024 bytes to its stack and, on recent
-    CPythons, copies the kernel's writes back only on success: the signed count
-    of a failed fill (partial progress, EEXIST) would be lost.  Longer buffers
-    are handed to the kernel as they are, on every version."""
-    from uffdpy import uffd as uffd_module
-    assert len(uffd_module._pack(uffd_module._COPY_LAYOUT, 1, 2, 3, 4, 0)) > 1024
-    with Userfaultfd() as u:
-        filler = uffd_module.Filler(u)
-        assert all(len(arg) > 1024 for arg in (filler._copy_arg, filler._zero_arg,
-                                               filler._range_arg))

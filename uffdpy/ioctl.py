@@ -447,8 +447,13 @@ _c_off_t = ctypes.c_int64
 # name: (restype, argtypes, errcheck).  ioctl and syscall are variadic in C;
 # the declared argtypes are the shapes this package passes (a pointer or a
 # by-value integer both travel as one register-sized word).
-_LIBC_FUNCTIONS: Dict[str, Tuple[Any, Tuple[Any, ...], Callable[..., Any]]] = {
+_LIBC_FUNCTIONS: Dict[str, Tuple[Any, Tuple[Any, ...], Optional[Callable[..., Any]]]] = {
     "ioctl": (_c_int, (_c_int, _c_ulong, _c_void_p), _check_int),
+    # the same ioctl(2) for the fault path: no errcheck (returns -1 and leaves
+    # errno in ctypes.get_errno()) and no argtypes (the caller passes an int
+    # fd, a c_ulong request and a pointer object, converted once): ~0.4 us
+    # less per call
+    "ioctl_unchecked": (_c_int, (), None),
     "syscall": (_c_long, (_c_long, _c_long), _check_int),
     "mmap": (_c_void_p, (_c_void_p, _c_size_t, _c_int, _c_int, _c_int, _c_off_t), _check_ptr),
     "munmap": (_c_int, (_c_void_p, _c_size_t), _check_int),
@@ -470,6 +475,7 @@ class _Libc:
     """
 
     ioctl: Callable[..., int]
+    ioctl_unchecked: Callable[..., int]
     syscall: Callable[..., int]
     mmap: Callable[..., int]
     munmap: Callable[..., int]
@@ -492,10 +498,13 @@ class _Libc:
                           f"uffdpy needs Linux (userfaultfd, mmap); this is {sys.platform}")
         lib = ctypes.CDLL(None, use_errno=True)
         for name, (restype, argtypes, errcheck) in _LIBC_FUNCTIONS.items():
-            func = getattr(lib, name)
+            # a fresh function object per name: "ioctl_unchecked" is ioctl(2) too
+            func = lib[name.replace("_unchecked", "")]
             func.restype = restype
-            func.argtypes = argtypes
-            func.errcheck = errcheck
+            if argtypes:
+                func.argtypes = argtypes
+            if errcheck is not None:
+                func.errcheck = errcheck
             self.__dict__[name] = func
 
 

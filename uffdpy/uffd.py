@@ -90,13 +90,16 @@ called from several threads at once (fault loop plus prefetcher).
 :meth:`Userfaultfd.read_events` and :meth:`Userfaultfd.read_raw` read into
 one preallocated buffer and are meant for a single reader thread.
 
-**Speed.**  The fill ioctls and WAKE go through :func:`fcntl.ioctl` with the
-struct packed into a ``bytearray`` (the kernel's count is copied back even
-on failure); that call costs a third of a ctypes call with converted
-arguments and releases the GIL the same way.  A success returns ``length``
-without decoding the struct: the kernel answers 0 only when the whole range
-was done.  :class:`Filler` is the fault loop's fast path: one thread, the
-structs and the message buffer preallocated, no enum objects per call.
+**Speed.**  The fill ioctls and WAKE pack their struct into a ``bytearray``
+with :mod:`struct` and pass its address to an ``ioctl`` declared without an
+errcheck (cheaper than building a ctypes Structure); the kernel writes its
+count straight into it, also on failure.  Not :func:`fcntl.ioctl`: it copies
+small buffers and, on recent CPythons, copies the kernel's writes back only
+on success, and older ones hold the GIL for buffers over 1 KiB.  A success
+returns ``length`` without decoding the struct: the kernel answers 0 only
+when the whole range was done.  :class:`Filler` is the fault loop's fast
+path: one thread, the structs and the message buffer preallocated, no enum
+objects per call.
 
 **Polling.**  The fd is always ``O_NONBLOCK`` and ``O_CLOEXEC``; ``poll``
 reports ``POLLERR`` on a blocking uffd and before the handshake.
@@ -456,54 +459,56 @@ for _ctype, _layout in ((_abi.uffdio_copy, _COPY_LAYOUT), (_abi.uffdio_move, _MO
 
 
 
-def _no_ioctl(fd: int, request: int, arg: bytearray) -> int:  # pragma: no cover
-    raise OSError(errno.ENOSYS, "ioctl is not available on this platform")
+def _pointer(arg: bytearray) -> ctypes.c_void_p:
+    """A pointer to a bytearray's bytes (valid while it is alive and not resized)."""
+    return ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(arg)))
 
 
-try:
-    import fcntl as _fcntl
-    #: ioctl(fd, request, bytearray): releases the GIL around the call, and the
-    #: kernel's writes land in the bytearray, also on failure, because every
-    #: argument buffer is _ARG_BYTES long (see there).
-    _buffer_ioctl: Callable[[int, int, bytearray], int] = _fcntl.ioctl
-except ImportError:  # pragma: no cover - not a Unix: creating a Userfaultfd fails first
-    _buffer_ioctl = _no_ioctl
+#: The fill and WAKE requests as C unsigned longs, converted once.
+_REQUEST = {name: ctypes.c_ulong(getattr(_abi, name)) for name in (
+    "UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_CONTINUE", "UFFDIO_POISON", "UFFDIO_MOVE",
+    "UFFDIO_WAKE")}
 
 
-#: Length of every ioctl argument buffer.  CPython's ``fcntl.ioctl`` copies a
-#: mutable buffer of at most 1024 bytes to its own stack, and recent versions
-#: copy the kernel's writes back only when the ioctl *succeeded*.  A fill's
-#: signed count matters most when it fails (EAGAIN after partial progress,
-#: EEXIST), so the buffers are longer than that: CPython then hands the kernel
-#: the buffer itself on every version.  The kernel reads only its struct from
-#: the start of it.
-_ARG_BYTES = 1024 + 64
+_COPY_REQUEST = _REQUEST["UFFDIO_COPY"]
+_ZEROPAGE_REQUEST = _REQUEST["UFFDIO_ZEROPAGE"]
+_WAKE_REQUEST = _REQUEST["UFFDIO_WAKE"]
+
+
+def _buffer_ioctl(fd: int, request: ctypes.c_ulong, arg: bytearray) -> None:
+    """``ioctl(fd, request, arg)`` with the bytearray's own bytes as the argument.
+
+    Through ctypes, not :func:`fcntl.ioctl`: ctypes releases the GIL for the
+    call on every CPython and the kernel writes straight into ``arg``, also
+    when the ioctl fails (a fill's signed count matters most then).
+    ``fcntl.ioctl`` instead copies small buffers to its stack and, on recent
+    versions, copies the kernel's writes back only on success; and for
+    buffers over 1 KiB, older versions keep the GIL during the call.
+
+    Raises: OSError with the errno.
+    """
+    if _abi.libc.ioctl_unchecked(fd, request, ctypes.byref(ctypes.c_char.from_buffer(arg))) == -1:
+        raise _last_error()
+
+
+def _last_error() -> OSError:
+    """The errno of the last failed ctypes call in this thread, as an OSError."""
+    error = ctypes.get_errno()
+    return OSError(error, os.strerror(error))
 
 
 def _pack(layout: struct.Struct, *values: int) -> bytearray:
-    """``layout`` packed at the start of a fresh argument buffer (see ``_ARG_BYTES``).
-
-    Values wrap modulo 2**64 as ctypes does.
-    """
-    arg = bytearray(_ARG_BYTES)
+    """``layout`` packed into a fresh bytearray; values wrap modulo 2**64 as ctypes does."""
     try:
-        layout.pack_into(arg, 0, *values)
+        return bytearray(layout.pack(*values))
     except struct.error:
         # out of range for a u64 (negative, huge): wrap; the count going in is 0
-        layout.pack_into(arg, 0, *(operator.index(value) & _U64_MASK for value in values))
-    return arg
+        return bytearray(layout.pack(*(operator.index(value) & _U64_MASK for value in values)))
 
 
 def _count_at(arg: bytearray, offset: int) -> int:
     """The signed count the kernel wrote at ``offset`` of a fill struct."""
     return int(_COUNT.unpack_from(arg, offset)[0])
-
-
-def _fd_error(exc: ValueError, fd: int) -> OSError:
-    """:func:`fcntl.ioctl` refuses a negative fd with ValueError: EBADF, as the kernel says."""
-    if fd >= 0:
-        raise exc
-    return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
 def _create_fd(user_mode_only: bool) -> Tuple[int, str]:
@@ -763,16 +768,13 @@ class Userfaultfd:
         """
         arg = _pack(_RANGE_LAYOUT, start, length)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_WAKE, arg)
-        except ValueError as exc:
-            raise _error(errno.EBADF, _range_call("UFFDIO_WAKE", start, length)) \
-                from _fd_error(exc, self._fd)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_WAKE"], arg)
         except OSError as exc:
             raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
 
     # -- fills: the hot path -----------------------------------------------
-    # Each packs a fresh struct (thread safety), issues the ioctl through
-    # fcntl.ioctl and returns the signed count; see the module docstring for
+    # Each packs a fresh struct (thread safety), issues the ioctl with its
+    # address and returns the signed count; see the module docstring for
     # the convention.  Success (ioctl returned 0) means the whole length.
 
     def copy(self, dst: int, src: int, length: int, *, mode: CopyMode = CopyMode(0)) -> int:
@@ -788,10 +790,7 @@ class Userfaultfd:
         """
         arg = _pack(_COPY_LAYOUT, dst, src, length, mode, 0)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_COPY, arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, self._fd), 0, "UFFDIO_COPY", dst, length,
-                                 mode, src, mode_type=CopyMode)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_COPY"], arg)
         except OSError as exc:
             return _fill_outcome(exc, _count_at(arg, _COPY_COUNT_AT), "UFFDIO_COPY", dst,
                                  length, mode, src, mode_type=CopyMode)
@@ -809,10 +808,7 @@ class Userfaultfd:
         """
         arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_ZEROPAGE, arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, self._fd), 0, "UFFDIO_ZEROPAGE", start, length,
-                                 mode, mode_type=ZeropageMode)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_ZEROPAGE"], arg)
         except OSError as exc:
             return _fill_outcome(exc, _count_at(arg, _ZEROPAGE_COUNT_AT), "UFFDIO_ZEROPAGE",
                                  start, length, mode, mode_type=ZeropageMode)
@@ -830,10 +826,7 @@ class Userfaultfd:
         """
         arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_CONTINUE, arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, self._fd), 0, "UFFDIO_CONTINUE", start, length,
-                                 mode, hints=_CONTINUE_HINTS, mode_type=ContinueMode)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_CONTINUE"], arg)
         except OSError as exc:
             return _fill_outcome(exc, _count_at(arg, _CONTINUE_COUNT_AT), "UFFDIO_CONTINUE",
                                  start, length, mode, hints=_CONTINUE_HINTS, mode_type=ContinueMode)
@@ -850,10 +843,7 @@ class Userfaultfd:
         """
         arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_POISON, arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, self._fd), 0, "UFFDIO_POISON", start, length,
-                                 mode, mode_type=PoisonMode)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_POISON"], arg)
         except OSError as exc:
             return _fill_outcome(exc, _count_at(arg, _POISON_COUNT_AT), "UFFDIO_POISON",
                                  start, length, mode, mode_type=PoisonMode)
@@ -873,10 +863,7 @@ class Userfaultfd:
         """
         arg = _pack(_MOVE_LAYOUT, dst, src, length, mode, 0)
         try:
-            _buffer_ioctl(self._fd, _abi.UFFDIO_MOVE, arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, self._fd), 0, "UFFDIO_MOVE", dst, length,
-                                 mode, src, mode_type=MoveMode)
+            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_MOVE"], arg)
         except OSError as exc:
             return _fill_outcome(exc, _count_at(arg, _MOVE_COUNT_AT), "UFFDIO_MOVE", dst,
                                  length, mode, src, mode_type=MoveMode)
@@ -996,7 +983,7 @@ class Filler:
 
     __slots__ = ("uffd", "max_messages", "buffer", "words", "_views",
                  "_copy_arg", "_copy_words", "_zero_arg", "_zero_words",
-                 "_range_arg", "_range_words")
+                 "_range_arg", "_range_words", "_copy_at", "_zero_at", "_range_at", "_ioctl")
 
     def __init__(self, uffd: Userfaultfd, *, max_messages: int = 64) -> None:
         if max_messages < 1:
@@ -1007,12 +994,17 @@ class Filler:
         self.buffer = bytearray(max_messages * _MSG_SIZE)
         self.words = memoryview(self.buffer).cast("Q")
         self._views = [memoryview(self.buffer)]
-        self._copy_arg = bytearray(_ARG_BYTES)
+        # the words views pin the bytearrays (no resize), so their addresses hold
+        self._copy_arg = bytearray(_COPY_LAYOUT.size)
         self._copy_words = memoryview(self._copy_arg).cast("Q")
-        self._zero_arg = bytearray(_ARG_BYTES)
+        self._zero_arg = bytearray(_RANGE_MODE_LAYOUT.size)
         self._zero_words = memoryview(self._zero_arg).cast("Q")
-        self._range_arg = bytearray(_ARG_BYTES)
+        self._range_arg = bytearray(_RANGE_LAYOUT.size)
         self._range_words = memoryview(self._range_arg).cast("Q")
+        self._copy_at = _pointer(self._copy_arg)
+        self._zero_at = _pointer(self._zero_arg)
+        self._range_at = _pointer(self._range_arg)
+        self._ioctl = _abi.libc.ioctl_unchecked
 
     def __repr__(self) -> str:
         return f"<Filler of {self.uffd!r}, {self.max_messages} messages>"
@@ -1059,13 +1051,8 @@ class Filler:
         words[2] = length
         words[3] = mode
         words[4] = 0           # the count: an old kernel leaves it alone on EAGAIN
-        fd = self.uffd._fd
-        try:
-            _buffer_ioctl(fd, _abi.UFFDIO_COPY, self._copy_arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, fd), 0, "UFFDIO_COPY", dst, length,
-                                 mode, src, mode_type=CopyMode)
-        except OSError as exc:
+        if self._ioctl(self.uffd._fd, _COPY_REQUEST, self._copy_at) == -1:
+            exc = _last_error()
             count = words[4]
             return _fill_outcome(exc, count - (count & _SIGN_BIT) * 2, "UFFDIO_COPY", dst,
                                  length, mode, src, mode_type=CopyMode)
@@ -1083,13 +1070,8 @@ class Filler:
         words[1] = length
         words[2] = mode
         words[3] = 0
-        fd = self.uffd._fd
-        try:
-            _buffer_ioctl(fd, _abi.UFFDIO_ZEROPAGE, self._zero_arg)
-        except ValueError as exc:
-            return _fill_outcome(_fd_error(exc, fd), 0, "UFFDIO_ZEROPAGE", start, length,
-                                 mode, mode_type=ZeropageMode)
-        except OSError as exc:
+        if self._ioctl(self.uffd._fd, _ZEROPAGE_REQUEST, self._zero_at) == -1:
+            exc = _last_error()
             count = words[3]
             return _fill_outcome(exc, count - (count & _SIGN_BIT) * 2, "UFFDIO_ZEROPAGE",
                                  start, length, mode, mode_type=ZeropageMode)
@@ -1104,13 +1086,8 @@ class Filler:
         words = self._range_words
         words[0] = start
         words[1] = length
-        fd = self.uffd._fd
-        try:
-            _buffer_ioctl(fd, _abi.UFFDIO_WAKE, self._range_arg)
-        except ValueError as exc:
-            raise _error(errno.EBADF, _range_call("UFFDIO_WAKE", start, length)) \
-                from _fd_error(exc, fd)
-        except OSError as exc:
+        if self._ioctl(self.uffd._fd, _WAKE_REQUEST, self._range_at) == -1:
+            exc = _last_error()
             raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
 
 
