@@ -66,7 +66,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 from elftools.elf.segments import NoteSegment
 
-from .pagesource import ImageError, ImageFile, PathLike, bitmap_runs, set_bits
+from .pagesource import ImageError, ImageFile, OpenImage, PathLike, bitmap_runs, set_bits
 
 __all__ = ["ElfImageError", "ElfImage", "ElfRegion", "ElfNote", "PAGE_SIZE",
            "MAX_SEGMENTS", "MAX_SEGMENT_BYTES", "MAX_TOTAL_BYTES", "MAX_NOTES_BYTES"]
@@ -298,7 +298,7 @@ class ElfRegion:
         return data if len(data) == size else data + bytes(size - len(data))
 
 
-class ElfImage:
+class ElfImage(OpenImage):
     """An open, validated ELF core file (see the module docstring).
 
     Use :meth:`open`; the file stays open until :meth:`close` (idempotent;
@@ -308,6 +308,8 @@ class ElfImage:
     ``regions`` (:class:`ElfRegion`, program-header order), ``notes``
     (:class:`ElfNote`, file order), ``segments`` (number of program headers).
     """
+
+    noun = "ELF image"
 
     format = "elf-core"
     path: str
@@ -360,34 +362,6 @@ class ElfImage:
                 return r
         raise KeyError(f"{self.path}: no region contains {self.address_space} address "
                        f"{address:#x}")
-
-    def fileno(self) -> int:
-        """The open file descriptor. Raises: ValueError if closed."""
-        if self._source is None or self._source.fd < 0:
-            raise ValueError(f"{self.path}: ELF image is closed")
-        return self._source.fd
-
-    def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the file. Raises: ElfImageError past EOF; ValueError if closed."""
-        if self._source is None:
-            raise ValueError(f"{self.path}: ELF image is closed")
-        return self._source.read_exact(start, end - start, "byte range")
-
-    @property
-    def closed(self) -> bool:
-        return self._source is None
-
-    def close(self) -> None:
-        """Close the file; safe to call more than once."""
-        source, self._source = self._source, None
-        if source is not None:
-            source.close()
-
-    def __enter__(self) -> "ElfImage":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"ElfImage(path={self.path!r}, machine={self.machine!r}, "

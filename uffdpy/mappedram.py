@@ -93,8 +93,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-from .pagesource import (POPCOUNT, ImageError, ImageFile, PathLike, bitmap_runs, bitmap_runs_in,
-                         set_bits)
+from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, bitmap_runs,
+                         bitmap_runs_in, set_bits)
 
 
 # --- errors ----------------------------------------------------------------------
@@ -304,7 +304,7 @@ class RamBlock:
         return bitmap_runs(self._bits, self.pages)
 
 
-class Snapshot:
+class Snapshot(OpenImage):
     """An open, validated mapped-ram snapshot file.
 
     Use :meth:`open`; the object holds the file open until :meth:`close`
@@ -318,6 +318,8 @@ class Snapshot:
     the RAM section (``early_setup`` devices such as virtio-mem; usually
     empty).
     """
+
+    noun = "snapshot"
 
     path: str
     offset: int
@@ -386,37 +388,6 @@ class Snapshot:
                 return b
         raise KeyError(f"{self.path}: no RAMBlock named {name!r} "
                        f"(blocks: {', '.join(b.name for b in self.blocks)})")
-
-    def fileno(self) -> int:
-        """The open file descriptor. Raises: ValueError if closed."""
-        if self._source is None or self._source.fd < 0:
-            raise ValueError(f"{self.path}: snapshot is closed")
-        return self._source.fd
-
-    def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the file (e.g. ``device_state_range``).
-
-        Raises: MappedRamError past EOF; ValueError if closed.
-        """
-        if self._source is None:
-            raise ValueError(f"{self.path}: snapshot is closed")
-        return self._source.read_exact(start, end - start, "byte range")
-
-    @property
-    def closed(self) -> bool:
-        return self._source is None
-
-    def close(self) -> None:
-        """Close the file; safe to call more than once."""
-        source, self._source = self._source, None
-        if source is not None:
-            source.close()
-
-    def __enter__(self) -> "Snapshot":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"Snapshot(path={self.path!r}, offset={self.offset}, machine={self.machine!r}, "

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, Union
+from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
-__all__ = ["ImageError", "ImageFile", "PageRegion", "PageSource", "open_image", "sniff_format"]
+__all__ = ["ImageError", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
+           "sniff_format"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -120,6 +121,52 @@ class ImageFile:
             chunks.append(chunk)
             done += len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_I = TypeVar("_I", bound="OpenImage")
+
+
+class OpenImage:
+    """What every open image object shares: its file, ``fileno()``, ``read_range()``, closing.
+
+    Subclasses set ``path`` and ``_source`` (an :class:`ImageFile`) and name
+    themselves in ``noun`` for messages.
+    """
+
+    noun: ClassVar[str] = "image"
+    path: str
+    _source: Optional[ImageFile]
+
+    def fileno(self) -> int:
+        """The open file descriptor. Raises: ValueError if closed."""
+        if self._source is None or self._source.fd < 0:
+            raise ValueError(f"{self.path}: {self.noun} is closed")
+        return self._source.fd
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file.
+
+        Raises: ImageError (of the format) past EOF; ValueError if closed.
+        """
+        if self._source is None:
+            raise ValueError(f"{self.path}: {self.noun} is closed")
+        return self._source.read_exact(start, end - start, "byte range")
+
+    @property
+    def closed(self) -> bool:
+        return self._source is None
+
+    def close(self) -> None:
+        """Close the file; safe to call more than once."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+
+    def __enter__(self: _I) -> _I:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PageRegion(Protocol):
