@@ -230,6 +230,18 @@ def test_load_no_prefetch_seq_touches_everything(synth16: Path, server: str) -> 
     assert report["accesses"] == pages
 
 
+@pytest.mark.parametrize("server", ["thread", "process"])
+def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
+    with Snapshot.open(synth16) as snap:
+        huge = sum(-(-b.length // (2 * MiB)) for b in snap.blocks)
+    hugetlb_pool(huge)
+    report = ok_json("load", synth16, "--server", server, "--huge-pages", "--access", "random",
+                     "--touch", "300", "--verify")
+    assert report["mismatched_pages"] == 0 and report["verified_pages"] == total_pages(synth16)
+    assert report["double_placements"] == 0
+    assert report["total_pages"] == report["placed_pages"] == huge    # 2 MiB pages
+
+
 def test_load_table_output(synth16: Path) -> None:
     out = ok("load", synth16, "--access", "random", "--touch", "500")
     for key in STAT_KEYS + ("access_us",):

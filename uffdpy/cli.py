@@ -157,7 +157,8 @@ def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) 
     return LazyLoader(snap, server=getattr(args, "server", "thread"), prefetch=prefetch,
                       server_cpu=getattr(args, "server_cpu", None),
                       busy_poll=getattr(args, "busy_poll", False),
-                      prefetch_threads=getattr(args, "prefetch_threads", None))
+                      prefetch_threads=getattr(args, "prefetch_threads", None),
+                      huge_pages=getattr(args, "huge_pages", False))
 
 
 def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> None:
@@ -365,6 +366,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
     sp.add_argument("--prefetch-threads", type=int, default=None,
                     help="parallel prefetch threads (default: 2 on 2+ CPUs)")
+    sp.add_argument("--huge-pages", action="store_true",
+                    help="hugetlbfs guest memory, whole 2 MiB pages per fault "
+                         "(needs /proc/sys/vm/nr_hugepages)")
     sp.add_argument("--verify", action="store_true", help="compare every page with the file")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_load)
