@@ -379,6 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
     sp.add_argument("--server", choices=("thread", "process"), default="thread")
+    sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
     sp.set_defaults(func=cmd_dump)
 
     sp = sub.add_parser("bench", help="eager vs lazy vs QEMU's own load, side by side")
