@@ -32,6 +32,20 @@ shows zero).
 When the last page is placed, every block is unregistered, the uffd and the
 file mapping are closed, and the memory is ordinary anonymous memory.
 
+Page sources
+============
+The loader sees an image only through :mod:`uffdpy.pagesource`: regions with
+a bitmap of pages that hold data, and where those bytes are in the file
+(``file_offset``, ``file_bytes``).  A mapped-ram block and an ELF ``PT_LOAD``
+segment are both such regions.  ``UFFDIO_COPY`` needs a page-aligned source,
+so pages whose bytes are not page-aligned in the file (QEMU and gdb pack ELF
+segments right after the headers), and a page only partly in the file, are
+first assembled in a small bounce buffer that each worker owns (``memmove``
+without the GIL, the rest zeroed).  With ``huge_pages=True`` guest memory is
+hugetlbfs and the unit of placement is a 2 MiB page: one kind per unit
+(all from the file, all zero, or mixed and assembled), and zero units are
+copied from never-written memory because hugetlbfs has no ZEROPAGE.
+
 Shutdown order (``close()``, any time, mid-load included): stop the workers
 (set the stop flag, write the wake fd, join them with a timeout; a process
 server is told through the same eventfd and killed if it does not go),
