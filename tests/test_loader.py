@@ -472,3 +472,22 @@ def test_bad_arguments():
         LazyLoader("/nonexistent", server="fiber")
     with pytest.raises(FileNotFoundError):
         LazyLoader("/nonexistent/snapshot.img")
+
+
+def test_huge_pages_pool_too_small_says_how_many_to_reserve(small, monkeypatch):
+    """ENOMEM from MAP_HUGETLB becomes a message with the number of pages to reserve."""
+    import errno as _errno
+    from uffdpy import loader as loader_module
+    real = loader_module.Mapping.anonymous
+
+    def anonymous(length, **kw):
+        if kw.get("huge_pages"):
+            raise OSError(_errno.ENOMEM, "Cannot allocate memory")
+        return real(length, **kw)
+    monkeypatch.setattr(loader_module.Mapping, "anonymous", staticmethod(anonymous))
+    before = resources()
+    with pytest.raises(OSError) as info:
+        LazyLoader(small, huge_pages=True)
+    assert info.value.errno == _errno.ENOMEM
+    assert "echo 2 > /proc/sys/vm/nr_hugepages" in str(info.value)    # 4 MiB: two 2 MiB pages
+    assert resources() == before

@@ -426,6 +426,8 @@ def _one_line(exc: BaseException) -> str:
         return f"{exc.path}: {what}{where}"
     if isinstance(exc, OSError) and exc.filename and not str(exc).startswith(str(exc.filename)):
         return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.strerror and str(exc).startswith("[Errno"):
+        return exc.strerror                   # the message, without Python's errno prefix
     return str(exc) or type(exc).__name__
 
 
