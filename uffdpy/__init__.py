@@ -12,6 +12,7 @@ Modules:
     elfcore    ELF core files (QEMU dump-guest-memory, process cores): ``ElfImage`` (no kernel calls)
     convert    an ELF guest memory dump as a mapped-ram snapshot (no kernel calls)
     loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``EagerLoader``
+    qmp        ``QmpClient``: a small synchronous QMP client (standard library only)
     cli        the ``uffdpy`` command
 """
 from __future__ import annotations

@@ -1,0 +1,239 @@
+"""uffdpy.qmp: the QMP client against a real QEMU and against a scripted fake.
+
+The ``qemu`` tests start ``qemu-system-x86_64 -machine none`` with a QMP
+socket; the others need no QEMU: a socket that never appears, and a tiny
+in-process server that stays silent, hangs up, or answers late.  Every QEMU
+process is killed in a ``finally`` block and every wait is bounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any, BinaryIO, Callable, Dict, Iterator, Tuple
+
+import pytest
+
+from uffdpy.qmp import QmpClient, QmpError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A private directory with a short path (UNIX socket paths are limited to ~107 bytes)."""
+    path = tempfile.mkdtemp(prefix="uffdpy-qmp-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_qemu(binary: str, directory: str) -> Tuple["subprocess.Popen[bytes]", str]:
+    sock = os.path.join(directory, "qmp.sock")
+    with open(os.path.join(directory, "qemu.log"), "wb") as log:
+        proc = subprocess.Popen([binary, "-machine", "none", "-nodefaults", "-display", "none",
+                                 "-qmp", f"unix:{sock},server=on,wait=off"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    return proc, sock
+
+
+def _kill(proc: "subprocess.Popen[bytes]") -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def qemu(qemu_binary: str, short_dir: str) -> Iterator[Tuple["subprocess.Popen[bytes]", str]]:
+    """A running ``-machine none`` QEMU and its QMP socket path (maybe not there yet)."""
+    proc, sock = _start_qemu(qemu_binary, short_dir)
+    try:
+        yield proc, sock
+    finally:
+        _kill(proc)
+
+
+# --------------------------------------------------------------------------
+# Against a real QEMU
+
+
+@pytest.mark.qemu
+def test_connect_at_once_and_query_status(qemu: Tuple[Any, str]) -> None:
+    """Connecting right after starting QEMU retries until the socket is there."""
+    _, sock = qemu
+    with QmpClient(sock, timeout=30) as qmp:
+        assert "version" in qmp.greeting["QMP"]
+        status = qmp.call("query-status")
+        assert status["status"] == "running" and status["running"] is True
+        # arguments whose names are not identifiers go through a dict
+        text = qmp.call("human-monitor-command", **{"command-line": "info status"})
+        assert "running" in text
+    assert qmp.closed
+
+
+@pytest.mark.qemu
+def test_command_error_names_the_command(qemu: Tuple[Any, str]) -> None:
+    _, sock = qemu
+    with QmpClient(sock, timeout=30) as qmp:
+        with pytest.raises(QmpError) as info:
+            qmp.call("no-such-command")
+        assert info.value.command == "no-such-command"
+        assert info.value.error_class == "CommandNotFound"
+        assert "no-such-command" in str(info.value) and "CommandNotFound" in str(info.value)
+        with pytest.raises(QmpError, match="query-status.*GenericError") as info:
+            qmp.call("query-status", bogus=1)
+        assert "bogus" in info.value.desc
+        assert isinstance(info.value, RuntimeError)
+        assert qmp.call("query-status")["status"] == "running"     # still in step
+
+
+@pytest.mark.qemu
+def test_events_are_kept(qemu: Tuple[Any, str]) -> None:
+    _, sock = qemu
+    with QmpClient(sock, timeout=30) as qmp:
+        assert qmp.call("stop") == {}
+        assert qmp.call("query-status")["status"] == "paused"
+        stops = [e for e in qmp.events if e["event"] == "STOP"]
+        assert len(stops) == 1 and "timestamp" in stops[0]
+        qmp.call("cont")
+        qmp.call("query-status")
+        assert [e["event"] for e in qmp.events] == ["STOP", "RESUME"]
+
+
+@pytest.mark.qemu
+def test_close_twice_and_call_after_close(qemu: Tuple[Any, str]) -> None:
+    proc, sock = qemu
+    qmp = QmpClient(sock, timeout=30)
+    qmp.close()
+    qmp.close()
+    assert qmp.closed and "closed" in repr(qmp)
+    with pytest.raises(ConnectionError, match="closed"):
+        qmp.call("query-status")
+    # QEMU takes a new connection after the first one is gone
+    with QmpClient(sock, timeout=30) as again:
+        assert again.call("query-status")["status"] == "running"
+    assert proc.poll() is None
+
+
+@pytest.mark.qemu
+def test_quit_then_connection_error(qemu: Tuple[Any, str]) -> None:
+    proc, sock = qemu
+    with QmpClient(sock, timeout=30) as qmp:
+        assert qmp.call("quit") == {}
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(ConnectionError):
+            qmp.call("query-status")
+
+
+# --------------------------------------------------------------------------
+# Without QEMU
+
+
+def test_socket_that_never_appears_times_out(short_dir: str) -> None:
+    path = os.path.join(short_dir, "never.sock")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="never.sock"):
+        QmpClient(path, timeout=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 5
+
+
+class _FakeQemu:
+    """Accepts one connection on a UNIX socket and runs ``script(conn, reader)`` on it."""
+
+    def __init__(self, path: str, script: Callable[[socket.socket, BinaryIO], None]) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.listener.settimeout(10)
+        self.script = script
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                self.script(conn, conn.makefile("rb"))
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+
+
+def _send(conn: socket.socket, message: Dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\r\n")
+
+
+def _greet(conn: socket.socket, reader: BinaryIO) -> Dict[str, Any]:
+    """Greeting and qmp_capabilities, as QEMU does them; returns the capabilities request."""
+    _send(conn, {"QMP": {"version": {}, "capabilities": []}})
+    request = json.loads(reader.readline())
+    assert request["execute"] == "qmp_capabilities"
+    _send(conn, {"return": {}, "id": request["id"]})
+    return request
+
+
+def test_silent_server_times_out_naming_the_greeting(short_dir: str) -> None:
+    done = threading.Event()
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: done.wait(10))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="greeting"):
+            QmpClient(os.path.join(short_dir, "q.sock"), timeout=0.5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        done.set()
+        fake.close()
+
+
+def test_server_that_hangs_up_gives_connection_error(short_dir: str) -> None:
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: None)
+    try:
+        with pytest.raises(ConnectionError, match="closed the connection"):
+            QmpClient(os.path.join(short_dir, "q.sock"), timeout=5)
+    finally:
+        fake.close()
+
+
+def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
+    """A reply that arrives after its call timed out is not taken for the next one's."""
+    replied_late = threading.Event()
+
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _greet(conn, reader)
+        slow = json.loads(reader.readline())
+        assert slow["execute"] == "slow"
+        fast = json.loads(reader.readline())          # sent after "slow" timed out
+        _send(conn, {"return": "for slow", "id": slow["id"]})
+        replied_late.set()
+        _send(conn, {"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}})
+        _send(conn, {"return": {"fast": fast["arguments"]}, "id": fast["id"]})
+        json.loads(reader.readline() or b"null")      # until the client hangs up
+
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script)
+    try:
+        with QmpClient(os.path.join(short_dir, "q.sock"), timeout=5) as qmp:
+            qmp.timeout = 0.3
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match="reply to slow"):
+                qmp.call("slow")
+            assert time.monotonic() - t0 < 3
+            qmp.timeout = 5
+            assert qmp.call("fast", x=1) == {"fast": {"x": 1}}
+            assert replied_late.is_set()
+            assert [e["event"] for e in qmp.events] == ["STOP"]
+    finally:
+        fake.close()
