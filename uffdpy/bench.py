@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tabulate import tabulate
 
 from .loader import EagerLoader, LazyLoader
 from .pagesource import PageSource, open_image
+from .qmp import QmpClient
 from .workload import latency_summary, run_access
 
 __all__ = ["run_bench", "qemu_load_seconds"]
@@ -34,50 +34,6 @@ def _drop_caches() -> None:
             f.write("3\n")
     except OSError:
         pass
-
-
-class _QMP:
-    """The few QMP commands a timed ``migrate-incoming`` needs, over a UNIX socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"QEMU did not open its QMP socket {path}") from None
-                time.sleep(0.01)
-        self.file = self.sock.makefile("rwb")
-        self._read()                                   # greeting
-        self.call("qmp_capabilities")
-
-    def _read(self) -> Dict[str, Any]:
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError("QEMU closed its QMP socket")
-            msg: Dict[str, Any] = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def call(self, command: str, **arguments: Any) -> Any:
-        req: Dict[str, Any] = {"execute": command}
-        if arguments:
-            req["arguments"] = arguments
-        self.file.write(json.dumps(req).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
@@ -94,26 +50,23 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
                              "-incoming", "defer", "-qmp", f"unix:{sock},server=on,wait=off"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    qmp: Optional[_QMP] = None
     try:
-        qmp = _QMP(sock, timeout)
-        qmp.call("migrate-set-capabilities",
-                 capabilities=[{"capability": "mapped-ram", "state": True}])
-        t0 = time.perf_counter()
-        qmp.call("migrate-incoming", uri=f"file:{os.path.abspath(snapshot_path)}")
-        deadline = time.monotonic() + timeout
-        while True:
-            status = qmp.call("query-migrate").get("status")
-            if status == "completed":
-                return time.perf_counter() - t0
-            if status == "failed":
-                raise RuntimeError("QEMU's migrate-incoming failed")
-            if time.monotonic() > deadline:
-                raise TimeoutError("QEMU's migrate-incoming did not complete")
-            time.sleep(0.0005)
+        with QmpClient(sock, timeout=timeout) as qmp:
+            qmp.call("migrate-set-capabilities",
+                     capabilities=[{"capability": "mapped-ram", "state": True}])
+            t0 = time.perf_counter()
+            qmp.call("migrate-incoming", uri=f"file:{os.path.abspath(snapshot_path)}")
+            deadline = time.monotonic() + timeout
+            while True:
+                status = qmp.call("query-migrate").get("status")
+                if status == "completed":
+                    return time.perf_counter() - t0
+                if status == "failed":
+                    raise RuntimeError("QEMU's migrate-incoming failed")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("QEMU's migrate-incoming did not complete")
+                time.sleep(0.0005)
     finally:
-        if qmp is not None:
-            qmp.close()
         proc.kill()
         proc.wait(10)
         if proc.stderr is not None:
