@@ -43,7 +43,8 @@ The first run needs ``apt-get`` (Debian or a derivative) and, if the package
 lists are missing, root to run ``apt-get update``; later runs reuse the cache
 (default ``~/.cache/uffdpy/linux-guest``) and need no network.  ``--kernel``
 and ``--busybox`` use files of your own instead.  Only the standard library
-is used (QMP is spoken directly over the unix socket).
+and :mod:`uffdpy.qmp` (uffdpy's own small QMP client; run from a checkout, the
+script finds ``uffdpy`` next to it) are used.
 """
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -62,6 +62,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)    # run from a checkout without installing
+
+from uffdpy.qmp import QmpClient, QmpError  # noqa: E402
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -359,59 +365,6 @@ def _version_key(name: str) -> List[Any]:
 
 
 # --------------------------------------------------------------------------
-# A minimal synchronous QMP client (stdlib only).
-
-
-class _QMP:
-    def __init__(self, path: str, deadline: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise GuestError(f"QMP socket {path} did not come up") from None
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rb")
-        self.events: List[Dict[str, Any]] = []
-        self._deadline = deadline
-        self._recv()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _recv(self) -> Dict[str, Any]:
-        self.sock.settimeout(max(1.0, self._deadline - time.monotonic()))
-        try:
-            line = self.file.readline()
-        except socket.timeout:
-            raise GuestError("timed out waiting for QMP") from None
-        if not line:
-            raise GuestError("QMP connection closed (QEMU exited?)")
-        return json.loads(line)
-
-    def cmd(self, name: str, **args: Any) -> Any:
-        msg: Dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._recv()
-            if "event" in reply:
-                self.events.append(reply)
-            elif "error" in reply:
-                raise GuestError(f"QMP {name} failed: {reply['error']}")
-            elif "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-            self.sock.close()
-        except OSError:
-            pass
-
-
-# --------------------------------------------------------------------------
 # Boot and snapshot.
 
 
@@ -510,7 +463,7 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         t_boot0 = time.monotonic()
         proc = subprocess.Popen(cmdline, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                 stderr=subprocess.STDOUT)
-        qmp: Optional[_QMP] = None
+        qmp: Optional[QmpClient] = None
 
         def console() -> str:
             try:
@@ -525,7 +478,7 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
             return GuestError(f"{why}\n--- qemu output ---\n{qlog}\n--- serial console (tail) ---\n{tail}")
 
         try:
-            qmp = _QMP(qmp_path, deadline)
+            qmp = QmpClient(qmp_path, timeout=max(1.0, deadline - time.monotonic()))
             # 1. Wait for the guest to say it is ready.
             t_booted = None
             while True:
@@ -546,13 +499,13 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
             result["guest_ready_line"] = ready_line.strip()
 
             # 2. Stop the guest and save it with mapped-ram.
-            qmp.cmd("stop")
-            qmp.cmd("migrate-set-capabilities",
-                    capabilities=[{"capability": "mapped-ram", "state": True}])
+            qmp.call("stop")
+            qmp.call("migrate-set-capabilities",
+                     capabilities=[{"capability": "mapped-ram", "state": True}])
             t_mig0 = time.monotonic()
-            qmp.cmd("migrate", uri=f"file:{out_path}")
+            qmp.call("migrate", uri=f"file:{out_path}")
             while True:
-                info = qmp.cmd("query-migrate")
+                info = qmp.call("query-migrate")
                 status = info.get("status")
                 if status == "completed":
                     break
@@ -566,14 +519,16 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
 
             # 3. Dump guest-physical RAM for comparison.
             if pmem_path is not None:
-                qmp.cmd("pmemsave", val=0, size=mem_mib << 20, filename=str(pmem_path))
+                qmp.call("pmemsave", val=0, size=mem_mib << 20, filename=str(pmem_path))
             t_pmem = time.monotonic()
-            qmp.cmd("quit")
+            qmp.call("quit")
             try:
                 proc.wait(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 pass
             result["console"] = console()
+        except (QmpError, TimeoutError, ConnectionError) as e:
+            raise fail(f"QMP: {e}") from e
         finally:
             if qmp is not None:
                 qmp.close()

@@ -41,8 +41,8 @@ Both print a JSON summary (timings in seconds, paths, regions).  From Python
     info = load_snapshot(cfg, "vm.img", pmemsave="loaded.pmem")
     info = dump_guest_memory(VmConfig(machine="pc", mem="128M"), "vm.elf", regions=[region])
 
-Only ``qemu.qmp`` (the synchronous ``qemu.qmp.legacy`` shim) and the standard
-library are used.
+Only the standard library and :mod:`uffdpy.qmp` (uffdpy's own small QMP
+client) are used; run from a checkout, the script finds ``uffdpy`` next to it.
 """
 from __future__ import annotations
 
@@ -58,9 +58,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)    # run from a checkout without installing
+
+from uffdpy.qmp import QmpClient, QmpError  # noqa: E402
 
 DEFAULT_QEMU = os.environ.get("UFFDPY_QEMU", "qemu-system-x86_64")
 DEFAULT_TIMEOUT = 60.0
@@ -149,7 +154,7 @@ class QemuVM:
         extra = list(extra) + (["-incoming", "defer"] if incoming else []) + (["-S"] if paused else [])
         self.argv = config.command(self.socket, extra=extra)
         self.proc: Optional[subprocess.Popen[bytes]] = None
-        self.qmp: Optional[QEMUMonitorProtocol] = None
+        self.qmp: Optional[QmpClient] = None
 
     def __enter__(self) -> "QemuVM":
         try:
@@ -181,14 +186,13 @@ class QemuVM:
                 raise QemuError(f"QEMU exited with {self.proc.returncode} at start:\n"
                                 f"{' '.join(self.argv)}\n{self.log()}")
             if os.path.exists(self.socket):
-                qmp = QEMUMonitorProtocol(self.socket)
-                try:
-                    qmp.connect()
-                except Exception as e:  # ConnectError and friends: QEMU not ready yet
+                try:  # a short try, so that a QEMU that died is noticed above
+                    qmp = QmpClient(self.socket,
+                                    timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                except (OSError, QmpError) as e:  # refused, closed, timed out: QEMU not ready yet
                     last = e
-                    qmp.close()
                 else:
-                    qmp.settimeout(self.timeout)
+                    qmp.timeout = self.timeout
                     self.qmp = qmp
                     return
             time.sleep(0.02)
@@ -199,8 +203,8 @@ class QemuVM:
         if self.qmp is None:
             raise QemuError("QEMU is not running")
         try:
-            return self.qmp.cmd(name, **args)
-        except Exception as e:
+            return self.qmp.call(name, **args)
+        except (QmpError, OSError) as e:
             raise QemuError(f"QMP {name} {args}: {e}\n{self.log()}") from e
 
     def set_capabilities(self, **caps: bool) -> None:
@@ -304,10 +308,7 @@ class QemuVM:
         """Quit QMP, kill QEMU and remove the socket directory; safe to call twice."""
         qmp, self.qmp = self.qmp, None
         if qmp is not None:
-            try:
-                qmp.close()
-            except Exception:  # the connection may already be gone; QEMU is killed below
-                pass
+            qmp.close()
         proc, self.proc = self.proc, None
         if proc is not None:
             if proc.poll() is None:
