@@ -175,7 +175,7 @@ class QmpClient:
                 sock.settimeout(left)
                 chunk = sock.recv(65536)
             except socket.timeout:
-                raise TimeoutError(f"QMP {self.path}: no {what} within {self.timeout:g}s") from None
+                raise TimeoutError(f"QMP {self.path}: waited {self.timeout:g}s for {what}") from None
             if not chunk:
                 raise ConnectionError(f"QMP {self.path}: QEMU closed the connection "
                                       f"while we waited for {what}")
