@@ -46,10 +46,11 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
     """
     tmp = tempfile.mkdtemp(prefix="uffdpy-qemu-")
     sock = os.path.join(tmp, "qmp.sock")
-    proc = subprocess.Popen([binary, "-nodefaults", "-display", "none", *qemu_args,
-                             "-incoming", "defer", "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    log_path = os.path.join(tmp, "qemu.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([binary, "-nodefaults", "-display", "none", *qemu_args,
+                                 "-incoming", "defer", "-qmp", f"unix:{sock},server=on,wait=off"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         with QmpClient(sock, timeout=timeout) as qmp:
             qmp.call("migrate-set-capabilities",
@@ -62,15 +63,21 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
                 if status == "completed":
                     return time.perf_counter() - t0
                 if status == "failed":
-                    raise RuntimeError("QEMU's migrate-incoming failed")
+                    raise RuntimeError("migration status 'failed'")
                 if time.monotonic() > deadline:
-                    raise TimeoutError("QEMU's migrate-incoming did not complete")
+                    raise TimeoutError(f"QEMU's migrate-incoming of {snapshot_path} did not "
+                                       f"complete within {timeout:g}s")
                 time.sleep(0.0005)
+    except (RuntimeError, ConnectionError) as exc:   # QmpError is a RuntimeError
+        proc.kill()
+        proc.wait(10)
+        with open(log_path, "rb") as f:
+            said = " ".join(f.read().decode(errors="replace").split())[-400:]
+        raise RuntimeError(f"QEMU ({' '.join(qemu_args)}) could not load {snapshot_path}: "
+                           f"{exc}; QEMU said: {said or 'nothing'}") from exc
     finally:
         proc.kill()
         proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -280,8 +280,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    import shlex
     return run_bench(args.snapshot, rounds=args.rounds, touches=args.touch,
-                     qemu=not args.no_qemu, as_json=args.json)
+                     qemu=not args.no_qemu, as_json=args.json,
+                     qemu_args=shlex.split(args.qemu_args) if args.qemu_args else None)
 
 
 # -------------------------------------------------------------------------- demo
@@ -387,6 +389,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--touch", type=int, default=2000)
     sp.add_argument("--no-qemu", action="store_true")
+    sp.add_argument("--qemu-args", default=None, metavar="ARGS",
+                    help="QEMU arguments recreating the saved machine, one string "
+                         "(e.g. \"-machine pc -m 1G -cpu max\"); -machine none snapshots "
+                         "need none")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
 
