@@ -795,3 +795,42 @@ def test_bench_on_a_process_core(gcore: ProcessCore) -> None:
     assert "eager (QEMU-style pread, THP)" in results
     assert all(r["complete_s"] > 0 for r in results.values())
     assert not any(name.startswith("QEMU") for name in results)  # QEMU loads mapped-ram only
+
+
+def _uffd_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
+                                                     tmp_path: Path) -> None:
+    """Truncated and corrupted real cores: the loaders refuse them with nothing mapped,
+    registered or left open, and the command line says so in one line."""
+    from uffdpy.loader import EagerLoader, LazyLoader
+    data = gcore.path.read_bytes()
+    with ElfImage.open(gcore.path) as image:
+        phdr_at = image.regions[1].header_offset
+    bad = {"truncated-header": data[:40], "truncated-memory": data[:len(data) // 2]}
+    past = bytearray(data)                       # a segment's p_offset far past the end
+    struct.pack_into("<Q", past, phdr_at + 8, len(data) * 4)
+    bad["segment-past-end"] = bytes(past)
+    with open("/proc/self/maps") as f:
+        maps_before = sum(1 for _ in f)
+    fds_before, uffds_before = open_fds(), _uffd_fds()
+    for name, content in bad.items():
+        p = tmp_path / f"{name}.core"
+        p.write_bytes(content)
+        for cls in (LazyLoader, EagerLoader):
+            with pytest.raises(ElfImageError):
+                cls(str(p))
+        proc = _uffdpy("load", p)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and str(p) in proc.stderr, proc.stderr
+    with open("/proc/self/maps") as f:
+        assert sum(1 for _ in f) == maps_before
+    assert (open_fds(), _uffd_fds()) == (fds_before, uffds_before)
