@@ -109,9 +109,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import operator
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -435,80 +433,33 @@ def _flag_names(value: Any) -> str:
 
 _MSG_SIZE = ctypes.sizeof(_abi.uffd_msg)
 
-# The fill structs as struct layouts (native order, the ABI's): every field is
-# a 64-bit word, the last one the signed count the kernel writes back.
-_U64_MASK = (1 << 64) - 1
-_COPY_LAYOUT = struct.Struct("=QQQQq")      # dst, src, len, mode, copy
-_RANGE_MODE_LAYOUT = struct.Struct("=QQQq")  # start, len, mode, result (ZEROPAGE, CONTINUE, POISON)
-_MOVE_LAYOUT = _COPY_LAYOUT                  # dst, src, len, mode, move
-_RANGE_LAYOUT = struct.Struct("=QQ")         # start, len (WAKE)
-_COUNT = struct.Struct("=q")
-_COPY_COUNT_AT = _abi.uffdio_copy.copy.offset
-_ZEROPAGE_COUNT_AT = _abi.uffdio_zeropage.zeropage.offset
-_CONTINUE_COUNT_AT = _abi.uffdio_continue.mapped.offset
-_POISON_COUNT_AT = _abi.uffdio_poison.updated.offset
-_MOVE_COUNT_AT = _abi.uffdio_move.move.offset
-for _ctype, _layout in ((_abi.uffdio_copy, _COPY_LAYOUT), (_abi.uffdio_move, _MOVE_LAYOUT),
-                        (_abi.uffdio_zeropage, _RANGE_MODE_LAYOUT),
-                        (_abi.uffdio_continue, _RANGE_MODE_LAYOUT),
-                        (_abi.uffdio_poison, _RANGE_MODE_LAYOUT),
-                        (_abi.uffdio_range, _RANGE_LAYOUT)):
-    if ctypes.sizeof(_ctype) != _layout.size:  # pragma: no cover - an ABI transcription bug
-        raise ImportError(f"{_ctype.__name__}: {ctypes.sizeof(_ctype)} bytes, "
-                          f"layout {_layout.format} has {_layout.size}")
-
-
-
-def _pointer(arg: bytearray) -> ctypes.c_void_p:
-    """A pointer to a bytearray's bytes (valid while it is alive and not resized)."""
-    return ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(arg)))
-
-
 #: The fill and WAKE requests as C unsigned longs, converted once.
 _REQUEST = {name: ctypes.c_ulong(getattr(_abi, name)) for name in (
     "UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_CONTINUE", "UFFDIO_POISON", "UFFDIO_MOVE",
     "UFFDIO_WAKE")}
-
-
 _COPY_REQUEST = _REQUEST["UFFDIO_COPY"]
 _ZEROPAGE_REQUEST = _REQUEST["UFFDIO_ZEROPAGE"]
 _WAKE_REQUEST = _REQUEST["UFFDIO_WAKE"]
 
 
-def _buffer_ioctl(fd: int, request: ctypes.c_ulong, arg: bytearray) -> None:
-    """``ioctl(fd, request, arg)`` with the bytearray's own bytes as the argument.
+def _fill_ioctl(fd: int, request: ctypes.c_ulong, arg: Any) -> int:
+    """``ioctl(2)`` for the fills and WAKE: -1 on failure, errno in ``_last_error()``.
 
-    Through ctypes, not :func:`fcntl.ioctl`: ctypes releases the GIL for the
-    call on every CPython and the kernel writes straight into ``arg``, also
-    when the ioctl fails (a fill's signed count matters most then).
-    ``fcntl.ioctl`` instead copies small buffers to its stack and, on recent
-    versions, copies the kernel's writes back only on success; and for
-    buffers over 1 KiB, older versions keep the GIL during the call.
-
-    Raises: OSError with the errno.
+    Through ctypes (the GIL is released for the call; the kernel writes its
+    count straight into the struct, also on failure), declared without an
+    errcheck or argtypes: the request comes converted and ``arg`` is a
+    ``byref`` or pointer.  Not :func:`fcntl.ioctl`: it copies small buffers
+    and, on recent CPythons, copies the kernel's writes back only on
+    success; for buffers over 1 KiB, older versions keep the GIL.
     """
-    if _abi.libc.ioctl_unchecked(fd, request, ctypes.byref(ctypes.c_char.from_buffer(arg))) == -1:
-        raise _last_error()
+    result: int = _abi.libc.ioctl_unchecked(fd, request, arg)
+    return result
 
 
 def _last_error() -> OSError:
     """The errno of the last failed ctypes call in this thread, as an OSError."""
     error = ctypes.get_errno()
     return OSError(error, os.strerror(error))
-
-
-def _pack(layout: struct.Struct, *values: int) -> bytearray:
-    """``layout`` packed into a fresh bytearray; values wrap modulo 2**64 as ctypes does."""
-    try:
-        return bytearray(layout.pack(*values))
-    except struct.error:
-        # out of range for a u64 (negative, huge): wrap; the count going in is 0
-        return bytearray(layout.pack(*(operator.index(value) & _U64_MASK for value in values)))
-
-
-def _count_at(arg: bytearray, offset: int) -> int:
-    """The signed count the kernel wrote at ``offset`` of a fill struct."""
-    return int(_COUNT.unpack_from(arg, offset)[0])
 
 
 def _create_fd(user_mode_only: bool) -> Tuple[int, str]:
@@ -766,10 +717,9 @@ class Userfaultfd:
         Raises:
             UffdError: EINVAL (misaligned, or length 0) or another failure.
         """
-        arg = _pack(_RANGE_LAYOUT, start, length)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_WAKE"], arg)
-        except OSError as exc:
+        arg = _abi.uffdio_range(start, length)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_WAKE"], ctypes.byref(arg)) == -1:
+            exc = _last_error()
             raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
 
     # -- fills: the hot path -----------------------------------------------
@@ -788,12 +738,10 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL, EFAULT, ENOMEM...).
         """
-        arg = _pack(_COPY_LAYOUT, dst, src, length, mode, 0)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_COPY"], arg)
-        except OSError as exc:
-            return _fill_outcome(exc, _count_at(arg, _COPY_COUNT_AT), "UFFDIO_COPY", dst,
-                                 length, mode, src, mode_type=CopyMode)
+        arg = _abi.uffdio_copy(dst, src, length, mode, 0)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_COPY"], ctypes.byref(arg)) == -1:
+            return _fill_outcome(_last_error(), arg.copy, "UFFDIO_COPY", dst, length, mode, src,
+                                 mode_type=CopyMode)
         return length
 
     def zeropage(self, start: int, length: int, *,
@@ -806,12 +754,10 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL on hugetlbfs, which has no ZEROPAGE).
         """
-        arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_ZEROPAGE"], arg)
-        except OSError as exc:
-            return _fill_outcome(exc, _count_at(arg, _ZEROPAGE_COUNT_AT), "UFFDIO_ZEROPAGE",
-                                 start, length, mode, mode_type=ZeropageMode)
+        arg = _abi.uffdio_zeropage(_abi.uffdio_range(start, length), mode, 0)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_ZEROPAGE"], ctypes.byref(arg)) == -1:
+            return _fill_outcome(_last_error(), arg.zeropage, "UFFDIO_ZEROPAGE", start, length,
+                                 mode, mode_type=ZeropageMode)
         return length
 
     def continue_(self, start: int, length: int, *,
@@ -824,12 +770,10 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EFAULT: no page in the page cache).
         """
-        arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_CONTINUE"], arg)
-        except OSError as exc:
-            return _fill_outcome(exc, _count_at(arg, _CONTINUE_COUNT_AT), "UFFDIO_CONTINUE",
-                                 start, length, mode, hints=_CONTINUE_HINTS, mode_type=ContinueMode)
+        arg = _abi.uffdio_continue(_abi.uffdio_range(start, length), mode, 0)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_CONTINUE"], ctypes.byref(arg)) == -1:
+            return _fill_outcome(_last_error(), arg.mapped, "UFFDIO_CONTINUE", start, length,
+                                 mode, hints=_CONTINUE_HINTS, mode_type=ContinueMode)
         return length
 
     def poison(self, start: int, length: int, *, mode: PoisonMode = PoisonMode(0)) -> int:
@@ -841,12 +785,10 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL without Feature.POISON).
         """
-        arg = _pack(_RANGE_MODE_LAYOUT, start, length, mode, 0)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_POISON"], arg)
-        except OSError as exc:
-            return _fill_outcome(exc, _count_at(arg, _POISON_COUNT_AT), "UFFDIO_POISON",
-                                 start, length, mode, mode_type=PoisonMode)
+        arg = _abi.uffdio_poison(_abi.uffdio_range(start, length), mode, 0)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_POISON"], ctypes.byref(arg)) == -1:
+            return _fill_outcome(_last_error(), arg.updated, "UFFDIO_POISON", start, length,
+                                 mode, mode_type=PoisonMode)
         return length
 
     def move(self, dst: int, src: int, length: int, *, mode: MoveMode = MoveMode(0)) -> int:
@@ -861,12 +803,10 @@ class Userfaultfd:
             UffdError: any other failure (EINVAL without Feature.MOVE, across
                 processes, or for shared/pinned source pages; EBUSY).
         """
-        arg = _pack(_MOVE_LAYOUT, dst, src, length, mode, 0)
-        try:
-            _buffer_ioctl(self._fd, _REQUEST["UFFDIO_MOVE"], arg)
-        except OSError as exc:
-            return _fill_outcome(exc, _count_at(arg, _MOVE_COUNT_AT), "UFFDIO_MOVE", dst,
-                                 length, mode, src, mode_type=MoveMode)
+        arg = _abi.uffdio_move(dst, src, length, mode, 0)
+        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_MOVE"], ctypes.byref(arg)) == -1:
+            return _fill_outcome(_last_error(), arg.move, "UFFDIO_MOVE", dst, length, mode, src,
+                                 mode_type=MoveMode)
         return length
 
     def writeprotect(self, start: int, length: int, *,
@@ -941,7 +881,17 @@ class Userfaultfd:
             return [decode_message(messages[i]) for i in range(count)]
 
 
-_SIGN_BIT = 1 << 63
+def _preallocated(struct_type: Any) -> Tuple[Any, memoryview, ctypes.c_void_p]:
+    """A zeroed ``struct_type`` over a bytearray: the struct, its 64-bit words, its address.
+
+    The struct (``from_buffer``) and the words view both keep the bytearray
+    from being resized, so the address stays valid for their lifetime.
+    """
+    raw = bytearray(ctypes.sizeof(struct_type))
+    view = struct_type.from_buffer(raw)
+    return view, memoryview(raw).cast("Q"), ctypes.c_void_p(ctypes.addressof(view))
+
+
 
 
 class Filler:
@@ -982,8 +932,8 @@ class Filler:
     """
 
     __slots__ = ("uffd", "max_messages", "buffer", "words", "_views",
-                 "_copy_arg", "_copy_words", "_zero_arg", "_zero_words",
-                 "_range_arg", "_range_words", "_copy_at", "_zero_at", "_range_at", "_ioctl")
+                 "_copy", "_copy_words", "_zero", "_zero_words", "_range_words",
+                 "_copy_at", "_zero_at", "_range_at", "_ioctl")
 
     def __init__(self, uffd: Userfaultfd, *, max_messages: int = 64) -> None:
         if max_messages < 1:
@@ -994,16 +944,12 @@ class Filler:
         self.buffer = bytearray(max_messages * _MSG_SIZE)
         self.words = memoryview(self.buffer).cast("Q")
         self._views = [memoryview(self.buffer)]
-        # the words views pin the bytearrays (no resize), so their addresses hold
-        self._copy_arg = bytearray(_COPY_LAYOUT.size)
-        self._copy_words = memoryview(self._copy_arg).cast("Q")
-        self._zero_arg = bytearray(_RANGE_MODE_LAYOUT.size)
-        self._zero_words = memoryview(self._zero_arg).cast("Q")
-        self._range_arg = bytearray(_RANGE_LAYOUT.size)
-        self._range_words = memoryview(self._range_arg).cast("Q")
-        self._copy_at = _pointer(self._copy_arg)
-        self._zero_at = _pointer(self._zero_arg)
-        self._range_at = _pointer(self._range_arg)
+        # Each struct lives in a bytearray: written as 64-bit words (every field
+        # of these structs is one; test_abi pins the offsets), read back through
+        # the ctypes struct over the same bytes (the signed count).
+        self._copy, self._copy_words, self._copy_at = _preallocated(_abi.uffdio_copy)
+        self._zero, self._zero_words, self._zero_at = _preallocated(_abi.uffdio_zeropage)
+        _, self._range_words, self._range_at = _preallocated(_abi.uffdio_range)
         self._ioctl = _abi.libc.ioctl_unchecked
 
     def __repr__(self) -> str:
@@ -1053,8 +999,7 @@ class Filler:
         words[4] = 0           # the count: an old kernel leaves it alone on EAGAIN
         if self._ioctl(self.uffd._fd, _COPY_REQUEST, self._copy_at) == -1:
             exc = _last_error()
-            count = words[4]
-            return _fill_outcome(exc, count - (count & _SIGN_BIT) * 2, "UFFDIO_COPY", dst,
+            return _fill_outcome(exc, self._copy.copy, "UFFDIO_COPY", dst,
                                  length, mode, src, mode_type=CopyMode)
         return length
 
@@ -1072,8 +1017,7 @@ class Filler:
         words[3] = 0
         if self._ioctl(self.uffd._fd, _ZEROPAGE_REQUEST, self._zero_at) == -1:
             exc = _last_error()
-            count = words[3]
-            return _fill_outcome(exc, count - (count & _SIGN_BIT) * 2, "UFFDIO_ZEROPAGE",
+            return _fill_outcome(exc, self._zero.zeropage, "UFFDIO_ZEROPAGE",
                                  start, length, mode, mode_type=ZeropageMode)
         return length
 
