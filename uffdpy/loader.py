@@ -1094,19 +1094,22 @@ class LazyLoader(_LoaderBase):
         self._monitor.start()
 
     def _watch_child(self) -> None:
-        chunks = []
-        while True:
+        """The monitor thread: act on the server's one-line report, then reap it.
+
+        The report is acted on as soon as its line arrives, before the child
+        has exited (tearing down a forked address space takes milliseconds
+        that the load need not wait for).  No report by EOF means it died.
+        """
+        received = b""
+        while b"\n" not in received:
             data = os.read(self._result_fd, 65536)   # sleeps without the GIL
             if not data:
                 break
-            chunks.append(data)
-        pid = self._child_pid
-        _, status = os.waitpid(pid, 0)
-        self._child_pid = 0
+            received += data
         report: Dict[str, Any] = {}
-        if chunks:
+        if b"\n" in received:
             try:
-                report = json.loads(b"".join(chunks))
+                report = json.loads(received.split(b"\n", 1)[0])
             except ValueError:
                 report = {}
         if report.get("complete"):
@@ -1117,10 +1120,15 @@ class LazyLoader(_LoaderBase):
             self._fence_unplaced()
         elif report.get("stopped"):
             self._apply_child_stats(report)
-        else:
+        if report:
+            self._done.set()
+        pid = self._child_pid
+        _, status = os.waitpid(pid, 0)
+        self._child_pid = 0
+        if not report:
             self._fail(_server_died(pid, status))
             self._fence_unplaced()
-        self._done.set()
+            self._done.set()
 
     def _apply_child_stats(self, report: Dict[str, Any]) -> None:
         for key, value in report.get("stats", {}).items():
@@ -1336,7 +1344,7 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
                   "traceback": traceback.format_exc()}
     try:
         struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
-        data = json.dumps(report).encode()
+        data = json.dumps(report).encode() + b"\n"     # one line: the parent acts on it
         while data:
             data = data[os.write(result_fd, data):]
     finally:
