@@ -115,7 +115,7 @@ def fill_pattern_pages(seed: int, fill_mib: int) -> Iterator[bytes]:
     words = PAGE_SIZE // 8
     pack = struct.Struct("<%dQ" % words).pack
     for _ in range(fill_mib * (1 << 20) // PAGE_SIZE):
-        page = []
+        page: List[int] = []
         append = page.append
         for _ in range(words):
             x ^= (x << 13) & _M64
@@ -418,8 +418,9 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
     pmem_path = Path(pmemsave).resolve() if pmemsave is not None else None
 
     if kernel is not None and busybox is not None:
-        files = {"kernel": str(kernel), "busybox": str(busybox), "downloaded": False,
-                 "kernel_version": Path(kernel).name.replace("vmlinuz-", "")}
+        files: Dict[str, Any] = {
+            "kernel": str(kernel), "busybox": str(busybox), "downloaded": False,
+            "kernel_version": Path(kernel).name.replace("vmlinuz-", "")}
     else:
         files = ensure_guest_files(cache)
         if kernel is not None:
