@@ -27,6 +27,7 @@ from uffdpy.pagesource import ImageError, open_image
 
 qemu_snapshot = pytest.importorskip("qemu_snapshot")
 import process_core  # noqa: E402  (scripts/ is put on sys.path by conftest)
+from helpers import open_fds, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,10 +42,6 @@ PC_RANDOM = [(0x100000, 0x10000, 1), (0x2345000, 0x3000, 2), (0x7FFF000, 0x1000,
 
 
 # --------------------------------------------------------------------------- helpers
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
 
 def assert_one_line(e: ImageError, path: Path) -> None:
     text = str(e)
@@ -797,16 +794,6 @@ def test_bench_on_a_process_core(gcore: ProcessCore) -> None:
     assert not any(name.startswith("QEMU") for name in results)  # QEMU loads mapped-ram only
 
 
-def _uffd_fds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return n
-
-
 def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
                                                      tmp_path: Path) -> None:
     """Truncated and corrupted real cores: the loaders refuse them with nothing mapped,
@@ -819,18 +806,24 @@ def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
     past = bytearray(data)                       # a segment's p_offset far past the end
     struct.pack_into("<Q", past, phdr_at + 8, len(data) * 4)
     bad["segment-past-end"] = bytes(past)
-    with open("/proc/self/maps") as f:
-        maps_before = sum(1 for _ in f)
-    fds_before, uffds_before = open_fds(), _uffd_fds()
+    paths = []
     for name, content in bad.items():
         p = tmp_path / f"{name}.core"
         p.write_bytes(content)
-        for cls in (LazyLoader, EagerLoader):
-            with pytest.raises(ElfImageError):
-                cls(str(p))
+        paths.append(p)
+
+    def attempt() -> None:
+        for p in paths:
+            for cls in (LazyLoader, EagerLoader):
+                with pytest.raises(ElfImageError):
+                    cls(str(p))
+    attempt()                       # once first: the allocator's arenas and caches settle
+    before = resources()
+    for _ in range(3):
+        attempt()
+    assert resources() == before    # no fd, thread or mapping left per attempt
+    assert uffd_fds() == 0
+    for p in paths:
         proc = _uffdpy("load", p)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and str(p) in proc.stderr, proc.stderr
-    with open("/proc/self/maps") as f:
-        assert sum(1 for _ in f) == maps_before
-    assert (open_fds(), _uffd_fds()) == (fds_before, uffds_before)
