@@ -98,6 +98,14 @@ _QEMU_ELF32_HINT = ("QEMU writes ELF32 when the CPU is not in long mode and all 
 _NOTE_TYPES: Dict[int, str] = {v: k for k, v in ENUM_CORE_NOTE_N_TYPE.items()
                                if isinstance(v, int) and not k.startswith("_")}
 _NOTE_NUMBERS: Dict[str, int] = {k: v for v, k in _NOTE_TYPES.items()}
+#: note types pyelftools does not name, by owner: QEMU's per-CPU state
+#: (``QEMUCPUState`` in QEMU's target/i386/arch_dump.c), the kernel's x86
+#: XSAVE area and gdb's target description
+_OWNER_NOTE_TYPES: Dict[Tuple[str, int], str] = {
+    ("QEMU", 0): "QEMU_CPU_STATE",
+    ("LINUX", 0x202): "NT_X86_XSTATE",
+    ("GDB", 0xff000000): "NT_GDB_TDESC",
+}
 
 
 class ElfImageError(ImageError):
@@ -518,7 +526,9 @@ class _Parser:
                         raise self.err(at, "note type", "a known note type name", repr(n_type))
                     type_name = n_type
                 else:
-                    number, type_name = int(n_type), f"{int(n_type):#x}"
+                    number = int(n_type)
+                    type_name = _OWNER_NOTE_TYPES.get((note["n_name"] or "", number),
+                                                      f"{number:#x}")
                 self.image.notes.append(ElfNote(name=note["n_name"] or "", type=number,
                                                 type_name=type_name, offset=at, size=descsz,
                                                 desc_offset=name_end))
