@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Userfaultfd": "uffd",
+    "Filler": "uffd",
     "UffdError": "uffd",
     "UffdPermissionError": "uffd",
     "Feature": "uffd",
