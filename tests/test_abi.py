@@ -197,3 +197,10 @@ def test_import_touches_no_kernel() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_package_export_resolves() -> None:
+    """``import uffdpy`` is lazy: every name it lists must import from its module."""
+    import uffdpy
+    for name in uffdpy.__all__:
+        assert getattr(uffdpy, name) is not None, name
