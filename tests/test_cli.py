@@ -242,6 +242,12 @@ def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
     assert report["total_pages"] == report["placed_pages"] == huge    # 2 MiB pages
 
 
+def test_load_prefetch_chunk(synth16: Path) -> None:
+    report = ok_json("load", synth16, "--prefetch-chunk", "64K", "--verify")
+    assert report["mismatched_pages"] == 0 and report["double_placements"] == 0
+    assert report["pages_by_prefetch"] == total_pages(synth16)
+
+
 def test_load_table_output(synth16: Path) -> None:
     out = ok("load", synth16, "--access", "random", "--touch", "500")
     for key in STAT_KEYS + ("access_us",):

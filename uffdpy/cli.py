@@ -151,13 +151,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- load
 
 def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) -> Any:
-    from .loader import EagerLoader, LazyLoader
+    from .loader import DEFAULT_CHUNK_BYTES, EagerLoader, LazyLoader
     if getattr(args, "mode", "lazy") == "eager":
         return EagerLoader(snap)
     return LazyLoader(snap, server=getattr(args, "server", "thread"), prefetch=prefetch,
                       server_cpu=getattr(args, "server_cpu", None),
                       busy_poll=getattr(args, "busy_poll", False),
                       prefetch_threads=getattr(args, "prefetch_threads", None),
+                      prefetch_chunk_bytes=(getattr(args, "prefetch_chunk", None)
+                                            or DEFAULT_CHUNK_BYTES),
                       huge_pages=getattr(args, "huge_pages", False))
 
 
@@ -368,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
     sp.add_argument("--prefetch-threads", type=int, default=None,
                     help="parallel prefetch threads (default: 2 on 2+ CPUs)")
+    sp.add_argument("--prefetch-chunk", type=parse_size, default=None, metavar="SIZE",
+                    help="bytes per prefetch ioctl (default 2M; smaller: a fault on a page "
+                         "being prefetched waits less, the load takes longer)")
     sp.add_argument("--huge-pages", action="store_true",
                     help="hugetlbfs guest memory, whole 2 MiB pages per fault "
                          "(needs /proc/sys/vm/nr_hugepages)")
