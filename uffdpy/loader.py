@@ -123,6 +123,9 @@ DEFAULT_CHUNK_BYTES = 2 * MiB
 BLOCK_ALIGN = 2 * MiB
 #: At most this many bytes per ``pread`` in the eager loader (QEMU 10's value).
 EAGER_READ_BYTES = 1 * MiB
+#: Prefetch threads run this much nicer than the fault loop (and the guest's
+#: threads): when CPUs are short, a fault is served before the next chunk.
+PREFETCH_NICE = 10
 #: Fault messages read per ``read`` call.
 MSG_BATCH = 64
 _MSG_SIZE = 32  # sizeof(struct uffd_msg)
@@ -260,10 +263,10 @@ class ClaimMap:
         return stop
 
     def release(self, block: int, first: int, end: int) -> None:
-        """Give back claimed-but-unplaced pages ``[first, end)`` (used when stopping)."""
+        """Give back the claimed-but-unplaced pages of ``[first, end)`` (placed ones stay)."""
         st = self._state[block]
         with self._lock:
-            st[first:end] = _UNCLAIMED * (end - first)
+            st[first:end] = st[first:end].replace(_CLAIMED, _UNCLAIMED)
 
     def mark_placed(self, block: int, first: int, end: int) -> None:
         """Record ``[first, end)`` as placed; set ``complete`` when the last page lands."""
@@ -544,10 +547,12 @@ class _Server:
 
         ``bounce`` is the calling worker's bounce buffer (``BOUNCE`` pages),
         ``uffd`` the calling worker's way to the ioctls (the fault loop's own
-        ``Filler``, or the thread-safe ``Userfaultfd`` methods).
-        Returns the number of pages this call installed (pages the kernel
-        already had, ``EEXIST``, are woken and skipped), or None when the
-        kernel says events are pending and nothing was done: retry later.
+        ``Filler``, or the thread-safe ``Userfaultfd`` methods).  The pages
+        this call installs are marked placed in the claim map here; pages the
+        kernel already had (``EEXIST``: the other worker installed them) are
+        woken and skipped, and their installer marks them.  Returns the number
+        of pages installed, or None when the kernel says events are pending
+        and nothing was done: retry later.
         """
         ps = region.unit
         dst = region.start + first * ps
@@ -564,6 +569,8 @@ class _Server:
         else:
             src = 0
         installed = 0
+        page = first
+        claims = self.claims
         while length:
             if present:
                 done = uffd.copy(dst, src, length)
@@ -572,13 +579,16 @@ class _Server:
             if done > 0:
                 if done < length:              # EAGAIN after progress: go on from there
                     counters.eagain += 1
+                claims.mark_placed(region.index, page, page + done // ps)
                 installed += done
+                page += done // ps
                 dst += done
                 src += done
                 length -= done
             elif done == -errno.EEXIST:        # first page already there: wake, skip it
                 counters.eexist += 1
                 uffd.wake(dst, ps)
+                page += 1
                 dst += ps
                 src += ps
                 length -= ps
@@ -651,9 +661,15 @@ class _Server:
         claims = self.claims
         page = (address - region.start) // region.unit
         old = claims.claim(region.index, page)
-        if old == CLAIMED:
-            return True                       # the other worker's copy will wake it
         kind = region.kind(page)
+        if old == CLAIMED:
+            # In a prefetch chunk still in flight: place this one page now
+            # instead of waiting for the whole chunk.  The kernel installs it
+            # once; whichever copy comes second gets EEXIST and skips it.
+            placed = self._place(region, page, page + 1, kind, counters, self.fault_bounce,
+                                 filler)
+            counters.pages += placed or 0
+            return placed is not None
         if old == UNCLAIMED and not self.fault_around_pages and kind != BOUNCE:
             # the common cases, one page from the file or one zero page: one ioctl, one store
             unit = region.unit
@@ -673,15 +689,13 @@ class _Server:
             claims.release(region.index, page, page + 1)   # not placed: the general path
             old = claims.claim(region.index, page)
             if old == CLAIMED:
-                return True
+                return self._serve(address, counters, filler)
         bounce = self.fault_bounce
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
             # wake), or the page was dropped since: then this places it again.
             placed = self._place(region, page, page + 1, kind, counters, bounce, filler)
-            if placed:
-                counters.pages += placed
-                claims.mark_placed(region.index, page, page + 1)
+            counters.pages += placed or 0
             return placed is not None
         end = page + 1
         if self.fault_around_pages:
@@ -696,7 +710,6 @@ class _Server:
             claims.release(region.index, page, end)
             return False
         counters.pages += placed
-        claims.mark_placed(region.index, page, end)
         return True
 
     # -- the prefetcher
@@ -708,6 +721,7 @@ class _Server:
         threads wait in the ioctl without the GIL.
         """
         self.go.wait()
+        _lower_priority(PREFETCH_NICE)
         counters = self.prefetch_counters[lane]
         bounce = self.prefetch_bounce[lane]
         uffd = self.uffd
@@ -734,7 +748,15 @@ class _Server:
                             time.sleep(0.0001)
                             placed = self._place(region, a, b, kind, counters, bounce, uffd)
                         counters.pages += placed
-                        claims.mark_placed(region.index, a, b)
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps less favoured by the scheduler (best effort)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        pass
 
 
 def _signal_fd(fd: int) -> None:
