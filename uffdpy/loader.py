@@ -19,10 +19,15 @@ puts the accessing thread to sleep.  Two workers then race to fill memory:
 
 Both go through the **claim map**: one byte per page, ``UNCLAIMED`` ->
 ``CLAIMED`` -> ``PLACED``, with the claim taken under a lock.  Whoever claims
-a page places it; the other side leaves it alone.  When the fault loop reads a
-fault for a page the prefetcher has claimed but not yet placed it does
-nothing: the prefetcher's copy (issued without ``DONTWAKE``) wakes the
-faulting thread.  A fault for a page already ``PLACED`` is a message that was
+a page places it; the other side leaves it alone.  One exception keeps a
+fault from waiting for a whole prefetch chunk: when the fault loop reads a
+fault for a page the prefetcher has claimed but not yet placed (its 2 MiB
+copy may be in flight), it copies that one page itself.  The kernel installs
+a page once: whichever copy comes second gets ``EEXIST`` for it, wakes it and
+skips it, and the installer alone marks it placed.  Prefetch threads also run
+at a lower scheduling priority (nice +10) than the fault loop, so a fault is
+served before the next chunk when CPUs are short.  A fault for a page already
+``PLACED`` is a message that was
 read after the page arrived, or a page that was dropped again: the loop issues
 the placement once more and the kernel answers ``EEXIST`` ("already there",
 counted in ``eexist``, and the range is woken) or, if the page really was
