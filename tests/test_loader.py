@@ -483,3 +483,32 @@ def test_huge_pages_pool_too_small_says_how_many_to_reserve(small, monkeypatch):
     assert info.value.errno == _errno.ENOMEM
     assert "echo 2 > /proc/sys/vm/nr_hugepages" in str(info.value)    # 4 MiB: two 2 MiB pages
     assert resources() == before
+
+
+def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
+    """A page claimed by the prefetcher but not placed yet: the fault loop copies it
+    itself (no wait for the whole chunk); the prefetcher's later copy gets EEXIST,
+    skips it, and nothing is counted twice."""
+    from uffdpy import loader as loader_module
+    with Snapshot.open(small) as snap:
+        block = snap.blocks[0]
+        with LazyLoader(snap, server="thread", prefetch=False) as loader:
+            server = loader._server
+            claims = server.claims
+            i = next(f for f, c, p in block.runs() if p and c >= 4) + 1
+            assert claims.claim_range(0, i - 1, i + 3) == [(i - 1, i + 3)]   # "in flight"
+            t, out = touch_in_thread(loader.address("ram") + i * PAGE_SIZE, PAGE_SIZE)
+            t.join(10)
+            assert not t.is_alive(), "the fault on a claimed page was not served"
+            assert out == [block.read_page(i)]
+            assert eventually(lambda: claims.state(0, i) == loader_module.PLACED)
+            # now the "prefetcher" places its chunk: page i is EEXIST, the rest install
+            counters = loader_module._Counters()
+            region = server.regions[0]
+            placed = server._place(region, i - 1, i + 3, region.kind(i - 1), counters, None,
+                                   server.uffd)
+            assert placed == 3 and counters.eexist == 1
+            assert [claims.state(0, j) for j in range(i - 1, i + 3)] == [loader_module.PLACED] * 4
+            st = loader.stats
+            assert st.double_placements == 0 and st.pages_by_fault == 1
+            assert st.placed_pages == 4
