@@ -19,7 +19,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 
@@ -318,26 +318,38 @@ def test_two_page_copy_over_half_populated_range_is_partial(region: Mapping) -> 
         assert uffd.copy(second, ctypes.addressof(src) + PAGE_SIZE, PAGE_SIZE) == -errno.EEXIST
 
 
+def wait_readable(uffd: Userfaultfd) -> None:
+    poller = select.poll()
+    poller.register(uffd.fileno(), select.POLLIN)
+    assert poller.poll(int(WAIT * 1000)), f"no event within {WAIT} s"
+
+
+def start_dontneed(region: Mapping) -> Tuple[threading.Thread, List[BaseException]]:
+    """``MADV_DONTNEED`` of the first page from a thread, leaving a REMOVE event pending.
+
+    madvise waits until the REMOVE event is read, so it runs in a thread (the
+    ctypes call releases the GIL).  Returns the thread and its errors.
+    """
+    errors: List[BaseException] = []
+
+    def dontneed() -> None:
+        try:
+            abi.libc.madvise(region.address, PAGE_SIZE, abi.MADV_DONTNEED)
+        except BaseException as exc:
+            errors.append(exc)
+
+    advisor = threading.Thread(target=dontneed, daemon=True)
+    advisor.start()
+    return advisor, errors
+
+
 def test_pending_remove_event_makes_copy_eagain(region: Mapping) -> None:
     with Userfaultfd(features=Feature.EVENT_REMOVE) as uffd:
         uffd.register(region.address, region.length)
         src = page_of(0x33)
         assert uffd.copy(region.address, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
-        # madvise waits until the REMOVE event is read: issue it from a thread
-        # (the ctypes call releases the GIL).
-        result: List[BaseException] = []
-
-        def dontneed() -> None:
-            try:
-                abi.libc.madvise(region.address, PAGE_SIZE, abi.MADV_DONTNEED)
-            except BaseException as exc:
-                result.append(exc)
-
-        advisor = threading.Thread(target=dontneed, daemon=True)
-        advisor.start()
-        poller = select.poll()
-        poller.register(uffd.fileno(), select.POLLIN)
-        assert poller.poll(int(WAIT * 1000))
+        advisor, result = start_dontneed(region)
+        wait_readable(uffd)
         target = region.address + 2 * PAGE_SIZE
         assert uffd.copy(target, ctypes.addressof(src), PAGE_SIZE) == -errno.EAGAIN
         assert uffd.zeropage(target, PAGE_SIZE) == -errno.EAGAIN
@@ -700,12 +712,6 @@ def test_closing_the_uffd_releases_parked_faults_with_zeros(region: Mapping) -> 
 # ---------------------------------------------------------------------------
 
 
-def wait_readable(uffd: Userfaultfd) -> None:
-    poller = select.poll()
-    poller.register(uffd.fileno(), select.POLLIN)
-    assert poller.poll(int(WAIT * 1000)), f"no event within {WAIT} s"
-
-
 def test_filler_serves_faults_with_copy_and_zeropage(region: Mapping) -> None:
     with Userfaultfd(features=Feature.THREAD_ID) as uffd:
         uffd.register(region.address, region.length)
@@ -796,16 +802,7 @@ def test_filler_eagain_while_events_pending(region: Mapping) -> None:
         filler = Filler(uffd)
         src = page_of(0x44)
         assert filler.copy(region.address, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
-        result: List[BaseException] = []
-
-        def dontneed() -> None:
-            try:
-                abi.libc.madvise(region.address, PAGE_SIZE, abi.MADV_DONTNEED)
-            except BaseException as exc:
-                result.append(exc)
-
-        advisor = threading.Thread(target=dontneed, daemon=True)
-        advisor.start()
+        advisor, result = start_dontneed(region)
         wait_readable(uffd)
         target = region.address + 2 * PAGE_SIZE
         assert filler.copy(target, ctypes.addressof(src), PAGE_SIZE) == -errno.EAGAIN
