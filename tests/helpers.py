@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Tuple
+from typing import Sequence, Tuple, Type
 
 
 def open_fds() -> int:
@@ -28,3 +28,26 @@ def uffd_fds() -> int:
         except OSError:
             pass
     return n
+
+
+def assert_loaders_refuse_without_leaks(paths: Sequence[object], error: Type[Exception]) -> None:
+    """Both loaders refuse every file in ``paths`` with ``error``, leaving nothing behind.
+
+    One round first lets the allocator's arenas and caches settle; then three
+    more rounds must not change the fds, threads or mappings of this process,
+    and no userfaultfd may be open.
+    """
+    import pytest
+    from uffdpy.loader import EagerLoader, LazyLoader
+
+    def attempt() -> None:
+        for p in paths:
+            for cls in (LazyLoader, EagerLoader):
+                with pytest.raises(error):
+                    cls(str(p))
+    attempt()
+    before = resources()
+    for _ in range(3):
+        attempt()
+    assert resources() == before                  # no fd, thread or mapping per attempt
+    assert uffd_fds() == 0

@@ -27,7 +27,7 @@ from uffdpy.pagesource import ImageError, open_image
 
 qemu_snapshot = pytest.importorskip("qemu_snapshot")
 import process_core  # noqa: E402  (scripts/ is put on sys.path by conftest)
-from helpers import open_fds, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
+from helpers import assert_loaders_refuse_without_leaks, open_fds  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -801,7 +801,6 @@ def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
                                                      tmp_path: Path) -> None:
     """Truncated and corrupted real cores: the loaders refuse them with nothing mapped,
     registered or left open, and the command line says so in one line."""
-    from uffdpy.loader import EagerLoader, LazyLoader
     data = gcore.path.read_bytes()
     with ElfImage.open(gcore.path) as image:
         phdr_at = image.regions[1].header_offset
@@ -814,18 +813,7 @@ def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
         p = tmp_path / f"{name}.core"
         p.write_bytes(content)
         paths.append(p)
-
-    def attempt() -> None:
-        for p in paths:
-            for cls in (LazyLoader, EagerLoader):
-                with pytest.raises(ElfImageError):
-                    cls(str(p))
-    attempt()                       # once first: the allocator's arenas and caches settle
-    before = resources()
-    for _ in range(3):
-        attempt()
-    assert resources() == before    # no fd, thread or mapping left per attempt
-    assert uffd_fds() == 0
+    assert_loaders_refuse_without_leaks(paths, ElfImageError)
     for p in paths:
         proc = _uffdpy("load", p)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -25,7 +25,7 @@ from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
-from helpers import resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
+from helpers import assert_loaders_refuse_without_leaks, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -416,18 +416,7 @@ def test_corrupt_snapshot_fails_before_anything_is_registered(small, tmp_path):
         p = tmp_path / f"{name.replace(' ', '_')}.img"
         p.write_bytes(content)
         paths.append(p)
-
-    def attempt() -> None:
-        for p in paths:
-            for cls in (LazyLoader, EagerLoader):
-                with pytest.raises(MappedRamError):
-                    cls(str(p))
-    attempt()          # once first: the allocator's arenas and caches settle
-    before = resources()
-    for _ in range(3):
-        attempt()
-    assert resources() == before                  # no fd, thread or mapping per attempt
-    assert uffd_fds() == 0
+    assert_loaders_refuse_without_leaks(paths, MappedRamError)
 
 
 def test_worker_error_is_reraised_from_wait_and_close(small, monkeypatch):
