@@ -215,10 +215,30 @@ class ClaimMap:
 
     def __init__(self, pages_per_block: Sequence[int],
                  on_complete: Optional[Callable[[], None]] = None, *,
-                 shared: bool = False) -> None:
-        self._state: List[Any] = [mmap.mmap(-1, max(n, 1)) if shared else bytearray(n)
-                                  for n in pages_per_block]
+                 shared: bool = False, _attach_fd: int = -1) -> None:
         self._pages = list(pages_per_block)
+        #: the memfd holding the state when shared (-1 otherwise); owned
+        #: unless this map was made by ``attach``
+        self.fd = -1
+        self._owns_fd = False
+        if shared or _attach_fd >= 0:
+            if _attach_fd >= 0:
+                fd = _attach_fd
+            else:
+                fd = os.memfd_create("uffdpy-claims", os.MFD_CLOEXEC)
+                self._owns_fd = True
+            self.fd = fd
+            try:
+                if _attach_fd < 0:
+                    os.ftruncate(fd, self._shared_bytes())
+                self._state: List[Any] = [mmap.mmap(fd, max(n, 1), offset=off)
+                                          for n, off in zip(self._pages, self.offsets())]
+            except BaseException:
+                if self._owns_fd:
+                    os.close(fd)
+                raise
+        else:
+            self._state = [bytearray(n) for n in self._pages]
         self._on_complete = on_complete
         self._lock = threading.Lock()
         self.total_pages = sum(pages_per_block)
@@ -227,6 +247,35 @@ class ClaimMap:
         self.complete = threading.Event()
         if self.total_pages == 0:
             self.complete.set()
+
+    @classmethod
+    def attach(cls, fd: int, pages_per_block: Sequence[int]) -> "ClaimMap":
+        """A view of the shared map in memfd ``fd`` (made by ``shared=True``) from elsewhere.
+
+        The state is the same memory; the counters and the lock are this
+        object's own, so only one side may claim and place.  ``fd`` stays the
+        caller's.
+        """
+        return cls(pages_per_block, _attach_fd=fd)
+
+    def offsets(self) -> List[int]:
+        """Where each block's state starts in the shared memfd (page-aligned, for mmap)."""
+        out, off = [], 0
+        for n in self._pages:
+            out.append(off)
+            off += -(-max(n, 1) // PAGE_SIZE) * PAGE_SIZE
+        return out
+
+    def _shared_bytes(self) -> int:
+        return sum(-(-max(n, 1) // PAGE_SIZE) * PAGE_SIZE for n in self._pages)
+
+    def placed_count(self) -> int:
+        """Pages in state ``PLACED`` right now, read from the state itself.
+
+        Unlike ``placed_pages`` this sees placements made through another
+        view of a shared map (a server process or interpreter).
+        """
+        return sum(st[:n].count(_PLACED) for st, n in zip(self._state, self._pages))
 
     def state(self, block: int, page: int) -> int:
         """The state of one page (``UNCLAIMED``, ``CLAIMED`` or ``PLACED``)."""
@@ -314,6 +363,9 @@ class ClaimMap:
         for st in self._state:
             if isinstance(st, mmap.mmap):
                 st.close()
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
 
 
 _UNCLAIMED, _CLAIMED, _PLACED = b"\x00", b"\x01", b"\x02"
