@@ -20,7 +20,8 @@ from typing import List, Tuple
 
 import pytest
 
-from uffdpy.loader import EagerLoader, LazyLoader, LoaderError, ServerDiedError
+from uffdpy.loader import (EagerLoader, LazyLoader, LoaderError, ServerDiedError,
+                           prepare_interpreter_servers)
 from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
@@ -30,7 +31,14 @@ from helpers import assert_loaders_refuse_without_leaks, resources, uffd_fds  # 
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ["thread", "process"]
+#: server="interpreter" needs an own-GIL subinterpreter that can load ctypes: 3.13+
+HAVE_INTERPRETERS = sys.version_info >= (3, 13)
+SERVERS = ["thread", "process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
+#: the servers that let plain Python (holding the GIL) read memory while it loads
+GIL_FREE_SERVERS = ["process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
+needs_interpreters = pytest.mark.skipif(
+    not HAVE_INTERPRETERS, reason="server='interpreter' needs Python 3.13+ (own-GIL "
+    "subinterpreters that can import ctypes); .ci/run runs these tests with a 3.13 venv")
 
 
 # ----------------------------------------------------------------------- helpers
@@ -251,10 +259,11 @@ def test_prefetch_off_places_only_touched_pages(small):
             assert out == [bytes(PAGE_SIZE)]
 
 
-def test_process_server_allows_plain_python_reads(synthetic):
+@pytest.mark.parametrize("server", GIL_FREE_SERVERS)
+def test_gil_free_server_allows_plain_python_reads(synthetic, server):
     with Snapshot.open(synthetic) as snap:
         block = snap.blocks[0]
-        with LazyLoader(snap, server="process", prefetch=False) as loader:
+        with LazyLoader(snap, server=server, prefetch=False) as loader:
             mem = loader.memory("ram")
             rng = random.Random(5)
             for _ in range(200):                 # plain Python: holds the GIL while faulting
@@ -382,27 +391,48 @@ def test_close_mid_load_from_another_thread(synthetic, server):
     assert resources()[0] == before[0]
 
 
+def cycle_loads(snap: Snapshot, servers: List[str], cycles: int) -> None:
+    """``cycles`` loads, alternating ``servers``; some complete, some close mid-load."""
+    for k in range(cycles):
+        prefetch = k % 3 != 0
+        loader = LazyLoader(snap, server=servers[k % len(servers)], prefetch=prefetch)
+        if prefetch and k % 4 == 1:
+            assert loader.wait(30)
+        loader.close()
+
+
+def assert_no_leaks(before: Tuple[int, int, int]) -> None:
+    deadline = time.monotonic() + 10
+    while resources() != before and time.monotonic() < deadline:
+        time.sleep(0.05)                           # thread objects finish exiting
+    fds, nthreads, maps = resources()
+    assert fds == before[0], "fd leaked"
+    assert nthreads == before[1], [t.name for t in threading.enumerate()]
+    assert maps == before[2], "mapping leaked"
+
+
 def test_load_close_cycles_leak_nothing(small):
-    snap = Snapshot.open(small)
-    try:
+    with Snapshot.open(small) as snap:
         LazyLoader(snap).close()                   # warm up lazily created objects
         before = resources()
-        for k in range(200):
-            server = SERVERS[k % 2]
-            prefetch = k % 3 != 0
-            loader = LazyLoader(snap, server=server, prefetch=prefetch)
-            if prefetch and k % 4 == 1:
-                assert loader.wait(30)
-            loader.close()
-        deadline = time.monotonic() + 10
-        while resources() != before and time.monotonic() < deadline:
-            time.sleep(0.05)                       # thread objects finish exiting
-        fds, nthreads, maps = resources()
-        assert fds == before[0], "fd leaked"
-        assert nthreads == before[1], [t.name for t in threading.enumerate()]
-        assert maps == before[2], "mapping leaked"
-    finally:
-        snap.close()
+        cycle_loads(snap, ["thread", "process"], 200)
+        assert_no_leaks(before)
+
+
+@needs_interpreters
+def test_interpreter_load_close_cycles_leak_nothing(small):
+    """The pooled interpreter is reused: 200 loads leave no fd, thread or mapping behind.
+
+    Run apart from the process server: every fork destroys idle interpreters
+    (CPython cannot fork with them alive), and making new ones grows the
+    allocator's arenas, which is not a leak of ours.
+    """
+    with Snapshot.open(small) as snap:
+        prepare_interpreter_servers(1)
+        cycle_loads(snap, ["interpreter", "thread"], 4)      # warm up both
+        before = resources()
+        cycle_loads(snap, ["interpreter", "thread"], 200)
+        assert_no_leaks(before)
 
 
 def test_corrupt_snapshot_fails_before_anything_is_registered(small, tmp_path):
@@ -446,6 +476,82 @@ def test_eager_and_lazy_agree(synthetic, server):
             assert lazy.wait(60)
             assert bytes(eager.memory("ram")) == bytes(lazy.memory("ram"))
             assert eager.stats.bytes_copied == lazy.stats.bytes_copied
+
+
+@pytest.mark.skipif(HAVE_INTERPRETERS, reason="this Python has own-GIL subinterpreters")
+def test_interpreter_server_refused_before_3_13_with_the_alternative(small):
+    before = resources()
+    with pytest.raises(LoaderError, match=r"needs Python 3\.13 or newer.*server='process'"):
+        LazyLoader(small, server="interpreter")
+    assert resources() == before
+
+
+_INTERPRETER_FAILS_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from uffdpy.loader import LazyLoader, LoaderError
+    from uffdpy.mappedram import Snapshot
+    snap = Snapshot.open(sys.argv[1])
+    block = snap.blocks[0]
+    cut = next(f for f, c, p in block.runs() if p and f > 8)   # a present page...
+    want0 = block.read_page(0)
+    # ...whose bytes the file no longer has: the server's COPY gets EFAULT
+    os.truncate(sys.argv[1], block.file_offset + cut * 4096)
+    loader = LazyLoader(snap, server="interpreter", prefetch=False)
+    mem = loader.memory("ram")
+    print("PAGE 0 SERVED", bytes(mem[0:4096]) == want0, flush=True)  # GIL held: fine
+    print("READING", flush=True)
+    data = bytes(mem[cut * 4096:(cut + 1) * 4096])        # GIL held while it faults
+    print("READ RETURNED", data[:8], flush=True)          # must not be reached
+""")
+
+
+@needs_interpreters
+def test_interpreter_server_failure_fences_pages_even_while_the_gil_is_held(small, tmp_path):
+    """The server fails on a page while a GIL-holding read waits for it: SIGSEGV, not a hang.
+
+    The loading interpreter cannot act (its GIL is held by the sleeping
+    reader), so the subinterpreter fences the unplaced pages itself.
+    """
+    path = tmp_path / "snap.img"
+    path.write_bytes(Path(small).read_bytes())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_FAILS_SCRIPT, str(path)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert "PAGE 0 SERVED True" in r.stdout, r.stdout + r.stderr
+    assert "READING" in r.stdout and "READ RETURNED" not in r.stdout, r.stdout
+    assert r.returncode == -11, r.stdout + r.stderr   # SIGSEGV: loud, instead of zeros or a hang
+
+
+@needs_interpreters
+def test_interpreter_server_failure_is_reported_and_placed_pages_stay(small, tmp_path):
+    path = tmp_path / "snap.img"
+    path.write_bytes(Path(small).read_bytes())
+    with Snapshot.open(path) as snap:
+        block = snap.blocks[0]
+        cut = next(f for f, c, p in block.runs() if p and f > 8)
+        want0 = block.read_page(0)
+        os.truncate(path, block.file_offset + cut * PAGE_SIZE)
+        before = resources()
+        loader = LazyLoader(snap, server="interpreter", prefetch=True)
+        with pytest.raises(LoaderError, match=r"fault server failed: .*(EFAULT|Bad address)"):
+            loader.wait(30)
+        base = loader.address("ram")
+        assert loader.memory("ram")[0:PAGE_SIZE] == want0        # placed: still readable
+        with open("/proc/self/maps") as f:                        # unplaced: fenced
+            spans = [line.split() for line in f]
+        target = base + cut * PAGE_SIZE
+        perms = [s[1] for s in spans
+                 if int(s[0].split("-")[0], 16) <= target < int(s[0].split("-")[1], 16)]
+        assert perms == ["---p"]
+        loader.close()                             # reported by wait(): no raise
+        assert resources()[0] == before[0]
+
+
+@needs_interpreters
+def test_process_server_refused_while_an_interpreter_server_runs(small):
+    with LazyLoader(small, server="interpreter", prefetch=False):
+        with pytest.raises(LoaderError, match="CPython aborts a child forked"):
+            LazyLoader(small, server="process")
 
 
 def test_bad_arguments():

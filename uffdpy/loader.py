@@ -90,6 +90,7 @@ fork and new threads, and leaves with ``os._exit``.
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import ctypes
 import dataclasses
@@ -101,6 +102,7 @@ import re
 import select
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -109,7 +111,8 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tup
 
 from . import ioctl
 from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
-from .pagesource import PageRegion, PageSource, bitmap_runs_in, count_bits, open_image
+from .pagesource import (PageRegion, PageSource, bitmap_runs, bitmap_runs_in, count_bits,
+                         open_image)
 from .uffd import Filler, RegisterMode, Userfaultfd
 from .workload import latency_summary
 
@@ -118,9 +121,14 @@ __all__ = [
     "EagerLoader",
     "LazyLoader",
     "LoaderError",
+    "SERVERS",
     "ServerDiedError",
     "Stats",
+    "prepare_interpreter_servers",
 ]
+
+#: The ways to run the fault loop and the prefetcher (``LazyLoader(server=...)``).
+SERVERS = ("thread", "process", "interpreter")
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 2 * MiB
@@ -131,6 +139,8 @@ EAGER_READ_BYTES = 1 * MiB
 #: Prefetch threads run this much nicer than the fault loop (and the guest's
 #: threads): when CPUs are short, a fault is served before the next chunk.
 PREFETCH_NICE = 10
+#: Seconds an interpreter server may take to start before the load is abandoned.
+INTERPRETER_START_TIMEOUT = 60.0
 #: Fault messages read per ``read`` call.
 MSG_BATCH = 64
 _MSG_SIZE = 32  # sizeof(struct uffd_msg)
@@ -397,8 +407,8 @@ class _Region:
     __slots__ = ("index", "name", "start", "end", "length", "page_size", "pages", "unit",
                  "units", "src", "source", "bitmap", "direct_pages", "kinds", "needs_bounce")
 
-    def __init__(self, index: int, region: PageRegion, start: int, file_base: int,
-                 unit: int) -> None:
+    def __init__(self, index: int, region: Union[PageRegion, "_SharedRegion"], start: int,
+                 file_base: int, unit: int) -> None:
         self.index = index
         self.source = region
         self.name = region.name
@@ -488,8 +498,11 @@ class _Server:
     def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
                  wake_fd: int, *, prefetch: bool, chunk_bytes: int,
                  fault_around_pages: int, server_cpu: Optional[int],
-                 busy_poll: bool, prefetch_threads: int = 1) -> None:
+                 busy_poll: bool, prefetch_threads: int = 1,
+                 daemon_threads: bool = True) -> None:
         self.uffd = uffd
+        # an isolated subinterpreter may not start daemon threads
+        self.daemon_threads = daemon_threads
         self.regions = regions
         # mmap hands out addresses top-down: bisect needs them sorted
         self.by_address = sorted(regions, key=lambda r: r.start)
@@ -538,9 +551,10 @@ class _Server:
             for k in range(self.prefetch_threads):
                 self.threads.append(threading.Thread(
                     target=self._run, args=(lambda k=k: self.prefetch(k),),
-                    name=f"uffdpy-prefetch-{k}", daemon=True))
+                    name=f"uffdpy-prefetch-{k}", daemon=self.daemon_threads))
         self.threads.insert(0, threading.Thread(target=self._fault_thread,
-                                                name="uffdpy-fault-loop", daemon=True))
+                                                name="uffdpy-fault-loop",
+                                                daemon=self.daemon_threads))
         for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
             t.start()
 
@@ -1065,8 +1079,13 @@ class LazyLoader(_LoaderBase):
         super().__init__()
         if prefetch_threads is None:
             prefetch_threads = min(2, len(os.sched_getaffinity(0)))
-        if server not in ("thread", "process"):
-            raise ValueError(f"server must be 'thread' or 'process', not {server!r}")
+        if server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(map(repr, SERVERS))}, "
+                             f"not {server!r}")
+        if server == "interpreter":
+            _interpreters_module()             # before anything is mapped
+        elif server == "process":
+            _check_fork_allowed()
         if prefetch_chunk_bytes < PAGE_SIZE:
             raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
         if fault_around_pages < 0:
@@ -1084,6 +1103,11 @@ class LazyLoader(_LoaderBase):
         self._result_fd = -1
         self._monitor: Optional[threading.Thread] = None
         self._progress: Optional[mmap.mmap] = None
+        self._regions: List[_Region] = []
+        self._claims: Optional[ClaimMap] = None
+        self._host: Optional[threading.Thread] = None
+        self._host_done = threading.Event()
+        self._fd_lock = threading.Lock()
         self._error: Optional[BaseException] = None
         self._error_reported = False
         self._failed = False
@@ -1123,15 +1147,13 @@ class LazyLoader(_LoaderBase):
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
         regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
                    for i, r in enumerate(source.regions)]
-        claims = ClaimMap([r.units for r in regions], shared=self._server_mode == "process")
+        claims = ClaimMap([r.units for r in regions], shared=self._server_mode != "thread")
+        self._regions, self._claims = regions, claims
         self._wake_fd = _eventfd()
-        self._server = _Server(self._uffd, regions, claims, self._wake_fd,
-                               chunk_bytes=options["chunk_bytes"],
-                               prefetch=options["prefetch"],
-                               fault_around_pages=options["fault_around_pages"],
-                               server_cpu=options["server_cpu"],
-                               busy_poll=options["busy_poll"],
-                               prefetch_threads=options["prefetch_threads"])
+        if self._server_mode == "interpreter":
+            self._start_interpreter_server(unit, options)
+            return
+        self._server = _Server(self._uffd, regions, claims, self._wake_fd, **options)
         if self._server_mode == "thread":
             self._server.start(on_end=self._thread_server_ended)
         else:
@@ -1179,27 +1201,9 @@ class LazyLoader(_LoaderBase):
         has exited (tearing down a forked address space takes milliseconds
         that the load need not wait for).  No report by EOF means it died.
         """
-        received = b""
-        while b"\n" not in received:
-            data = os.read(self._result_fd, 65536)   # sleeps without the GIL
-            if not data:
-                break
-            received += data
-        report: Dict[str, Any] = {}
-        if b"\n" in received:
-            try:
-                report = json.loads(received.split(b"\n", 1)[0])
-            except ValueError:
-                report = {}
-        if report.get("complete"):
-            self._apply_child_stats(report)
-            self._finish()
-        elif report.get("error"):
-            self._fail(LoaderError(f"fault server failed: {report['error']}"))
-            self._fence_unplaced()
-        elif report.get("stopped"):
-            self._apply_child_stats(report)
+        report = _read_report(self._result_fd)
         if report:
+            self._act_on_report(report)
             self._done.set()
         pid = self._child_pid
         _, status = os.waitpid(pid, 0)
@@ -1208,6 +1212,116 @@ class LazyLoader(_LoaderBase):
             self._fail(_server_died(pid, status))
             self._fence_unplaced()
             self._done.set()
+
+    def _act_on_report(self, report: Dict[str, Any]) -> None:
+        """Act on a server's final report (process or interpreter server)."""
+        if report.get("complete"):
+            self._apply_child_stats(report)
+            self._finish()
+        elif report.get("error"):
+            self._fail(LoaderError(f"fault server failed: {report['error']}"))
+            self._fence_unplaced()
+        elif report.get("stopped"):
+            self._apply_child_stats(report)
+
+    # -- the interpreter server
+    def _start_interpreter_server(self, unit: int, options: Dict[str, Any]) -> None:
+        """Start the workers in a subinterpreter with its own GIL; return once they run.
+
+        The spec carries numbers only (fds, addresses): the subinterpreter
+        shares this address space and fd table, so it serves from this
+        process's file mapping, into these mappings, through a dup of this
+        uffd, with a second view of the claim map's memfd.
+        """
+        assert self._uffd is not None and self._file_map is not None
+        assert self._claims is not None
+        source = self.source
+        interp = _take_interpreter()
+        started_fd = _eventfd()
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(started_fd)
+            _give_back_interpreter(interp)
+            raise
+        spec = {
+            "uffd": self._uffd.fileno(), "wake": self._wake_fd, "started": started_fd,
+            "report": report_w, "claims": self._claims.fd, "file_map": self._file_map.address,
+            "unit": unit, "options": options,
+            "regions": [{"name": r.name, "length": r.length, "page_size": r.page_size,
+                         "pages": r.pages, "file_offset": r.file_offset,
+                         "file_bytes": r.file_bytes,
+                         "start": self._mappings[r.name].address} for r in source.regions],
+        }
+        bitmaps = tuple(bytes(r.bitmap) for r in source.regions)
+        self._host = threading.Thread(
+            target=self._host_interpreter, name="uffdpy-interpreter-host", daemon=True,
+            args=(interp, json.dumps(spec), bitmaps, report_r, report_w))
+        self._host.start()
+        # The subinterpreter signals started_fd once its workers run (only
+        # then; it never writes it again), so this thread may close it.
+        try:
+            deadline = time.monotonic() + INTERPRETER_START_TIMEOUT
+            while not select.select([started_fd], [], [], 0.05)[0]:
+                if self._host_done.is_set() or time.monotonic() > deadline:
+                    break
+            else:
+                return
+        finally:
+            if not self._host.is_alive() or self._host_done.is_set() or \
+                    select.select([started_fd], [], [], 0)[0]:
+                os.close(started_fd)
+            # else: still starting after the timeout; it may yet write: leave it open
+        if not self._host_done.is_set():
+            self._stop_interpreter_server()
+            raise LoaderError(f"the interpreter server did not start within "
+                              f"{INTERPRETER_START_TIMEOUT:.0f} s")
+        self._host.join()
+        self._error_reported = True
+        self._raise_error()
+        raise LoaderError("the interpreter server ended before it started")
+
+    def _host_interpreter(self, interp: int, spec: str, bitmaps: Tuple[bytes, ...],
+                          report_r: int, report_w: int) -> None:
+        """The host thread: run the server in the subinterpreter, then act on its report.
+
+        ``exec`` switches this thread to the subinterpreter's own GIL, so
+        this process's GIL is free for the whole load.
+        """
+        failure = None
+        try:
+            excinfo = _interpreters_module().exec(interp, _INTERPRETER_CODE,
+                                                  shared={"spec": spec, "bitmaps": bitmaps})
+            if excinfo is not None:
+                failure = _describe_failure(excinfo)
+        except BaseException as exc:  # noqa: BLE001 - reported like a server failure
+            failure = f"{type(exc).__name__}: {exc}"
+        os.close(report_w)
+        try:
+            report = _read_report(report_r)
+        finally:
+            os.close(report_r)
+        if not report:
+            report = {"error": failure or "the interpreter server ended without a report"}
+        clean = failure is None and not report.get("error")
+        try:
+            self._act_on_report(report)
+        finally:
+            if clean:
+                _give_back_interpreter(interp)
+            else:
+                _destroy_interpreter(interp)
+            self._host_done.set()
+            self._done.set()
+
+    def _stop_interpreter_server(self, timeout: float = 30.0) -> None:
+        host = self._host
+        if host is None:
+            return
+        with self._fd_lock:
+            if self._wake_fd >= 0:
+                _signal_fd(self._wake_fd)
+        host.join(timeout)
 
     def _apply_child_stats(self, report: Dict[str, Any]) -> None:
         for key, value in report.get("stats", {}).items():
@@ -1238,11 +1352,11 @@ class LazyLoader(_LoaderBase):
         forever, and can never read zeros in place of data.  Placed pages stay
         readable.
         """
-        server, uffd = self._server, self._uffd
-        if server is None or uffd is None or uffd.closed:
+        claims, uffd = self._claims, self._uffd
+        if claims is None or uffd is None or uffd.closed:
             return
-        for region in server.regions:
-            for first, end in server.claims.unplaced_runs(region.index):
+        for region in self._regions:
+            for first, end in claims.unplaced_runs(region.index):
                 start = region.start + first * region.unit
                 length = (end - first) * region.unit
                 _protect_none(start, length)
@@ -1260,16 +1374,17 @@ class LazyLoader(_LoaderBase):
             self._file_map.close()
         if self._server is not None:
             self._server.close_buffers()
-        if self._wake_fd >= 0:
-            if self._server is not None:
-                self._server.wake_fd = -1
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        with self._fd_lock:
+            if self._wake_fd >= 0:
+                if self._server is not None:
+                    self._server.wake_fd = -1
+                os.close(self._wake_fd)
+                self._wake_fd = -1
 
     # -- public
     @property
     def server(self) -> str:
-        """``"thread"`` or ``"process"``."""
+        """``"thread"``, ``"process"`` or ``"interpreter"``."""
         return self._server_mode
 
     @property
@@ -1279,16 +1394,18 @@ class LazyLoader(_LoaderBase):
 
     def progress(self) -> Tuple[int, int]:
         """``(placed_pages, total_pages)`` right now."""
-        server = self._server
-        if server is None:
+        claims = self._claims
+        if claims is None:
             return (0, 0)
-        total = server.claims.total_pages
+        total = claims.total_pages
+        if self._server_mode == "thread":
+            return (claims.placed_pages, total)
+        if self._done.is_set() or self._closed:
+            return (self._stats.placed_pages, total)
         if self._server_mode == "process" and self._progress is not None:
-            if self._done.is_set():
-                return (self._stats.placed_pages, total)
             (placed,) = struct.unpack_from("=Q", self._progress, 0)
             return (placed, total)
-        return (server.claims.placed_pages, total)
+        return (claims.placed_count(), total)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait until every page is placed and the uffd is closed.
@@ -1337,10 +1454,25 @@ class LazyLoader(_LoaderBase):
                 if not server.ended.is_set():
                     server.stop()
                 self._done.wait(30.0)
+                # join: a thread never joined keeps its stack mapped until its
+                # handle is collected (Python 3.13)
+                for t in server.threads:
+                    if t is not threading.current_thread():
+                        t.join(30.0)
                 server.merged_stats(self._stats)
             elif self._child_pid:
                 server.stop()
                 self._reap_child(timeout=5.0)
+        if self._host is not None:
+            self._stop_interpreter_server()
+            if self._host.is_alive():
+                # Stuck: it may still use the uffd, the file mapping, the
+                # claims and the memory.  Leak them rather than pull them away.
+                self._fail(LoaderError("the interpreter server did not stop within 30 s"))
+                self._closed = True
+                if _raise:
+                    self._raise_error()
+                return
         if self._monitor is not None:
             self._monitor.join(timeout=30.0)
         if self._registered:                      # closed before completion
@@ -1356,8 +1488,8 @@ class LazyLoader(_LoaderBase):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        if server is not None:
-            server.claims.close()
+        if self._claims is not None:
+            self._claims.close()
         self._unmap_blocks()
         if self._owns_source and self._source is not None:
             self._source.close()
@@ -1428,3 +1560,216 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
             data = data[os.write(result_fd, data):]
     finally:
         os._exit(code)
+
+
+def _read_report(fd: int) -> Dict[str, Any]:
+    """A server's one-line JSON report from pipe ``fd`` ({} if none came before EOF)."""
+    received = b""
+    while b"\n" not in received:
+        data = os.read(fd, 65536)                # sleeps without the GIL
+        if not data:
+            break
+        received += data
+    if b"\n" not in received:
+        return {}
+    try:
+        report = json.loads(received.split(b"\n", 1)[0])
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+# ------------------------------------------------------------- interpreter servers
+#
+# A subinterpreter made with the "isolated" config has its own GIL (PEP 684).
+# Python 3.12 has them too, but its ctypes refuses to load in one; 3.13 is the
+# first where this works.  Interpreters are pooled: making one and importing
+# uffdpy in it costs tens of milliseconds, reusing one costs nothing, so only
+# the first load in a process (or none, after prepare_interpreter_servers())
+# pays for it.  CPython 3.13 aborts a child forked while any subinterpreter
+# exists ("PyThreadState_Get: ... GIL is released"), so idle ones are
+# destroyed before every os.fork(), and a process server (which forks) is
+# refused while an interpreter server runs.
+
+_pool_lock = threading.Lock()
+_idle_interpreters: List[int] = []
+_running_interpreters: set = set()
+
+_INTERPRETER_CODE = ("import uffdpy.loader\n"
+                     "uffdpy.loader._interpreter_main(spec, bitmaps)\n"
+                     "del spec, bitmaps\n")
+
+
+def _interpreters_module() -> Any:
+    try:
+        import _interpreters  # type: ignore[import-not-found]  # CPython >= 3.13
+    except ImportError:
+        raise LoaderError(
+            f"server='interpreter' needs Python 3.13 or newer (a subinterpreter with its "
+            f"own GIL in which ctypes loads); this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}: use server='process' "
+            f"for plain Python access during the load") from None
+    return _interpreters
+
+
+def _describe_failure(excinfo: Any) -> str:
+    """One line from the exception snapshot that ``_interpreters.exec`` returns."""
+    formatted = getattr(excinfo, "formatted", None) or getattr(excinfo, "msg", None)
+    return str(formatted or excinfo)
+
+
+def _new_interpreter() -> int:
+    interps = _interpreters_module()
+    interp = interps.create(interps.new_config("isolated"))
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = tuple([package_parent] + [p for p in sys.path if p != package_parent])
+    try:
+        excinfo = interps.exec(interp, "import sys\nsys.path[:] = paths\n"
+                               "import uffdpy.loader\ndel paths\n", shared={"paths": paths})
+    except BaseException:
+        interps.destroy(interp)
+        raise
+    if excinfo is not None:
+        interps.destroy(interp)
+        raise LoaderError(f"could not start an interpreter server: "
+                          f"{_describe_failure(excinfo)}")
+    return interp
+
+
+def _take_interpreter() -> int:
+    with _pool_lock:
+        interp = _idle_interpreters.pop() if _idle_interpreters else None
+    if interp is None:
+        interp = _new_interpreter()
+    with _pool_lock:
+        _running_interpreters.add(interp)
+    return interp
+
+
+def _give_back_interpreter(interp: int) -> None:
+    with _pool_lock:
+        _running_interpreters.discard(interp)
+        _idle_interpreters.append(interp)
+
+
+def _destroy_interpreter(interp: int) -> None:
+    with _pool_lock:
+        _running_interpreters.discard(interp)
+    try:
+        _interpreters_module().destroy(interp)
+    except Exception:  # noqa: BLE001 - already gone, or still running: nothing to do
+        pass
+
+
+def _destroy_idle_interpreters() -> None:
+    with _pool_lock:
+        idle = list(_idle_interpreters)
+        _idle_interpreters.clear()
+    for interp in idle:
+        _destroy_interpreter(interp)
+
+
+def prepare_interpreter_servers(count: int = 1) -> None:
+    """Create ``count`` idle interpreter servers now, so the next loads are ready at once.
+
+    The first ``server="interpreter"`` load otherwise spends tens of
+    milliseconds making a subinterpreter and importing uffdpy in it.  Idle
+    ones are destroyed before any ``os.fork()`` (CPython 3.13 cannot fork
+    with subinterpreters alive) and at exit.
+
+    Raises:
+        LoaderError: Python is older than 3.13, or the interpreter failed to start.
+    """
+    while True:
+        with _pool_lock:
+            if len(_idle_interpreters) >= count:
+                return
+        interp = _new_interpreter()
+        with _pool_lock:
+            _idle_interpreters.append(interp)
+
+
+def _check_fork_allowed() -> None:
+    with _pool_lock:
+        running = len(_running_interpreters)
+    if running:
+        raise LoaderError(
+            f"server='process' forks, and {running} interpreter server(s) are loading: "
+            f"CPython aborts a child forked while a subinterpreter exists; wait for them "
+            f"or close them first, or use server='interpreter' here too")
+
+
+atexit.register(_destroy_idle_interpreters)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_destroy_idle_interpreters)
+
+
+class _SharedRegion:
+    """A region as an interpreter server receives it: the numbers and the bitmap."""
+
+    def __init__(self, fields: Dict[str, Any], bitmap: bytes) -> None:
+        self.name: str = fields["name"]
+        self.length: int = fields["length"]
+        self.page_size: int = fields["page_size"]
+        self.pages: int = fields["pages"]
+        self.file_offset: int = fields["file_offset"]
+        self.file_bytes: int = fields["file_bytes"]
+        self.bitmap = bitmap
+
+    def runs(self) -> Iterator[Tuple[int, int, bool]]:
+        return bitmap_runs(self.bitmap, self.pages)
+
+
+def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
+    """Body of an interpreter server (runs inside the subinterpreter): serve, report.
+
+    Never raises: the outcome is the JSON line written to ``spec["report"]``.
+    On a failure it fences the pages nobody placed itself (``PROT_NONE`` and
+    wake), because the loading interpreter may be unable to: one of its
+    threads may be asleep on an unserved page while holding its GIL.
+    """
+    spec = json.loads(spec_json)
+    uffd: Optional[Userfaultfd] = None
+    claims: Optional[ClaimMap] = None
+    server: Optional[_Server] = None
+    regions: List[_Region] = []
+    report: Dict[str, Any]
+    try:
+        uffd = Userfaultfd.from_fd(os.dup(spec["uffd"]), created_via="interpreter")
+        regions = [_Region(i, _SharedRegion(fields, bitmaps[i]), fields["start"],
+                           spec["file_map"], spec["unit"])
+                   for i, fields in enumerate(spec["regions"])]
+        claims = ClaimMap.attach(spec["claims"], [r.units for r in regions])
+        server = _Server(uffd, regions, claims, spec["wake"], daemon_threads=False,
+                         **spec["options"])
+        server.go.set()
+        server.start()
+        _signal_fd(spec["started"])
+        for t in server.threads:              # the loop thread joins the others last
+            t.join()
+        if server.error is not None:
+            raise server.error
+        complete = claims.complete.is_set()
+        report = {"complete": complete, "stopped": not complete,
+                  "stats": server.merged_stats(Stats()).as_dict()}
+    except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter
+        report = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        if server is not None:
+            server.stop()
+            server.join(30.0)
+        if uffd is not None and claims is not None:
+            for region in regions:
+                for first, end in claims.unplaced_runs(region.index):
+                    start, length = region.start + first * region.unit, (end - first) * region.unit
+                    _protect_none(start, length)
+                    uffd.wake(start, length)
+    finally:
+        if server is not None:
+            server.close_buffers()
+        if claims is not None:
+            claims.close()
+        if uffd is not None:
+            uffd.close()
+    data = json.dumps(report).encode() + b"\n"
+    while data:
+        data = data[os.write(spec["report"], data):]
