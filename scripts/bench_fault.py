@@ -15,6 +15,13 @@ Prints two tables:
    * ``other CPU, poll``: the handler on CPU 1, sleeping in ``poll``;
    * ``other CPU, busy``: the handler on CPU 1, spinning on non-blocking reads.
 
+   The same three again with the handler in a forked child process (as
+   uffdpy's process server), and, on Python 3.13 or newer, in a thread that
+   runs in an isolated subinterpreter with its own GIL (as uffdpy's
+   interpreter server).  Those two share no GIL with the toucher; the plain
+   thread rows do, and the GIL hand-offs are most of what they cost beyond C.
+   The C figure for a subinterpreter row is the C thread in that placement.
+
 2. Bulk ``UFFDIO_COPY`` throughput (GB/s) for 4 KiB, 64 KiB and 2 MiB per
    call over a whole registered region: no faults, only the kernel copy and
    the per-call overhead (median of 3 runs after a warm-up).
@@ -58,15 +65,22 @@ from uffdpy.uffd import Filler, Userfaultfd  # noqa: E402
 C_SOURCE = ROOT / "benchmarks" / "fault_handler.c"
 C_BINARY = ROOT / "benchmarks" / "fault_handler.bin"
 
-# (key, label, handler CPU, busy-poll, handler in a forked child process)
+#: Own-GIL subinterpreters that can load ctypes: Python 3.13 or newer.
+HAVE_INTERPRETERS = sys.version_info >= (3, 13)
+
+# (key, label, handler CPU, busy-poll, where the handler runs, the C row to compare with)
 PLACEMENTS = [
-    ("same", "same CPU, poll", 0, False, False),
-    ("poll", "other CPU, poll", 1, False, False),
-    ("busy", "other CPU, busy", 1, True, False),
-    ("proc-same", "process: same CPU, poll", 0, False, True),
-    ("proc-poll", "process: other CPU, poll", 1, False, True),
-    ("proc-busy", "process: other CPU, busy", 1, True, True),
-]
+    ("same", "same CPU, poll", 0, False, "thread", "same"),
+    ("poll", "other CPU, poll", 1, False, "thread", "poll"),
+    ("busy", "other CPU, busy", 1, True, "thread", "busy"),
+    ("proc-same", "process: same CPU, poll", 0, False, "process", "proc-same"),
+    ("proc-poll", "process: other CPU, poll", 1, False, "process", "proc-poll"),
+    ("proc-busy", "process: other CPU, busy", 1, True, "process", "proc-busy"),
+] + ([
+    ("interp-same", "subinterpreter: same CPU, poll", 0, False, "interpreter", "same"),
+    ("interp-poll", "subinterpreter: other CPU, poll", 1, False, "interpreter", "poll"),
+    ("interp-busy", "subinterpreter: other CPU, busy", 1, True, "interpreter", "busy"),
+] if HAVE_INTERPRETERS else [])
 OPS = ["copy", "zeropage"]
 CHUNKS = [4096, 64 * 1024, 2 * 1024 * 1024]
 SOURCE_SIZE = 2 * 1024 * 1024
@@ -101,6 +115,8 @@ class Handler:
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
         self.pid = 0
+        self.interpreter: Optional[int] = None
+        self.failure: Optional[str] = None
 
     def run(self) -> None:
         try:
@@ -136,9 +152,28 @@ class Handler:
                 if done != page and done != eexist:
                     raise RuntimeError(f"fill returned {done}")
 
-    def start(self, process: bool) -> None:
-        """Run the loop in a thread, or in a forked child (the uffd covers our memory)."""
-        if process:
+    def start(self, where: str) -> None:
+        """Run the loop in a thread, a forked child or a subinterpreter's thread.
+
+        The uffd covers this process's memory in all three: a child inherits
+        it, a subinterpreter shares the fd table and the address space.
+        """
+        if where == "interpreter":
+            import _interpreters  # type: ignore[import-not-found]  # CPython >= 3.13
+            self.interpreter = _interpreters.create(_interpreters.new_config("isolated"))
+            shared = {"paths": tuple([str(ROOT / "scripts")] + sys.path),
+                      "args": (self.uffd.fileno(), self.op, self.cpu, self.busy, self.src,
+                               self.stop_read)}
+            code = ("import sys\nsys.path[:] = paths\nimport bench_fault\n"
+                    "bench_fault.serve_in_interpreter(*args)\n")
+
+            def host() -> None:
+                excinfo = _interpreters.exec(self.interpreter, code, shared=shared)
+                if excinfo is not None:
+                    self.failure = getattr(excinfo, "formatted", None) or str(excinfo)
+            self.thread = threading.Thread(target=host, daemon=True)
+            self.thread.start()
+        elif where == "process":
             self.pid = os.fork()
             if self.pid == 0:                   # the child: serve, report by exit status
                 status = 1
@@ -174,9 +209,27 @@ class Handler:
                 raise RuntimeError("handler thread did not stop within 10 s")
             if self.error is not None:
                 raise self.error
+            if self.failure is not None:
+                raise RuntimeError(f"handler subinterpreter failed: {self.failure}")
         finally:
             os.close(self.stop_read)
             os.close(self.stop_write)
+            if self.interpreter is not None and not self.thread.is_alive():
+                import _interpreters
+                _interpreters.destroy(self.interpreter)   # before any fork (CPython 3.13)
+                self.interpreter = None
+
+
+def serve_in_interpreter(ufd: int, op: str, cpu: int, busy: bool, src: int,
+                         stop_read: int) -> None:
+    """The subinterpreter's side: the same loop, over a dup of the uffd, until stopped."""
+    with Userfaultfd.from_fd(os.dup(ufd), created_via="interpreter") as uffd:
+        handler = Handler.__new__(Handler)
+        handler.uffd, handler.op, handler.cpu, handler.busy, handler.src = uffd, op, cpu, busy, src
+        handler.stop_read, handler.error = stop_read, None
+        handler.run()
+        if handler.error is not None:
+            raise handler.error
 
 
 def touch_all(base: int, order: Sequence[int], samples: List[int]) -> None:
@@ -203,7 +256,7 @@ def toucher_floor(pages: int = 256, rounds: int = 20) -> float:
     return percentiles(samples)[0]
 
 
-def python_latency(op: str, cpu: int, busy: bool, process: bool, faults: int,
+def python_latency(op: str, cpu: int, busy: bool, where: str, faults: int,
                    src: int) -> Percentiles:
     order = list(range(faults))
     random.Random(1).shuffle(order)
@@ -211,7 +264,7 @@ def python_latency(op: str, cpu: int, busy: bool, process: bool, faults: int,
     with Mapping.anonymous(faults * PAGE_SIZE) as region, Userfaultfd() as uffd:
         uffd.register(region.address, region.length)
         handler = Handler(uffd, op, cpu, busy, src)
-        handler.start(process)                  # fork first: no other thread is running
+        handler.start(where)                    # fork first: no other thread is running
         toucher = threading.Thread(target=touch_all, args=(region.address, order, samples),
                                    daemon=True)
         toucher.start()
@@ -319,15 +372,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for round_ in range(rounds):
             c_first = round_ % 2 == 0           # alternate who goes first in each row
             for op in OPS:
-                for key, _, cpu, busy, process in PLACEMENTS:
+                for key, _, cpu, busy, where, c_key in PLACEMENTS:
                     for which in ((0, 1) if c_first else (1, 0)):
                         if which == 0:
-                            c = comparator.latency(faults, op, key)
+                            c = comparator.latency(faults, op, c_key)
                             if c:
                                 c_lat.setdefault((op, key), []).append(c)
                         else:
                             py_lat.setdefault((op, key), []).append(python_latency(
-                                op, cpu, busy, process, faults, source.address))
+                                op, cpu, busy, where, faults, source.address))
             for chunk in CHUNKS:
                 for which in ((0, 1) if c_first else (1, 0)):
                     if which == 0:
@@ -360,8 +413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{comparator.note}")
     print(f"The Python toucher's own timed access without a fault: p50 {floor:.1f} µs "
           "(included in every py figure; the C toucher's is ~0).  \"process\" rows: the "
-          "handler is a forked child, as uffdpy's process server (no GIL shared with "
-          "the toucher).")
+          "handler is a forked child, as uffdpy's process server; \"subinterpreter\" "
+          "rows: a thread of an own-GIL subinterpreter, as the interpreter server "
+          "(Python 3.13+), compared with the C thread; neither shares a GIL with the "
+          "toucher.")
     print()
     print(tabulate(rows, headers=["ioctl", "handler placement", "py p50 µs", "py p90",
                                   "py p99", "C p50 µs", "C p90", "C p99", "py/C p50"],
