@@ -214,7 +214,7 @@ class Handler:
         finally:
             os.close(self.stop_read)
             os.close(self.stop_write)
-            if self.interpreter is not None and not self.thread.is_alive():
+            if self.interpreter is not None and not (self.thread and self.thread.is_alive()):
                 import _interpreters
                 _interpreters.destroy(self.interpreter)   # before any fork (CPython 3.13)
                 self.interpreter = None
