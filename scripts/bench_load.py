@@ -55,7 +55,9 @@ from typing import List, Optional
 
 # Run from a checkout without installing: the package is next to scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench_fault's C comparator
 
+from bench_fault import Comparator  # noqa: E402
 from uffdpy.bench import run_bench  # noqa: E402
 from uffdpy.cli import parse_size  # noqa: E402
 from uffdpy.mappedram import make_synthetic  # noqa: E402
@@ -82,6 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fill", type=float, default=0.4,
                     help="with --make-synthetic: fraction of pages holding data")
     ap.add_argument("--seed", type=int, default=0, help="with --make-synthetic: data seed")
+    ap.add_argument("--no-c", action="store_true",
+                    help="skip the C fault handler reference (benchmarks/fault_handler.c)")
     ap.add_argument("--quick", action="store_true",
                     help="one round, 200 accesses, a 16 MiB synthetic snapshot if no SNAP")
     args = ap.parse_args(argv)
@@ -103,8 +107,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"writing a synthetic {size >> 20} MiB snapshot to {path} "
                   f"(fill {args.fill:.0%}, seed {args.seed})", file=sys.stderr)
             make_synthetic(path, size=size, fill=args.fill, seed=args.seed)
+        comparator = Comparator(not args.no_c)
+        if comparator.binary is None:
+            print(comparator.note, file=sys.stderr)
+
+        def reference(op: str, placement: str, faults: int) -> Optional[float]:
+            figures = comparator.latency(faults, op, placement)
+            return figures[0] if figures else None
+
         return run_bench(path, rounds=rounds, touches=touches, qemu=not args.no_qemu,
-                         as_json=args.json, cold=args.cold, qemu_args=qemu_args)
+                         as_json=args.json, cold=args.cold, qemu_args=qemu_args,
+                         reference=reference if comparator.binary else None)
 
 
 if __name__ == "__main__":

@@ -391,6 +391,11 @@ def test_bench_json_without_qemu(synth16: Path) -> None:
     assert not any(name.startswith("QEMU") for name in results)
     for name, figures in results.items():
         assert figures["complete_s"] > 0, name
+    service = report["fault_service"]
+    assert "busy" in service and "proc-busy" in service
+    for key, figures in service.items():
+        assert figures["faults"] == figures["data_pages"] + figures["zero_pages"] > 0, key
+    assert report["reference"] == {}               # the CLI runs no C comparator
 
 
 # ---------------------------------------------------------------------- bad files

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,13 @@ def test_bench_load_quick_no_qemu() -> None:
     assert "lazy, thread server, prefetch only" in out
     assert "lazy, process server, prefetch only" in out
     assert "QEMU 10 migrate-incoming" not in out
+    assert "fault service, prefetch off" in out
+    from uffdpy.bench import PLACEMENTS
+    for _, label, server, *_ in PLACEMENTS:
+        row = next(line for line in out.splitlines() if line.startswith(label))
+        faults = int(row[len(label):].split()[0])
+        assert faults == 200, row                  # every distinct page touched was a fault
+    assert ("interpreter server, other CPU, busy-poll" in out) == (sys.version_info >= (3, 13))
 
 
 def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
@@ -87,6 +95,14 @@ def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
     report = json.loads(out)
     assert report["size_mib"] == 16 and report["rounds"] == 1
     assert report["results"]["eager (QEMU-style pread, THP)"]["complete_s"] > 0
+    service = report["fault_service"]
+    assert set(service) >= {"same", "poll", "busy", "proc-same", "proc-poll", "proc-busy"}
+    for key, figures in service.items():
+        assert figures["faults"] == figures["data_pages"] + figures["zero_pages"] == 100, key
+        assert figures["data_p50_us"] > 0 and figures["zero_p50_us"] > 0, key
+    if shutil.which("cc"):                         # the C reference ran beside every row
+        assert set(report["reference"]) == {f"{k}/{op}" for k in service
+                                            for op in ("copy", "zeropage")}
 
 
 @pytest.mark.qemu
@@ -102,6 +118,7 @@ def test_bench_fault_quick() -> None:
     out = run_script("bench_fault.py", ["--quick"], timeout=180)
     for row in ("COPY", "ZEROPAGE", "same CPU, poll", "other CPU, poll", "bulk COPY per call"):
         assert row in out, row
+    assert ("subinterpreter: other CPU, busy" in out) == (sys.version_info >= (3, 13))
 
 
 def test_qemu_snapshot_help() -> None:

@@ -114,6 +114,21 @@ def region() -> "Mapping":
         yield mapping
 
 
+def python_usable_by(setpriv: List[str]) -> str:
+    """This interpreter, or else the system's, if the other user cannot run this one.
+
+    A Python built with a shared libpython under /root (pyenv's 3.13, say)
+    does not start for another user: /root is 0700 and the library is found
+    through a RUNPATH there.  The code under test is the same either way.
+    """
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        if subprocess.run(setpriv + [candidate, "-c", "pass"], capture_output=True,
+                          timeout=30, cwd="/").returncode == 0:
+            return candidate
+    raise AssertionError(f"no Python that {setpriv[1:3]} can run: tried {sys.executable} "
+                         "and /usr/bin/python3")
+
+
 def run_python(code: str, *, user: Optional[int] = None,
                timeout: float = 30) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     """Run ``code`` in a fresh interpreter that imports uffdpy from this checkout."""
@@ -129,7 +144,8 @@ def run_python(code: str, *, user: Optional[int] = None,
                 for name in dirnames + filenames:
                     os.chmod(os.path.join(dirpath, name), 0o755)
             path = tmp
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + argv
+            setpriv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+            argv = setpriv + [python_usable_by(setpriv)] + argv[1:]
         env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd="/")

@@ -2,10 +2,19 @@
 
 All figures come from one run.  The contenders are interleaved round by round
 (eager, lazy thread, lazy process, lazy under random access, QEMU, then again)
-so that a noisy shared machine hurts each the same; the table shows the median
-of the rounds and ratios against the eager load and QEMU's load.  The snapshot
-file is read through the page cache by everyone (after the first round it is
-warm for all); ``--cold`` drops the page cache before every measurement.
+so that a noisy shared machine hurts each the same; the first table shows the
+median of the rounds and ratios against the eager load and QEMU's load.  The
+snapshot file is read through the page cache by everyone (after the first
+round it is warm for all); ``--cold`` drops the page cache before every
+measurement.
+
+The second table is fault service alone: prefetch off, the toucher (pinned
+to CPU 0) reads distinct random pages, so every access is a fault, and the
+p50 access latency is split by what served it (``UFFDIO_COPY`` of a data
+page, ``UFFDIO_ZEROPAGE`` of a zero page), for each server and placement of
+the fault loop.  With a ``reference`` (``scripts/bench_load.py`` passes the
+C comparator of ``scripts/bench_fault.py`` when a compiler is present) each
+row gets the C handler's p50 in the same placement and the ratio.
 """
 from __future__ import annotations
 
@@ -16,16 +25,83 @@ import statistics
 import subprocess
 import tempfile
 import time
+import random
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
+
+try:
+    from typing import Protocol
+except ImportError:  # Python < 3.8
+    from typing_extensions import Protocol  # type: ignore
 
 from tabulate import tabulate
 
-from .loader import EagerLoader, LazyLoader
+from .loader import EagerLoader, LazyLoader, prepare_interpreter_servers
 from .pagesource import PageSource, open_image
 from .qmp import QmpClient
-from .workload import latency_summary, run_access
+from .workload import latency_summary, run_access, touch_pages
 
-__all__ = ["run_bench", "qemu_load_seconds"]
+__all__ = ["run_bench", "qemu_load_seconds", "fault_service", "FaultReference",
+           "PLACEMENTS"]
+
+#: Own-GIL subinterpreters that can load ctypes (``server="interpreter"``).
+HAVE_INTERPRETERS = sys.version_info >= (3, 13)
+
+#: Fault-service placements: (key, label, server, loop on the other CPU,
+#: busy-poll, the C comparator's placement with the same threads where).
+PLACEMENTS: List[Tuple[str, str, str, bool, bool, str]] = [
+    ("same", "thread server, loop on toucher's CPU", "thread", False, False, "same"),
+    ("poll", "thread server, other CPU, poll", "thread", True, False, "poll"),
+    ("busy", "thread server, other CPU, busy-poll", "thread", True, True, "busy"),
+    ("proc-same", "process server, loop on toucher's CPU", "process", False, False,
+     "proc-same"),
+    ("proc-poll", "process server, other CPU, poll", "process", True, False, "proc-poll"),
+    ("proc-busy", "process server, other CPU, busy-poll", "process", True, True, "proc-busy"),
+] + ([
+    ("interp-same", "interpreter server, loop on toucher's CPU", "interpreter", False, False,
+     "same"),
+    ("interp-poll", "interpreter server, other CPU, poll", "interpreter", True, False, "poll"),
+    ("interp-busy", "interpreter server, other CPU, busy-poll", "interpreter", True, True,
+     "busy"),
+] if HAVE_INTERPRETERS else [])
+
+
+class FaultReference(Protocol):
+    """Fault latency of a reference handler (the C comparator): p50 in µs, or None."""
+
+    def __call__(self, op: str, placement: str, faults: int) -> Optional[float]: ...
+
+
+def fault_service(snap: PageSource, server: str, server_cpu: int, busy: bool,
+                  touches: int, seed: int = 7) -> Dict[str, float]:
+    """Prefetch off; touch ``touches`` distinct random pages from CPU 0, every one a fault.
+
+    Returns the p50 access latency (µs, timed in the toucher) of data pages
+    and of zero pages, and the faults the loader counted.
+    """
+    if server == "interpreter":
+        prepare_interpreter_servers(1)            # made outside the timing
+    with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
+                    prefetch=False) as ld:
+        spans = [(ld.address(r.name), r) for r in snap.regions]
+        total = sum(r.pages for _, r in spans)
+        picks = random.Random(seed).sample(range(total), min(touches, total))
+        addresses, present = [], []
+        for k in picks:
+            for base, r in spans:
+                if k < r.pages:
+                    addresses.append(base + k * r.page_size)
+                    present.append(r.is_present(k))
+                    break
+                k -= r.pages
+        lat = touch_pages(addresses, cpu=0)
+        data = [t for t, p in zip(lat, present) if p]
+        zero = [t for t, p in zip(lat, present) if not p]
+        ld.close()
+        return {"data_p50_us": latency_summary(data)["p50"],
+                "zero_p50_us": latency_summary(zero)["p50"],
+                "data_pages": len(data), "zero_pages": len(zero),
+                "faults": ld.stats.faults}
 
 
 def _drop_caches() -> None:
@@ -93,8 +169,10 @@ def _qemu_args_for(snap: PageSource) -> Optional[List[str]]:
 
 def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = True,
               as_json: bool = False, cold: bool = False,
-              qemu_args: Optional[List[str]] = None) -> int:
-    """Measure every contender ``rounds`` times, interleaved; print one table."""
+              qemu_args: Optional[List[str]] = None,
+              reference: Optional[FaultReference] = None,
+              reference_name: str = "C") -> int:
+    """Measure every contender ``rounds`` times, interleaved; print the two tables."""
     ncpu = len(os.sched_getaffinity(0))
     other = 1 if ncpu > 1 else 0
     samples: Dict[str, List[Dict[str, float]]] = {}
@@ -102,6 +180,8 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
     def lazy(server: str, access: bool, server_cpu: Optional[int] = None,
              busy: bool = False, lanes: Optional[int] = None) -> Callable[[PageSource], Dict[str, float]]:
         def run(snap: PageSource) -> Dict[str, float]:
+            if server == "interpreter":
+                prepare_interpreter_servers(1)    # made outside the timing
             with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
                             prefetch_threads=lanes) as ld:
                 out: Dict[str, float] = {}
@@ -126,15 +206,21 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         ("eager (QEMU-style pread, THP)", eager),
         ("lazy, thread server, prefetch only", lazy("thread", False)),
         ("lazy, process server, prefetch only", lazy("process", False)),
+    ] + ([
+        ("lazy, interpreter server, prefetch only", lazy("interpreter", False)),
+    ] if HAVE_INTERPRETERS else []) + [
         ("lazy, thread server, prefetch only, 1 prefetch thread", lazy("thread", False, lanes=1)),
         ("lazy, process server, prefetch only, 1 prefetch thread",
          lazy("process", False, lanes=1)),
         ("lazy thread + random access, loop on toucher's CPU", lazy("thread", True, 0)),
         ("lazy thread + random access, loop on other CPU", lazy("thread", True, other)),
-        ("lazy thread + random access, other CPU, busy-poll", lazy("thread", True, other, True)),
         ("lazy process + random access, loop on toucher's CPU", lazy("process", True, 0)),
         ("lazy process + random access, other CPU", lazy("process", True, other)),
-    ]
+    ] + ([
+        ("lazy interpreter + random access, loop on toucher's CPU",
+         lazy("interpreter", True, 0)),
+        ("lazy interpreter + random access, other CPU", lazy("interpreter", True, other)),
+    ] if HAVE_INTERPRETERS else [])
     with open_image(path) as snap:
         q_args = qemu_args or _qemu_args_for(snap)
         binary = shutil.which("qemu-system-x86_64")
@@ -148,11 +234,20 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                          ("qemu-system-x86_64 not found" if not binary else
                           "QEMU loads mapped-ram files only" if snap.format != "mapped-ram"
                           else f"machine {getattr(snap, 'machine', '?')!r} needs --qemu-args"))
-        for _ in range(rounds):
+        faults: Dict[str, List[Dict[str, float]]] = {}
+        c_p50: Dict[Tuple[str, str], List[float]] = {}
+        for round_ in range(rounds):
             for name, fn in contenders:
                 if cold:
                     _drop_caches()
                 samples.setdefault(name, []).append(fn(snap))
+            for key, _, server, on_other, busy, c_key in PLACEMENTS:
+                faults.setdefault(key, []).append(fault_service(
+                    snap, server, other if on_other else 0, busy, touches, seed=7 + round_))
+                for op in ("copy", "zeropage"):
+                    value = reference(op, c_key, touches) if reference else None
+                    if value is not None:
+                        c_p50.setdefault((key, op), []).append(value)
         data_mib = sum(b.present_pages * b.page_size for b in snap.regions) / (1 << 20)
         size_mib = sum(b.length for b in snap.regions) / (1 << 20)
 
@@ -161,9 +256,13 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         for name, runs in samples.items()}
     eager_total = med[contenders[0][0]]["complete_s"]
     qemu_total = med.get("QEMU 10 migrate-incoming (mapped-ram)", {}).get("complete_s")
+    fmed = {key: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+            for key, runs in faults.items()}
+    cmed = {f"{key}/{op}": statistics.median(v) for (key, op), v in c_p50.items()}
     if as_json:
         print(json.dumps({"snapshot": path, "rounds": rounds, "size_mib": size_mib,
-                          "data_mib": data_mib, "results": med}, indent=2))
+                          "data_mib": data_mib, "results": med, "fault_service": fmed,
+                          "reference": cmed, "reference_name": reference_name}, indent=2))
         return 0
 
     def ms(v: Optional[float]) -> str:
@@ -189,4 +288,24 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                                   "access p50/p99 us"]))
     if qemu_note:
         print(qemu_note)
+
+    def ratio(ours: float, theirs: Optional[float]) -> str:
+        return f"{ours / theirs:.2f}" if theirs else ""
+
+    frows = []
+    for key, label, *_ in PLACEMENTS:
+        f = fmed[key]
+        c_copy, c_zero = cmed.get(f"{key}/copy"), cmed.get(f"{key}/zeropage")
+        frows.append([label, int(f["faults"]),
+                      f"{f['data_p50_us']:.1f}", f"{c_copy:.1f}" if c_copy else "",
+                      ratio(f["data_p50_us"], c_copy),
+                      f"{f['zero_p50_us']:.1f}", f"{c_zero:.1f}" if c_zero else "",
+                      ratio(f["zero_p50_us"], c_zero)])
+    r = reference_name
+    print()
+    print(f"fault service, prefetch off: {touches} distinct random pages touched from CPU 0, "
+          f"each a fault; access p50 in µs timed in the toucher; {r}: the reference handler "
+          f"in the same placement" + ("" if reference else f" (no {r} reference given)"))
+    print(tabulate(frows, headers=["fault loop", "faults", "data p50", f"{r} COPY p50",
+                                   f"/{r}", "zero p50", f"{r} ZEROPAGE p50", f"/{r}"]))
     return 0
