@@ -40,6 +40,10 @@ STAT_KEYS = ("time_to_ready_s", "time_to_complete_s", "faults", "fault_service_u
              "eagain", "double_placements")
 
 
+#: the lazy servers this Python can run (the interpreter server needs 3.13+)
+LAZY_SERVERS = ["thread", "process"] + (["interpreter"] if sys.version_info >= (3, 13) else [])
+
+
 def uffdpy(*args: object, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
     """Run ``python -m uffdpy ARGS`` from this checkout; never hangs the test run."""
     env = dict(os.environ)
@@ -200,8 +204,8 @@ def check_load_report(report: Dict[str, Any], pages: int, *, access: bool) -> No
 
 
 @pytest.mark.parametrize("access", ["random", "seq", "hot:0.1"])
-@pytest.mark.parametrize("mode,server", [("lazy", "thread"), ("lazy", "process"),
-                                         ("eager", "thread"), ("eager", "process")])
+@pytest.mark.parametrize("mode,server", [("lazy", s) for s in LAZY_SERVERS] +
+                         [("eager", "thread"), ("eager", "process")])
 def test_load_json(synth: Path, mode: str, server: str, access: str) -> None:
     report = ok_json("load", synth, "--mode", mode, "--server", server,
                      "--access", access, "--verify")
@@ -218,7 +222,7 @@ def test_load_json(synth: Path, mode: str, server: str, access: str) -> None:
         assert report["pages_by_fault"] + report["pages_by_prefetch"] == pages
 
 
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_no_prefetch_seq_touches_everything(synth16: Path, server: str) -> None:
     report = ok_json("load", synth16, "--server", server, "--no-prefetch", "--access", "seq",
                      "--verify")
@@ -230,7 +234,7 @@ def test_load_no_prefetch_seq_touches_everything(synth16: Path, server: str) -> 
     assert report["accesses"] == pages
 
 
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
     with Snapshot.open(synth16) as snap:
         huge = sum(-(-b.length // (2 * MiB)) for b in snap.blocks)
@@ -240,6 +244,15 @@ def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
     assert report["mismatched_pages"] == 0 and report["verified_pages"] == total_pages(synth16)
     assert report["double_placements"] == 0
     assert report["total_pages"] == report["placed_pages"] == huge    # 2 MiB pages
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="this Python runs the interpreter "
+                    "server (the test of it is test_load_json[...interpreter])")
+def test_load_interpreter_server_before_3_13_is_a_clear_error(synth16: Path) -> None:
+    proc = uffdpy("load", synth16, "--server", "interpreter")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert "needs Python 3.13 or newer" in proc.stderr and "server='process'" in proc.stderr
 
 
 def test_load_prefetch_chunk(synth16: Path) -> None:

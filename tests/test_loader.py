@@ -547,6 +547,11 @@ def test_interpreter_server_failure_is_reported_and_placed_pages_stay(small, tmp
         assert resources()[0] == before[0]
 
 
+def test_cli_offers_every_server():
+    from uffdpy import cli, loader
+    assert cli.SERVERS == loader.SERVERS
+
+
 @needs_interpreters
 def test_process_server_refused_while_an_interpreter_server_runs(small):
     with LazyLoader(small, server="interpreter", prefetch=False):
@@ -555,7 +560,7 @@ def test_process_server_refused_while_an_interpreter_server_runs(small):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'thread', 'process', 'interpreter'"):
         LazyLoader("/nonexistent", server="fiber")
     with pytest.raises(FileNotFoundError):
         LazyLoader("/nonexistent/snapshot.img")

@@ -24,6 +24,10 @@ from tabulate import tabulate
 
 __all__ = ["main"]
 
+#: ``LazyLoader(server=...)`` values (kept equal to ``uffdpy.loader.SERVERS``
+#: by a test; the loader is imported only by the commands that load)
+SERVERS = ("thread", "process", "interpreter")
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
@@ -360,7 +364,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("load", help="load a snapshot, run an access workload, print stats")
     snapshot_arg(sp)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
-    sp.add_argument("--server", choices=("thread", "process"), default="thread")
+    sp.add_argument("--server", choices=SERVERS, default="thread",
+                    help="where the fault loop runs: thread, process, or interpreter "
+                         "(an own-GIL subinterpreter, Python 3.13+)")
     sp.add_argument("--no-prefetch", action="store_true")
     sp.add_argument("--access", default="none", help="none|seq|random|hot:FRACTION")
     sp.add_argument("--touch", type=int, default=0, help="accesses per thread")
@@ -385,7 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("block", metavar="REGION", help="a RAMBlock or ELF segment name (see inspect)")
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
-    sp.add_argument("--server", choices=("thread", "process"), default="thread")
+    sp.add_argument("--server", choices=SERVERS, default="thread",
+                    help="where the fault loop runs: thread, process, or interpreter "
+                         "(an own-GIL subinterpreter, Python 3.13+)")
     sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
     sp.set_defaults(func=cmd_dump)
 

@@ -87,6 +87,31 @@ with zeros: its unplaced pages are fenced as above, and ``wait()`` raises
 ``ServerDiedError`` naming the exit status.  The fork happens while
 the constructor holds the GIL; the child uses only objects made before the
 fork and new threads, and leaves with ``os._exit``.
+
+``server="interpreter"`` (Python 3.13 or newer) runs both workers in a
+subinterpreter made with the "isolated" config, which has its own GIL
+(PEP 684).  It shares this process's address space and fd table, so nothing
+is forked or copied: it serves through a dup of this uffd, from this
+process's file mapping, into these mappings, and claims pages in a second
+view (another mmap of the same memfd) of the claim map.  A host thread of
+this interpreter sits in ``_interpreters.exec`` for the whole load, which
+switches it to the subinterpreter's GIL and leaves ours free, so any Python
+code here may read guest memory while it loads, as with the process server;
+and no GIL is shared between the fault loop and the threads it serves, so
+the fault loop may busy-poll (measured: within 2x of a C handler in every
+placement, where the thread server's busy-poll is 2.5-5x).  Only numbers
+cross over (fds, addresses, the bitmaps as bytes); the result comes back as
+a one-line JSON report on a pipe.  If the subinterpreter fails, it fences
+the unplaced pages itself before reporting: a thread of ours may be asleep
+on one of them while holding our GIL, so we might never get to.
+
+Two CPython facts shape it.  Python 3.12 has own-GIL subinterpreters but
+its ``_ctypes`` refuses to load in one, so 3.13 is the first that works.
+And CPython 3.13 aborts a child forked while any subinterpreter exists
+("PyThreadState_Get: ... the GIL is released"): idle subinterpreters (they
+are pooled, since making one and importing uffdpy in it takes ~100 ms; see
+``prepare_interpreter_servers``) are destroyed before every ``os.fork()``,
+and a process server is refused while an interpreter server is loading.
 """
 from __future__ import annotations
 
@@ -1041,8 +1066,11 @@ class LazyLoader(_LoaderBase):
         snapshot_or_path: a page source (a mapped-ram ``Snapshot``, an
             ``ElfImage``) or the path of either (the format is recognised).
         server: ``"thread"`` (workers in this process: touch guest memory only
-            without the GIL) or ``"process"`` (workers in a forked server
-            process: any Python code may read guest memory).
+            without the GIL), ``"process"`` (workers in a forked server
+            process: any Python code may read guest memory), or
+            ``"interpreter"`` (Python 3.13+: workers in a subinterpreter with
+            its own GIL, in this process: any Python code may read guest
+            memory, and busy-polling pays off).
         prefetch: fill every page in the background; without it only touched
             pages are placed and the load completes when all have been touched.
         prefetch_chunk_bytes: the most bytes the prefetcher places per ioctl.
@@ -1051,8 +1079,9 @@ class LazyLoader(_LoaderBase):
         server_cpu: pin the fault loop to this CPU (``None``: leave it alone).
         busy_poll: spin on the uffd instead of sleeping in ``poll`` (lower
             fault latency across CPUs, one CPU burnt while loading).  Worth
-            it with the process server; with the thread server a spinning
-            loop competes for the GIL with the threads it serves.
+            it with the process and interpreter servers; with the thread
+            server a spinning loop competes for the GIL with the threads it
+            serves.
         prefetch_threads: prefetch threads; each takes every n-th chunk, and
             the kernel copies for them in parallel.  Default: 2 when this
             process may run on 2 or more CPUs (measured ~1.4x faster to
@@ -1065,6 +1094,9 @@ class LazyLoader(_LoaderBase):
 
     Raises:
         MappedRamError: the snapshot is malformed; nothing was mapped or registered.
+        LoaderError: ``server="interpreter"`` before Python 3.13, or
+            ``server="process"`` while an interpreter server is loading
+            (CPython cannot fork then); nothing was mapped or registered.
         UffdError: userfaultfd could not be set up (the message says how to fix it).
         OSError: ENOMEM with ``huge_pages`` when the hugetlb pool is too small
             (the message says how many pages to reserve).
