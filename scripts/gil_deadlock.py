@@ -12,9 +12,9 @@ numpy...), the fault loop can never run its Python code to place the page:
 the interpreter deadlocks.  Nothing times out and nothing raises; only
 SIGKILL ends it.
 
-The script runs three experiments, each in a child process with a timeout so
-that the demonstration itself never hangs (prefetch is off in all three, so
-the page is placed only by the fault loop):
+The script runs three experiments (four on Python 3.13+), each in a child
+process with a timeout so that the demonstration itself never hangs
+(prefetch is off in all, so the page is placed only by the fault loop):
 
 1. thread server, plain Python read ``bytes(mem[a:a+16])``: the child hangs,
    is killed after the timeout, and the script reports "deadlocked as expected".
@@ -22,6 +22,9 @@ the page is placed only by the fault loop):
    around the copy, the fault loop runs, the read returns the snapshot's bytes.
 3. process server, the same plain Python read: the fault loop runs in a forked
    server process with its own GIL, so the read just works.
+4. (Python 3.13+) interpreter server, the same plain Python read: the fault
+   loop runs in a subinterpreter of this process that has its own GIL, so the
+   read just works here too, without a second process.
 
 Use::
 
@@ -52,7 +55,10 @@ EXPERIMENTS = {
     "plain-thread": ("thread", "plain"),
     "memmove-thread": ("thread", "memmove"),
     "plain-process": ("process", "plain"),
+    "plain-interpreter": ("interpreter", "plain"),
 }
+#: own-GIL subinterpreters that can load ctypes
+HAVE_INTERPRETERS = sys.version_info >= (3, 13)
 
 
 def first_present_page(snap: Snapshot) -> Tuple[str, int]:
@@ -137,13 +143,23 @@ def main() -> int:
         outcome3, secs = run(snap, "plain-process", ok_timeout)
         print(f"   -> {outcome3} in {secs:.2f} s.\n")
 
+        outcome4 = "ok"
+        if HAVE_INTERPRETERS:
+            print("4. interpreter server (an own-GIL subinterpreter), the same plain read:")
+            outcome4, secs = run(snap, "plain-interpreter", ok_timeout)
+            print(f"   -> {outcome4} in {secs:.2f} s.\n")
+        else:
+            print("4. interpreter server: skipped, it needs Python 3.13 or newer "
+                  f"(this is {sys.version.split()[0]}).\n")
+
     print("Why: a thread that faults on a missing page sleeps in the kernel until the page\n"
           "is placed.  With server='thread' the page is placed by a Python thread of the\n"
           "same process, which needs the GIL; if the sleeper holds it, nobody can ever\n"
           "place the page.  So with the thread server touch guest memory only without\n"
           "the GIL (ctypes.memmove/memset, a KVM vCPU, another process), or use\n"
-          "server='process', whose fault loop runs under another process's GIL.")
-    good = outcome == "deadlocked" and outcome2 == "ok" and outcome3 == "ok"
+          "server='process', whose fault loop runs under another process's GIL, or\n"
+          "server='interpreter' (3.13+), whose runs under a subinterpreter's own GIL.")
+    good = outcome == "deadlocked" and outcome2 == "ok" and outcome3 == "ok" and outcome4 == "ok"
     return 0 if good else 1
 
 
