@@ -742,9 +742,6 @@ class _Server:
             counters.faults += len(addresses)
 
     def _region_of(self, address: int) -> _Region:
-        region = self._last_region                # faults cluster: try the last one first
-        if region is not None and region.start <= address < region.end:
-            return region
         i = bisect.bisect_right(self.starts, address) - 1
         if i < 0 or address >= self.by_address[i].end:
             raise LoaderError(f"fault at 0x{address:x} outside every registered block")
@@ -753,11 +750,19 @@ class _Server:
 
     def _serve(self, address: int, counters: _Counters, filler: Filler) -> bool:
         """Resolve one fault; False when it must be retried after events are read."""
-        region = self._region_of(address)
+        region = self._last_region                # faults cluster: try the last one first
+        if region is None or not region.start <= address < region.end:
+            region = self._region_of(address)
         claims = self.claims
         page = (address - region.start) // region.unit
         old = claims.claim(region.index, page)
-        kind = region.kind(page)
+        if region.kinds is None:                  # region.kind(page), without the call
+            if not region.bitmap[page >> 3] >> (page & 7) & 1:
+                kind = ZERO
+            else:
+                kind = DIRECT if page < region.direct_pages else BOUNCE
+        else:
+            kind = region.kinds[page]
         if old == CLAIMED:
             # In a prefetch chunk still in flight: place this one page now
             # instead of waiting for the whole chunk.  The kernel installs it
