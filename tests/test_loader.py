@@ -21,7 +21,7 @@ from typing import List, Tuple
 import pytest
 
 from uffdpy.loader import (EagerLoader, LazyLoader, LoaderError, ServerDiedError,
-                           prepare_interpreter_servers)
+                           prepare_interpreter_servers, release_interpreter_servers)
 from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
@@ -545,6 +545,28 @@ def test_interpreter_server_failure_is_reported_and_placed_pages_stay(small, tmp
         assert perms == ["---p"]
         loader.close()                             # reported by wait(): no raise
         assert resources()[0] == before[0]
+
+
+@needs_interpreters
+def test_interpreter_servers_are_pooled_released_and_gone_before_a_fork(small):
+    import _interpreters
+    release_interpreter_servers()
+    base = len(_interpreters.list_all())
+    prepare_interpreter_servers(2)
+    assert len(_interpreters.list_all()) == base + 2
+    with LazyLoader(small, server="interpreter") as loader:     # takes one from the pool
+        assert len(_interpreters.list_all()) == base + 2
+        assert loader.wait(30)
+    assert len(_interpreters.list_all()) == base + 2           # given back
+    pid = os.fork()                 # CPython 3.13 aborts a child forked with them alive
+    if pid == 0:
+        os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert len(_interpreters.list_all()) == base                # destroyed before the fork
+    prepare_interpreter_servers(1)
+    release_interpreter_servers()
+    assert len(_interpreters.list_all()) == base
 
 
 def test_cli_offers_every_server():

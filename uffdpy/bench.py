@@ -36,7 +36,8 @@ except ImportError:  # Python < 3.8
 
 from tabulate import tabulate
 
-from .loader import EagerLoader, LazyLoader, prepare_interpreter_servers
+from .loader import (EagerLoader, LazyLoader, prepare_interpreter_servers,
+                     release_interpreter_servers)
 from .pagesource import PageSource, open_image
 from .qmp import QmpClient
 from .workload import latency_summary, run_access, touch_pages
@@ -72,6 +73,18 @@ class FaultReference(Protocol):
     def __call__(self, op: str, placement: str, faults: int) -> Optional[float]: ...
 
 
+def _prepare_server(server: str) -> None:
+    """Outside the timing: make an interpreter server, or destroy idle ones before a fork.
+
+    Otherwise a process load after an interpreter load would pay, in its
+    time to ready, for destroying the idle subinterpreter before it forks.
+    """
+    if server == "interpreter":
+        prepare_interpreter_servers(1)
+    elif server == "process":
+        release_interpreter_servers()
+
+
 def fault_service(snap: PageSource, server: str, server_cpu: int, busy: bool,
                   touches: int, seed: int = 7) -> Dict[str, float]:
     """Prefetch off; touch ``touches`` distinct random pages from CPU 0, every one a fault.
@@ -79,8 +92,7 @@ def fault_service(snap: PageSource, server: str, server_cpu: int, busy: bool,
     Returns the p50 access latency (µs, timed in the toucher) of data pages
     and of zero pages, and the faults the loader counted.
     """
-    if server == "interpreter":
-        prepare_interpreter_servers(1)            # made outside the timing
+    _prepare_server(server)
     with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
                     prefetch=False) as ld:
         spans = [(ld.address(r.name), r) for r in snap.regions]
@@ -180,8 +192,7 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
     def lazy(server: str, access: bool, server_cpu: Optional[int] = None,
              busy: bool = False, lanes: Optional[int] = None) -> Callable[[PageSource], Dict[str, float]]:
         def run(snap: PageSource) -> Dict[str, float]:
-            if server == "interpreter":
-                prepare_interpreter_servers(1)    # made outside the timing
+            _prepare_server(server)
             with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
                             prefetch_threads=lanes) as ld:
                 out: Dict[str, float] = {}

@@ -68,19 +68,26 @@ def _page_addresses(blocks: Sequence[Tuple[int, PageRegion]], pattern: str, frac
 def touch_pages(addresses: Sequence[int], *, cpu: Optional[int] = None) -> List[int]:
     """Read 8 bytes at each address in order (GIL released); return each latency in ns.
 
-    Runs in the calling thread (pinned to ``cpu`` if given; the pinning stays).
+    Runs in the calling thread, pinned to ``cpu`` if given for the duration
+    (threads and processes it starts meanwhile would inherit the pinning).
     """
+    tid = threading.get_native_id()
+    affinity = os.sched_getaffinity(tid)
     if cpu is not None:
-        os.sched_setaffinity(threading.get_native_id(), {cpu})
-    sink = ctypes.create_string_buffer(8)
-    out: List[int] = []
-    clock = time.perf_counter_ns
-    memmove = ctypes.memmove
-    for a in addresses:
-        t = clock()
-        memmove(sink, a, 8)
-        out.append(clock() - t)
-    return out
+        os.sched_setaffinity(tid, {cpu})
+    try:
+        sink = ctypes.create_string_buffer(8)
+        out: List[int] = []
+        clock = time.perf_counter_ns
+        memmove = ctypes.memmove
+        for a in addresses:
+            t = clock()
+            memmove(sink, a, 8)
+            out.append(clock() - t)
+        return out
+    finally:
+        if cpu is not None:
+            os.sched_setaffinity(tid, affinity)
 
 
 def run_access(blocks: Sequence[Tuple[int, PageRegion]], *, pattern: str, fraction: float = 1.0,
