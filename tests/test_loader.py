@@ -569,6 +569,41 @@ def test_interpreter_servers_are_pooled_released_and_gone_before_a_fork(small):
     assert len(_interpreters.list_all()) == base
 
 
+def file_mapping_rss(address: int) -> int:
+    """Resident bytes of the mapping that starts at ``address`` (from /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+                inside = int(line.split("-")[0], 16) == address
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+@pytest.mark.parametrize("server", [s for s in SERVERS if s != "process"])
+@pytest.mark.parametrize("populate", [False, True], ids=["plain", "populate"])
+def test_populate_source_maps_the_data_pages_ahead_of_any_fault(synthetic, server, populate):
+    """The populator maps every data page of the file mapping; without it nothing is mapped."""
+    with Snapshot.open(synthetic) as snap:
+        block = snap.blocks[0]
+        data = block.present_pages * PAGE_SIZE
+        with LazyLoader(snap, server=server, prefetch=False, populate_source=populate) as loader:
+            base = loader._file_map.address      # the mapping the copies read from
+            if populate:
+                assert eventually(lambda: file_mapping_rss(base) >= data, 30)
+            else:
+                time.sleep(0.3)
+                assert file_mapping_rss(base) < data // 100
+            t, out = touch_in_thread(loader.address("ram"), PAGE_SIZE)   # still served
+            t.join(10)
+            assert out == [block.read_page(0)]
+            # placed nothing but the touched page (counted just after the copy wakes it)
+            assert eventually(lambda: loader.progress()[0] == 1)
+            time.sleep(0.1)
+            assert loader.progress()[0] == 1
+
+
 def test_cli_offers_every_server():
     from uffdpy import cli, loader
     assert cli.SERVERS == loader.SERVERS

@@ -164,7 +164,8 @@ def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) 
                       prefetch_threads=getattr(args, "prefetch_threads", None),
                       prefetch_chunk_bytes=(getattr(args, "prefetch_chunk", None)
                                             or DEFAULT_CHUNK_BYTES),
-                      huge_pages=getattr(args, "huge_pages", False))
+                      huge_pages=getattr(args, "huge_pages", False),
+                      populate_source=getattr(args, "populate_source", False))
 
 
 def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> None:
@@ -374,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--server-cpu", type=int, default=None, help="pin the fault loop")
     sp.add_argument("--access-cpu", type=int, default=None, help="pin the accessing threads")
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
+    sp.add_argument("--populate-source", action="store_true",
+                    help="map the file's data pages ahead of the copies (reads the whole "
+                         "file's data even with --no-prefetch)")
     sp.add_argument("--prefetch-threads", type=int, default=None,
                     help="parallel prefetch threads (default: 2 on 2+ CPUs)")
     sp.add_argument("--prefetch-chunk", type=parse_size, default=None, metavar="SIZE",

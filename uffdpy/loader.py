@@ -165,6 +165,8 @@ EAGER_READ_BYTES = 1 * MiB
 #: Prefetch threads run this much nicer than the fault loop (and the guest's
 #: threads): when CPUs are short, a fault is served before the next chunk.
 PREFETCH_NICE = 10
+#: Bytes of the file mapping the source populator maps per ``madvise`` call.
+POPULATE_BYTES = 2 * MiB
 #: Seconds an interpreter server may take to start before the load is abandoned.
 INTERPRETER_START_TIMEOUT = 60.0
 #: Fault messages read per ``read`` call.
@@ -352,6 +354,10 @@ class ClaimMap:
             st[page + 1:stop] = _CLAIMED * (stop - page - 1)
         return stop
 
+    def any_unclaimed(self, block: int, first: int, end: int) -> bool:
+        """Whether some page of ``[first, end)`` is still unclaimed (a peek, no lock)."""
+        return self._state[block].find(_UNCLAIMED, first, end) != -1
+
     def release(self, block: int, first: int, end: int) -> None:
         """Give back the claimed-but-unplaced pages of ``[first, end)`` (placed ones stay)."""
         st = self._state[block]
@@ -525,7 +531,7 @@ class _Server:
                  wake_fd: int, *, prefetch: bool, chunk_bytes: int,
                  fault_around_pages: int, server_cpu: Optional[int],
                  busy_poll: bool, prefetch_threads: int = 1,
-                 daemon_threads: bool = True) -> None:
+                 populate_source: bool = False, daemon_threads: bool = True) -> None:
         self.uffd = uffd
         # an isolated subinterpreter may not start daemon threads
         self.daemon_threads = daemon_threads
@@ -542,6 +548,7 @@ class _Server:
         self.server_cpu = server_cpu
         self.busy_poll = busy_poll
         self.prefetch_threads = prefetch_threads
+        self.populate_source = populate_source
         self.stopping = False
         self.error: Optional[BaseException] = None
         self.fault_counters = _Counters()
@@ -573,6 +580,10 @@ class _Server:
         """Start the workers; ``on_end`` runs in the fault-loop thread once both have ended."""
         self.claims._on_complete = self._wake
         self._on_end = on_end
+        if self.populate_source:
+            self.threads.append(threading.Thread(
+                target=self._run, args=(self.populate,), name="uffdpy-populate",
+                daemon=self.daemon_threads))
         if self.prefetch_enabled:
             for k in range(self.prefetch_threads):
                 self.threads.append(threading.Thread(
@@ -813,6 +824,40 @@ class _Server:
             return False
         counters.pages += placed
         return True
+
+    # -- the source populator
+    def populate(self) -> None:
+        """Map the file pages that hold data into the file mapping, ahead of the copies.
+
+        A ``UFFDIO_COPY`` whose source page is not yet mapped takes a page
+        fault inside the kernel's copy first (measured here: ~8 µs more per
+        single-page fault).  ``MADV_POPULATE_READ`` maps a whole range at
+        ~0.4 µs a page, so this worker walks the present runs in file order,
+        niced like the prefetcher, skipping ranges whose pages are all claimed
+        already.  Best effort: it stops at the first error (a kernel before
+        5.14 has no ``MADV_POPULATE_READ``; a truncated file, which the
+        copies will report).
+        """
+        self.go.wait()
+        _lower_priority(PREFETCH_NICE)
+        claims = self.claims
+        madvise = ioctl.libc.madvise
+        for region in self.regions:
+            step = max(1, POPULATE_BYTES // region.unit)
+            for first, count, kind in region.runs():
+                if kind != DIRECT:
+                    continue
+                for lo in range(first, first + count, step):
+                    if self.stopping:
+                        return
+                    hi = min(lo + step, first + count)
+                    if not claims.any_unclaimed(region.index, lo, hi):
+                        continue
+                    try:
+                        madvise(region.src + lo * region.unit, (hi - lo) * region.unit,
+                                ioctl.MADV_POPULATE_READ)
+                    except OSError:
+                        return
 
     # -- the prefetcher
     def prefetch(self, lane: int = 0) -> None:
@@ -1097,6 +1142,12 @@ class LazyLoader(_LoaderBase):
             fault brings 2 MiB.  Needs free pages in the hugetlb pool
             (``/proc/sys/vm/nr_hugepages``); the counts in ``stats``
             (``pages_by_fault``, ``total_pages``...) are then of 2 MiB pages.
+        populate_source: a background worker maps the file's data pages into
+            the file mapping ahead of the copies, so that a fault's copy does
+            not first take a page fault on its source (measured here: data
+            faults 25% faster across CPUs once it is done; no clear change
+            to a prefetching load, whose copies map their sources anyway).
+            It reads every data page of the file, even with ``prefetch=False``.
 
     Raises:
         MappedRamError: the snapshot is malformed; nothing was mapped or registered.
@@ -1113,7 +1164,7 @@ class LazyLoader(_LoaderBase):
                  prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  fault_around_pages: int = 0, server_cpu: Optional[int] = None,
                  busy_poll: bool = False, prefetch_threads: Optional[int] = None,
-                 huge_pages: bool = False) -> None:
+                 huge_pages: bool = False, populate_source: bool = False) -> None:
         super().__init__()
         if prefetch_threads is None:
             prefetch_threads = min(2, len(os.sched_getaffinity(0)))
@@ -1156,6 +1207,7 @@ class LazyLoader(_LoaderBase):
         self._closed = False
         try:
             self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
+                        populate_source=populate_source,
                         fault_around_pages=fault_around_pages, server_cpu=server_cpu,
                         busy_poll=busy_poll, prefetch_threads=prefetch_threads)
         except BaseException:
