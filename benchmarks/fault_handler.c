@@ -13,13 +13,17 @@
  *       (handler on CPU 1, spinning on non-blocking read); with a "proc-"
  *       prefix the handler is a forked child process instead of a thread
  *       (the uffd still covers the parent's memory), as uffdpy's process
- *       server runs it.
+ *       server runs it.  With <region_pages>, the region has that many
+ *       pages and <faults> distinct ones of them are touched, in random
+ *       order: sparse faults, as a loader's random accesses to a large guest
+ *       are (each may need a new page-table page).
  *   bulk <chunk_bytes> <GB_per_s>
  *       UFFDIO_COPY of a whole registered region in chunks (median of 3
  *       runs after a warm-up), no faults involved.
  *
  * Usage: fault_handler.bin <faults> <bulk_mib>          every row
- *        fault_handler.bin <faults> lat <op> <placement>  one latency row
+ *        fault_handler.bin <faults> lat <op> <placement> [<region_pages>]
+ *                                                         one latency row
  *        fault_handler.bin <bulk_mib> bulk <chunk_bytes>  one bulk row
  * (the script runs single rows, interleaved with its own).
  * Built by the script with the system compiler only when one exists; the
@@ -190,10 +194,10 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static void latency(size_t faults, int zeropage, const char *placement, int cpu, int busy,
-		    int proc, char *src)
+static void latency(size_t faults, size_t pages, int zeropage, const char *placement, int cpu,
+		    int busy, int proc, char *src)
 {
-	size_t len = faults * PAGE, *order = malloc(faults * sizeof(size_t));
+	size_t len = pages * PAGE, *order = malloc(pages * sizeof(size_t));
 	uint64_t *lat = malloc(faults * sizeof(uint64_t));
 	char *base = map_region(len);
 	int uffd = new_uffd(), stopfd = eventfd(0, EFD_CLOEXEC);
@@ -208,9 +212,9 @@ static void latency(size_t faults, int zeropage, const char *placement, int cpu,
 	if (!order || !lat || stopfd < 0 || hp == MAP_FAILED)
 		die("setup");
 	*hp = (struct handler){ uffd, stopfd, cpu, busy, zeropage, src, 0 };
-	for (size_t i = 0; i < faults; i++)
+	for (size_t i = 0; i < pages; i++)
 		order[i] = i;
-	for (size_t i = faults - 1; i > 0; i--) {
+	for (size_t i = pages - 1; i > 0; i--) {  /* the first <faults> are touched */
 		size_t j = (size_t)random() % (i + 1), tmp = order[i];
 
 		order[i] = order[j];
@@ -297,15 +301,18 @@ int main(int argc, char **argv)
 	char *src;
 	static const size_t chunks[] = { 4096, 65536, 2UL << 20 };
 
-	if (argc != 3 && !(argc == 5 && !strcmp(argv[2], "lat"))
+	if (argc != 3 && !((argc == 5 || argc == 6) && !strcmp(argv[2], "lat"))
 	    && !(argc == 4 && !strcmp(argv[2], "bulk")))
 		return fprintf(stderr, "usage: %s <faults> <bulk_mib> | <faults> lat <op> "
-			       "<placement> | <bulk_mib> bulk <chunk>\n", argv[0]), 2;
+			       "<placement> [<region_pages>] | <bulk_mib> bulk <chunk>\n",
+			       argv[0]), 2;
 	src = map_region(2UL << 20);
 	memset(src, 0x5a, 2UL << 20);
 	srandom(1);
-	if (argc == 5) {
+	if (argc == 5 || argc == 6) {
 		const char *op = argv[3], *pl = argv[4];
+		size_t n = strtoul(argv[1], NULL, 0);
+		size_t pages = argc == 6 ? strtoul(argv[5], NULL, 0) : n;
 		int proc = !strncmp(pl, "proc-", 5), zp = !strcmp(op, "zeropage");
 		const char *base = proc ? pl + 5 : pl;
 
@@ -313,8 +320,10 @@ int main(int argc, char **argv)
 			return fprintf(stderr, "op: copy or zeropage\n"), 2;
 		if (strcmp(base, "same") && strcmp(base, "poll") && strcmp(base, "busy"))
 			return fprintf(stderr, "placement: [proc-]same, poll or busy\n"), 2;
-		latency(strtoul(argv[1], NULL, 0), zp, pl, strcmp(base, "same") ? 1 : 0,
-			!strcmp(base, "busy"), proc, src);
+		if (pages < n || n == 0)
+			return fprintf(stderr, "region_pages must be >= faults > 0\n"), 2;
+		latency(n, pages, zp, pl, strcmp(base, "same") ? 1 : 0, !strcmp(base, "busy"),
+			proc, src);
 		return 0;
 	}
 	if (argc == 4) {
@@ -324,9 +333,9 @@ int main(int argc, char **argv)
 	faults = strtoul(argv[1], NULL, 0);
 	mib = strtoul(argv[2], NULL, 0);
 	for (int zp = 0; zp < 2; zp++) {
-		latency(faults, zp, "same", 0, 0, 0, src);
-		latency(faults, zp, "poll", 1, 0, 0, src);
-		latency(faults, zp, "busy", 1, 1, 0, src);
+		latency(faults, faults, zp, "same", 0, 0, 0, src);
+		latency(faults, faults, zp, "poll", 1, 0, 0, src);
+		latency(faults, faults, zp, "busy", 1, 1, 0, src);
 	}
 	for (int i = 0; i < 3; i++)
 		bulk(mib, chunks[i], src);

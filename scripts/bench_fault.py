@@ -324,8 +324,11 @@ class Comparator:
             raise RuntimeError(f"C comparator {args} failed: {run.stderr.strip()[:300]}")
         return run.stdout.split()
 
-    def latency(self, faults: int, op: str, placement: str) -> Optional[Percentiles]:
-        fields = self._run(faults, "lat", op, placement)
+    def latency(self, faults: int, op: str, placement: str,
+                region_pages: Optional[int] = None) -> Optional[Percentiles]:
+        """One C latency row; with ``region_pages``, ``faults`` distinct pages of that many."""
+        extra = [region_pages] if region_pages else []
+        fields = self._run(faults, "lat", op, placement, *extra)
         return tuple(int(v) / 1000 for v in fields[3:6]) if fields else None  # type: ignore
 
     def bulk(self, mib: int, chunk: int) -> Optional[float]:

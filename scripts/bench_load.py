@@ -111,8 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if comparator.binary is None:
             print(comparator.note, file=sys.stderr)
 
-        def reference(op: str, placement: str, faults: int) -> Optional[float]:
-            figures = comparator.latency(faults, op, placement)
+        def reference(op: str, placement: str, faults: int,
+                      region_pages: int) -> Optional[float]:
+            figures = comparator.latency(faults, op, placement, region_pages)
             return figures[0] if figures else None
 
         return run_bench(path, rounds=rounds, touches=touches, qemu=not args.no_qemu,

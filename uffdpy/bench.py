@@ -68,9 +68,15 @@ PLACEMENTS: List[Tuple[str, str, str, bool, bool, str]] = [
 
 
 class FaultReference(Protocol):
-    """Fault latency of a reference handler (the C comparator): p50 in µs, or None."""
+    """Fault latency of a reference handler (the C comparator): p50 in µs, or None.
 
-    def __call__(self, op: str, placement: str, faults: int) -> Optional[float]: ...
+    ``faults`` distinct random pages of a region of ``region_pages`` pages
+    (the snapshot's size), served with ``op`` ("copy" or "zeropage") in
+    ``placement`` (see ``PLACEMENTS``).
+    """
+
+    def __call__(self, op: str, placement: str, faults: int,
+                 region_pages: int) -> Optional[float]: ...
 
 
 def _prepare_server(server: str) -> None:
@@ -85,16 +91,26 @@ def _prepare_server(server: str) -> None:
         release_interpreter_servers()
 
 
+#: With ``populate_source``, the fault-service toucher starts this long after
+#: ready: the populator maps ~10 GB/s of file here, so it is done by then.
+POPULATE_SETTLE_S = 1.0
+
+
 def fault_service(snap: PageSource, server: str, server_cpu: int, busy: bool,
-                  touches: int, seed: int = 7) -> Dict[str, float]:
+                  touches: int, seed: int = 7, populate: bool = False) -> Dict[str, float]:
     """Prefetch off; touch ``touches`` distinct random pages from CPU 0, every one a fault.
 
     Returns the p50 access latency (µs, timed in the toucher) of data pages
-    and of zero pages, and the faults the loader counted.
+    and of zero pages, and the faults the loader counted.  With ``populate``
+    the loader maps the file's data pages first (``populate_source``) and the
+    toucher waits ``POPULATE_SETTLE_S`` for it: a data fault's copy then finds
+    its source mapped, as a C handler copying from resident memory does.
     """
     _prepare_server(server)
     with LazyLoader(snap, server=server, server_cpu=server_cpu, busy_poll=busy,
-                    prefetch=False) as ld:
+                    prefetch=False, populate_source=populate) as ld:
+        if populate:
+            time.sleep(POPULATE_SETTLE_S)
         spans = [(ld.address(r.name), r) for r in snap.regions]
         total = sum(r.pages for _, r in spans)
         picks = random.Random(seed).sample(range(total), min(touches, total))
@@ -246,6 +262,7 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                           "QEMU loads mapped-ram files only" if snap.format != "mapped-ram"
                           else f"machine {getattr(snap, 'machine', '?')!r} needs --qemu-args"))
         faults: Dict[str, List[Dict[str, float]]] = {}
+        total_pages = sum(r.length // 4096 for r in snap.regions)
         c_p50: Dict[Tuple[str, str], List[float]] = {}
         for round_ in range(rounds):
             for name, fn in contenders:
@@ -253,10 +270,15 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                     _drop_caches()
                 samples.setdefault(name, []).append(fn(snap))
             for key, _, server, on_other, busy, c_key in PLACEMENTS:
-                faults.setdefault(key, []).append(fault_service(
-                    snap, server, other if on_other else 0, busy, touches, seed=7 + round_))
+                cpu = other if on_other else 0
+                figures = fault_service(snap, server, cpu, busy, touches, seed=7 + round_)
+                populated = fault_service(snap, server, cpu, busy, touches, seed=7 + round_,
+                                          populate=True)
+                figures["data_populated_p50_us"] = populated["data_p50_us"]
+                faults.setdefault(key, []).append(figures)
                 for op in ("copy", "zeropage"):
-                    value = reference(op, c_key, touches) if reference else None
+                    value = (reference(op, c_key, touches, total_pages)
+                             if reference else None)
                     if value is not None:
                         c_p50.setdefault((key, op), []).append(value)
         data_mib = sum(b.present_pages * b.page_size for b in snap.regions) / (1 << 20)
@@ -310,13 +332,17 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
         frows.append([label, int(f["faults"]),
                       f"{f['data_p50_us']:.1f}", f"{c_copy:.1f}" if c_copy else "",
                       ratio(f["data_p50_us"], c_copy),
+                      f"{f['data_populated_p50_us']:.1f}",
+                      ratio(f["data_populated_p50_us"], c_copy),
                       f"{f['zero_p50_us']:.1f}", f"{c_zero:.1f}" if c_zero else "",
                       ratio(f["zero_p50_us"], c_zero)])
     r = reference_name
     print()
     print(f"fault service, prefetch off: {touches} distinct random pages touched from CPU 0, "
           f"each a fault; access p50 in µs timed in the toucher; {r}: the reference handler "
-          f"in the same placement" + ("" if reference else f" (no {r} reference given)"))
+          f"in the same placement" + ("" if reference else f" (no {r} reference given)") +
+          f"; 'populated': populate_source=True, touched {POPULATE_SETTLE_S:.0f} s after ready")
     print(tabulate(frows, headers=["fault loop", "faults", "data p50", f"{r} COPY p50",
-                                   f"/{r}", "zero p50", f"{r} ZEROPAGE p50", f"/{r}"]))
+                                   f"/{r}", "populated", f"/{r}", "zero p50",
+                                   f"{r} ZEROPAGE p50", f"/{r}"]))
     return 0
