@@ -18,8 +18,9 @@ puts the accessing thread to sleep.  Two workers then race to fill memory:
   chunk, with no per-page Python loop.
 
 Both go through the **claim map**: one byte per page, ``UNCLAIMED`` ->
-``CLAIMED`` -> ``PLACED``, with the claim taken under a lock.  Whoever claims
-a page places it; the other side leaves it alone.  One exception keeps a
+``CLAIMED`` -> ``PLACED``, with the claim taken under a lock (for the
+common fault, one unclaimed 4 KiB page, claim, ioctl and mark happen in one
+hold of it).  Whoever claims a page places it; the other side leaves it alone.  One exception keeps a
 fault from waiting for a whole prefetch chunk: when the fault loop reads a
 fault for a page the prefetcher has claimed but not yet placed (its 2 MiB
 copy may be in flight), it copies that one page itself.  The kernel installs
@@ -240,14 +241,18 @@ class ClaimMap:
     """Per-page state shared by the fault loop and the prefetcher.
 
     One byte per page and block: ``UNCLAIMED`` (0), ``CLAIMED`` (1, somebody is
-    placing it), ``PLACED`` (2).  Claims are taken under one lock, held only for
-    the few C-level bytearray operations a claim needs, never across an ioctl,
-    so exactly one worker places each page.  All methods work on whole ranges
-    with C-level buffer primitives (find, slices): no per-page Python loop.
+    placing it), ``PLACED`` (2).  Claims are taken under one lock, held by
+    these methods only for the few C-level bytearray operations a claim needs,
+    so exactly one worker places each page.  (The fault loop's one-page fast
+    path goes through ``lock`` and ``states`` to claim, place and mark a page
+    in one hold, across that one 4 KiB ioctl; a 2 MiB prefetch copy never
+    holds it.)  All methods work on whole ranges with C-level buffer
+    primitives (find, slices): no per-page Python loop.
 
-    With ``shared=True`` the bytes live in ``MAP_SHARED`` memory, so a process
-    forked after construction (the process server) updates what this one
-    reads: the loader then knows which pages a dead server had placed.  The
+    With ``shared=True`` the bytes live in ``MAP_SHARED`` memory (a memfd), so
+    a process forked after construction (the process server) or a second view
+    (``attach``, the interpreter server) updates what this one reads: the
+    loader then knows which pages a dead server had placed.  The
     lock is per process: only one process may claim.
     """
 
