@@ -49,6 +49,8 @@ _EXPORTS = {
     "LoaderError": "loader",
     "ServerDiedError": "loader",
     "Stats": "loader",
+    "prepare_interpreter_servers": "loader",
+    "release_interpreter_servers": "loader",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
