@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Sequence, Tuple, Type
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Type
 
 
 def open_fds() -> int:
@@ -51,3 +52,13 @@ def assert_loaders_refuse_without_leaks(paths: Sequence[object], error: Type[Exc
         attempt()
     assert resources() == before                  # no fd, thread or mapping per attempt
     assert uffd_fds() == 0
+
+
+def write_files(folder: Path, contents: Dict[str, bytes], suffix: str) -> List[Path]:
+    """``folder/NAME{suffix}`` for each name (spaces made underscores), holding its bytes."""
+    paths = []
+    for name, content in contents.items():
+        path = folder / f"{name.replace(' ', '_')}{suffix}"
+        path.write_bytes(content)
+        paths.append(path)
+    return paths

@@ -27,7 +27,7 @@ from uffdpy.pagesource import ImageError, open_image
 
 qemu_snapshot = pytest.importorskip("qemu_snapshot")
 import process_core  # noqa: E402  (scripts/ is put on sys.path by conftest)
-from helpers import assert_loaders_refuse_without_leaks, open_fds  # noqa: E402  (tests/ is on sys.path)
+from helpers import assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -808,11 +808,7 @@ def test_bad_elf_fails_before_anything_is_registered(gcore: ProcessCore,
     past = bytearray(data)                       # a segment's p_offset far past the end
     struct.pack_into("<Q", past, phdr_at + 8, len(data) * 4)
     bad["segment-past-end"] = bytes(past)
-    paths = []
-    for name, content in bad.items():
-        p = tmp_path / f"{name}.core"
-        p.write_bytes(content)
-        paths.append(p)
+    paths = write_files(tmp_path, bad, ".core")
     assert_loaders_refuse_without_leaks(paths, ElfImageError)
     for p in paths:
         proc = _uffdpy("load", p)

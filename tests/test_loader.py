@@ -26,7 +26,7 @@ from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
-from helpers import assert_loaders_refuse_without_leaks, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
+from helpers import assert_loaders_refuse_without_leaks, resources, uffd_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -441,12 +441,7 @@ def test_corrupt_snapshot_fails_before_anything_is_registered(small, tmp_path):
     bad = bytearray(data)
     bad[0:4] = b"XXXX"
     cases["bad magic"] = bytes(bad)
-    paths = []
-    for name, content in cases.items():
-        p = tmp_path / f"{name.replace(' ', '_')}.img"
-        p.write_bytes(content)
-        paths.append(p)
-    assert_loaders_refuse_without_leaks(paths, MappedRamError)
+    assert_loaders_refuse_without_leaks(write_files(tmp_path, cases, ".img"), MappedRamError)
 
 
 def test_worker_error_is_reraised_from_wait_and_close(small, monkeypatch):
