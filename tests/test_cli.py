@@ -25,6 +25,8 @@ import pytest
 
 from uffdpy.mappedram import Snapshot
 
+from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
+
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +40,6 @@ PC_RAM_ORDINARY = ((0, 0xA0000), (0x100000, None))
 STAT_KEYS = ("time_to_ready_s", "time_to_complete_s", "faults", "fault_service_us",
              "pages_by_fault", "pages_by_prefetch", "zero_pages", "bytes_copied", "eexist",
              "eagain", "double_placements")
-
-
-#: the lazy servers this Python can run (the interpreter server needs 3.13+)
-LAZY_SERVERS = ["thread", "process"] + (["interpreter"] if sys.version_info >= (3, 13) else [])
 
 
 def uffdpy(*args: object, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
@@ -296,7 +294,7 @@ def test_load_json_qemu(qemu_snap: Tuple[Path, Path, int], mode: str, server: st
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_no_prefetch_qemu(qemu_snap: Tuple[Path, Path, int], server: str) -> None:
     """Every page of every block arrives by a fault: each block's faults must be served."""
     path = qemu_snap[0]

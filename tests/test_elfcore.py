@@ -27,7 +27,7 @@ from uffdpy.pagesource import ImageError, open_image
 
 qemu_snapshot = pytest.importorskip("qemu_snapshot")
 import process_core  # noqa: E402  (scripts/ is put on sys.path by conftest)
-from helpers import assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
+from helpers import LAZY_SERVERS, assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -677,7 +677,7 @@ def _memmove_read(address: int, size: int) -> bytes:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_lazy_load_of_qemu_dump_equals_pmemsave(pc_dump: QemuDump, server: str) -> None:
     from uffdpy.loader import LazyLoader
     from uffdpy.workload import verify
@@ -748,7 +748,7 @@ def test_convert_qemu_dump_loads_in_qemu(pc_dump: QemuDump, qemu_binary: str,
 
 
 @pytest.mark.parametrize("which", ["gcore", "kernel_core"])
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_lazy_load_of_process_core(which: str, server: str,
                                    request: pytest.FixtureRequest) -> None:
     """Faults only (no prefetcher): the known buffer arrives through the fault loop."""

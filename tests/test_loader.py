@@ -26,14 +26,13 @@ from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
-from helpers import assert_loaders_refuse_without_leaks, resources, uffd_fds, write_files  # noqa: E402  (tests/ is on sys.path)
+from helpers import (HAVE_INTERPRETERS, LAZY_SERVERS, assert_loaders_refuse_without_leaks,  # noqa: E402
+                     resources, uffd_fds, write_files)  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
-#: server="interpreter" needs an own-GIL subinterpreter that can load ctypes: 3.13+
-HAVE_INTERPRETERS = sys.version_info >= (3, 13)
-SERVERS = ["thread", "process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
+SERVERS = LAZY_SERVERS
 #: the servers that let plain Python (holding the GIL) read memory while it loads
 GIL_FREE_SERVERS = ["process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
 needs_interpreters = pytest.mark.skipif(

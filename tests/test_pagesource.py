@@ -25,6 +25,8 @@ from uffdpy.loader import EagerLoader, LazyLoader
 from uffdpy.pagesource import PageSource, bitmap_runs, set_bits
 from uffdpy.workload import verify
 
+from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
+
 pytestmark = pytest.mark.timeout(120)
 
 PS = 4096
@@ -126,7 +128,7 @@ def test_the_test_source_satisfies_the_protocol(awkward):
     assert r.read_pages(38, 2) == bytes(2 * PS)
 
 
-@pytest.mark.parametrize("server", ["thread", "process"])
+@pytest.mark.parametrize("server", LAZY_SERVERS)
 @pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb"])
 def test_prefetch_places_every_kind_of_page(awkward, server, huge, hugetlb_pool):
     if huge:
