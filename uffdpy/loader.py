@@ -99,8 +99,10 @@ this interpreter sits in ``_interpreters.exec`` for the whole load, which
 switches it to the subinterpreter's GIL and leaves ours free, so any Python
 code here may read guest memory while it loads, as with the process server;
 and no GIL is shared between the fault loop and the threads it serves, so
-the fault loop may busy-poll (measured: within 2x of a C handler in every
-placement, where the thread server's busy-poll is 2.5-5x).  Only numbers
+the fault loop may busy-poll (measured with a minimal handler: 1.3-1.7x of a
+C handler's fault latency in every placement, where a busy thread sharing the
+GIL with a Python toucher is 2.3-2.7x; the README has the loader's own
+figures).  Only numbers
 cross over (fds, addresses, the bitmaps as bytes); the result comes back as
 a one-line JSON report on a pipe.  If the subinterpreter fails, it fences
 the unplaced pages itself before reporting: a thread of ours may be asleep
