@@ -598,6 +598,24 @@ def test_populate_source_maps_the_data_pages_ahead_of_any_fault(synthetic, serve
             assert loader.progress()[0] == 1
 
 
+@pytest.mark.parametrize("server", SERVERS)
+def test_exit_without_close_does_not_hang(small, server):
+    """A script that forgets close() still exits (the interpreter server is stopped at exit)."""
+    code = textwrap.dedent(f"""
+        import ctypes, sys
+        from uffdpy import LazyLoader
+        loader = LazyLoader(sys.argv[1], server={server!r}, prefetch=False)
+        buf = ctypes.create_string_buffer(8)
+        ctypes.memmove(buf, loader.address("ram"), 8)       # served: the server runs
+        print("LEAVING", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code, small], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "LEAVING" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_cli_offers_every_server():
     from uffdpy import cli, loader
     assert cli.SERVERS == loader.SERVERS

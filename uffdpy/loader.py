@@ -134,6 +134,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar,
                     Union)
 
@@ -1406,6 +1407,7 @@ class LazyLoader(_LoaderBase):
             target=self._host_interpreter, name="uffdpy-interpreter-host", daemon=True,
             args=(interp, json.dumps(spec), bitmaps, report_r, report_w))
         self._host.start()
+        _live_interpreter_loaders.add(self)
         # The subinterpreter signals started_fd once its workers run (only
         # then; it never writes it again), so this thread may close it.
         try:
@@ -1613,6 +1615,7 @@ class LazyLoader(_LoaderBase):
                 self._reap_child(timeout=5.0)
         if self._host is not None:
             self._stop_interpreter_server()
+            _live_interpreter_loaders.discard(self)
             if self._host.is_alive():
                 # Stuck: it may still use the uffd, the file mapping, the
                 # claims and the memory.  Leak them rather than pull them away.
@@ -1856,7 +1859,21 @@ def _check_fork_allowed() -> None:
             f"or close them first, or use server='interpreter' here too")
 
 
+def _close_interpreter_loaders() -> None:
+    """At exit: stop every interpreter server still loading (a loader never closed).
+
+    Without this the interpreter hangs at exit: CPython will not finalize a
+    subinterpreter that a thread is still running.  Runs before the idle
+    ones are destroyed (atexit is last in, first out).
+    """
+    for loader in list(_live_interpreter_loaders):
+        loader.close(_raise=False)
+
+
+#: LazyLoaders whose interpreter server may still be running
+_live_interpreter_loaders: "weakref.WeakSet[LazyLoader]" = weakref.WeakSet()
 atexit.register(_destroy_idle_interpreters)
+atexit.register(_close_interpreter_loaders)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_destroy_idle_interpreters)
 
