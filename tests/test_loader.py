@@ -616,6 +616,17 @@ def test_exit_without_close_does_not_hang(small, server):
     assert "Traceback" not in r.stderr, r.stderr
 
 
+@needs_interpreters
+def test_two_interpreter_servers_at_once(small, synthetic):
+    """Each load gets its own subinterpreter; both complete and equal their snapshots."""
+    with Snapshot.open(small) as a, Snapshot.open(synthetic) as b:
+        with LazyLoader(a, server="interpreter") as la, LazyLoader(b, server="interpreter") as lb:
+            assert la.wait(60) and lb.wait(60)
+            memory_equals_snapshot(la, a)
+            memory_equals_snapshot(lb, b)
+            assert la.stats.double_placements == lb.stats.double_placements == 0
+
+
 def test_cli_offers_every_server():
     from uffdpy import cli, loader
     assert cli.SERVERS == loader.SERVERS
