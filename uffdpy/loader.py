@@ -112,7 +112,7 @@ Two CPython facts shape it.  Python 3.12 has own-GIL subinterpreters but
 its ``_ctypes`` refuses to load in one, so 3.13 is the first that works.
 And CPython 3.13 aborts a child forked while any subinterpreter exists
 ("PyThreadState_Get: ... the GIL is released"): idle subinterpreters (they
-are pooled, since making one and importing uffdpy in it takes ~100 ms; see
+are pooled, since making one and importing uffdpy in it takes ~150 ms; see
 ``prepare_interpreter_servers``) are destroyed before every ``os.fork()``,
 and a process server is refused while an interpreter server is loading.
 """
@@ -1735,7 +1735,7 @@ def _read_report(fd: int) -> Dict[str, Any]:
 # A subinterpreter made with the "isolated" config has its own GIL (PEP 684).
 # Python 3.12 has them too, but its ctypes refuses to load in one; 3.13 is the
 # first where this works.  Interpreters are pooled: making one and importing
-# uffdpy in it costs tens of milliseconds, reusing one costs nothing, so only
+# uffdpy in it costs ~150 ms here, reusing one costs nothing, so only
 # the first load in a process (or none, after prepare_interpreter_servers())
 # pays for it.  CPython 3.13 aborts a child forked while any subinterpreter
 # exists ("PyThreadState_Get: ... GIL is released"), so idle ones are
@@ -1823,8 +1823,8 @@ def _destroy_idle_interpreters() -> None:
 def prepare_interpreter_servers(count: int = 1) -> None:
     """Create ``count`` idle interpreter servers now, so the next loads are ready at once.
 
-    The first ``server="interpreter"`` load otherwise spends tens of
-    milliseconds making a subinterpreter and importing uffdpy in it.  Idle
+    The first ``server="interpreter"`` load otherwise spends ~150 ms (here)
+    making a subinterpreter and importing uffdpy in it.  Idle
     ones are destroyed before any ``os.fork()`` (CPython 3.13 cannot fork
     with subinterpreters alive) and at exit.
 
