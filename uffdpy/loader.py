@@ -275,10 +275,12 @@ class ClaimMap:
                 self._owns_fd = True
             self.fd = fd
             try:
+                offsets = self.offsets()
                 if _attach_fd < 0:
-                    os.ftruncate(fd, self._shared_bytes())
+                    os.ftruncate(fd, offsets[-1] + _round_up(max(self._pages[-1], 1), PAGE_SIZE)
+                                 if offsets else 0)
                 self._state: List[Any] = [mmap.mmap(fd, max(n, 1), offset=off)
-                                          for n, off in zip(self._pages, self.offsets())]
+                                          for n, off in zip(self._pages, offsets)]
             except BaseException:
                 if self._owns_fd:
                     os.close(fd)
@@ -309,11 +311,8 @@ class ClaimMap:
         out, off = [], 0
         for n in self._pages:
             out.append(off)
-            off += -(-max(n, 1) // PAGE_SIZE) * PAGE_SIZE
+            off += _round_up(max(n, 1), PAGE_SIZE)
         return out
-
-    def _shared_bytes(self) -> int:
-        return sum(-(-max(n, 1) // PAGE_SIZE) * PAGE_SIZE for n in self._pages)
 
     def placed_count(self) -> int:
         """Pages in state ``PLACED`` right now, read from the state itself.
@@ -825,13 +824,7 @@ class _Server:
                     claims.completed()
                 return True
         old = claims.claim(region.index, page)
-        if region.kinds is None:                  # region.kind(page), without the call
-            if not region.bitmap[page >> 3] >> (page & 7) & 1:
-                kind = ZERO
-            else:
-                kind = DIRECT if page < region.direct_pages else BOUNCE
-        else:
-            kind = region.kinds[page]
+        kind = region.kind(page)
         if old == CLAIMED:
             # In a prefetch chunk still in flight: place this one page now
             # instead of waiting for the whole chunk.  The kernel installs it
@@ -1408,20 +1401,20 @@ class LazyLoader(_LoaderBase):
             args=(interp, json.dumps(spec), bitmaps, report_r, report_w))
         self._host.start()
         _live_interpreter_loaders.add(self)
-        # The subinterpreter signals started_fd once its workers run (only
-        # then; it never writes it again), so this thread may close it.
-        try:
-            deadline = time.monotonic() + INTERPRETER_START_TIMEOUT
-            while not select.select([started_fd], [], [], 0.05)[0]:
-                if self._host_done.is_set() or time.monotonic() > deadline:
-                    break
-            else:
-                return
-        finally:
-            if not self._host.is_alive() or self._host_done.is_set() or \
-                    select.select([started_fd], [], [], 0)[0]:
-                os.close(started_fd)
-            # else: still starting after the timeout; it may yet write: leave it open
+        # The subinterpreter signals started_fd once, when its workers run;
+        # once it has, or once it has ended, nobody writes it again and it
+        # can be closed.  After a timeout it might still: it stays open.
+        deadline = time.monotonic() + INTERPRETER_START_TIMEOUT
+        while True:
+            started = bool(select.select([started_fd], [], [], 0.05)[0])
+            if started or self._host_done.is_set() or time.monotonic() > deadline:
+                # a fast load may have started and ended since the select
+                started = started or bool(select.select([started_fd], [], [], 0)[0])
+                break
+        if started or self._host_done.is_set():
+            os.close(started_fd)
+        if started:
+            return
         if not self._host_done.is_set():
             self._stop_interpreter_server()
             raise LoaderError(f"the interpreter server did not start within "
@@ -1505,12 +1498,7 @@ class LazyLoader(_LoaderBase):
         claims, uffd = self._claims, self._uffd
         if claims is None or uffd is None or uffd.closed:
             return
-        for region in self._regions:
-            for first, end in claims.unplaced_runs(region.index):
-                start = region.start + first * region.unit
-                length = (end - first) * region.unit
-                _protect_none(start, length)
-                uffd.wake(start, length)
+        _fence(self._regions, claims, uffd)
 
     def _teardown_uffd(self) -> None:
         uffd = self._uffd
@@ -1664,6 +1652,16 @@ def _protect_none(start: int, length: int) -> None:
     ioctl.libc.mmap(start, length, ioctl.PROT_NONE,
                     ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
                     | ioctl.MAP_NORESERVE, -1, 0)
+
+
+def _fence(regions: Sequence[_Region], claims: ClaimMap, uffd: Userfaultfd) -> None:
+    """Make every unplaced page inaccessible, then wake its waiters (see ``_fence_unplaced``)."""
+    for region in regions:
+        for first, end in claims.unplaced_runs(region.index):
+            start = region.start + first * region.unit
+            length = (end - first) * region.unit
+            _protect_none(start, length)
+            uffd.wake(start, length)
 
 
 def _server_died(pid: int, status: int) -> ServerDiedError:
@@ -1932,11 +1930,7 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
             server.stop()
             server.join(30.0)
         if uffd is not None and claims is not None:
-            for region in regions:
-                for first, end in claims.unplaced_runs(region.index):
-                    start, length = region.start + first * region.unit, (end - first) * region.unit
-                    _protect_none(start, length)
-                    uffd.wake(start, length)
+            _fence(regions, claims, uffd)
     finally:
         if server is not None:
             server.close_buffers()
