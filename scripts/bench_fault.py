@@ -109,9 +109,15 @@ class Handler:
     raised BlockingIOError) and decodes the address from the 64-bit words.
     """
 
-    def __init__(self, uffd: Userfaultfd, op: str, cpu: int, busy: bool, src: int) -> None:
+    def __init__(self, uffd: Userfaultfd, op: str, cpu: int, busy: bool, src: int,
+                 stop_read: Optional[int] = None) -> None:
+        """``stop_read``: an existing stop pipe's read end (the subinterpreter's side,
+        whose pipe the host made); by default a new pipe, closed by :meth:`stop`."""
         self.uffd, self.op, self.cpu, self.busy, self.src = uffd, op, cpu, busy, src
-        self.stop_read, self.stop_write = os.pipe()
+        if stop_read is None:
+            self.stop_read, self.stop_write = os.pipe()
+        else:
+            self.stop_read, self.stop_write = stop_read, -1
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
         self.pid = 0
@@ -224,9 +230,7 @@ def serve_in_interpreter(ufd: int, op: str, cpu: int, busy: bool, src: int,
                          stop_read: int) -> None:
     """The subinterpreter's side: the same loop, over a dup of the uffd, until stopped."""
     with Userfaultfd.from_fd(os.dup(ufd), created_via="interpreter") as uffd:
-        handler = Handler.__new__(Handler)
-        handler.uffd, handler.op, handler.cpu, handler.busy, handler.src = uffd, op, cpu, busy, src
-        handler.stop_read, handler.error = stop_read, None
+        handler = Handler(uffd, op, cpu, busy, src, stop_read=stop_read)
         handler.run()
         if handler.error is not None:
             raise handler.error

@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-import random
-import sys
-from typing import Callable, Dict, List, Optional, Tuple
-
-try:
-    from typing import Protocol
-except ImportError:  # Python < 3.8
-    from typing_extensions import Protocol  # type: ignore
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from tabulate import tabulate
 
@@ -41,7 +36,7 @@ from .loader import (EagerLoader, LazyLoader, prepare_interpreter_servers,
                      release_interpreter_servers)
 from .pagesource import PageSource, open_image
 from .qmp import QmpClient
-from .workload import latency_summary, run_access, touch_pages
+from .workload import latency_summary, page_at, run_access, touch_pages
 
 __all__ = ["run_bench", "qemu_load_seconds", "fault_service", "FaultReference",
            "PLACEMENTS"]
@@ -115,15 +110,9 @@ def fault_service(snap: PageSource, server: str, server_cpu: int, busy: bool,
         spans = [(ld.address(r.name), r) for r in snap.regions]
         total = sum(r.pages for _, r in spans)
         picks = random.Random(seed).sample(range(total), min(touches, total))
-        addresses, present = [], []
-        for k in picks:
-            for base, r in spans:
-                if k < r.pages:
-                    addresses.append(base + k * r.page_size)
-                    present.append(r.is_present(k))
-                    break
-                k -= r.pages
-        lat = touch_pages(addresses, cpu=0)
+        pages = [page_at(spans, k) for k in picks]
+        present = [region.is_present(i) for _, region, i in pages]
+        lat = touch_pages([address for address, _, _ in pages], cpu=0)
         data = [t for t, p in zip(lat, present) if p]
         zero = [t for t, p in zip(lat, present) if not p]
         ld.close()

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .pagesource import PageRegion
 
-__all__ = ["parse_access", "run_access", "touch_pages", "verify", "latency_summary"]
+__all__ = ["parse_access", "run_access", "page_at", "touch_pages", "verify", "latency_summary"]
 
 PATTERNS = ("none", "seq", "random", "hot")
 
@@ -41,20 +41,30 @@ def parse_access(spec: str) -> Tuple[str, float]:
     return name, fraction
 
 
+def page_at(blocks: Sequence[Tuple[int, PageRegion]], k: int) -> Tuple[int, PageRegion, int]:
+    """Page ``k`` counting across ``(address, region)`` pairs in order.
+
+    Returns its address in memory, its region and its index in the region.
+
+    Raises:
+        IndexError: ``k`` is past the last page.
+    """
+    for base, region in blocks:
+        if k < region.pages:
+            return base + k * region.page_size, region, k
+        k -= region.pages
+    raise IndexError(k)
+
+
 def _page_addresses(blocks: Sequence[Tuple[int, PageRegion]], pattern: str, fraction: float,
                     touches: int, seed: int) -> List[int]:
     """The addresses one toucher visits, in order."""
-    spans = [(base, b.page_size, b.pages) for base, b in blocks]
-    total = sum(n for _, _, n in spans)
+    total = sum(b.pages for _, b in blocks)
     if total == 0 or pattern == "none":
         return []
 
     def address(k: int) -> int:
-        for base, ps, n in spans:
-            if k < n:
-                return base + k * ps
-            k -= n
-        raise IndexError(k)
+        return page_at(blocks, k)[0]
 
     rng = random.Random(seed)
     if pattern == "seq":
