@@ -59,14 +59,12 @@ if str(ROOT) not in sys.path:
 from tabulate import tabulate  # noqa: E402
 
 from uffdpy import ioctl as abi  # noqa: E402
+from uffdpy.loader import HAVE_INTERPRETERS  # noqa: E402
 from uffdpy.memory import PAGE_SIZE, Mapping  # noqa: E402
 from uffdpy.uffd import Filler, Userfaultfd  # noqa: E402
 
 C_SOURCE = ROOT / "benchmarks" / "fault_handler.c"
 C_BINARY = ROOT / "benchmarks" / "fault_handler.bin"
-
-#: Own-GIL subinterpreters that can load ctypes: Python 3.13 or newer.
-HAVE_INTERPRETERS = sys.version_info >= (3, 13)
 
 # (key, label, handler CPU, busy-poll, where the handler runs, the C row to compare with)
 PLACEMENTS = [

@@ -48,7 +48,7 @@ from typing import Tuple
 # Run from a checkout without installing: the package is next to scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from uffdpy.loader import LazyLoader  # noqa: E402
+from uffdpy.loader import HAVE_INTERPRETERS, LazyLoader  # noqa: E402
 from uffdpy.mappedram import Snapshot, make_synthetic  # noqa: E402
 
 EXPERIMENTS = {
@@ -57,8 +57,6 @@ EXPERIMENTS = {
     "plain-process": ("process", "plain"),
     "plain-interpreter": ("interpreter", "plain"),
 }
-#: own-GIL subinterpreters that can load ctypes
-HAVE_INTERPRETERS = sys.version_info >= (3, 13)
 
 
 def first_present_page(snap: Snapshot) -> Tuple[str, int]:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Type
 
+from uffdpy.loader import HAVE_INTERPRETERS
+
 #: LazyLoader servers this Python can run: server="interpreter" needs an
 #: own-GIL subinterpreter in which ctypes loads (3.13+)
-HAVE_INTERPRETERS = sys.version_info >= (3, 13)
 LAZY_SERVERS = ["thread", "process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
 
 

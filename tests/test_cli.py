@@ -25,7 +25,7 @@ import pytest
 
 from uffdpy.mappedram import Snapshot
 
-from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
+from helpers import HAVE_INTERPRETERS, LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -244,7 +244,7 @@ def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
     assert report["total_pages"] == report["placed_pages"] == huge    # 2 MiB pages
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 13), reason="this Python runs the interpreter "
+@pytest.mark.skipif(HAVE_INTERPRETERS, reason="this Python runs the interpreter "
                     "server (the test of it is test_load_json[...interpreter])")
 def test_load_interpreter_server_before_3_13_is_a_clear_error(synth16: Path) -> None:
     proc = uffdpy("load", synth16, "--server", "interpreter")

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import pytest
 
+from helpers import HAVE_INTERPRETERS  # noqa: E402  (tests/ is on sys.path)
+
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ def test_gil_deadlock_quick() -> None:
     out = run_script("gil_deadlock.py", ["--quick"], timeout=90)
     assert "deadlocked as expected" in out
     # memmove/thread, plain/process, and on 3.13+ plain/interpreter
-    assert out.count("matches the snapshot") == (3 if sys.version_info >= (3, 13) else 2)
+    assert out.count("matches the snapshot") == (3 if HAVE_INTERPRETERS else 2)
     assert "-> ok in" in out and "unexpectedly" not in out
 
 
@@ -84,7 +86,7 @@ def test_bench_load_quick_no_qemu() -> None:
         row = next(line for line in out.splitlines() if line.startswith(label))
         faults = int(row[len(label):].split()[0])
         assert faults == 200, row                  # every distinct page touched was a fault
-    assert ("interpreter server, other CPU, busy-poll" in out) == (sys.version_info >= (3, 13))
+    assert ("interpreter server, other CPU, busy-poll" in out) == HAVE_INTERPRETERS
 
 
 def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_bench_fault_quick() -> None:
     out = run_script("bench_fault.py", ["--quick"], timeout=180)
     for row in ("COPY", "ZEROPAGE", "same CPU, poll", "other CPU, poll", "bulk COPY per call"):
         assert row in out, row
-    assert ("subinterpreter: other CPU, busy" in out) == (sys.version_info >= (3, 13))
+    assert ("subinterpreter: other CPU, busy" in out) == HAVE_INTERPRETERS
 
 
 def test_qemu_snapshot_help() -> None:

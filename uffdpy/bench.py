@@ -25,14 +25,13 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from tabulate import tabulate
 
-from .loader import (EagerLoader, LazyLoader, prepare_interpreter_servers,
+from .loader import (HAVE_INTERPRETERS, EagerLoader, LazyLoader, prepare_interpreter_servers,
                      release_interpreter_servers)
 from .pagesource import PageSource, open_image
 from .qmp import QmpClient
@@ -40,9 +39,6 @@ from .workload import latency_summary, page_at, run_access, touch_pages
 
 __all__ = ["run_bench", "qemu_load_seconds", "fault_service", "FaultReference",
            "PLACEMENTS"]
-
-#: Own-GIL subinterpreters that can load ctypes (``server="interpreter"``).
-HAVE_INTERPRETERS = sys.version_info >= (3, 13)
 
 #: Fault-service placements: (key, label, server, loop on the other CPU,
 #: busy-poll, the C comparator's placement with the same threads where).

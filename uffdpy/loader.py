@@ -123,6 +123,7 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import importlib.util
 import json
 import mmap
 import os
@@ -148,6 +149,7 @@ from .workload import latency_summary
 __all__ = [
     "ClaimMap",
     "EagerLoader",
+    "HAVE_INTERPRETERS",
     "LazyLoader",
     "LoaderError",
     "SERVERS",
@@ -159,6 +161,9 @@ __all__ = [
 
 #: The ways to run the fault loop and the prefetcher (``LazyLoader(server=...)``).
 SERVERS = ("thread", "process", "interpreter")
+#: Whether this Python can run ``server="interpreter"``: own-GIL subinterpreters
+#: in which ctypes loads, with the ``_interpreters`` module (CPython 3.13+).
+HAVE_INTERPRETERS = importlib.util.find_spec("_interpreters") is not None
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 2 * MiB
