@@ -466,3 +466,18 @@ def test_not_mapped_ram_stream(qemu_binary: str, workdir: Path) -> None:
     for cmd in commands_for(path, workdir):
         line = assert_one_line_error(uffdpy(*cmd, timeout=60), path)
         assert "mapped-ram" in line
+
+
+def test_page_size_8k_refused_by_every_command(synth: Path, tmp_path: Path) -> None:
+    """inspect and load (every server) refuse a page size QEMU never writes, in one line."""
+    with Snapshot.open(synth) as snap:
+        header_at = snap.blocks[0].bitmap_offset - 28
+    data = bytearray(synth.read_bytes())
+    data[header_at + 4:header_at + 12] = (8192).to_bytes(8, "big")
+    bad = tmp_path / "page8k.img"
+    bad.write_bytes(data)
+    assert "page size" in assert_one_line_error(uffdpy("inspect", bad), bad)
+    for server in ("thread", "process"):
+        line = assert_one_line_error(uffdpy("load", bad, "--server", server), bad)
+        assert "page size" in line and "8192" in line
+    assert "page size" in assert_one_line_error(uffdpy("load", bad, "--mode", "eager"), bad)

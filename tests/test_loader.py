@@ -692,3 +692,29 @@ def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
             st = loader.stats
             assert st.double_placements == 0 and st.pages_by_fault == 1
             assert st.placed_pages == 4
+
+
+def test_page_size_other_than_4096_is_refused_everywhere(tmp_path: Path) -> None:
+    """A MappedRamHeader page size of 8 KiB..1 GiB is refused, never loaded as zeros.
+
+    QEMU writes only its target page size (4096 on x86); 10.0.2 does not check
+    the field and misplaces every page, and later QEMU refuses it.  Before this
+    was refused, the lazy servers accepted it and placed zeros everywhere.
+    """
+    good = tmp_path / "good.img"
+    make_synthetic(good, size=4 * 1024 * 1024, fill=0.5, seed=3)
+    with Snapshot.open(good) as snap:
+        header_at = snap.blocks[0].bitmap_offset - 28
+    data = bytearray(good.read_bytes())
+    paths = []
+    for size in (8192, 2 * 1024 * 1024, 1 << 30):
+        data[header_at + 4:header_at + 12] = size.to_bytes(8, "big")
+        path = tmp_path / f"page{size}.img"
+        path.write_bytes(data)
+        paths.append(path)
+        with pytest.raises(MappedRamError, match="page size") as info:
+            Snapshot.open(path)
+        assert "4096" in str(info.value) and str(size) in str(info.value)
+    assert_loaders_refuse_without_leaks(paths, MappedRamError)
+    with pytest.raises(ValueError, match="target page size"):
+        make_synthetic(tmp_path / "w.img", size=1 << 20, fill=0.5, seed=1, page_size=8192)

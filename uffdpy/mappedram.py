@@ -81,12 +81,12 @@ MAPPED_RAM_HDR_VERSION = 1
 MAPPED_RAM_HEADER_SIZE = 28          # be32 version, be64 page_size, bitmap_offset, pages_offset
 MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
 TARGET_PAGE_BITS_DEFAULT = 12        # x86
+TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS_DEFAULT   # MappedRamHeader.page_size, bytes per bit
 RAM_SECTION_IDSTR = "ram"
 RAM_SECTION_VERSION = 4
 
 _CONFIG_SUBSECTION_PREFIX = b"configuration"
 _MAX_TAIL_BYTES = 256 << 20          # device state + vmdesc larger than this is absurd
-_MAX_PAGE_SIZE = 1 << 30
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -657,10 +657,14 @@ class _Parser:
             if hdr_version > MAPPED_RAM_HDR_VERSION:
                 raise self.err(hdr_at, "bad RAMBlock header version",
                                f"<= {MAPPED_RAM_HDR_VERSION}", hdr_version)
-            if (page_size < 4096 or page_size > _MAX_PAGE_SIZE
-                    or page_size & (page_size - 1)):
-                raise self.err(hdr_at + 4, f"page size of {name!r}",
-                               "a power of two >= 4096", page_size)
+            if page_size != TARGET_PAGE_SIZE:
+                # QEMU writes its target page size here and nothing else.  10.0.2
+                # does not check it on load (it then misplaces every page); later
+                # QEMU refuses it, and so do we: loading such a file by the 4 KiB
+                # page would give zeros or wrong data.
+                raise self.err(hdr_at + 4, f"page size of {name!r} (QEMU writes its "
+                               "target page size; no QEMU loads any other correctly)",
+                               TARGET_PAGE_SIZE, page_size)
             if length % page_size:
                 raise self.err(len_at, f"used length of {name!r}",
                                f"a multiple of the page size {page_size}", f"{length:#x}")
@@ -910,15 +914,16 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
     uses 1 MiB; QEMU 10 also loads 4096.
 
     ``machine`` must be the exact machine type of the destination (``none``,
-    ``pc-q35-10.0``...); ``page_size`` is bytes per bitmap bit and must be 4096
-    for x86 QEMU.
+    ``pc-q35-10.0``...); ``page_size`` is bytes per bitmap bit and must be 4096,
+    x86 QEMU's target page size (the reader refuses any other).
 
     Raises: ValueError for inconsistent arguments (lengths not a multiple of
     ``page_size``, chunks out of order or out of range, duplicate names);
     OSError from the file system.
     """
-    if page_size < 4096 or page_size & (page_size - 1):
-        raise ValueError(f"page_size must be a power of two >= 4096, not {page_size}")
+    if page_size != TARGET_PAGE_SIZE:
+        raise ValueError(f"page_size must be the target page size {TARGET_PAGE_SIZE}, "
+                         f"not {page_size}: QEMU loads no other correctly")
     if "mapped-ram" not in capabilities:
         raise ValueError("capabilities must include 'mapped-ram'")
     if offset < 0:
