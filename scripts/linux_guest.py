@@ -43,7 +43,7 @@ The first run needs ``apt-get`` (Debian or a derivative) and, if the package
 lists are missing, root to run ``apt-get update``; later runs reuse the cache
 (default ``~/.cache/uffdpy/linux-guest``) and need no network.  ``--kernel``
 and ``--busybox`` use files of your own instead.  Only the standard library
-and :mod:`uffdpy.qmp` (uffdpy's own small QMP client; run from a checkout, the
+and :mod:`uffdpy.qmp` (uffdpy's face on qemu.qmp, QEMU's QMP library; run from a checkout, the
 script finds ``uffdpy`` next to it) are used.
 """
 from __future__ import annotations

@@ -177,12 +177,31 @@ def _send(conn: socket.socket, message: Dict[str, Any]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\r\n")
 
 
+def _recv_json(reader: BinaryIO) -> Any:
+    """One JSON object from the client (qemu.qmp ends them with no newline); None at EOF."""
+    buf, depth = b"", 0
+    while True:
+        c = reader.read(1)
+        if not c:
+            return None
+        if not buf and c.isspace():
+            continue
+        buf += c
+        depth += {b"{": 1, b"}": -1}.get(c, 0)
+        if depth == 0:
+            return json.loads(buf)
+
+
 def _greet(conn: socket.socket, reader: BinaryIO) -> Dict[str, Any]:
     """Greeting and qmp_capabilities, as QEMU does them; returns the capabilities request."""
-    _send(conn, {"QMP": {"version": {}, "capabilities": []}})
-    request = json.loads(reader.readline())
+    _send(conn, {"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2},
+                                     "package": ""}, "capabilities": []}})
+    request = _recv_json(reader)
     assert request["execute"] == "qmp_capabilities"
-    _send(conn, {"return": {}, "id": request["id"]})
+    reply: Dict[str, Any] = {"return": {}}
+    if "id" in request:
+        reply["id"] = request["id"]
+    _send(conn, reply)
     return request
 
 
@@ -214,14 +233,14 @@ def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
 
     def script(conn: socket.socket, reader: BinaryIO) -> None:
         _greet(conn, reader)
-        slow = json.loads(reader.readline())
+        slow = _recv_json(reader)
         assert slow["execute"] == "slow"
-        fast = json.loads(reader.readline())          # sent after "slow" timed out
+        fast = _recv_json(reader)          # sent after "slow" timed out
         _send(conn, {"return": "for slow", "id": slow["id"]})
         replied_late.set()
         _send(conn, {"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}})
         _send(conn, {"return": {"fast": fast["arguments"]}, "id": fast["id"]})
-        json.loads(reader.readline() or b"null")      # until the client hangs up
+        _recv_json(reader)      # until the client hangs up
 
     fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script)
     try:
@@ -237,3 +256,19 @@ def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
             assert [e["event"] for e in qmp.events] == ["STOP"]
     finally:
         fake.close()
+
+
+@pytest.mark.qemu
+def test_out_of_band_and_wait_event(qemu: Tuple[Any, str]) -> None:
+    """exec-oob is negotiated (QEMU offers it) and answered; wait_event sees live events."""
+    _, sock = qemu
+    with QmpClient(sock, timeout=30) as qmp:
+        assert "oob" in qmp.greeting["QMP"]["capabilities"]
+        # migrate-recover is allow-oob; out of band it is refused for its state, not its form
+        with pytest.raises(QmpError, match="migrate-recover"):
+            qmp.call_oob("migrate-recover", uri="unix:/nonexistent/x.sock")
+        since = len(qmp.events)
+        qmp.call("stop")
+        assert qmp.wait_event("STOP", since=since, timeout=10)["event"] == "STOP"
+        with pytest.raises(TimeoutError, match="RESUME"):
+            qmp.wait_event("RESUME", since=since, timeout=0.2)

@@ -1,34 +1,48 @@
-"""A small synchronous QMP client over a UNIX socket (standard library only).
+"""A synchronous, timeout-bounded face on ``qemu.qmp``, QEMU's own QMP library.
 
 QMP, the QEMU Machine Protocol, is QEMU's JSON control channel (``-qmp
-unix:PATH,server=on,wait=off``).  On connect QEMU sends a greeting
-(``{"QMP": {...}}``); the client must send ``qmp_capabilities`` before any
-other command.  Each command is one JSON object, ``{"execute": NAME,
-"arguments": {...}, "id": ...}``; QEMU answers with ``{"return": ...}`` or
-``{"error": {"class": ..., "desc": ...}}`` carrying the same ``id``.  At any
-moment QEMU may also send asynchronous events (``{"event": "STOP", ...}``).
+unix:PATH,server=on,wait=off``).  ``qemu.qmp`` (from PyPI, maintained in the
+QEMU tree) speaks it with asyncio: greeting, capability negotiation
+(out-of-band execution is enabled whenever QEMU offers it), command ids,
+events, file-descriptor passing.  uffdpy's callers are synchronous and must
+never hang on a QEMU that stopped answering (a guest blocked on a missing
+page holds QEMU's big lock, and with it every in-band command), so
+:class:`QmpClient` runs one asyncio loop in a private thread and bounds every
+wait by :attr:`QmpClient.timeout`:
 
-:class:`QmpClient` connects (retrying until QEMU has created the socket),
-reads the greeting, negotiates capabilities, then runs one command at a time:
-:meth:`QmpClient.call` returns the ``return`` value or raises
-:class:`QmpError`.  Events that arrive while it waits for a reply are kept, in
-order, in :attr:`QmpClient.events`.  Every wait (connect, greeting, reply) is
-bounded by :attr:`QmpClient.timeout`; a reply that comes after its call timed
-out is recognised by its ``id`` and dropped.
+* :meth:`QmpClient.call` runs a command in band; :meth:`QmpClient.call_oob`
+  runs it out of band (``exec-oob``: QEMU's monitor I/O thread answers it even
+  while the main loop is stuck, for the commands QAPI marks ``allow-oob``,
+  such as ``migrate-recover`` and ``migrate-pause``).
+* Events are collected as they arrive, in order, in :attr:`QmpClient.events`
+  (plain dicts); :meth:`QmpClient.wait_event` waits for one.
+* :meth:`QmpClient.send_fd` passes a descriptor with ``SCM_RIGHTS`` and names
+  it with ``getfd``.
 
-What it does not do: out-of-band commands (``exec-oob``), passing file
-descriptors (``getfd``/``SCM_RIGHTS``), TCP sockets, or concurrent use from
-several threads.  It needs no kernel feature beyond a UNIX socket and imports
-nothing else of uffdpy.
+A reply that comes after its call timed out is recognised by its id and
+dropped (``qemu.qmp`` does that).  Errors: :class:`QmpError` for QEMU's
+error answers; ``TimeoutError`` and ``ConnectionError`` (builtins) for the
+transport.
 """
 from __future__ import annotations
 
-import json
-import socket
+import asyncio
+import concurrent.futures
+import logging
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Coroutine, Dict, List, Optional, TypeVar
+
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
 __all__ = ["QmpClient", "QmpError"]
+
+# qemu.qmp logs dropped late replies and disconnects as warnings; they are
+# reported through our exceptions instead.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+logging.getLogger("qemu.qmp").propagate = False
+
+_T = TypeVar("_T")
 
 
 class QmpError(RuntimeError):
@@ -50,15 +64,14 @@ class QmpClient:
     """One QMP connection to the UNIX socket ``path``.  A context manager.
 
     ``QmpClient(path, timeout=30.0)`` connects, retrying while the socket does
-    not exist or refuses connections, for at most ``timeout`` seconds, then
-    reads the greeting (kept in :attr:`greeting`) and sends
-    ``qmp_capabilities``.  ``timeout`` (an attribute; change it at will)
-    bounds each later wait for a reply.
+    not exist or refuses connections, for at most ``timeout`` seconds, and
+    negotiates capabilities (out-of-band on when QEMU offers it).
+    ``timeout`` (an attribute; change it at will) bounds each later wait.
 
     Raises:
-        TimeoutError: the socket never accepted a connection, or QEMU did not
-            send what was awaited, within ``timeout`` (the message names the
-            path and what was awaited).
+        TimeoutError: the socket never accepted a connection, or QEMU sent no
+            greeting, within ``timeout`` (the message names the path and what
+            was awaited).
         ConnectionError: QEMU closed the connection.
     """
 
@@ -67,41 +80,85 @@ class QmpClient:
         self.timeout = timeout
         self.events: List[Dict[str, Any]] = []
         self.greeting: Dict[str, Any] = {}
-        self._buffer = bytearray()
-        self._next_id = 0
-        self._sock: Optional[socket.socket] = self._connect()
+        self._events_changed = threading.Condition()
+        self._client: Optional[QMPClient] = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="uffdpy-qmp",
+                                        daemon=True)
+        self._thread.start()
         try:
-            self.greeting = self._read_message("the QMP greeting", time.monotonic() + timeout)
-            self.call("qmp_capabilities")
+            self._connect()
         except BaseException:
             self.close()
             raise
 
-    def _connect(self) -> socket.socket:
+    # -- the private loop
+
+    def _run(self, coro: Coroutine[Any, Any, _T], timeout: float, what: str) -> _T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout=max(0.001, timeout))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"QMP {self.path}: waited {timeout:g}s for {what}") from None
+
+    def _connect(self) -> None:
         deadline = time.monotonic() + self.timeout
+        last: Optional[BaseException] = None
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client = QMPClient("uffdpy")
+            left = deadline - time.monotonic()
             try:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.connect(self.path)
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
-                sock.close()
+                self._run(asyncio.wait_for(client.connect(self.path), left),
+                          left + 1.0, "the QMP greeting")
+            except (asyncio.TimeoutError, TimeoutError):
+                self._discard(client)
+                raise TimeoutError(f"QMP {self.path}: accepted the connection but sent no "
+                                   f"QMP greeting within {self.timeout:g}s") from None
+            except ConnectError as e:
+                self._discard(client)
+                cause = e.exc
+                if not isinstance(cause, (FileNotFoundError, ConnectionRefusedError)):
+                    raise ConnectionError(f"QMP {self.path}: QEMU closed the connection "
+                                          f"during the greeting ({e})") from None
+                last = cause
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"QMP socket {self.path} did not accept a connection "
-                                       f"within {self.timeout:g}s ({e})") from None
+                                       f"within {self.timeout:g}s ({last})") from None
                 time.sleep(min(0.02, left))
+                continue
             except BaseException:
-                sock.close()
+                self._discard(client)
                 raise
+            self._client = client
+            greeting = client.greeting
+            # the greeting model keeps the message it was built from
+            self.greeting = dict(getattr(greeting, "_raw", None) or {})
+            asyncio.run_coroutine_threadsafe(self._collect(client.events), self._loop)
+            return
+
+    def _discard(self, client: QMPClient) -> None:
+        try:
+            self._run(client.disconnect(), 5.0, "disconnect")
+        except Exception:       # a failed connect leaves nothing worth reporting
+            pass
+
+    async def _collect(self, listener: EventListener) -> None:
+        while True:
+            message = await listener.get()
+            with self._events_changed:
+                self.events.append(dict(message))
+                self._events_changed.notify_all()
+
+    # -- commands
 
     @property
     def closed(self) -> bool:
-        return self._sock is None
+        return self._client is None
 
     def call(self, command: str, **arguments: Any) -> Any:
-        """Run ``command`` with ``arguments``; return QEMU's ``return`` value.
+        """Run ``command`` in band with ``arguments``; return QEMU's ``return`` value.
 
         Arguments whose QMP names are not identifiers go in a dict:
         ``call("human-monitor-command", **{"command-line": "info mtree"})``.
@@ -111,81 +168,88 @@ class QmpClient:
             TimeoutError: no reply within ``timeout`` seconds.
             ConnectionError: QEMU closed the connection (or this client is closed).
         """
-        sock = self._sock
-        if sock is None:
+        return self.execute(command, arguments)
+
+    def call_oob(self, command: str, **arguments: Any) -> Any:
+        """As :meth:`call`, out of band (``exec-oob``); for ``allow-oob`` commands only."""
+        return self.execute(command, arguments, oob=True)
+
+    def execute(self, command: str, arguments: Optional[Dict[str, Any]] = None, *,
+                oob: bool = False, timeout: Optional[float] = None) -> Any:
+        """Run ``command``; ``timeout`` overrides :attr:`timeout` for this call. Raises: as :meth:`call`."""
+        client = self._client
+        if client is None:
             raise ConnectionError(f"QMP {self.path}: the client is closed")
-        self._next_id += 1
-        ident = self._next_id
-        request: Dict[str, Any] = {"execute": command, "id": ident}
-        if arguments:
-            request["arguments"] = arguments
-        data = json.dumps(request).encode() + b"\n"
-        deadline = time.monotonic() + self.timeout
-        what = f"the reply to {command}"
+        wait = self.timeout if timeout is None else timeout
         try:
-            sock.settimeout(max(0.001, self.timeout))
-            sock.sendall(data)
-        except socket.timeout:
-            raise TimeoutError(f"QMP {self.path}: could not send {command} "
-                               f"within {self.timeout:g}s") from None
-        while True:
-            reply = self._read_message(what, deadline)
-            if reply.get("id") != ident:
-                continue          # the late reply to a call that timed out
-            if "error" in reply:
-                error = reply["error"]
-                raise QmpError(command, str(error.get("class", "?")),
-                               str(error.get("desc", error)))
-            if "return" in reply:
-                return reply["return"]
+            return self._run(client.execute(command, arguments or None, oob=oob), wait,
+                             f"the reply to {command}")
+        except ExecuteError as e:
+            raise QmpError(command, e.error_class, str(e)) from None
+        except (ExecInterruptedError, EOFError, ConnectionError) as e:
+            raise ConnectionError(f"QMP {self.path}: QEMU closed the connection while we "
+                                  f"waited for the reply to {command} ({e})") from None
+        except Exception as e:     # qemu.qmp's StateError after a disconnect, and kin
+            if client.runstate.name != "RUNNING":
+                raise ConnectionError(f"QMP {self.path}: the connection is gone "
+                                      f"({type(e).__name__}: {e})") from None
+            raise
 
-    def _read_message(self, what: str, deadline: float) -> Dict[str, Any]:
-        """The next message that is not an event (events go to ``events``)."""
-        while True:
-            message = self._read_line(what, deadline)
-            if "event" in message:
-                self.events.append(message)
-            else:
-                return message
+    def send_fd(self, fd: int, name: str) -> None:
+        """Pass ``fd`` to QEMU (``SCM_RIGHTS``) and name it ``name`` with ``getfd``.
 
-    def _read_line(self, what: str, deadline: float) -> Dict[str, Any]:
-        sock = self._sock
-        if sock is None:
+        Raises: as :meth:`call`.
+        """
+        client = self._client
+        if client is None:
             raise ConnectionError(f"QMP {self.path}: the client is closed")
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[:end + 1]
-                if not line.strip():
-                    continue
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    raise ConnectionError(f"QMP {self.path}: not JSON while waiting for "
-                                          f"{what}: {line[:200]!r}") from None
-                if not isinstance(message, dict):
-                    raise ConnectionError(f"QMP {self.path}: not a JSON object while waiting "
-                                          f"for {what}: {line[:200]!r}")
-                return message
-            left = deadline - time.monotonic()
-            try:
+
+        async def send() -> None:
+            client.send_fd_scm(fd)
+        self._run(send(), self.timeout, "passing a file descriptor")
+        self.call("getfd", fdname=name)
+
+    # -- events
+
+    def wait_event(self, name: str, *, timeout: Optional[float] = None, since: int = 0,
+                   match: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Any]:
+        """The first event ``name`` at index ``since`` or later of :attr:`events` (and ``match``).
+
+        Raises: TimeoutError if none arrived within ``timeout`` (default
+        :attr:`timeout`) seconds.
+        """
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        with self._events_changed:
+            while True:
+                for event in self.events[since:]:
+                    if event.get("event") == name and (match is None or match(event)):
+                        return event
+                left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout()
-                sock.settimeout(left)
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                raise TimeoutError(f"QMP {self.path}: waited {self.timeout:g}s for {what}") from None
-            if not chunk:
-                raise ConnectionError(f"QMP {self.path}: QEMU closed the connection "
-                                      f"while we waited for {what}")
-            self._buffer += chunk
+                    raise TimeoutError(f"QMP {self.path}: no {name} event within {wait:g}s")
+                self._events_changed.wait(left)
+
+    # -- ownership
 
     def close(self) -> None:
-        """Close the connection (QEMU keeps running); safe to call again."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        """Close the connection (QEMU keeps running) and stop the loop; safe to call again."""
+        client, self._client = self._client, None
+        if client is not None:
+            self._discard(client)
+        if self._thread.is_alive():
+            async def stop() -> None:
+                for task in asyncio.all_tasks():
+                    if task is not asyncio.current_task():
+                        task.cancel()
+            try:
+                self._run(stop(), 5.0, "stopping")
+            except Exception:
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     def __enter__(self) -> "QmpClient":
         return self
@@ -194,5 +258,5 @@ class QmpClient:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._sock is None else "open"
+        state = "closed" if self._client is None else "open"
         return f"<QmpClient {self.path} {state}>"
