@@ -18,7 +18,11 @@ nothing but Debian packages and QEMU:
    (xorshift64, seeded from ``--seed``) to stdout.
 3. The guest's ``/init`` mounts proc/sys and a tmpfs, fills a file of
    ``--fill-mib`` MiB on the tmpfs with the pattern (tmpfs pages live in guest
-   RAM), prints ``UFFDPY-READY`` on the serial console and idles.
+   RAM), prints ``UFFDPY-READY`` on the serial console and then serves
+   requests on its second serial port (ttyS1, a UNIX socket on the host):
+   ``GET A N`` is answered with ``OK A N <md5>``, the md5 of MiB A..A+N of
+   that file, which the guest reads to answer (:func:`ask`,
+   :func:`expected_answer`): a warmed-up function waiting for its next call.
 4. The host boots that under TCG (``-accel tcg``; no KVM needed), waits for
    the marker, and then over QMP: ``stop``, ``migrate-set-capabilities``
    mapped-ram on, ``migrate`` to ``file:OUT``, polls ``query-migrate`` until
@@ -50,10 +54,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -87,6 +93,11 @@ __all__ = [
     "build_initramfs",
     "GuestError",
     "READY_MARKER",
+    "guest_machine_args",
+    "request_port_args",
+    "destination_args",
+    "expected_answer",
+    "ask",
 ]
 
 
@@ -209,13 +220,25 @@ def _init_script(fill_mib: int) -> str:
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
 echo "{BOOTED_MARKER} $(cut -d' ' -f1 /proc/uptime)"
 mkdir -p /fill
 mount -t tmpfs -o size={tmpfs_mib}m tmpfs /fill || echo "{FAILED_MARKER} mount tmpfs"
 echo "uffdpy: writing {fill_mib} MiB of pattern to /fill/pattern"
 if /bin/uffdpy-fill > /fill/pattern; then
     set -- $(ls -l /fill/pattern)
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    exec 3<>/dev/ttyS1
     echo "{READY_MARKER} bytes=$5 $(grep -E '^(MemTotal|MemFree|Shmem):' /proc/meminfo | tr -s ' ' | tr '\\n' ' ')"
+    # the request server: "GET A N" -> "OK A N <md5 of MiB A..A+N of the pattern>"
+    while read -r cmd a n <&3; do
+        case "$cmd" in
+        GET) set -- $(dd if=/fill/pattern bs=1M skip="$a" count="$n" 2>/dev/null | md5sum)
+             echo "OK $a $n $1" >&3 ;;
+        *)   echo "ERR $cmd" >&3 ;;
+        esac
+    done
+    echo "{FAILED_MARKER} request port closed"
 else
     echo "{FAILED_MARKER} fill exited $?"
 fi
@@ -387,6 +410,65 @@ def _qemu_version(qemu: str) -> str:
     return out.splitlines()[0] if out else "?"
 
 
+def guest_machine_args(machine: str, mem_mib: int) -> List[str]:
+    """The machine arguments of the guest, without serial backends: a destination needs them.
+
+    A destination adds ``-serial BACKEND`` for the console (ttyS0) and
+    :func:`request_port_args` for the request port (ttyS1), in that order.
+    """
+    return ["-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", "1",
+            "-m", f"{mem_mib}M", "-nodefaults", "-display", "none", "-no-reboot"]
+
+
+def request_port_args(socket_path: str) -> List[str]:
+    """The second serial port (the guest's ttyS1) as a listening UNIX socket at ``socket_path``."""
+    return ["-chardev", f"socket,id=uffdpy-req,path={socket_path},server=on,wait=off",
+            "-serial", "chardev:uffdpy-req"]
+
+
+def destination_args(info: Dict[str, Any], request_socket: str,
+                     console: str = "null") -> List[str]:
+    """The arguments (after the binary) of a QEMU that loads the snapshot ``info`` describes."""
+    return [*info["qemu_args"], "-serial", console, *request_port_args(request_socket)]
+
+
+def expected_answer(seed: int, first_mib: int, count_mib: int) -> str:
+    """What the guest answers to ``GET first_mib count_mib``."""
+    digest = hashlib.md5()
+    for i, page in enumerate(fill_pattern_pages(seed, first_mib + count_mib)):
+        if i >= first_mib * (1 << 20) // PAGE_SIZE:
+            digest.update(page)
+    return f"OK {first_mib} {count_mib} {digest.hexdigest()}"
+
+
+def ask(socket_path: str, first_mib: int, count_mib: int, *, timeout: float) -> str:
+    """Send ``GET first_mib count_mib`` to the guest's request port; return its answer line.
+
+    The guest reads that part of its tmpfs file and answers with its md5 (see
+    :func:`expected_answer`).  Raises: TimeoutError if no whole line came
+    within ``timeout`` seconds; OSError if the port cannot be reached.
+    """
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(f"GET {first_mib} {count_mib}\n".encode())
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer on {socket_path} within {timeout:g}s")
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(4096)
+            except socket.timeout:
+                raise TimeoutError(f"no answer on {socket_path} within {timeout:g}s") from None
+            if not chunk:
+                raise ConnectionError(f"{socket_path} closed before the guest answered")
+            buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
 def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: int = 64,
                               seed: int = 0, pmemsave: Optional[PathLike] = None,
                               cache: Optional[PathLike] = None,
@@ -450,15 +532,14 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
                 p.parent.mkdir(parents=True, exist_ok=True)
                 if p.exists():
                     p.unlink()
-        cmdline = [
-            qemu_path, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", "1",
-            "-m", f"{mem_mib}M", "-nodefaults", "-display", "none", "-no-reboot",
-            "-serial", f"file:{serial}",
-            "-kernel", files["kernel"], "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet panic=1 mitigations=off",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off",
-        ]
+        machine_args = guest_machine_args(machine, mem_mib)
+        cmdline = [qemu_path, *machine_args, "-serial", f"file:{serial}",
+                   *request_port_args(str(work / "req.sock")),
+                   "-kernel", files["kernel"], "-initrd", str(initrd),
+                   "-append", "console=ttyS0 quiet panic=1 mitigations=off",
+                   "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         result["qemu_cmdline"] = cmdline
+        result["qemu_args"] = machine_args
         deadline = time.monotonic() + timeout
         qemu_log = open(work / "qemu.log", "w+b")
         t_boot0 = time.monotonic()
@@ -496,6 +577,7 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
                     raise fail(f"no {READY_MARKER} on the serial console within {timeout:.0f} s")
                 time.sleep(0.2)
             t_ready = time.monotonic()
+            time.sleep(0.5)          # let the guest reach its blocking read of the request port
             ready_line = next(l for l in text.splitlines() if READY_MARKER in l)
             result["guest_ready_line"] = ready_line.strip()
 

@@ -1,0 +1,907 @@
+"""Resume a mapped-ram snapshot into an unmodified QEMU by serving it as a postcopy source.
+
+A QEMU destination started with ``-incoming defer`` and postcopy on does the
+userfaultfd work itself: it registers guest RAM, runs the guest, and asks its
+migration source for every page the guest touches that has not arrived.
+:class:`Resume` plays that source, reading the mapped-ram file QEMU wrote,
+so the guest runs a few milliseconds after the connection while its RAM
+streams in behind it.  No QEMU patch is needed (QEMU 10.0.2 refuses
+mapped-ram together with postcopy in its own loader).
+
+What the source does, in order (``reference/postcopy-stream.md`` has every
+byte; :mod:`uffdpy.migstream` makes them):
+
+1. Validate the snapshot (mapped-ram, 4 KiB target pages) before anything is
+   sent.  With a QMP socket: set ``postcopy-ram`` on and ``mapped-ram`` off
+   (plus ``postcopy-preempt`` if asked, ``events`` for timing), read the
+   blocks' host page sizes (``info ramblock``), and start ``migrate-incoming``
+   on a private address with ``exit-on-error`` off, so that a refusal leaves
+   QEMU alive to tell why.
+2. Connect and queue everything up to RUN: header, configuration (without
+   the capabilities subsection), OPEN_RETURN_PATH, ADVISE, the "ram" block
+   list, one DISCARD (mandatory in practice), and the package with LISTEN,
+   the snapshot's device sections byte for byte, and RUN.
+3. Serve.  One thread runs one ``poll`` loop over the connection (the return
+   path is the same socket read the other way) and a wake pipe: page requests
+   are answered first, each as soon as it is read; in between, a background
+   stream sends every data page in file order, one small PART section at a
+   time so that a request waits behind at most one batch.  A *sent map*, one
+   byte per host page, makes sure each page is sent exactly once (a page sent
+   twice sends the destination to ``postcopy-paused``): a request for a page
+   already sent or in flight is counted in ``duplicate_requests`` and dropped.
+   Zero pages are sent only when requested: after the load the destination
+   unregisters its memory, and a page never placed reads as zero, which is
+   what the bitmap says it holds.
+4. When every data page is out: END, EOF, and the destination's SHUT.
+
+One thread, no locks: the loop alone owns the sockets and the sent map, so
+the GIL never stands between a request and its answer (with a reader and a
+writer thread the request waited for the writer's switch interval).  Pages
+are sent from the file's mapping with ``sendmsg`` over memoryviews: no copy
+in Python.  A file truncated under the mapping makes ``sendmsg`` fail with
+EFAULT (the kernel's copy faults), never SIGBUS in this process.
+
+If the source dies after RUN the destination pauses (``postcopy-paused``),
+keeping every page it received; ``Resume(..., recover=True)`` reconnects
+through the out-of-band ``migrate-recover``, reads back the received-page
+bitmaps and sends the rest.  Before RUN nothing can be recovered: QEMU fails
+the incoming migration.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import itertools
+import mmap
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from . import migstream as ms
+from .mappedram import Snapshot, TARGET_PAGE_SIZE
+from .pagesource import PathLike
+from .qmp import QmpClient, QmpError
+
+__all__ = ["Resume", "ResumeError", "DestinationError", "ResumeStats", "QemuDestination",
+           "parse_address"]
+
+PAGE = TARGET_PAGE_SIZE
+#: data pages per background PART section: small, so a request waits behind little
+DEFAULT_BATCH_PAGES = 32
+_IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
+_RECV_BYTES = 1 << 16
+
+
+class ResumeError(RuntimeError):
+    """The resume could not be done; the message says what and where, in one line."""
+
+
+class DestinationError(ResumeError):
+    """The destination refused the stream or went away; ``reason`` is QEMU's own, if known."""
+
+    def __init__(self, message: str, reason: Optional[str] = None) -> None:
+        super().__init__(message if not reason else f"{message}: {reason}")
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class ResumeStats:
+    """What a resume did.  Times in seconds from the connect; None when unknown.
+
+    ``time_to_running_s`` is the destination's RESUME event (None with ``-S``
+    or without QMP); ``time_to_complete_s`` its MIGRATION ``completed`` event
+    (without QMP: the SHUT message).  ``page_requests`` counts request
+    messages, ``pages_requested`` the 4 KiB pages they asked for that were
+    sent in answer, ``duplicate_requests`` the pages asked for that were
+    already sent or in flight.  ``pages_streamed`` are data pages the
+    background stream sent, ``zero_pages_sent`` zero pages sent because they
+    were requested.  ``request_service_us`` summarises, in microseconds, the
+    time from reading a request to writing the last byte of its page.
+    """
+    time_to_running_s: Optional[float] = None
+    time_to_complete_s: Optional[float] = None
+    page_requests: int = 0
+    pages_requested: int = 0
+    pages_streamed: int = 0
+    zero_pages_sent: int = 0
+    bytes_sent: int = 0
+    duplicate_requests: int = 0
+    data_pages: int = 0
+    request_service_us: Dict[str, Optional[float]] = dataclasses.field(
+        default_factory=lambda: dict(p50=None, p90=None, p99=None, max=None))
+    recovered: bool = False
+    pages_already_received: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _percentiles(samples_s: Sequence[float]) -> Dict[str, Optional[float]]:
+    if not samples_s:
+        return dict(p50=None, p90=None, p99=None, max=None)
+    xs = sorted(samples_s)
+
+    def at(q: float) -> float:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6, 1)
+    return dict(p50=at(0.50), p90=at(0.90), p99=at(0.99), max=round(xs[-1] * 1e6, 1))
+
+
+def parse_address(address: str) -> Tuple[str, Any]:
+    """``unix:PATH``, ``tcp:HOST:PORT`` or ``fd:N`` -> ``(kind, value)``.
+
+    Raises: ValueError naming the address for any other form.
+    """
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return kind, rest
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return kind, (host.strip("[]"), int(port))
+    if kind == "fd" and rest.isdigit():
+        return kind, int(rest)
+    raise ValueError(f"bad migration address {address!r}: use unix:PATH, tcp:HOST:PORT or fd:N")
+
+
+def _connect(address: str, timeout: float) -> socket.socket:
+    kind, value = parse_address(address)
+    if kind == "fd":
+        sock = socket.socket(fileno=os.dup(value))
+    else:
+        family = socket.AF_UNIX if kind == "unix" else socket.AF_INET6 if ":" in value[0] \
+            else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(value)
+        except OSError as e:
+            sock.close()
+            raise DestinationError(f"cannot connect to the destination at {address}",
+                                   os.strerror(e.errno) if e.errno else str(e)) from None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
+
+# ------------------------------------------------------------------ the destination's side
+
+_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s*(KiB|MiB|GiB)\s+0x", re.M)
+
+
+class QemuDestination:
+    """The QMP side of a destination: capabilities, ``migrate-incoming``, events, reasons.
+
+    ``qmp`` is the path of the destination's QMP socket.  Every call is
+    bounded by ``timeout`` seconds.  Raises: DestinationError (with QEMU's
+    message) for a refusal; TimeoutError, ConnectionError from QMP.
+    """
+
+    def __init__(self, qmp: str, *, timeout: float = 30.0) -> None:
+        self.path = qmp
+        self.client = QmpClient(qmp, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def status(self) -> Dict[str, Any]:
+        return dict(self.client.call("query-migrate"))
+
+    def host_page_sizes(self) -> Dict[str, int]:
+        """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
+        text = self.client.call("human-monitor-command", **{"command-line": "info ramblock"})
+        unit = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+        return {m.group(1): int(m.group(2)) * unit[m.group(3)]
+                for m in _RAMBLOCK_ROW.finditer(str(text))}
+
+    def prepare(self, *, preempt: bool) -> None:
+        """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""
+        caps = {"mapped-ram": False, "postcopy-ram": True, "events": True,
+                "postcopy-preempt": preempt}
+        try:
+            self.client.call("migrate-set-capabilities", capabilities=[
+                {"capability": name, "state": state} for name, state in caps.items()])
+        except QmpError as e:
+            raise DestinationError(f"QMP {self.path}: the destination refuses postcopy",
+                                   e.desc) from None
+
+    def listen(self, uri: str) -> None:
+        try:
+            self.client.call("migrate-incoming", uri=uri, **{"exit-on-error": False})
+        except QmpError as e:
+            raise DestinationError(f"QMP {self.path}: migrate-incoming {uri} refused",
+                                   e.desc) from None
+
+    def tcp_port(self) -> int:
+        for address in self.status().get("socket-address", []):
+            if address.get("type") in ("inet", "tcp") and address.get("port"):
+                return int(address["port"])
+        raise DestinationError(f"QMP {self.path}: query-migrate names no listening TCP port")
+
+    def failure_reason(self) -> Optional[str]:
+        """QEMU's ``error-desc`` for a failed incoming migration, if it can still tell."""
+        try:
+            info = self.client.execute("query-migrate", timeout=2.0)
+        except (QmpError, OSError):
+            return None
+        if info.get("status") == "failed":
+            return str(info.get("error-desc") or "migration failed")
+        return None
+
+
+class _Channel:
+    """One connection's output queue: pieces (memoryviews) sent with non-blocking sendmsg."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.pending: Deque[List[Any]] = collections.deque()   # [view, request_time or None]
+        self.last_block: Optional[str] = None                   # for the CONTINUE flag
+
+    def queue(self, piece: Any, t_request: Optional[float] = None) -> None:
+        self.pending.append([memoryview(piece), t_request])
+
+    def flush(self, done: Callable[[float], None]) -> int:
+        """Send what the socket takes now; call ``done(t)`` for each request page written.
+
+        Returns the bytes sent.  Raises: OSError (EPIPE, ECONNRESET: the
+        destination went away; EFAULT: the file's mapping cannot be read).
+        """
+        total = 0
+        pending = self.pending
+        while pending:
+            views = [entry[0] for entry in itertools.islice(pending, _IOV_MAX)]
+            try:
+                n = self.sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                break
+            total += n
+            full = n < sum(v.nbytes for v in views)
+            while n:
+                entry = pending[0]
+                size = entry[0].nbytes
+                if n < size:
+                    entry[0] = entry[0][n:]
+                    break
+                n -= size
+                pending.popleft()
+                if entry[1] is not None:
+                    done(entry[1])
+            if full:
+                break
+        return total
+
+
+class _Block:
+    """A RAMBlock as the source sees it: where its pages are, which hold data, which were sent."""
+
+    def __init__(self, block: Any, host_page: int) -> None:
+        self.name: str = block.name
+        self.length: int = block.length
+        self.pages_offset: int = block.pages_offset
+        self.host_page = host_page
+        self.sub = host_page // PAGE              # target pages per host page
+        present = bytearray(block.pages)
+        for first, count, is_data in block.runs():
+            if is_data:
+                present[first:first + count] = b"\x01" * count
+        self.present = bytes(present)
+        units = block.length // host_page
+        self.sent = bytearray(units)              # 1 = the host page is sent or in flight
+        self.data_units = [u for u in range(units)
+                           if any(self.present[u * self.sub:(u + 1) * self.sub])]
+
+
+class Resume:
+    """Serve ``snapshot`` as the postcopy source of a QEMU destination.  A context manager.
+
+    Exactly one of ``qmp`` (the destination's QMP socket: uffdpy sets it up
+    and starts ``migrate-incoming`` on a private address of ``transport``
+    ``unix``, ``tcp`` or ``fd``) or ``connect`` (an address the destination
+    already listens on, ``unix:PATH``, ``tcp:HOST:PORT``, ``fd:N``) is given.
+    The constructor validates, connects and starts the serving thread; the
+    guest runs (unless the destination has ``-S``) a few milliseconds later.
+    :meth:`wait` returns the :class:`ResumeStats` when the migration has
+    completed.
+
+    ``background`` off serves requests only (the load then never completes
+    unless :meth:`start_background` is called); ``background_delay`` seconds
+    of pure demand paging come first; ``preempt`` sends requested pages on
+    QEMU's postcopy-preempt channel; ``recover`` resumes a destination left
+    ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
+    data pages per background section.  ``page_sizes`` maps block names to
+    host page sizes when there is no QMP to ask (default 4 KiB).
+
+    Raises: MappedRamError (bad snapshot; nothing sent), ResumeError,
+    DestinationError (QEMU's reason when it refused), ValueError for bad
+    arguments.
+    """
+
+    def __init__(self, snapshot: PathLike, *, qmp: Optional[str] = None,
+                 connect: Optional[str] = None, transport: str = "unix",
+                 background: bool = True, background_delay: float = 0.0,
+                 preempt: bool = False, recover: bool = False,
+                 batch_pages: int = DEFAULT_BATCH_PAGES,
+                 page_sizes: Optional[Dict[str, int]] = None,
+                 timeout: float = 30.0) -> None:
+        if (qmp is None) == (connect is None):
+            raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
+        if transport not in ("unix", "tcp", "fd"):
+            raise ValueError(f"transport must be unix, tcp or fd, not {transport!r}")
+        if batch_pages < 1:
+            raise ValueError(f"batch_pages must be >= 1, not {batch_pages}")
+        if background_delay < 0:
+            raise ValueError(f"background_delay must be >= 0, not {background_delay}")
+        if recover and qmp is None:
+            raise ValueError("recover needs qmp= (migrate-recover is a QMP command)")
+        if preempt and (transport == "fd" or (connect or "").startswith("fd:")):
+            raise ValueError("preempt needs a second connection: use a unix or tcp transport")
+        self.stats = ResumeStats()
+        self._snapshot_path = os.fspath(snapshot)
+        self._timeout = timeout
+        self._batch = batch_pages
+        self._background = background
+        self._background_delay = background_delay
+        self._preempt = preempt
+        self._recover = recover
+        self._transport = transport
+        self._fd_socket: Optional[socket.socket] = None
+        self._snap: Optional[Snapshot] = None
+        self._map: Optional[mmap.mmap] = None
+        self._view: Optional[memoryview] = None
+        self._dest: Optional[QemuDestination] = None
+        self._tmpdir: Optional[str] = None
+        self._main: Optional[_Channel] = None
+        self._urgent: Optional[_Channel] = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._aborted = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._latencies: List[float] = []
+        self._done = threading.Event()
+        self._connected_wall = 0.0
+        self._events_since = 0
+        try:
+            self._open(page_sizes)
+            address = self._setup_destination(qmp) if qmp is not None else connect
+            assert address is not None
+            self._address = address
+            self._main = _Channel(_connect(address, timeout), "main")
+            self._connected_wall = time.time()
+            self._connected = time.monotonic()
+            self._thread = threading.Thread(target=self._serve, name="uffdpy-resume",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- setup
+
+    def _open(self, page_sizes: Optional[Dict[str, int]]) -> None:
+        snap = self._snap = Snapshot.open(self._snapshot_path)
+        if snap.target_page_bits != 12:
+            raise ResumeError(f"{snap.path}: target page bits {snap.target_page_bits}; "
+                              "only 4 KiB target pages (x86) are supported")
+        if snap.early_device_state_range[1] > snap.early_device_state_range[0]:
+            self._early = snap.read_range(*snap.early_device_state_range)
+        else:
+            self._early = b""
+        self._devices = snap.read_range(snap.device_state_range[0], snap.eof_offset)
+        fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+        self._page_sizes = dict(page_sizes or {})
+
+    def _build_blocks(self) -> None:
+        assert self._snap is not None
+        self._blocks: Dict[str, _Block] = {}
+        for b in self._snap.blocks:
+            host = self._page_sizes.get(b.name, PAGE)
+            if host < PAGE or host % PAGE or b.length % host:
+                raise ResumeError(f"{self._snap.path}: block {b.name!r} of {b.length:#x} bytes "
+                                  f"does not split into host pages of {host} bytes")
+            self._blocks[b.name] = _Block(b, host)
+        self._order = list(self._blocks.values())
+        self.stats.data_pages = sum(b.present.count(1) for b in self._order)
+        self._remaining = sum(len(b.data_units) for b in self._order)
+        self._total_units = self._remaining
+
+    def _setup_destination(self, qmp: str) -> str:
+        dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
+        self._events_since = len(dest.client.events)
+        if self._recover:
+            self._page_sizes = {**dest.host_page_sizes(), **self._page_sizes}
+            return self._start_recovery(dest)
+        dest.prepare(preempt=self._preempt)
+        self._page_sizes = {**dest.host_page_sizes(), **self._page_sizes}
+        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
+        if self._transport == "tcp":
+            dest.listen("tcp:127.0.0.1:0")
+            return f"tcp:127.0.0.1:{dest.tcp_port()}"
+        if self._transport == "fd":
+            ours, theirs = socket.socketpair()
+            try:
+                dest.client.send_fd(theirs.fileno(), "uffdpy-migration")
+            finally:
+                theirs.close()
+            self._fd_socket = ours
+            dest.listen("fd:uffdpy-migration")
+            return f"fd:{ours.fileno()}"
+        path = os.path.join(self._tmpdir, "migration.sock")
+        dest.listen(f"unix:{path}")
+        return f"unix:{path}"
+
+    def _start_recovery(self, dest: QemuDestination) -> str:
+        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-recover-")
+        path = os.path.join(self._tmpdir, "recover.sock")
+        try:
+            # out of band: with the guest blocked on a missing page the main loop is stuck
+            dest.client.call_oob("migrate-recover", uri=f"unix:{path}")
+        except QmpError as e:
+            raise DestinationError(f"QMP {dest.path}: migrate-recover refused "
+                                   "(is the destination postcopy-paused?)", e.desc) from None
+        return f"unix:{path}"
+
+    # -- the serving loop (its own thread; owns the sockets and the sent map)
+
+    def _serve(self) -> None:
+        try:
+            self._build_blocks()
+            self._loop()
+        except BaseException as e:                          # re-raised from wait()
+            self._error = self._explain(e)
+        finally:
+            self._done.set()
+
+    def _explain(self, e: BaseException) -> BaseException:
+        if isinstance(e, (ResumeError, ms.StreamError)):
+            return e
+        if isinstance(e, OSError) and e.errno in (errno.EPIPE, errno.ECONNRESET, None) \
+                or isinstance(e, _Hangup):
+            reason = self._dest.failure_reason() if self._dest is not None else None
+            return DestinationError("the destination closed the migration connection "
+                                    "(QEMU failed the load or exited)", reason)
+        if isinstance(e, OSError) and e.errno == errno.EFAULT:
+            return ResumeError(f"{self._snapshot_path}: the snapshot's pages cannot be read "
+                               "(the file was truncated or changed during the resume)")
+        return e
+
+    def _preamble(self) -> bytes:
+        assert self._snap is not None
+        snap = self._snap
+        first = self._order[0]
+        summary = 0
+        for b in self._order:
+            summary |= b.host_page
+        return b"".join([
+            ms.header(), ms.configuration(snap.machine, uuid=snap.uuid),
+            ms.open_return_path(), ms.ping(1), ms.postcopy_advise(summary, PAGE),
+            self._early,
+            ms.ram_start(snap.ram_section_id, [(b.name, b.length) for b in self._order]),
+            ms.switchover_start(),
+            ms.postcopy_ram_discard(first.name, [(0, first.host_page)]),
+            ms.ping(2)])
+
+    def _package(self) -> bytes:
+        blob = ms.postcopy_listen() + self._devices + ms.ping(3) + ms.postcopy_run()
+        return ms.packaged(blob) + ms.ping(4)
+
+    def _loop(self) -> None:
+        main = self._main
+        assert main is not None
+        rp = ms.ReturnPath()
+        sid = self._snap.ram_section_id if self._snap else 1
+        pongs: set = set()
+        if self._recover:
+            for b in self._order:
+                main.queue(ms.recv_bitmap(b.name))
+            phase = "bitmaps"
+            bitmaps: Dict[str, ms.RecvBitmap] = {}
+        else:
+            main.queue(self._preamble())
+            if self._preempt:
+                phase = "await-pong2"
+            else:
+                main.queue(self._package())
+                phase = "package"
+        background_at: Optional[float] = None
+        stream_ok = False        # the stream starts once the devices are loaded (PONG 3)
+        ended = False
+        shut = False
+        poller = select.poll()
+        main_fd = main.sock.fileno()
+        poller.register(self._wake_r, select.POLLIN)
+        latencies = self._latencies
+
+        def served(t: float) -> None:
+            latencies.append(time.perf_counter() - t)
+
+        while not shut:
+            if self._stop:
+                raise ResumeError("stopped before the migration completed")
+            now = time.monotonic()
+            if stream_ok and background_at is None and self._background:
+                background_at = now + self._background_delay     # also after start_background()
+            # 1. write what is queued
+            for ch in (self._urgent, main):
+                if ch is not None and ch.pending:
+                    self.stats.bytes_sent += ch.flush(served)
+            # 2. queue one background batch once the main channel has drained
+            streaming = (phase == "serving" and self._background and background_at is not None
+                         and now >= background_at and self._remaining > 0)
+            if streaming and not main.pending:
+                self._queue_batch(main, sid)
+                self.stats.bytes_sent += main.flush(served)
+            if (phase == "serving" and self._remaining == 0 and not ended
+                    and not main.pending and not (self._urgent and self._urgent.pending)):
+                main.queue(ms.end_section(sid) + ms.EOF)
+                ended = True
+                self.stats.bytes_sent += main.flush(served)
+            # 3. wait for the return path, room to write, or the wake pipe
+            events = select.POLLIN | (select.POLLOUT if main.pending else 0)
+            poller.register(main_fd, events)
+            if self._urgent is not None:
+                poller.register(self._urgent.sock.fileno(),
+                                select.POLLOUT if self._urgent.pending else 0)
+            if streaming and not main.pending:
+                wait_ms = 0
+            elif background_at is not None and now < background_at and self._remaining:
+                wait_ms = max(1, int((background_at - now) * 1000))
+            else:
+                wait_ms = 200
+            for fd, ev in poller.poll(min(wait_ms, 200)):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                    continue
+                if fd != main_fd:
+                    if ev & (select.POLLERR | select.POLLHUP):
+                        raise _Hangup()
+                    continue
+                if not ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    continue
+                try:
+                    data = main.sock.recv(_RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not data:
+                    raise _Hangup()
+                t_read = time.perf_counter()
+                rp.feed(data)
+                for msg in rp.messages():
+                    if isinstance(msg, ms.ReqPages):
+                        self._answer(msg, t_read, sid)
+                    elif isinstance(msg, ms.Pong):
+                        pongs.add(msg.value)
+                        if msg.value == 3:
+                            stream_ok = True
+                    elif isinstance(msg, ms.Shut):
+                        if msg.error:
+                            raise DestinationError("the destination ended the migration with "
+                                                   f"an error ({msg.error})",
+                                                   self._dest.failure_reason()
+                                                   if self._dest else None)
+                        if not ended:
+                            raise DestinationError("the destination shut the return path "
+                                                   "before the stream ended")
+                        shut = True
+                    elif isinstance(msg, ms.RecvBitmap) and phase == "bitmaps":
+                        bitmaps[msg.block] = msg
+                    elif isinstance(msg, ms.ResumeAck) and phase == "await-ack":
+                        phase = "serving"
+                        stream_ok = True
+                    else:
+                        raise ResumeError(f"the destination sent an unexpected "
+                                          f"{type(msg).__name__} in phase {phase}")
+            # 4. phase changes that wait on the return path
+            if phase == "await-pong2" and 2 in pongs:
+                self._urgent = _Channel(_connect(self._address, self._timeout), "preempt")
+                main.queue(self._package())
+                phase = "package"
+            if phase == "package":
+                phase = "serving"       # requests may come from now on; streaming waits for PONG 3
+            if phase == "bitmaps" and len(bitmaps) == len(self._order):
+                self._apply_bitmaps(bitmaps)
+                main.queue(ms.postcopy_resume())
+                phase = "await-ack"
+        self._flush_stats()
+
+    def _answer(self, req: ms.ReqPages, t_read: float, sid: int) -> None:
+        block = self._blocks.get(req.block)
+        if block is None:
+            raise ResumeError(f"the destination asked for pages of block {req.block!r}, "
+                              "which the snapshot does not have")
+        if req.start % PAGE or req.start + req.length > block.length or req.length <= 0:
+            raise ResumeError(f"the destination asked for {req.length} bytes at "
+                              f"{req.start:#x} of {block.name!r} ({block.length:#x} bytes)")
+        self.stats.page_requests += 1
+        ch = self._urgent or self._main
+        assert ch is not None
+        first = req.start // block.host_page
+        last = (req.start + req.length - 1) // block.host_page
+        records: List[Tuple[Any, Optional[float]]] = []
+        for unit in range(first, last + 1):
+            if block.sent[unit]:
+                self.stats.duplicate_requests += 1
+                continue
+            records += self._claim(block, unit, ch, t_read, requested=True)
+        if not records:
+            return
+        if ch is self._main:
+            ch.queue(ms.part_start(sid))
+        for piece, t in records:
+            ch.queue(piece, t)
+        if ch is self._main:
+            ch.queue(ms.part_end(sid))
+
+    def _claim(self, block: _Block, unit: int, ch: _Channel, t_request: Optional[float],
+               *, requested: bool) -> List[Tuple[Any, Optional[float]]]:
+        """Mark host page ``unit`` sent and return its records for channel ``ch``."""
+        assert self._view is not None
+        block.sent[unit] = 1
+        out: List[Tuple[Any, Optional[float]]] = []
+        has_data = False
+        for page in range(unit * block.sub, (unit + 1) * block.sub):
+            name = None if ch.last_block == block.name else block.name
+            ch.last_block = block.name
+            offset = page * PAGE
+            if block.present[page]:
+                has_data = True
+                at = block.pages_offset + offset
+                out.append((ms.page_header(offset, name), None))
+                out.append((self._view[at:at + PAGE], None))
+                if requested:
+                    self.stats.pages_requested += 1
+                else:
+                    self.stats.pages_streamed += 1
+            else:
+                out.append((ms.zero_record(offset, name), None))
+                self.stats.zero_pages_sent += 1
+                if requested:
+                    self.stats.pages_requested += 1
+        if has_data:
+            self._remaining -= 1
+        if t_request is not None and out:
+            out[-1] = (out[-1][0], t_request)
+        return out
+
+    def _queue_batch(self, main: _Channel, sid: int) -> None:
+        pieces: List[Tuple[Any, Optional[float]]] = []
+        sent = 0
+        for block in self._order:
+            units = block.data_units
+            cursor = getattr(block, "cursor", 0)
+            while cursor < len(units) and sent < self._batch:
+                unit = units[cursor]
+                cursor += 1
+                if block.sent[unit]:
+                    continue
+                pieces += self._claim(block, unit, main, None, requested=False)
+                sent += 1
+            block.cursor = cursor  # type: ignore[attr-defined]
+            if sent >= self._batch:
+                break
+        if pieces:
+            main.queue(ms.part_start(sid))
+            for piece, _ in pieces:
+                main.queue(piece)
+            main.queue(ms.part_end(sid))
+
+    def _apply_bitmaps(self, bitmaps: Dict[str, ms.RecvBitmap]) -> None:
+        received = 0
+        for block in self._order:
+            got = bitmaps[block.name]
+            want = (block.length // PAGE + 63) // 64 * 8
+            if len(got.bitmap) < (block.length // PAGE + 7) // 8:
+                raise ResumeError(f"the destination's received bitmap of {block.name!r} has "
+                                  f"{len(got.bitmap)} bytes, expected {want}")
+            for unit in range(len(block.sent)):
+                pages = range(unit * block.sub, (unit + 1) * block.sub)
+                if all(got.received(p) for p in pages):
+                    if not block.sent[unit] and any(block.present[p] for p in pages):
+                        self._remaining -= 1
+                    block.sent[unit] = 1
+                    received += block.sub
+        self.stats.recovered = True
+        self.stats.pages_already_received = received
+
+    def _flush_stats(self) -> None:
+        self.stats.request_service_us = _percentiles(self._latencies)
+
+    # -- the caller's side
+
+    def progress(self) -> Tuple[int, int]:
+        """``(data host pages sent, data host pages in the snapshot)``; racy, for display."""
+        total = getattr(self, "_total_units", 0)
+        return total - getattr(self, "_remaining", total), total
+
+    def start_background(self) -> None:
+        """Start the background stream now (after ``background=False``)."""
+        self._background = True
+        self._background_delay = 0.0
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait(self, timeout: Optional[float] = None) -> ResumeStats:
+        """Wait until the migration completed; return the stats.
+
+        Raises: TimeoutError after ``timeout`` seconds (the resume goes on);
+        the serving thread's error (DestinationError, ResumeError...).
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the resume of {self._snapshot_path} is not complete "
+                               f"after {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        self._finish_times()
+        return self.stats
+
+    def _finish_times(self) -> None:
+        dest = self._dest
+        if dest is None:
+            if self.stats.time_to_complete_s is None:
+                self.stats.time_to_complete_s = round(time.monotonic() - self._connected, 6)
+            return
+        try:
+            done = dest.client.wait_event(
+                "MIGRATION", since=self._events_since, timeout=self._timeout,
+                match=lambda e: e.get("data", {}).get("status") == "completed")
+        except (TimeoutError, ConnectionError):
+            done = None
+        if done is not None:
+            self.stats.time_to_complete_s = round(_event_time(done) - self._connected_wall, 6)
+        for event in dest.client.events[self._events_since:]:
+            if event.get("event") == "RESUME":
+                self.stats.time_to_running_s = round(_event_time(event) - self._connected_wall, 6)
+                break
+
+    def running_after(self, timeout: float) -> Optional[float]:
+        """Seconds from connect to the guest's RESUME event, waiting up to ``timeout``; None if not."""
+        if self._dest is None:
+            return None
+        try:
+            event = self._dest.client.wait_event("RESUME", since=self._events_since,
+                                                 timeout=timeout)
+        except (TimeoutError, ConnectionError):
+            return None
+        return _event_time(event) - self._connected_wall
+
+    def abort(self) -> None:
+        """Drop the connection at once, as a crashed source would (the destination pauses)."""
+        self._aborted = True
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving and release everything; safe to call again.
+
+        Closing before completion leaves a destination that ran ``postcopy-paused``.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            self._stop = True
+            self._wake()
+            self._thread.join(timeout=self._timeout)
+        self._release()
+
+    def _release(self) -> None:
+        for ch in (self._urgent, self._main):
+            if ch is not None:
+                ch.pending.clear()
+                ch.sock.close()
+        self._urgent = self._main = None
+        sock = self._fd_socket
+        if sock is not None:
+            sock.close()
+            self._fd_socket = None
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        for block in getattr(self, "_order", []):
+            block.present = b""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._snap is not None:
+            self._snap.close()
+            self._snap = None
+        if self._dest is not None:
+            self._dest.close()
+            self._dest = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> "Resume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Hangup(Exception):
+    """The destination closed the connection."""
+
+
+def _event_time(event: Dict[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+# ------------------------------------------------------------------ a QEMU of our own
+
+class QemuProcess:
+    """A destination QEMU that uffdpy starts: ``argv + -incoming defer`` and a private QMP socket.
+
+    It runs in its own session with its output in ``log_path``, so it
+    outlives uffdpy; :meth:`kill` ends exactly this pid.
+    """
+
+    def __init__(self, argv: Sequence[str], *, paused: bool, timeout: float = 30.0) -> None:
+        if not argv:
+            raise ValueError("no QEMU command given after --")
+        self.dir = tempfile.mkdtemp(prefix="uffdpy-qemu-")
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.log_path = os.path.join(self.dir, "qemu.log")
+        cmd = [*argv, "-incoming", "defer", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if paused:
+            cmd.append("-S")
+        self.argv = cmd
+        with open(self.log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise ResumeError(f"cannot start {argv[0]}: {e.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None:
+                reason = self.last_error()
+                self.kill()
+                raise DestinationError(f"{argv[0]} exited with {self.proc.returncode} at start",
+                                       reason)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise DestinationError(f"{argv[0]} created no QMP socket within {timeout:g}s")
+            time.sleep(0.01)
+
+    def last_error(self) -> Optional[str]:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()
+                         if line.strip()]
+        except OSError:
+            return None
+        return lines[-1] if lines else None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
