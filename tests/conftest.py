@@ -39,6 +39,42 @@ def qemu_binary() -> str:
     return path
 
 
+#: the Linux guest every test of a real guest shares (one boot per session)
+LINUX_GUEST_MEM_MIB = 256
+LINUX_GUEST_FILL_MIB = 64
+LINUX_GUEST_SEED = 20240607
+
+
+@pytest.fixture(scope="session")
+def guest(qemu_binary, tmp_path_factory):
+    """Boot, fill and snapshot the request-serving Linux guest once per session.
+
+    Yields ``linux_guest.make_linux_guest_snapshot``'s dict (snapshot, pmemsave,
+    ``qemu_args`` for a destination...).  Skips only when the kernel and
+    busybox cannot be had (fails instead under ``UFFDPY_REQUIRE_QEMU=1``).
+    """
+    import time
+    import linux_guest
+    cache = os.environ.get("UFFDPY_LINUX_GUEST_CACHE") or None
+    try:
+        linux_guest.ensure_guest_files(cache)
+    except linux_guest.GuestError as e:
+        reason = f"cannot get a Debian kernel and busybox: {e}"
+        if os.environ.get("UFFDPY_REQUIRE_QEMU") == "1":
+            pytest.fail(reason + " [UFFDPY_REQUIRE_QEMU=1]")
+        pytest.skip(reason)
+    d = tmp_path_factory.mktemp("linux-guest")
+    t0 = time.monotonic()
+    info = linux_guest.make_linux_guest_snapshot(
+        d / "guest.img", mem_mib=LINUX_GUEST_MEM_MIB, fill_mib=LINUX_GUEST_FILL_MIB,
+        seed=LINUX_GUEST_SEED, pmemsave=d / "guest.pmem", cache=cache, timeout=240,
+        qemu=qemu_binary)
+    info["fixture_seconds"] = time.monotonic() - t0
+    print(f"\nlinux guest: kernel {info['kernel_version']}, timings {info['seconds']}, "
+          f"snapshot {info['snapshot_bytes']} bytes ({info['snapshot_disk_bytes']} on disk)")
+    yield info
+
+
 def _huge_pages_free() -> int:
     with open("/proc/meminfo") as f:
         for line in f:

@@ -23,38 +23,13 @@ import linux_guest
 
 pytestmark = pytest.mark.qemu
 
-MEM_MIB = 256
-FILL_MIB = 64
-SEED = 20240607
+from conftest import LINUX_GUEST_FILL_MIB as FILL_MIB  # noqa: E402  (the shared guest)
+from conftest import LINUX_GUEST_MEM_MIB as MEM_MIB  # noqa: E402
+from conftest import LINUX_GUEST_SEED as SEED  # noqa: E402
 PAGE = 4096
 # pc.ram is guest-physical 0 .. MEM; the legacy VGA/ROM window between
 # 640 KiB and 1 MiB is not ordinary RAM in a pmemsave dump.
 ORDINARY_RAM = ((0, 0xA0000), (0x100000, MEM_MIB << 20))
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("UFFDPY_REQUIRE_QEMU") == "1":
-        pytest.fail(reason + " [UFFDPY_REQUIRE_QEMU=1]")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def guest(qemu_binary, tmp_path_factory):
-    """Boot, fill and snapshot a guest once per session; yields make_linux_guest_snapshot's dict."""
-    cache = os.environ.get("UFFDPY_LINUX_GUEST_CACHE") or None
-    try:
-        linux_guest.ensure_guest_files(cache)
-    except linux_guest.GuestError as e:
-        _skip_or_fail(f"cannot get a Debian kernel and busybox: {e}")
-    d = tmp_path_factory.mktemp("linux-guest")
-    t0 = time.monotonic()
-    info = linux_guest.make_linux_guest_snapshot(
-        d / "guest.img", mem_mib=MEM_MIB, fill_mib=FILL_MIB, seed=SEED,
-        pmemsave=d / "guest.pmem", cache=cache, timeout=240, qemu=qemu_binary)
-    info["fixture_seconds"] = time.monotonic() - t0
-    print(f"\nlinux guest: kernel {info['kernel_version']}, timings {info['seconds']}, "
-          f"snapshot {info['snapshot_bytes']} bytes ({info['snapshot_disk_bytes']} on disk)")
-    yield info
 
 
 @pytest.fixture(scope="session")

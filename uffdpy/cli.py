@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -37,6 +38,33 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64M, 1G)")
     return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
 
 
 def _mib(n: int) -> str:
@@ -285,6 +313,89 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- bench
 
+def _resume_table(stats: Dict[str, Any]) -> str:
+    lat = stats["request_service_us"]
+    rows = [
+        ("guest running after", "-" if stats["time_to_running_s"] is None
+         else f"{stats['time_to_running_s'] * 1e3:.1f} ms"),
+        ("migration completed after", "-" if stats["time_to_complete_s"] is None
+         else f"{stats['time_to_complete_s']:.3f} s"),
+        ("page requests", stats["page_requests"]),
+        ("pages sent on request", stats["pages_requested"]),
+        ("pages streamed", stats["pages_streamed"]),
+        ("zero pages sent", stats["zero_pages_sent"]),
+        ("duplicate requests", stats["duplicate_requests"]),
+        ("bytes sent", stats["bytes_sent"]),
+        ("request service p50/p99/max", "-" if lat["p50"] is None
+         else f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} us"),
+    ]
+    if stats["recovered"]:
+        rows.append(("pages already received", stats["pages_already_received"]))
+    return tabulate(rows, tablefmt="plain")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .resume import DestinationError, QemuProcess, Resume
+    qemu_cmd = list(args.qemu)
+    forms = sum(x is not None and x != [] for x in (args.qmp, args.connect, qemu_cmd or None))
+    if forms != 1:
+        raise ValueError("give one of --qmp SOCK, --connect ADDR, or -- QEMU ARGS...")
+    if args.paused and not qemu_cmd:
+        raise ValueError("--paused applies to the '-- QEMU ARGS' form; with --qmp the "
+                         "destination's own -S decides")
+    if args.recover and args.qmp is None:
+        raise ValueError("--recover needs --qmp SOCK (migrate-recover is a QMP command)")
+    from .mappedram import Snapshot
+    Snapshot.open(args.snapshot).close()          # a bad snapshot is refused before QEMU starts
+    proc: Optional[Any] = None
+    if qemu_cmd:
+        proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
+    qmp = proc.qmp_path if proc is not None else args.qmp
+    resume: Optional[Any] = None
+    finished = False
+    try:
+        resume = Resume(args.snapshot, qmp=qmp, connect=args.connect, transport=args.transport,
+                        background=not args.no_background,
+                        background_delay=args.background_delay, preempt=args.preempt,
+                        recover=args.recover, batch_pages=args.batch_pages,
+                        timeout=args.timeout)
+        progress = _Progress("resuming", not args.json)
+        while True:
+            try:
+                stats = resume.wait(0.1)
+                break
+            except TimeoutError:
+                progress.update(*resume.progress())
+        progress.finish()
+        finished = True
+    except DestinationError as e:
+        if proc is not None:
+            reason = e.reason or proc.last_error()
+            proc.kill()
+            proc = None
+            if reason and not e.reason:
+                raise DestinationError(str(e), reason) from None
+        raise
+    finally:
+        if resume is not None:
+            resume.close()
+        if proc is not None and not finished:
+            print(f"uffdpy: the destination QEMU (pid {proc.proc.pid}) is left as it is; "
+                  f"QMP socket {proc.qmp_path}", file=sys.stderr)
+    info = stats.as_dict()
+    if proc is not None:
+        info["qemu_pid"] = proc.proc.pid
+        info["qmp_socket"] = proc.qmp_path
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_resume_table(info))
+        if proc is not None:
+            state = "paused (-S)" if args.paused else "running"
+            print(f"the VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     import shlex
@@ -401,6 +512,44 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
     sp.set_defaults(func=cmd_dump)
 
+    sp = sub.add_parser(
+        "resume", help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
+        description="Resume a mapped-ram snapshot into an unmodified QEMU 10: uffdpy plays the "
+                    "source of a postcopy migration, the guest runs at once and its RAM "
+                    "streams in behind it. Give --qmp (a destination you started with "
+                    "-incoming defer), --connect (one that already listens), or the QEMU "
+                    "command after -- (uffdpy starts it and leaves it running).",
+        epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
+               "-accel tcg -serial null")
+    sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
+    sp.add_argument("qemu", nargs="*", metavar="-- QEMU ARGS",
+                    help="the destination's QEMU command and the VM's usual arguments")
+    sp.add_argument("--qmp", metavar="SOCK",
+                    help="QMP socket of a destination started with -incoming defer")
+    sp.add_argument("--connect", metavar="ADDR",
+                    help="an address the destination already listens on: unix:PATH, "
+                         "tcp:HOST:PORT or fd:N (its postcopy-ram capability must be on)")
+    sp.add_argument("--transport", choices=("unix", "tcp", "fd"), default="unix",
+                    help="with --qmp or --: how to reach the destination (default unix)")
+    sp.add_argument("--paused", action="store_true",
+                    help="with --: start QEMU with -S, so the VM stays paused after resume")
+    sp.add_argument("--no-background", action="store_true",
+                    help="serve page requests only, never stream (the load completes only "
+                         "when the guest has asked for every data page; Ctrl-C leaves the "
+                         "destination postcopy-paused, for --recover)")
+    sp.add_argument("--background-delay", type=_non_negative_float, default=0.0, metavar="S",
+                    help="serve requests only for the first S seconds, then stream")
+    sp.add_argument("--preempt", action="store_true",
+                    help="send requested pages on QEMU's postcopy-preempt channel")
+    sp.add_argument("--recover", action="store_true",
+                    help="with --qmp: finish a load whose source died (postcopy-paused)")
+    sp.add_argument("--batch-pages", type=_positive_int, default=32, metavar="N",
+                    help="data pages per background section (default 32)")
+    sp.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                    help="bound on each QMP call and connection (default 30)")
+    sp.add_argument("--json", action="store_true", help="print the stats as JSON")
+    sp.set_defaults(func=cmd_resume)
+
     sp = sub.add_parser("bench", help="eager vs lazy vs QEMU's own load, side by side")
     sp.add_argument("snapshot", metavar="SNAP")
     sp.add_argument("--rounds", type=int, default=3)
@@ -458,8 +607,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args) or 0)
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
@@ -470,3 +622,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             msg = str(exc.args[0]) if exc.args else msg
         print(f"uffdpy: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``finally`` cleans up."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()

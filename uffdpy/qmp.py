@@ -27,10 +27,12 @@ transport.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable, Coroutine, Dict, List, Optional, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
@@ -43,6 +45,16 @@ logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
 logging.getLogger("qemu.qmp").propagate = False
 
 _T = TypeVar("_T")
+
+#: clients still open, closed at exit (a loop thread killed by the interpreter's
+#: exit prints "Task was destroyed but it is pending!")
+_OPEN: "weakref.WeakSet[QmpClient]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for client in list(_OPEN):
+        client.close()
 
 
 class QmpError(RuntimeError):
@@ -86,6 +98,7 @@ class QmpClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="uffdpy-qmp",
                                         daemon=True)
         self._thread.start()
+        _OPEN.add(self)
         try:
             self._connect()
         except BaseException:
@@ -234,6 +247,7 @@ class QmpClient:
 
     def close(self) -> None:
         """Close the connection (QEMU keeps running) and stop the loop; safe to call again."""
+        _OPEN.discard(self)
         client, self._client = self._client, None
         if client is not None:
             self._discard(client)
