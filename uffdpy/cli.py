@@ -370,11 +370,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         finished = True
     except DestinationError as e:
         if proc is not None:
-            reason = e.reason or proc.last_error()
+            time.sleep(0.05)                       # let QEMU finish writing its error
+            said = proc.last_error()
             proc.kill()
             proc = None
-            if reason and not e.reason:
-                raise DestinationError(str(e), reason) from None
+            if said:                               # QEMU's own words are the most precise
+                raise DestinationError(e.message, said) from None
         raise
     finally:
         if resume is not None:
@@ -514,6 +515,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "resume", help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
+        usage="uffdpy resume SNAP (--qmp SOCK | --connect ADDR | -- QEMU ARGS...) [options]",
         description="Resume a mapped-ram snapshot into an unmodified QEMU 10: uffdpy plays the "
                     "source of a postcopy migration, the guest runs at once and its RAM "
                     "streams in behind it. Give --qmp (a destination you started with "
@@ -522,8 +524,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
                "-accel tcg -serial null")
     sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
-    sp.add_argument("qemu", nargs="*", metavar="-- QEMU ARGS",
-                    help="the destination's QEMU command and the VM's usual arguments")
+    sp.set_defaults(qemu=[])     # filled by main() from the words after "--"
     sp.add_argument("--qmp", metavar="SOCK",
                     help="QMP socket of a destination started with -incoming defer")
     sp.add_argument("--connect", metavar="ADDR",
@@ -606,7 +607,17 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # everything after the first "--" is a QEMU command line (resume), never options of ours
+    qemu_cmd: List[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, qemu_cmd = words[:cut], words[cut + 1:]
+    args = parser.parse_args(words)
+    if hasattr(args, "qemu"):
+        args.qemu = qemu_cmd
+    elif qemu_cmd:
+        parser.error(f"{args.command}: unexpected arguments after --")
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args) or 0)

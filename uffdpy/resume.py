@@ -89,6 +89,7 @@ class DestinationError(ResumeError):
 
     def __init__(self, message: str, reason: Optional[str] = None) -> None:
         super().__init__(message if not reason else f"{message}: {reason}")
+        self.message = message
         self.reason = reason
 
 
@@ -570,8 +571,13 @@ class Resume:
                         pass
                     continue
                 if fd != main_fd:
-                    if ev & (select.POLLERR | select.POLLHUP):
+                    # the preempt channel: the destination closes it when it is done
+                    if ev & (select.POLLERR | select.POLLHUP) and not ended:
                         raise _Hangup()
+                    if ended and self._urgent is not None:
+                        poller.unregister(fd)
+                        self._urgent.sock.close()
+                        self._urgent = None
                     continue
                 if not ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
                     continue
@@ -592,8 +598,8 @@ class Resume:
                             stream_ok = True
                     elif isinstance(msg, ms.Shut):
                         if msg.error:
-                            raise DestinationError("the destination ended the migration with "
-                                                   f"an error ({msg.error})",
+                            raise DestinationError("the destination refused the migration "
+                                                   f"stream (SHUT {msg.error})",
                                                    self._dest.failure_reason()
                                                    if self._dest else None)
                         if not ended:
@@ -889,13 +895,18 @@ class QemuProcess:
             time.sleep(0.01)
 
     def last_error(self) -> Optional[str]:
+        """QEMU's own error lines (``error_report`` output), joined, program name dropped."""
         try:
             with open(self.log_path, "rb") as f:
                 lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()
                          if line.strip()]
         except OSError:
             return None
-        return lines[-1] if lines else None
+        prog = os.path.basename(self.argv[0]) + ":"
+        errors = [line.split(":", 1)[1].strip() for line in lines
+                  if os.path.basename(line.split(":", 1)[0]) + ":" == prog]
+        errors = [e for e in errors if not e.startswith("warning:")] or lines[-1:]
+        return "; ".join(dict.fromkeys(errors))[:500] if errors else None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
