@@ -26,7 +26,7 @@ SCRIPTS = ROOT / "scripts"
 #: Every script and the test(s) below that run it.
 COVERED = {
     "gil_deadlock.py", "bench_load.py", "teach_fault.py", "bench_fault.py",
-    "qemu_snapshot.py", "linux_guest.py",
+    "qemu_snapshot.py", "linux_guest.py", "bench_resume.py",
     "process_core.py",          # its CLI (--verify) runs in tests/test_elfcore.py
 }
 
@@ -148,3 +148,16 @@ def test_qemu_snapshot_save_and_load(qemu_binary: str, tmp_path: Path) -> None:
 def test_linux_guest_help() -> None:
     out = run_script("linux_guest.py", ["--help"], timeout=60)
     assert "--fill-mib" in out and "--pmemsave" in out
+
+
+@pytest.mark.qemu
+def test_bench_resume_one_round_synthetic(qemu_binary: str, tmp_path: Path) -> None:
+    """One round of every contender on a -machine none snapshot (no guest, no request port)."""
+    from uffdpy.mappedram import make_synthetic
+    snap = tmp_path / "s.img"
+    make_synthetic(snap, size=16 << 20, fill=0.3, seed=4)
+    out = run_script("bench_resume.py", [snap, "--rounds", "1", "--no-request", "--qemu",
+                                         qemu_binary, "--qemu-args",
+                                         "-machine none -m 16M -nodefaults -display none"],
+                     timeout=240)
+    assert "QEMU's own load" in out and "uffdpy resume --preempt" in out

@@ -1,0 +1,197 @@
+"""Resume benchmark: QEMU's own load of a snapshot against ``uffdpy resume``, on a real guest.
+
+Every contender gets a fresh destination QEMU (``QEMU ARGS -incoming
+defer``), and the contenders are interleaved round by round, each round
+starting one contender later, so that a noisy shared machine hurts each the
+same.  Per contender and round:
+
+* **QEMU's own load**: ``migrate-incoming file:SNAP`` with mapped-ram, then
+  ``cont`` on the ``completed`` event.  Time zero is the ``migrate-incoming``
+  call; running is the RESUME event, completed the MIGRATION event.
+* **resume** (and **resume + preempt**): :class:`uffdpy.resume.Resume`
+  against the destination's QMP socket.  Time zero is the call of
+  ``Resume()`` (capabilities, ``migrate-incoming`` and the connect
+  included); running and completed are QEMU's events, as above.
+
+With ``request`` (the request-serving guest of ``scripts/linux_guest.py``)
+a request is sent on the guest's second serial port as soon as the guest
+runs, and the time from time zero to its answer is measured, along with the
+page requests the resume had served by then.  QEMU's event timestamps
+(CLOCK_REALTIME) are compared with ``time.time()``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from tabulate import tabulate
+
+from .qmp import QmpClient
+from .resume import QemuProcess, Resume
+
+__all__ = ["run_resume_bench", "CONTENDERS"]
+
+CONTENDERS = ("qemu", "resume", "resume-preempt")
+LABELS = {"qemu": "QEMU's own load (mapped-ram)", "resume": "uffdpy resume",
+          "resume-preempt": "uffdpy resume --preempt"}
+
+
+def _request_args(path: str) -> List[str]:
+    return ["-chardev", f"socket,id=uffdpy-req,path={path},server=on,wait=off",
+            "-serial", "chardev:uffdpy-req"]
+
+
+def _ask(path: str, request: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(request.encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"{path} closed before the guest answered")
+            buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def _event_time(event: Dict[str, Any]) -> float:
+    ts = event["timestamp"]
+    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def _qemu_own(snapshot: str, argv: List[str], req: Optional[str], request: str,
+              timeout: float) -> Dict[str, Any]:
+    proc = QemuProcess(argv, paused=False, timeout=timeout)
+    try:
+        with QmpClient(proc.qmp_path, timeout=timeout) as qmp:
+            qmp.call("migrate-set-capabilities", capabilities=[
+                {"capability": "mapped-ram", "state": True},
+                {"capability": "events", "state": True}])
+            t0 = time.time()
+            qmp.call("migrate-incoming", uri=f"file:{os.path.abspath(snapshot)}")
+            done = qmp.wait_event("MIGRATION", timeout=timeout,
+                                  match=lambda e: e["data"]["status"] in ("completed", "failed"))
+            if done["data"]["status"] != "completed":
+                raise RuntimeError(f"QEMU's own load failed: {proc.last_error()}")
+            since = len(qmp.events)
+            if qmp.call("query-status")["status"] != "running":     # saved paused: cont
+                qmp.call("cont")
+                since_ = since
+            else:                        # a snapshot without globalstate runs at once
+                since_ = 0
+            running = _event_time(qmp.wait_event("RESUME", since=since_, timeout=timeout)) - t0
+            out: Dict[str, Any] = {"running": running, "completed": _event_time(done) - t0}
+            if req is not None:
+                answer = _ask(req, request, timeout)
+                out["answer"] = time.time() - t0
+                out["answer_text"] = answer
+            return out
+    finally:
+        proc.kill()
+
+
+def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, timeout: float,
+            preempt: bool) -> Dict[str, Any]:
+    proc = QemuProcess(argv, paused=False, timeout=timeout)
+    try:
+        t0 = time.time()
+        with Resume(snapshot, qmp=proc.qmp_path, preempt=preempt, timeout=timeout) as r:
+            running = r.running_after(timeout)
+            out: Dict[str, Any] = {}
+            if req is not None:
+                answer = _ask(req, request, timeout)
+                out["answer"] = time.time() - t0
+                out["answer_text"] = answer
+                out["requests_before_answer"] = r.stats.page_requests
+            stats = r.wait(timeout * 4)
+        out.update({
+            "running": None if running is None else running + (r._connected_wall - t0),
+            "time_to_running_s": stats.time_to_running_s,
+            "completed": (stats.time_to_complete_s or 0) + (r._connected_wall - t0),
+            "page_requests": stats.page_requests,
+            "p50_us": stats.request_service_us["p50"],
+            "p99_us": stats.request_service_us["p99"],
+        })
+        return out
+    finally:
+        proc.kill()
+
+
+def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5,
+                     qemu: str = "qemu-system-x86_64", request: Optional[str] = "GET 0 4",
+                     contenders: Sequence[str] = CONTENDERS, timeout: float = 60.0,
+                     log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    """Run the interleaved rounds; return ``{"rows": {...}, "table": str, "rounds": [...]}``.
+
+    ``qemu_args`` recreate the saved machine (serial backends included); with
+    ``request`` the request port is added as the next serial port and the
+    request is sent as soon as the guest runs.
+    """
+    tmp = tempfile.mkdtemp(prefix="uffdpy-bench-resume-")
+    req = os.path.join(tmp, "req.sock") if request else None
+    argv = [qemu, *qemu_args] + (_request_args(req) if req else [])
+    results: Dict[str, List[Dict[str, Any]]] = {c: [] for c in contenders}
+    answers = set()
+    try:
+        for rnd in range(rounds + 1):                       # round 0 warms up, not counted
+            order = list(contenders[rnd % len(contenders):]) + list(
+                contenders[:rnd % len(contenders)])
+            for name in order:
+                if req and os.path.exists(req):
+                    os.unlink(req)
+                if name == "qemu":
+                    res = _qemu_own(snapshot, argv, req, request or "", timeout)
+                else:
+                    res = _resume(snapshot, argv, req, request or "", timeout,
+                                  preempt=name == "resume-preempt")
+                if "answer_text" in res:
+                    answers.add(res["answer_text"])
+                log(f"round {rnd} {name}: " + ", ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in res.items() if k != "answer_text"))
+                if rnd:
+                    results[name].append(res)
+    finally:
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+    if len(answers) > 1:
+        raise RuntimeError(f"the guest's answers differ between contenders: {sorted(answers)}")
+
+    def med(name: str, key: str) -> Optional[float]:
+        xs = [r[key] for r in results[name] if r.get(key) is not None]
+        return statistics.median(xs) if xs else None
+
+    rows = {name: {key: med(name, key) for key in
+                   ("running", "answer", "completed", "page_requests",
+                    "requests_before_answer", "p50_us", "p99_us", "time_to_running_s")}
+            for name in contenders}
+    base = rows.get("qemu", {})
+
+    def ms_(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v * 1e3:.1f}"
+
+    def ratio(v: Optional[float], key: str) -> str:
+        b = base.get(key)
+        return "-" if v is None or not b else f"{v / b:.2f}x"
+
+    table = tabulate(
+        [[LABELS[n], ms_(r["running"]), ratio(r["running"], "running"),
+          ms_(r["answer"]), ratio(r["answer"], "answer"),
+          ms_(r["completed"]), ratio(r["completed"], "completed"),
+          "-" if r["page_requests"] is None else f"{r['page_requests']:.0f}",
+          "-" if r["requests_before_answer"] is None else f"{r['requests_before_answer']:.0f}",
+          "-" if r["p50_us"] is None else f"{r['p50_us']:.0f}",
+          "-" if r["p99_us"] is None else f"{r['p99_us']:.0f}"]
+         for n, r in rows.items()],
+        headers=["contender", "running ms", "vs QEMU", "answer ms", "vs QEMU", "completed ms",
+                 "vs QEMU", "page requests", "requests before answer", "service p50 us",
+                 "service p99 us"])
+    return {"rows": rows, "table": table, "rounds": results, "answers": sorted(answers)}
