@@ -238,21 +238,29 @@ def end_section(section_id: int) -> bytes:
     return bytes([QEMU_VM_SECTION_END]) + _BE32.pack(section_id) + part_end(section_id)
 
 
+# plain ints for the per-page path (an IntFlag "|" costs microseconds)
+_PAGE = int(RamFlag.PAGE)
+_PAGE_CONTINUE = int(RamFlag.PAGE | RamFlag.CONTINUE)
+_ZERO = int(RamFlag.ZERO)
+_ZERO_CONTINUE = int(RamFlag.ZERO | RamFlag.CONTINUE)
+_pack64 = _BE64.pack
+
+
 def page_header(offset: int, block: Optional[str]) -> bytes:
     """The header of a PAGE record for byte ``offset`` of ``block`` (None: CONTINUE, same block).
 
     4096 bytes of page data follow it.
     """
     if block is None:
-        return _BE64.pack(offset | RamFlag.PAGE | RamFlag.CONTINUE)
-    return _BE64.pack(offset | RamFlag.PAGE) + _name(block)
+        return _pack64(offset | _PAGE_CONTINUE)
+    return _pack64(offset | _PAGE) + _name(block)
 
 
 def zero_record(offset: int, block: Optional[str]) -> bytes:
     """A whole ZERO record for byte ``offset`` of ``block`` (None: CONTINUE)."""
     if block is None:
-        return _BE64.pack(offset | RamFlag.ZERO | RamFlag.CONTINUE) + b"\x00"
-    return _BE64.pack(offset | RamFlag.ZERO) + _name(block) + b"\x00"
+        return _pack64(offset | _ZERO_CONTINUE) + b"\x00"
+    return _pack64(offset | _ZERO) + _name(block) + b"\x00"
 
 
 # ------------------------------------------------------------------ destination -> source
