@@ -50,6 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -323,6 +333,7 @@ def _resume_table(stats: Dict[str, Any]) -> str:
         ("page requests", stats["page_requests"]),
         ("pages sent on request", stats["pages_requested"]),
         ("pages streamed", stats["pages_streamed"]),
+        ("pages sent around requests", stats["pages_around"]),
         ("zero pages sent", stats["zero_pages_sent"]),
         ("duplicate requests", stats["duplicate_requests"]),
         ("bytes sent", stats["bytes_sent"]),
@@ -358,6 +369,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         background=not args.no_background,
                         background_delay=args.background_delay, preempt=args.preempt,
                         recover=args.recover, batch_pages=args.batch_pages,
+                        fault_around_pages=args.fault_around,
+                        demand_yield_ms=args.demand_yield_ms,
                         timeout=args.timeout)
         progress = _Progress("resuming", not args.json)
         while True:
@@ -546,6 +559,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --qmp: finish a load whose source died (postcopy-paused)")
     sp.add_argument("--batch-pages", type=_positive_int, default=32, metavar="N",
                     help="data pages per background section (default 32)")
+    sp.add_argument("--fault-around", type=_non_negative_int, default=32, metavar="N",
+                    help="data pages sent right behind each requested page (default 32)")
+    sp.add_argument("--demand-yield-ms", type=_non_negative_float, default=2.0, metavar="MS",
+                    help="the background stream pauses this long after each request "
+                         "(default 2; 0: never)")
     sp.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
                     help="bound on each QMP call and connection (default 30)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
