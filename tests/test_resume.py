@@ -491,3 +491,17 @@ def test_cli_argument_errors(tmp_path: Path) -> None:
                                                            "--qmp", "/nonexistent"))
     proc = run_uffdpy("resume", snap, "--qmp", "x", "--batch-pages", "0")
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+    assert "needs --qemu-args" in one_line_error(run_uffdpy("bench", snap, "--resume"))
+
+
+@pytest.mark.qemu
+def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
+    from uffdpy.mappedram import make_synthetic
+    snap = tmp_path / "s.img"
+    make_synthetic(snap, size=16 << 20, fill=0.3, seed=4)
+    proc = run_uffdpy("bench", snap, "--resume", "--rounds", "1", "--request", "", "--json",
+                      "--qemu-args", "-machine none -m 16M -nodefaults -display none")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert set(rows) == {"qemu", "resume", "resume-preempt"}
+    assert all(r["completed"] and r["completed"] > 0 for r in rows.values())

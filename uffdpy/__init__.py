@@ -51,6 +51,11 @@ _EXPORTS = {
     "Stats": "loader",
     "prepare_interpreter_servers": "loader",
     "release_interpreter_servers": "loader",
+    "Resume": "resume",
+    "ResumeStats": "resume",
+    "ResumeError": "resume",
+    "DestinationError": "resume",
+    "QmpClient": "qmp",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -411,8 +411,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
     import shlex
+    if args.resume:
+        from .bench_resume import run_resume_bench
+        if not args.qemu_args:
+            raise ValueError("bench --resume needs --qemu-args recreating the saved machine")
+        out = run_resume_bench(args.snapshot, shlex.split(args.qemu_args), rounds=args.rounds,
+                               request=args.request or None)
+        if args.json:
+            print(json.dumps({"rows": out["rows"], "rounds": out["rounds"]}, indent=2))
+        else:
+            print(out["table"])
+        return 0
+    from .bench import run_bench
     return run_bench(args.snapshot, rounds=args.rounds, touches=args.touch,
                      qemu=not args.no_qemu, as_json=args.json,
                      qemu_args=shlex.split(args.qemu_args) if args.qemu_args else None)
@@ -578,6 +589,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="QEMU arguments recreating the saved machine, one string "
                          "(e.g. \"-machine pc -m 1G -cpu max\"); -machine none snapshots "
                          "need none")
+    sp.add_argument("--resume", action="store_true",
+                    help="instead: QEMU's own load vs uffdpy resume of a real guest, each with "
+                         "a fresh QEMU (needs --qemu-args; see scripts/bench_resume.py)")
+    sp.add_argument("--request", default="GET 0 4", metavar="TEXT",
+                    help="with --resume: the request sent on the guest's second serial port "
+                         "as soon as it runs ('' for none; default 'GET 0 4')")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
 
