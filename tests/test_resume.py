@@ -505,3 +505,33 @@ def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
     rows = json.loads(proc.stdout)["rows"]
     assert set(rows) == {"qemu", "resume", "resume-preempt"}
     assert all(r["completed"] and r["completed"] > 0 for r in rows.values())
+
+
+@pytest.mark.qemu
+def test_connect_to_a_destination_that_already_listens(firmware: Dict[str, Any],
+                                                       qemu_binary: str, tmp_path: Path,
+                                                       short_tmp: str) -> None:
+    """--connect: QEMU listens with -incoming unix:PATH and postcopy on from its command line."""
+    snapshot, args = firmware["q35"]
+    listen = os.path.join(short_tmp, "in.sock")
+    qmp_path = os.path.join(short_tmp, "qmp.sock")
+    with open(tmp_path / "qemu.log", "wb") as log:
+        qemu = subprocess.Popen([qemu_binary, *args, "-S", "-incoming", f"unix:{listen}",
+                                 "-global", "migration.x-postcopy-ram=on",
+                                 "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(listen) and os.path.exists(qmp_path)):
+            assert qemu.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc = run_uffdpy("resume", snapshot, "--connect", f"unix:{listen}", "--json")
+        assert proc.returncode == 0, proc.stderr
+        stats = json.loads(proc.stdout)
+        assert data_pages_sent(stats) == stats["data_pages"]
+        assert stats["time_to_running_s"] is None        # no QMP: no RESUME event to read
+        with QmpClient(qmp_path, timeout=30) as qmp:
+            assert qmp.call("query-migrate")["status"] == "completed"
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=30)
