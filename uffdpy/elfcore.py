@@ -69,7 +69,7 @@ from elftools.elf.segments import NoteSegment
 from .pagesource import ImageError, ImageFile, OpenImage, PathLike, bitmap_runs, set_bits
 
 __all__ = ["ElfImageError", "ElfImage", "ElfRegion", "ElfNote", "PAGE_SIZE",
-           "MAX_SEGMENTS", "MAX_SEGMENT_BYTES", "MAX_TOTAL_BYTES", "MAX_NOTES_BYTES"]
+           "MAX_SEGMENTS", "MAX_SEGMENT_BYTES", "MAX_TOTAL_BYTES", "MAX_NOTES_BYTES", "MAX_NOTES"]
 
 PAGE_SIZE = 4096
 #: more program headers than this is absurd (a process has at most ~65530 mappings)
@@ -80,6 +80,10 @@ MAX_SEGMENT_BYTES = 1 << 40
 MAX_TOTAL_BYTES = 1 << 44
 #: a PT_NOTE segment larger than this (64 MiB) is refused (notes are read when opening)
 MAX_NOTES_BYTES = 64 << 20
+#: more notes than this in one image is refused: each costs pyelftools tens of
+#: microseconds to parse (a core of a process with 10,000 threads has ~60,000);
+#: UFFDPY_MAX_NOTES raises it
+MAX_NOTES = int(os.environ.get("UFFDPY_MAX_NOTES", 1 << 17))
 
 ELF64_EHDR_SIZE = 64
 ELF64_PHDR_SIZE = 56
@@ -529,6 +533,10 @@ class _Parser:
                     number = int(n_type)
                     type_name = _OWNER_NOTE_TYPES.get((note["n_name"] or "", number),
                                                       f"{number:#x}")
+                if len(self.image.notes) >= MAX_NOTES:
+                    raise self.err(at, f"too many notes (the limit is {MAX_NOTES}; set "
+                                   "UFFDPY_MAX_NOTES to raise it)", f"<= {MAX_NOTES} notes",
+                                   "more")
                 self.image.notes.append(ElfNote(name=note["n_name"] or "", type=number,
                                                 type_name=type_name, offset=at, size=descsz,
                                                 desc_offset=name_end))
