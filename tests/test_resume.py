@@ -239,8 +239,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 def data_pages_sent(stats: Dict[str, Any]) -> int:
     """Data pages sent: on request (zero pages are sent only on request) or streamed."""
-    return (stats["pages_requested"] - stats["zero_pages_sent"] + stats["pages_around"]
-            + stats["pages_streamed"])
+    assert stats["data_pages_sent"] == (stats["pages_requested"] - stats["zero_pages_sent"]
+                                        + stats["pages_around"] + stats["pages_streamed"]
+                                        + stats["pages_working_set"])
+    return int(stats["data_pages_sent"])
 
 
 STAT_KEYS = {"time_to_running_s", "time_to_complete_s", "page_requests", "pages_requested",

@@ -69,6 +69,7 @@ from . import migstream as ms
 from .mappedram import Snapshot, TARGET_PAGE_SIZE
 from .pagesource import PathLike
 from .qmp import QmpClient, QmpError
+from .workingset import WorkingSet, load_for, snapshot_identity
 
 __all__ = ["Resume", "ResumeError", "DestinationError", "ResumeStats", "QemuDestination",
            "parse_address"]
@@ -110,10 +111,10 @@ class ResumeStats:
     sent in answer, ``duplicate_requests`` the pages asked for that were
     already sent or in flight.  ``pages_streamed`` are data pages the
     background stream sent, ``pages_around`` data pages sent right behind a
-    requested one (fault-around), ``zero_pages_sent`` zero pages sent because
-    they were requested (a zero host page is sent only when asked for, so
-    ``pages_requested - zero_pages_sent + pages_around + pages_streamed``
-    is every data page).  ``request_service_us`` summarises, in microseconds, the
+    requested one (fault-around), ``pages_working_set`` pages sent because a
+    working set named them, ``zero_pages_sent`` zero pages sent (only those
+    requested or in the working set).  ``data_pages_sent`` equals
+    ``data_pages`` (the snapshot's) once the migration completed.  ``request_service_us`` summarises, in microseconds, the
     time from reading a request to writing the last byte of its page.
     """
     time_to_running_s: Optional[float] = None
@@ -122,10 +123,12 @@ class ResumeStats:
     pages_requested: int = 0
     pages_streamed: int = 0
     pages_around: int = 0
+    pages_working_set: int = 0
     zero_pages_sent: int = 0
     bytes_sent: int = 0
     duplicate_requests: int = 0
     data_pages: int = 0
+    data_pages_sent: int = 0
     request_service_us: Dict[str, Optional[float]] = dataclasses.field(
         default_factory=lambda: dict(p50=None, p90=None, p99=None, max=None))
     recovered: bool = False
@@ -351,6 +354,8 @@ class Resume:
                  fault_around_pages: int = DEFAULT_FAULT_AROUND,
                  demand_yield_ms: float = DEFAULT_DEMAND_YIELD_MS,
                  page_sizes: Optional[Dict[str, int]] = None,
+                 working_set: Optional[PathLike] = None, ws_placement: str = "after-run",
+                 record_ws: Optional[PathLike] = None,
                  timeout: float = 30.0) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
@@ -360,6 +365,10 @@ class Resume:
             raise ValueError(f"demand_yield_ms must be >= 0, not {demand_yield_ms}")
         if fault_around_pages < 0:
             raise ValueError(f"fault_around_pages must be >= 0, not {fault_around_pages}")
+        if ws_placement not in ("after-run", "before-run"):
+            raise ValueError(f"ws_placement must be after-run or before-run, not {ws_placement!r}")
+        if working_set is not None and recover:
+            raise ValueError("a working set applies to a fresh resume, not to --recover")
         if batch_pages < 1:
             raise ValueError(f"batch_pages must be >= 1, not {batch_pages}")
         if background_delay < 0:
@@ -373,6 +382,14 @@ class Resume:
         self._timeout = timeout
         self._batch = batch_pages
         self._around = fault_around_pages
+        self._ws_path = working_set
+        self._ws_placement = ws_placement
+        self._ws: Optional[WorkingSet] = None
+        self._ws_queue: Deque[Tuple[_Block, int]] = collections.deque()
+        self._record_path = record_ws
+        self._recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
+        self._record_saved = False
+        self._identity: Optional[Dict[str, Any]] = None
         self._yield_s = demand_yield_ms / 1000
         self._last_request = 0.0
         self._background = background
@@ -432,6 +449,9 @@ class Resume:
             os.close(fd)
         self._view = memoryview(self._map)
         self._page_sizes = dict(page_sizes or {})
+        self._ws = load_for(self._ws_path, snap)      # refused before anything is sent
+        if self._record_path is not None:
+            self._identity = snapshot_identity(snap)
 
     def _build_blocks(self) -> None:
         assert self._snap is not None
@@ -446,6 +466,10 @@ class Resume:
         self.stats.data_pages = sum(b.present.count(1) for b in self._order)
         self._remaining = sum(len(b.data_units) for b in self._order)
         self._total_units = self._remaining
+        if self._ws is not None:
+            for name, page, _, _ in self._ws.pages:          # zero pages too: each saves
+                block = self._blocks[name]                  # a request if demanded again
+                self._ws_queue.append((block, page // block.sub))
 
     def _setup_destination(self, qmp: str) -> str:
         dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
@@ -508,21 +532,47 @@ class Resume:
                                "(the file was truncated or changed during the resume)")
         return e
 
-    def _preamble(self) -> bytes:
+    def _queue_preamble(self, main: _Channel, sid: int) -> None:
+        """Everything before the package; with a working set placed before RUN, its pages too.
+
+        Pages sent before LISTEN are precopy pages: the destination copies them
+        into RAM at once and marks them received, so the guest starts with them.
+        They go after the one mandatory DISCARD, which turns transparent huge
+        pages off in guest RAM: before it, one 4 KiB write would make a whole
+        2 MiB page present, and a later page of it would be refused (EEXIST).
+        """
         assert self._snap is not None
         snap = self._snap
         first = self._order[0]
         summary = 0
         for b in self._order:
             summary |= b.host_page
-        return b"".join([
+        main.queue(b"".join([
             ms.header(), ms.configuration(snap.machine, uuid=snap.uuid),
             ms.open_return_path(), ms.ping(1), ms.postcopy_advise(summary, PAGE),
             self._early,
             ms.ram_start(snap.ram_section_id, [(b.name, b.length) for b in self._order]),
             ms.switchover_start(),
-            ms.postcopy_ram_discard(first.name, [(0, first.host_page)]),
-            ms.ping(2)])
+            ms.postcopy_ram_discard(first.name, [(0, first.host_page)])]))
+        if self._ws_placement == "before-run":
+            while self._ws_queue:
+                self._queue_ws_batch(main, sid)
+        main.queue(ms.ping(2))
+
+    def _queue_ws_batch(self, main: _Channel, sid: int) -> None:
+        pieces: List[Tuple[Any, Optional[float]]] = []
+        count = 0
+        while self._ws_queue and count < self._batch:
+            block, unit = self._ws_queue.popleft()
+            if block.sent[unit]:
+                continue
+            pieces += self._claim(block, unit, main, None, why="ws")
+            count += 1
+        if pieces:
+            main.queue(ms.part_start(sid))
+            for piece, _ in pieces:
+                main.queue(piece)
+            main.queue(ms.part_end(sid))
 
     def _package(self) -> bytes:
         blob = ms.postcopy_listen() + self._devices + ms.ping(3) + ms.postcopy_run()
@@ -540,7 +590,7 @@ class Resume:
             phase = "bitmaps"
             bitmaps: Dict[str, ms.RecvBitmap] = {}
         else:
-            main.queue(self._preamble())
+            self._queue_preamble(main, sid)
             if self._preempt:
                 phase = "await-pong2"
             else:
@@ -572,7 +622,10 @@ class Resume:
             streaming = (phase == "serving" and self._background and background_at is not None
                          and now >= background_at and self._remaining > 0
                          and now - self._last_request >= self._yield_s)
-            if streaming and not main.pending:
+            if phase == "serving" and self._ws_queue and not main.pending:
+                self._queue_ws_batch(main, sid)          # the working set: first, no yield
+                self.stats.bytes_sent += main.flush(served)
+            elif streaming and not main.pending:
                 self._queue_batch(main, sid)
                 self.stats.bytes_sent += main.flush(served)
             if (phase == "serving" and self._remaining == 0 and not ended
@@ -586,7 +639,7 @@ class Resume:
             if self._urgent is not None:
                 poller.register(self._urgent.sock.fileno(),
                                 select.POLLOUT if self._urgent.pending else 0)
-            if streaming and not main.pending:
+            if (streaming or (phase == "serving" and self._ws_queue)) and not main.pending:
                 wait_ms = 0
             elif background_at is not None and now < background_at and self._remaining:
                 wait_ms = max(1, int((background_at - now) * 1000))
@@ -673,6 +726,11 @@ class Resume:
         first = req.start // block.host_page
         last = (req.start + req.length - 1) // block.host_page
         records: List[Tuple[Any, Optional[float]]] = []
+        if self._record_path is not None:
+            t_demand = time.monotonic() - self._connected
+            for page in range(req.start // PAGE, (req.start + req.length - 1) // PAGE + 1):
+                if (block.name, page) not in self._recorded:
+                    self._recorded[(block.name, page)] = (t_demand, bool(block.present[page]))
         for unit in range(first, last + 1):
             if block.sent[unit]:
                 self.stats.duplicate_requests += 1
@@ -706,6 +764,7 @@ class Resume:
             offset = page * PAGE
             if block.present[page]:
                 has_data = True
+                self.stats.data_pages_sent += 1
                 at = block.pages_offset + offset
                 out.append((ms.page_header(offset, name), None))
                 out.append((self._view[at:at + PAGE], None))
@@ -713,6 +772,8 @@ class Resume:
                     self.stats.pages_requested += 1
                 elif why == "around":
                     self.stats.pages_around += 1
+                elif why == "ws":
+                    self.stats.pages_working_set += 1
                 else:
                     self.stats.pages_streamed += 1
             else:
@@ -720,6 +781,8 @@ class Resume:
                 self.stats.zero_pages_sent += 1
                 if why == "request":
                     self.stats.pages_requested += 1
+                elif why == "ws":
+                    self.stats.pages_working_set += 1
         if has_data:
             self._remaining -= 1
         if t_request is not None and out:
@@ -800,7 +863,22 @@ class Resume:
         if self._error is not None:
             raise self._error
         self._finish_times()
+        if self._record_path is not None and not self._record_saved:
+            self.save_working_set(self._record_path)
         return self.stats
+
+    def recorded(self) -> WorkingSet:
+        """The pages demanded so far (with ``record_ws``), in order of first demand."""
+        assert self._snap is not None or self._identity is not None
+        ident = self._identity
+        pages = sorted(self._recorded.items(), key=lambda kv: kv[1][0])
+        return WorkingSet(snapshot=dict(ident or {}),
+                          pages=[(b, p, t, d) for (b, p), (t, d) in pages])
+
+    def save_working_set(self, path: PathLike) -> None:
+        """Write :meth:`recorded` to ``path`` (atomically)."""
+        self.recorded().save(path)
+        self._record_saved = True
 
     def _finish_times(self) -> None:
         dest = self._dest
