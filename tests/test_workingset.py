@@ -1,0 +1,196 @@
+"""Working sets: the file format (pure), and record/replay on the real request-serving guest.
+
+The QEMU tests resume conftest's Linux guest (TCG) into a real QEMU 10 with a
+private destination (killed by pid at the end), send the same request as a
+warmed-up function would get, and compare what a recording changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+
+import linux_guest
+from uffdpy.mappedram import Snapshot, make_synthetic
+from uffdpy.resume import QemuProcess, Resume
+from uffdpy.workingset import WorkingSet, WorkingSetError, jaccard, merge, snapshot_identity
+
+from conftest import LINUX_GUEST_SEED  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ------------------------------------------------------------------ the file (pure)
+
+@pytest.fixture
+def synth(tmp_path: Path) -> Tuple[Path, Path]:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make_synthetic(a, size=4 << 20, fill=0.5, seed=1)
+    make_synthetic(b, size=4 << 20, fill=0.5, seed=2)
+    return a, b
+
+
+def test_round_trip_merge_and_jaccard(synth: Tuple[Path, Path], tmp_path: Path) -> None:
+    a, _ = synth
+    with Snapshot.open(a) as snap:
+        ident = snapshot_identity(snap)
+        one = WorkingSet(ident, [("ram", 5, 0.001, True), ("ram", 9, 0.002, False)])
+        two = WorkingSet(ident, [("ram", 9, 0.0005, False), ("ram", 7, 0.003, True)])
+        one.save(tmp_path / "one.ws")
+        back = WorkingSet.load(tmp_path / "one.ws")
+        assert back.pages == one.pages and back.snapshot == ident
+        back.check(snap)
+        assert jaccard(one, two) == pytest.approx(1 / 3)
+        both = merge([one, two])
+        assert both.keys() == [("ram", 9), ("ram", 5), ("ram", 7)]     # by first demand
+        assert both.data_pages == 2
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".ws-")]   # no temporaries
+
+
+def test_another_snapshot_is_refused(synth: Tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = synth
+    with Snapshot.open(a) as snap:
+        WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "a.ws")
+    with Snapshot.open(b) as other:
+        with pytest.raises(WorkingSetError, match="recorded for another snapshot"):
+            WorkingSet.load(tmp_path / "a.ws").check(other, "a.ws")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "bad JSON"),
+    (b'{"format": "uffdpy-working-set", "version": 1, "snapshot": {"blocks": [["ram", 8192]], '
+     b'"digest": "x"}, "pages": [["ram", 2, 0.0, true]]}', "outside the recorded blocks"),
+    (b'{"format": "uffdpy-working-set", "version": 2}', "version 2"),
+    (b'{"format": "something else"}', "not a working-set file"),
+    (b'{"format": "uffdpy-working-set", "version": 1, "snapshot": {"blocks": [["ram", 8192]], '
+     b'"digest": "x"}, "pages": [["ram", 1, 0.0, true], ["ram", 1, 0.1, true]]}', "repeats"),
+    (b'{"format": "uffdpy-working-set", "version": 1, "snapshot": {"blocks": [["ram", 8192]], '
+     b'"digest": "x"}, "pages": [["ram", "1", 0.0, true]]}', "malformed"),
+])
+def test_malformed_files_give_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.ws"
+    path.write_bytes(content)
+    with pytest.raises(WorkingSetError, match=message) as info:
+        WorkingSet.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_truncated_recording_is_refused(synth: Tuple[Path, Path], tmp_path: Path) -> None:
+    a, _ = synth
+    with Snapshot.open(a) as snap:
+        WorkingSet(snapshot_identity(snap), [("ram", i, i / 1e3, True) for i in range(50)]).save(
+            tmp_path / "w.ws")
+    data = (tmp_path / "w.ws").read_bytes()
+    (tmp_path / "cut.ws").write_bytes(data[:len(data) // 2])
+    with pytest.raises(WorkingSetError, match="bad JSON"):
+        WorkingSet.load(tmp_path / "cut.ws")
+
+
+# ------------------------------------------------------------------ on the real guest
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="uffdpy-ws-")
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+def _resume_and_ask(guest: Dict[str, Any], tmp: str, *, qemu: str, paused: bool = False,
+                    **options: Any) -> Tuple[Dict[str, Any], QemuProcess]:
+    """Resume into a fresh QEMU, ask the guest once; returns figures and the live QEMU."""
+    req = os.path.join(tmp, "req.sock")
+    if os.path.exists(req):
+        os.unlink(req)
+    proc = QemuProcess([qemu, *linux_guest.destination_args(guest, req)], paused=paused)
+    try:
+        background = options.pop("background", True)
+        with Resume(guest["snapshot"], qmp=proc.qmp_path, background=background,
+                    **options) as r:
+            out: Dict[str, Any] = {}
+            if not paused:
+                assert r.running_after(10) is not None
+                answer = linux_guest.ask(req, 0, 4, timeout=60)
+                assert answer == linux_guest.expected_answer(LINUX_GUEST_SEED, 0, 4)
+                out["requests_before_answer"] = r.stats.page_requests
+            if not background:
+                r.start_background()
+            out["stats"] = r.wait(60).as_dict()
+        return out, proc
+    except BaseException:
+        proc.kill()
+        raise
+
+
+@pytest.mark.qemu
+def test_record_is_stable_and_replay_cuts_requests(guest: Dict[str, Any], qemu_binary: str,
+                                                   short_tmp: str, tmp_path: Path) -> None:
+    recordings = []
+    for i in range(2):
+        path = tmp_path / f"rec{i}.ws"
+        _, proc = _resume_and_ask(guest, short_tmp, qemu=qemu_binary, background=False,
+                                  fault_around_pages=0, record_ws=path)
+        proc.kill()
+        recordings.append(WorkingSet.load(path))
+    first, second = recordings
+    assert len(first.pages) > 100 and first.data_pages > 50
+    assert jaccard(first, second) > 0.5
+    with Snapshot.open(guest["snapshot"]) as snap:
+        first.check(snap)
+    plain, proc = _resume_and_ask(guest, short_tmp, qemu=qemu_binary)
+    proc.kill()
+    replay, proc = _resume_and_ask(guest, short_tmp, qemu=qemu_binary,
+                                   working_set=tmp_path / "rec0.ws")
+    proc.kill()
+    assert replay["stats"]["pages_working_set"] == len(first.pages)
+    assert replay["requests_before_answer"] <= 0.2 * plain["requests_before_answer"], (
+        replay["requests_before_answer"], plain["requests_before_answer"])
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("placement", ["after-run", "before-run"])
+def test_replay_keeps_ram_byte_exact(guest: Dict[str, Any], qemu_binary: str, short_tmp: str,
+                                     tmp_path: Path, placement: str) -> None:
+    """With -S: the working set's pages (precopy, or streamed first) and the rest, each once."""
+    from test_resume import Destination, assert_ram_equals
+    with Snapshot.open(guest["snapshot"]) as snap:
+        block = snap.block("pc.ram")
+        pages = [("pc.ram", i, i / 1e4, bool(block.is_present(i)))
+                 for i in range(256, 256 + 3000, 3)]
+        WorkingSet(snapshot_identity(snap), pages).save(tmp_path / "w.ws")
+    req = os.path.join(short_tmp, "req.sock")
+    dst = Destination(qemu_binary, linux_guest.destination_args(guest, req), paused=True)
+    try:
+        with Resume(guest["snapshot"], qmp=dst.uffdpy_sock, working_set=tmp_path / "w.ws",
+                    ws_placement=placement) as r:
+            stats = r.wait(60)
+        assert stats.pages_working_set == len(pages)
+        assert stats.data_pages_sent == stats.data_pages
+        assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
+    finally:
+        dst.close()
+
+
+@pytest.mark.qemu
+def test_recording_of_another_snapshot_refused_before_sending(
+        guest: Dict[str, Any], qemu_binary: str, short_tmp: str, tmp_path: Path) -> None:
+    other = tmp_path / "other.img"
+    make_synthetic(other, size=4 << 20, fill=0.5, seed=3)
+    with Snapshot.open(other) as snap:
+        WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "o.ws")
+    req = os.path.join(short_tmp, "req.sock")
+    proc = QemuProcess([qemu_binary, *linux_guest.destination_args(guest, req)], paused=True)
+    try:
+        with pytest.raises(WorkingSetError, match="another snapshot"):
+            Resume(guest["snapshot"], qmp=proc.qmp_path, working_set=tmp_path / "o.ws")
+        from uffdpy.qmp import QmpClient
+        with QmpClient(proc.qmp_path, timeout=30) as qmp:
+            assert qmp.call("query-migrate").get("status", "none") == "none"
+    finally:
+        proc.kill()
