@@ -194,3 +194,56 @@ def test_recording_of_another_snapshot_refused_before_sending(
             assert qmp.call("query-migrate").get("status", "none") == "none"
     finally:
         proc.kill()
+
+
+# ------------------------------------------------------------------ the picture
+
+def _png_size(path: Path) -> Tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.qemu
+def test_plot_of_a_real_run(guest: Dict[str, Any], qemu_binary: str, short_tmp: str,
+                            tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'uffdpy[plot]'")
+    from uffdpy.plot import load_run, plot_run
+    req = os.path.join(short_tmp, "req.sock")
+    proc = QemuProcess([qemu_binary, *linux_guest.destination_args(guest, req)], paused=False)
+    try:
+        with Resume(guest["snapshot"], qmp=proc.qmp_path, trace=True) as r:
+            assert r.running_after(10) is not None
+            linux_guest.ask(req, 0, 2, timeout=60)
+            r.wait(60)
+            report = r.report(answer_s=0.5)
+    finally:
+        proc.kill()
+    kinds = {row[3] for row in report["trace"]["rows"]}
+    assert {"request", "stream"} <= kinds
+    assert len(report["trace"]["rows"]) >= report["data_pages"]
+    (tmp_path / "run.json").write_text(json.dumps(report))
+    plot_run(load_run(tmp_path / "run.json"), tmp_path / "run.png", width_px=800, height_px=500)
+    assert _png_size(tmp_path / "run.png") == (800, 500)
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
+    run = {"stats": {}, "trace": {"blocks": [["ram", 8192]], "rows": [[0.0, "ram", 0, "stream"]]}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from uffdpy.plot import plot_run, load_run, PlotUnavailable\n"
+            f"try:\n    plot_run(load_run({str(tmp_path / 'run.json')!r}), "
+            f"{str(tmp_path / 'x.png')!r})\n"
+            "except PlotUnavailable as e:\n    print(e)\n")
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert "pip install 'uffdpy[plot]'" in out.stdout, out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_refuses_a_run_without_trace(tmp_path: Path) -> None:
+    from uffdpy.plot import load_run
+    (tmp_path / "run.json").write_text(json.dumps({"page_requests": 3}))
+    with pytest.raises(ValueError, match="no per-page trace"):
+        load_run(tmp_path / "run.json")

@@ -337,7 +337,12 @@ class Resume:
     QEMU's postcopy-preempt channel; ``recover`` resumes a destination left
     ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
     data pages per background section; ``fault_around_pages``: the next
-    data pages after a requested one that go with it; ``demand_yield_ms``:
+    data pages after a requested one that go with it; ``working_set`` (a
+    file of :mod:`uffdpy.workingset`) is sent first, after RUN
+    (``ws_placement="after-run"``) or as precopy pages before it
+    (``"before-run"``); ``record_ws`` writes the pages demanded, in order, at
+    completion; ``trace`` keeps, in :attr:`trace`, when each page was sent
+    and why; ``demand_yield_ms``:
     the background stream pauses that long after each request.  ``page_sizes`` maps block names to
     host page sizes when there is no QMP to ask (default 4 KiB).
 
@@ -355,7 +360,7 @@ class Resume:
                  demand_yield_ms: float = DEFAULT_DEMAND_YIELD_MS,
                  page_sizes: Optional[Dict[str, int]] = None,
                  working_set: Optional[PathLike] = None, ws_placement: str = "after-run",
-                 record_ws: Optional[PathLike] = None,
+                 record_ws: Optional[PathLike] = None, trace: bool = False,
                  timeout: float = 30.0) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
@@ -389,6 +394,8 @@ class Resume:
         self._record_path = record_ws
         self._recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
         self._record_saved = False
+        #: with trace=True: (seconds since the connect, block, 4 KiB page, why) per page sent
+        self.trace: Optional[List[Tuple[float, str, int, str]]] = [] if trace else None
         self._identity: Optional[Dict[str, Any]] = None
         self._yield_s = demand_yield_ms / 1000
         self._last_request = 0.0
@@ -758,6 +765,10 @@ class Resume:
         block.sent[unit] = 1
         out: List[Tuple[Any, Optional[float]]] = []
         has_data = False
+        if self.trace is not None:
+            t_now = time.monotonic() - self._connected
+            self.trace.extend((t_now, block.name, page, why)
+                              for page in range(unit * block.sub, (unit + 1) * block.sub))
         for page in range(unit * block.sub, (unit + 1) * block.sub):
             name = None if ch.last_block == block.name else block.name
             ch.last_block = block.name
@@ -866,6 +877,19 @@ class Resume:
         if self._record_path is not None and not self._record_saved:
             self.save_working_set(self._record_path)
         return self.stats
+
+    def report(self, **extra: Any) -> Dict[str, Any]:
+        """The stats as a dict, with the per-page trace (``trace=True``) as ``uffdpy plot`` reads it.
+
+        ``extra`` (e.g. ``answer_s``, seconds from the connect to a guest's
+        answer) is added as is.
+        """
+        out: Dict[str, Any] = {**self.stats.as_dict(), **extra}
+        if self.trace is not None:
+            out["trace"] = {"columns": ["t_s", "block", "page", "by"],
+                            "blocks": [[b.name, b.length] for b in getattr(self, "_order", [])],
+                            "rows": [[round(t, 6), b, p, w] for t, b, p, w in self.trace]}
+        return out
 
     def recorded(self) -> WorkingSet:
         """The pages demanded so far (with ``record_ws``), in order of first demand."""
