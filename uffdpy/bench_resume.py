@@ -40,9 +40,13 @@ from .resume import QemuProcess, Resume
 
 __all__ = ["run_resume_bench", "CONTENDERS"]
 
-CONTENDERS = ("qemu", "resume", "resume-preempt")
+CONTENDERS = ("qemu", "resume", "resume-preempt", "resume-ws", "resume-ws-before")
 LABELS = {"qemu": "QEMU's own load (mapped-ram)", "resume": "uffdpy resume",
-          "resume-preempt": "uffdpy resume --preempt"}
+          "resume-preempt": "uffdpy resume --preempt",
+          "resume-ws": "uffdpy resume --working-set (after RUN)",
+          "resume-ws-before": "uffdpy resume --working-set (before RUN)"}
+#: the contenders that need a recording (made once, before the rounds, not counted)
+WS_CONTENDERS = ("resume-ws", "resume-ws-before")
 
 
 def _request_args(path: str) -> List[str]:
@@ -104,11 +108,13 @@ def _qemu_own(snapshot: str, argv: List[str], req: Optional[str], request: str,
 
 
 def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, timeout: float,
-            preempt: bool) -> Dict[str, Any]:
+            preempt: bool = False, **options: Any) -> Dict[str, Any]:
     proc = QemuProcess(argv, paused=False, timeout=timeout)
     try:
         t0 = time.time()
-        with Resume(snapshot, qmp=proc.qmp_path, preempt=preempt, timeout=timeout) as r:
+        background = options.pop("background", True)
+        with Resume(snapshot, qmp=proc.qmp_path, preempt=preempt, timeout=timeout,
+                    background=background, **options) as r:
             running = r.running_after(timeout)
             out: Dict[str, Any] = {}
             if req is not None:
@@ -116,6 +122,8 @@ def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, ti
                 out["answer"] = time.time() - t0
                 out["answer_text"] = answer
                 out["requests_before_answer"] = r.stats.page_requests
+            if not background:
+                r.start_background()
             stats = r.wait(timeout * 4)
         out.update({
             "running": None if running is None else running + (r._connected_wall - t0),
@@ -145,7 +153,15 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
     argv = [qemu, *qemu_args] + (_request_args(req) if req else [])
     results: Dict[str, List[Dict[str, Any]]] = {c: [] for c in contenders}
     answers = set()
+    ws_path = os.path.join(tmp, "recorded.ws")
     try:
+        if any(c in WS_CONTENDERS for c in contenders):
+            # the recording: pure demand (no stream, no fault-around), as REAP records
+            if req and os.path.exists(req):
+                os.unlink(req)
+            rec = _resume(snapshot, argv, req, request or "", timeout, background=False,
+                          fault_around_pages=0, record_ws=ws_path)
+            log(f"recorded a working set: {rec.get('page_requests')} page requests")
         for rnd in range(rounds + 1):                       # round 0 warms up, not counted
             order = list(contenders[rnd % len(contenders):]) + list(
                 contenders[:rnd % len(contenders)])
@@ -154,6 +170,11 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
                     os.unlink(req)
                 if name == "qemu":
                     res = _qemu_own(snapshot, argv, req, request or "", timeout)
+                elif name in WS_CONTENDERS:
+                    res = _resume(snapshot, argv, req, request or "", timeout,
+                                  working_set=ws_path,
+                                  ws_placement="before-run" if name.endswith("before")
+                                  else "after-run")
                 else:
                     res = _resume(snapshot, argv, req, request or "", timeout,
                                   preempt=name == "resume-preempt")
