@@ -18,15 +18,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
 import linux_guest
 from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
+from uffdpy.qemu import Qemu
 from uffdpy.qmp import QmpClient
-from uffdpy.resume import DestinationError, Resume, ResumeError
+from uffdpy.resume import Resume
 
 from conftest import LINUX_GUEST_SEED  # noqa: E402
 
@@ -118,26 +119,13 @@ class Destination:
     """QEMU ``ARGS -incoming defer`` with a test QMP socket and one for uffdpy; killed by pid."""
 
     def __init__(self, qemu: str, args: Sequence[str], *, paused: bool) -> None:
-        self.dir = tempfile.mkdtemp(prefix="uffdpy-dst-")
-        self.test_sock = os.path.join(self.dir, "test.sock")
-        self.uffdpy_sock = os.path.join(self.dir, "uffdpy.sock")
-        self.log = os.path.join(self.dir, "qemu.log")
-        cmd = [qemu, *args, "-incoming", "defer",
-               "-qmp", f"unix:{self.test_sock},server=on,wait=off",
-               "-qmp", f"unix:{self.uffdpy_sock},server=on,wait=off"] + (["-S"] if paused else [])
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(self.test_sock) and os.path.exists(self.uffdpy_sock)):
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, "no QMP sockets: " + self.output()
-            time.sleep(0.01)
+        self.qemu = Qemu([qemu, *args], incoming="defer", paused=paused, qmp_sockets=2)
+        self.proc = self.qemu.proc
+        self.uffdpy_sock, self.test_sock = self.qemu.qmp_paths
         self.qmp = QmpClient(self.test_sock, timeout=30)
 
     def output(self) -> str:
-        with open(self.log, "rb") as f:
-            return f.read().decode(errors="replace")
+        return self.qemu.output()
 
     def status(self) -> str:
         return str(self.qmp.call("query-migrate").get("status", "none"))
@@ -164,10 +152,7 @@ class Destination:
 
     def close(self) -> None:
         self.qmp.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        subprocess.run(["rm", "-rf", self.dir], check=False)
+        self.qemu.kill()
 
 
 @pytest.fixture

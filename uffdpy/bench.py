@@ -24,8 +24,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -34,7 +32,7 @@ from tabulate import tabulate
 from .loader import (HAVE_INTERPRETERS, EagerLoader, LazyLoader, prepare_interpreter_servers,
                      release_interpreter_servers)
 from .pagesource import PageSource, open_image
-from .qmp import QmpClient
+from .qemu import Qemu, QemuError
 from .workload import latency_summary, page_at, run_access, touch_pages
 
 __all__ = ["run_bench", "qemu_load_seconds", "fault_service", "FaultReference",
@@ -134,15 +132,13 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
         RuntimeError: QEMU reported a failed migration or a QMP error.
         TimeoutError: QEMU did not finish within ``timeout`` seconds.
     """
-    tmp = tempfile.mkdtemp(prefix="uffdpy-qemu-")
-    sock = os.path.join(tmp, "qmp.sock")
-    log_path = os.path.join(tmp, "qemu.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([binary, "-nodefaults", "-display", "none", *qemu_args,
-                                 "-incoming", "defer", "-qmp", f"unix:{sock},server=on,wait=off"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        with QmpClient(sock, timeout=timeout) as qmp:
+        vm = Qemu([binary, "-nodefaults", "-display", "none", *qemu_args], incoming="defer",
+                  timeout=timeout)
+    except QemuError as exc:
+        raise RuntimeError(f"QEMU ({' '.join(qemu_args)}) could not start: {exc}") from None
+    try:
+        with vm.connect(timeout=timeout) as qmp:
             qmp.call("migrate-set-capabilities",
                      capabilities=[{"capability": "mapped-ram", "state": True}])
             t0 = time.perf_counter()
@@ -159,16 +155,13 @@ def qemu_load_seconds(snapshot_path: str, qemu_args: List[str], *,
                                        f"complete within {timeout:g}s")
                 time.sleep(0.0005)
     except (RuntimeError, ConnectionError) as exc:   # QmpError is a RuntimeError
-        proc.kill()
-        proc.wait(10)
-        with open(log_path, "rb") as f:
-            said = " ".join(f.read().decode(errors="replace").split())[-400:]
+        time.sleep(0.05)                              # let QEMU finish writing its error
+        said = " ".join(vm.output().split())[-400:]
+        vm.kill()
         raise RuntimeError(f"QEMU ({' '.join(qemu_args)}) could not load {snapshot_path}: "
                            f"{exc}; QEMU said: {said or 'nothing'}") from exc
     finally:
-        proc.kill()
-        proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        vm.kill()
 
 
 def _qemu_args_for(snap: PageSource) -> Optional[List[str]]:

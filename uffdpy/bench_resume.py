@@ -126,9 +126,9 @@ def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, ti
                 r.start_background()
             stats = r.wait(timeout * 4)
         out.update({
-            "running": None if running is None else running + (r._connected_wall - t0),
+            "running": None if running is None else running + (r.connected_at - t0),
             "time_to_running_s": stats.time_to_running_s,
-            "completed": (stats.time_to_complete_s or 0) + (r._connected_wall - t0),
+            "completed": (stats.time_to_complete_s or 0) + (r.connected_at - t0),
             "page_requests": stats.page_requests,
             "p50_us": stats.request_service_us["p50"],
             "p99_us": stats.request_service_us["p99"],
@@ -148,6 +148,8 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
     ``request`` the request port is added as the next serial port and the
     request is sent as soon as the guest runs.
     """
+    if not request:          # a working set is recorded from the guest's answer to a request
+        contenders = [c for c in contenders if c not in WS_CONTENDERS]
     tmp = tempfile.mkdtemp(prefix="uffdpy-bench-resume-")
     req = os.path.join(tmp, "req.sock") if request else None
     argv = [qemu, *qemu_args] + (_request_args(req) if req else [])

@@ -59,7 +59,6 @@ import re
 import select
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -68,11 +67,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 from . import migstream as ms
 from .mappedram import Snapshot, TARGET_PAGE_SIZE
 from .pagesource import PathLike
+from .qemu import Qemu, QemuError
 from .qmp import QmpClient, QmpError
 from .workingset import WorkingSet, load_for, snapshot_identity
 
 __all__ = ["Resume", "ResumeError", "DestinationError", "ResumeStats", "QemuDestination",
-           "parse_address"]
+           "QemuProcess", "parse_address"]
 
 PAGE = TARGET_PAGE_SIZE
 #: data pages per background PART section: small, so a request waits behind little
@@ -845,6 +845,11 @@ class Resume:
 
     # -- the caller's side
 
+    @property
+    def connected_at(self) -> float:
+        """``time.time()`` of the connect: time zero of the stats (QEMU's events use that clock)."""
+        return self._connected_wall
+
     def progress(self) -> Tuple[int, int]:
         """``(data host pages sent, data host pages in the snapshot)``; racy, for display."""
         total = getattr(self, "_total_units", 0)
@@ -1000,61 +1005,16 @@ def _event_time(event: Dict[str, Any]) -> float:
 
 # ------------------------------------------------------------------ a QEMU of our own
 
-class QemuProcess:
-    """A destination QEMU that uffdpy starts: ``argv + -incoming defer`` and a private QMP socket.
+class QemuProcess(Qemu):
+    """A destination QEMU that uffdpy starts: ``argv -incoming defer`` and a private QMP socket.
 
     It runs in its own session with its output in ``log_path``, so it
-    outlives uffdpy; :meth:`kill` ends exactly this pid.
+    outlives uffdpy; :meth:`kill` ends exactly this process group.
+    Raises: DestinationError when QEMU cannot start.
     """
 
     def __init__(self, argv: Sequence[str], *, paused: bool, timeout: float = 30.0) -> None:
-        if not argv:
-            raise ValueError("no QEMU command given after --")
-        self.dir = tempfile.mkdtemp(prefix="uffdpy-qemu-")
-        self.qmp_path = os.path.join(self.dir, "qmp.sock")
-        self.log_path = os.path.join(self.dir, "qemu.log")
-        cmd = [*argv, "-incoming", "defer", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if paused:
-            cmd.append("-S")
-        self.argv = cmd
-        with open(self.log_path, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as e:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                raise ResumeError(f"cannot start {argv[0]}: {e.strerror}") from None
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.qmp_path):
-            if self.proc.poll() is not None:
-                reason = self.last_error()
-                self.kill()
-                raise DestinationError(f"{argv[0]} exited with {self.proc.returncode} at start",
-                                       reason)
-            if time.monotonic() > deadline:
-                self.kill()
-                raise DestinationError(f"{argv[0]} created no QMP socket within {timeout:g}s")
-            time.sleep(0.01)
-
-    def last_error(self) -> Optional[str]:
-        """QEMU's own error lines (``error_report`` output), joined, program name dropped."""
         try:
-            with open(self.log_path, "rb") as f:
-                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()
-                         if line.strip()]
-        except OSError:
-            return None
-        prog = os.path.basename(self.argv[0]) + ":"
-        errors = [line.split(":", 1)[1].strip() for line in lines
-                  if os.path.basename(line.split(":", 1)[0]) + ":" == prog]
-        errors = [e for e in errors if not e.startswith("warning:")] or lines[-1:]
-        return "; ".join(dict.fromkeys(errors))[:500] if errors else None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+            super().__init__(argv, incoming="defer", paused=paused, timeout=timeout)
+        except QemuError as e:
+            raise DestinationError(e.message, e.reason) from None
