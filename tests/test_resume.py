@@ -285,7 +285,7 @@ def test_guest_ram_byte_exact_after_resume(guest: Dict[str, Any], destination: A
 @pytest.fixture(scope="module")
 def firmware(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     """pc (with VGA and known bytes at 2 MiB) and q35 snapshots that QEMU saved after 0.3 s."""
-    from qemu_snapshot import VmConfig, random_region, save_snapshot
+    from uffdpy.qemu import VmConfig, random_region, save_snapshot
     d = tmp_path_factory.mktemp("fw")
     out = {}
     for machine, extra in (("pc", ("-device", "VGA")), ("q35", ())):
@@ -293,9 +293,7 @@ def firmware(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Dict
         region = random_region(str(d), addr=0x200000, size=0x80000, seed=11)
         path = d / f"{machine}.img"
         save_snapshot(cfg, str(path), regions=[region], run_seconds=0.3, timeout=60)
-        command = cfg.command("/unused")
-        qmp_at = command.index("-qmp")
-        out[machine] = (str(path), command[1:qmp_at] + command[qmp_at + 2:] + region.args())
+        out[machine] = (str(path), cfg.argv()[1:] + region.args())
     return out
 
 
