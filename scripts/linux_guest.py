@@ -73,6 +73,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)    # run from a checkout without installing
 
+from uffdpy.qemu import Qemu, QemuError  # noqa: E402
 from uffdpy.qmp import QmpClient, QmpError  # noqa: E402
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -526,7 +527,6 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         initrd = work / "initramfs.cpio.gz"
         initrd.write_bytes(build_initramfs(files["busybox"], seed, fill_mib))
         serial = work / "serial.log"
-        qmp_path = str(work / "qmp.sock")
         for p in (out_path, pmem_path):
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -536,15 +536,17 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         cmdline = [qemu_path, *machine_args, "-serial", f"file:{serial}",
                    *request_port_args(str(work / "req.sock")),
                    "-kernel", files["kernel"], "-initrd", str(initrd),
-                   "-append", "console=ttyS0 quiet panic=1 mitigations=off",
-                   "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+                   "-append", "console=ttyS0 quiet panic=1 mitigations=off"]
         result["qemu_cmdline"] = cmdline
         result["qemu_args"] = machine_args
         deadline = time.monotonic() + timeout
-        qemu_log = open(work / "qemu.log", "w+b")
         t_boot0 = time.monotonic()
-        proc = subprocess.Popen(cmdline, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                stderr=subprocess.STDOUT)
+        try:
+            vm = Qemu(cmdline, timeout=min(60.0, timeout))     # the one launcher: own session
+        except QemuError as e:
+            raise GuestError(f"QEMU did not start: {e}") from None
+        proc = vm.proc
+        assert proc is not None
         qmp: Optional[QmpClient] = None
 
         def console() -> str:
@@ -554,13 +556,12 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
                 return ""
 
         def fail(why: str) -> GuestError:
-            qemu_log.seek(0)
-            qlog = qemu_log.read().decode(errors="replace").strip()
+            qlog = vm.output().strip()
             tail = "\n".join(console().splitlines()[-30:])
             return GuestError(f"{why}\n--- qemu output ---\n{qlog}\n--- serial console (tail) ---\n{tail}")
 
         try:
-            qmp = QmpClient(qmp_path, timeout=max(1.0, deadline - time.monotonic()))
+            qmp = vm.connect(timeout=max(1.0, deadline - time.monotonic()))
             # 1. Wait for the guest to say it is ready.
             t_booted = None
             while True:
@@ -615,13 +616,7 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
         finally:
             if qmp is not None:
                 qmp.close()
-            if proc.poll() is None:
-                proc.kill()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    pass
-            qemu_log.close()
+            vm.kill()
 
     st = out_path.stat()
     result.update({
