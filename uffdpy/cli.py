@@ -217,7 +217,7 @@ def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> N
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .workload import latency_summary, parse_access, run_access, verify
+    from .workload import PageFenced, latency_summary, parse_access, run_access, verify
     pattern, fraction = parse_access(args.access)
     with _open_source(args) as snap:
         with _open_loader(args, snap, prefetch=not args.no_prefetch) as loader:
@@ -226,9 +226,18 @@ def cmd_load(args: argparse.Namespace) -> int:
             if pattern != "none":
                 touches = args.touch or (sum(b.pages for b in snap.regions)
                                          if pattern == "seq" else 10000)
-                samples = run_access(blocks, pattern=pattern, fraction=fraction,
-                                     touches=touches, threads=args.threads,
-                                     cpu=args.access_cpu)
+                # Stoppable, and stopped before the loader closes: on Ctrl-C, SIGTERM
+                # or a failed load no toucher is left inside guest memory when the
+                # loader fences it; process_vm_readv makes a page fenced under a
+                # toucher an error instead of SIGSEGV.
+                try:
+                    samples = run_access(blocks, pattern=pattern, fraction=fraction,
+                                         touches=touches, threads=args.threads,
+                                         cpu=args.access_cpu, via="process_vm_readv",
+                                         check=lambda: loader.wait(0))
+                except PageFenced:
+                    loader.wait(5.0)     # the fence comes first: the loader's own error
+                    raise
                 result["access_us"] = latency_summary(samples)
                 result["accesses"] = len(samples)
             if args.no_prefetch and args.mode == "lazy" and not loader.wait(1.0):
