@@ -151,3 +151,17 @@ def test_file_truncated_during_access_workload_is_one_error(synth: Path, tmp_pat
     proc = start_touching(image, server)
     os.truncate(image, 0)
     one_error_line(finish(proc))
+
+
+# ------------------------------------------------------- C: only regular files are images
+
+def test_inspect_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    line = one_error_line(uffdpy("inspect", fifo, timeout=30), str(fifo), "FIFO")
+    assert "regular file" in line, line
+
+
+@pytest.mark.parametrize("command", ["inspect", "load"])
+def test_directory_is_refused_as_an_image(tmp_path: Path, command: str) -> None:
+    one_error_line(uffdpy(command, tmp_path, timeout=30), str(tmp_path), "directory")

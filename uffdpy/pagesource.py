@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = ["ImageError", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
@@ -88,7 +89,7 @@ class ImageFile:
 
     def __init__(self, path: PathLike) -> None:
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = open_for_reading(self.path)
         try:
             self.size = os.fstat(self.fd).st_size
         except OSError:
@@ -277,13 +278,45 @@ _ELF_MAGIC = b"\x7fELF"
 _QEVM_MAGIC = b"QEVM"
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+
+
+def open_for_reading(path: PathLike) -> int:
+    """Open an image file read-only; return the fd (``O_CLOEXEC``).
+
+    Only a regular file or a block device is an image: anything else is
+    refused before a read could block on it forever (a FIFO with no writer, a
+    terminal).  The open itself is ``O_NONBLOCK`` for the same reason (on a
+    regular file or a block device the flag changes nothing).
+
+    Raises: OSError if it cannot be opened; ImageError for any other kind of file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+        raise ImageError(path, None, "not an image file", "a regular file or a block device",
+                         kind)
+    return fd
+
+
 def sniff_format(path: PathLike) -> str:
     """``"elf-core"`` when ``path`` starts with the ELF magic, else ``"mapped-ram"``.
 
-    Raises: OSError if the file cannot be read.
+    Raises: OSError if the file cannot be read; ImageError if it is not a
+    regular file or a block device.
     """
-    with open(path, "rb") as f:
-        head = f.read(4)
+    fd = open_for_reading(path)
+    try:
+        head = os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
     return "elf-core" if head == _ELF_MAGIC else "mapped-ram"
 
 
