@@ -143,7 +143,7 @@ from . import ioctl
 from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
 from .pagesource import (PageRegion, PageSource, bitmap_runs, bitmap_runs_in, count_bits,
                          open_image)
-from .uffd import Filler, RegisterMode, Userfaultfd
+from .uffd import Filler, RegisterMode, UffdError, Userfaultfd
 from .workload import latency_summary
 
 __all__ = [
@@ -461,8 +461,8 @@ class _Region:
     """
 
     __slots__ = ("index", "name", "start", "end", "length", "page_size", "pages", "unit",
-                 "units", "src", "source", "bitmap", "direct_pages", "kinds", "needs_bounce",
-                 "one_page_fast")
+                 "units", "src", "file_offset", "source", "bitmap", "direct_pages", "kinds",
+                 "needs_bounce", "one_page_fast")
 
     def __init__(self, index: int, region: Union[PageRegion, "_SharedRegion"], start: int,
                  file_base: int, unit: int) -> None:
@@ -477,6 +477,7 @@ class _Region:
         self.start = start
         self.end = start + self.length
         self.src = file_base + region.file_offset
+        self.file_offset = region.file_offset
         self.bitmap = region.bitmap
         # Present pages below this are copied straight from the file mapping;
         # present pages at or above it go through a bounce buffer.
@@ -527,11 +528,18 @@ class _Region:
                 yield first, cut - first, DIRECT
                 yield cut, end - cut, BOUNCE
 
-    def fill_bounce(self, first: int, end: int, buffer: Mapping) -> int:
-        """Assemble units ``[first, end)`` in ``buffer`` from the file mapping; return its address.
+    def fill_bounce(self, first: int, end: int, buffer: Mapping, fd: int, path: str) -> int:
+        """Assemble units ``[first, end)`` in ``buffer``, read from file ``fd``; return its address.
 
-        Zero pages, and bytes past the region's ``file_bytes`` or its last
-        page, are zeroed.  ``ctypes.memmove``/``memset`` run without the GIL.
+        The bytes are read with ``preadv`` (without the GIL), never through
+        the file mapping: a file truncated since it was opened then gives a
+        short read, reported as a ``LoaderError`` naming ``path`` and the
+        offset, where a read through the mapping would be SIGBUS for the
+        whole process.  Zero pages, and bytes past the region's
+        ``file_bytes`` or its last page, are zeroed (``ctypes.memset``).
+
+        Raises:
+            LoaderError: the file is shorter than its header claims, or unreadable.
         """
         ps = self.page_size
         per_unit = self.unit // ps
@@ -542,13 +550,35 @@ class _Region:
         for f, c, present in bitmap_runs_in(self.bitmap, a, last):
             lo, hi = f * ps, (f + c) * ps
             have = max(0, min(hi, file_bytes) - lo) if present else 0
-            if have:
-                ctypes.memmove(base + lo, self.src + lo, have)
+            done = 0
+            while done < have:
+                offset = self.file_offset + lo + done
+                try:
+                    got = os.preadv(fd, [(ctypes.c_char * (have - done)).from_address(
+                        base + lo + done)], offset)
+                except OSError as exc:
+                    raise _unreadable(path, self.name, offset, f"{exc}") from exc
+                if got == 0:
+                    raise _unreadable(path, self.name, offset,
+                                      f"read 0 of {have - done} bytes: end of file")
+                done += got
             if have < hi - lo:
                 ctypes.memset(base + lo + have, 0, hi - lo - have)
         if last < b:                                   # a huge unit past the region's end
             ctypes.memset(base + last * ps, 0, (b - last) * ps)
         return buffer.address
+
+
+def _unreadable(path: str, name: str, offset: int, detail: str) -> LoaderError:
+    """The error for a page whose bytes the file no longer has (truncated or changed)."""
+    try:
+        size = f"{os.stat(path).st_size:#x} bytes now"
+    except OSError as exc:
+        size = f"cannot stat it: {exc.strerror}"
+    return LoaderError(f"{path}: region {name!r} at file offset {offset:#x}: the file is "
+                       f"shorter than its header claims, or the page's file offset is "
+                       f"unreadable (was it truncated or changed during the load? "
+                       f"{size}); {detail}")
 
 
 class _Server:
@@ -558,8 +588,13 @@ class _Server:
                  wake_fd: int, *, prefetch: bool, chunk_bytes: int,
                  fault_around_pages: int, server_cpu: Optional[int],
                  busy_poll: bool, prefetch_threads: int = 1,
-                 populate_source: bool = False, daemon_threads: bool = True) -> None:
+                 populate_source: bool = False, daemon_threads: bool = True,
+                 file_fd: int = -1, path: str = "") -> None:
         self.uffd = uffd
+        #: the image file, read into the bounce buffers with preadv (never
+        #: through the mapping: see ``_Region.fill_bounce``); the caller's fd
+        self.file_fd = file_fd
+        self.path = path
         # an isolated subinterpreter may not start daemon threads
         self.daemon_threads = daemon_threads
         self.regions = regions
@@ -697,7 +732,7 @@ class _Server:
             src = region.src + first * ps
         elif kind == BOUNCE:
             assert bounce is not None and bounce.length >= length
-            src = region.fill_bounce(first, end, bounce)
+            src = region.fill_bounce(first, end, bounce, self.file_fd, self.path)
         elif self.zero_source is not None:     # hugetlbfs: no ZEROPAGE, copy zeros
             src = self.zero_source.address
             present = True
@@ -708,7 +743,10 @@ class _Server:
         claims = self.claims
         while length:
             if present:
-                done = uffd.copy(dst, src, length)
+                try:
+                    done = uffd.copy(dst, src, length)
+                except UffdError as exc:
+                    raise self._copy_failed(region, page, kind, exc) from exc
             else:
                 done = uffd.zeropage(dst, length)
             if done > 0:
@@ -739,6 +777,18 @@ class _Server:
         else:
             counters.bytes_copied += installed
         return installed // ps
+
+    def _copy_failed(self, region: _Region, unit: int, kind: int,
+                     exc: UffdError) -> BaseException:
+        """What a failed ``UFFDIO_COPY`` of ``unit`` means: EFAULT from the file is a LoaderError.
+
+        A copy straight from the file mapping (``DIRECT``) whose source the
+        file no longer has (truncated since it was opened) fails with EFAULT.
+        """
+        if kind != DIRECT or exc.errno != errno.EFAULT:
+            return exc
+        offset = region.file_offset + unit * region.unit
+        return _unreadable(self.path, region.name, offset, f"UFFDIO_COPY: {exc}")
 
     # -- the fault loop
     def fault_loop(self) -> None:
@@ -813,7 +863,10 @@ class _Server:
                         done = filler.zeropage(start + offset, PAGE_SIZE)
                         present = False
                     elif page < region.direct_pages:
-                        done = filler.copy(start + offset, region.src + offset, PAGE_SIZE)
+                        try:
+                            done = filler.copy(start + offset, region.src + offset, PAGE_SIZE)
+                        except UffdError as exc:
+                            raise self._copy_failed(region, page, DIRECT, exc) from exc
                         present = True
                     if done == PAGE_SIZE:
                         st[page] = PLACED
@@ -843,7 +896,10 @@ class _Server:
             unit = region.unit
             offset = page * unit
             if kind == DIRECT:
-                done = filler.copy(region.start + offset, region.src + offset, unit)
+                try:
+                    done = filler.copy(region.start + offset, region.src + offset, unit)
+                except UffdError as exc:
+                    raise self._copy_failed(region, page, kind, exc) from exc
                 counters.bytes_copied += unit if done == unit else 0
             elif self.zero_source is None:
                 done = filler.zeropage(region.start + offset, unit)
@@ -1243,6 +1299,7 @@ class LazyLoader(_LoaderBase):
         self._huge_pages = huge_pages
         self._uffd: Optional[Userfaultfd] = None
         self._file_map: Optional[Mapping] = None
+        self._file_fd = -1
         self._wake_fd = -1
         self._server: Optional[_Server] = None
         self._child_pid = 0
@@ -1286,11 +1343,9 @@ class LazyLoader(_LoaderBase):
             m = self._mappings[name]
             self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
         self._registered = True
-        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._file_map = Mapping.of_file(fd, _round_up(source.file_size, PAGE_SIZE))
-        finally:
-            os.close(fd)
+        # The fd stays open for the workers' reads into bounce buffers.
+        self._file_fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._file_map = Mapping.of_file(self._file_fd, _round_up(source.file_size, PAGE_SIZE))
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
         regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
                    for i, r in enumerate(source.regions)]
@@ -1300,7 +1355,8 @@ class LazyLoader(_LoaderBase):
         if self._server_mode == "interpreter":
             self._start_interpreter_server(unit, options)
             return
-        self._server = _Server(self._uffd, regions, claims, self._wake_fd, **options)
+        self._server = _Server(self._uffd, regions, claims, self._wake_fd,
+                               file_fd=self._file_fd, path=source.path, **options)
         if self._server_mode == "thread":
             self._server.start(on_end=self._thread_server_ended)
         else:
@@ -1337,6 +1393,8 @@ class LazyLoader(_LoaderBase):
         self._result_fd = read_fd
         # The parent needs no file mapping: the child serves from its own copy.
         self._file_map.close()
+        os.close(self._file_fd)
+        self._file_fd = -1
         self._monitor = threading.Thread(target=self._watch_child, name="uffdpy-server-watch",
                                          daemon=True)
         self._monitor.start()
@@ -1394,6 +1452,7 @@ class LazyLoader(_LoaderBase):
         spec = {
             "uffd": self._uffd.fileno(), "wake": self._wake_fd, "started": started_fd,
             "report": report_w, "claims": self._claims.fd, "file_map": self._file_map.address,
+            "file_fd": self._file_fd, "path": source.path,
             "unit": unit, "options": options,
             "regions": [{"name": r.name, "length": r.length, "page_size": r.page_size,
                          "pages": r.pages, "file_offset": r.file_offset,
@@ -1515,6 +1574,9 @@ class LazyLoader(_LoaderBase):
             uffd.close()
         if self._file_map is not None:
             self._file_map.close()
+        if self._file_fd >= 0:
+            os.close(self._file_fd)
+            self._file_fd = -1
         if self._server is not None:
             self._server.close_buffers()
         with self._fd_lock:
@@ -1705,8 +1767,7 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
                   "stats": stats}
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         code = 1
-        report = {"error": f"{type(exc).__name__}: {exc}",
-                  "traceback": traceback.format_exc()}
+        report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}
     try:
         struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
         data = json.dumps(report).encode() + b"\n"     # one line: the parent acts on it
@@ -1714,6 +1775,11 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
             data = data[os.write(result_fd, data):]
     finally:
         os._exit(code)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A server's failure in one line for its report (a LoaderError says it all itself)."""
+    return str(exc) if isinstance(exc, LoaderError) else f"{type(exc).__name__}: {exc}"
 
 
 def _read_report(fd: int) -> Dict[str, Any]:
@@ -1918,7 +1984,7 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
                    for i, fields in enumerate(spec["regions"])]
         claims = ClaimMap.attach(spec["claims"], [r.units for r in regions])
         server = _Server(uffd, regions, claims, spec["wake"], daemon_threads=False,
-                         **spec["options"])
+                         file_fd=spec["file_fd"], path=spec["path"], **spec["options"])
         server.go.set()
         server.start()
         _signal_fd(spec["started"])
@@ -1930,7 +1996,7 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
         report = {"complete": complete, "stopped": not complete,
                   "stats": server.merged_stats(Stats()).as_dict()}
     except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter
-        report = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}
         if server is not None:
             server.stop()
             server.join(30.0)

@@ -1,0 +1,156 @@
+"""Hardening of LazyLoader: a file truncated mid-load, stale memory() views, threads that
+cannot start, images with many regions, live stats on every server.
+
+Every access to registered memory while a load runs is made without the GIL
+(``ctypes.memmove`` or a syscall on the memory, in a thread) or from another
+process, and every wait and join has a timeout.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import pytest
+
+from uffdpy.loader import LazyLoader, LoaderError
+from uffdpy.mappedram import Snapshot, make_synthetic
+from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
+from uffdpy.pagesource import open_image
+
+from helpers import LAZY_SERVERS, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
+PHDR = struct.Struct("<IIQQQQQQ")
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+
+
+def make_core(path: Path, loads: Sequence[Tuple[int, bytes, int]], *, align: int) -> Path:
+    """A hand-built ELF64 core: one PT_NOTE, then PT_LOADs (vaddr, data, memsz) at ``align``."""
+    notes = struct.pack("<III", 5, 336, 1) + b"CORE\0\0\0\0" + bytes(336)
+    phnum = 1 + len(loads)
+    off = 64 + phnum * PHDR.size
+    headers = [PHDR.pack(4, 0, off, 0, 0, len(notes), 0, 4)]
+    body = bytearray(notes)
+    off += len(notes)
+    for vaddr, data, memsz in loads:
+        off = -(-off // align) * align
+        body += bytes(off - 64 - phnum * PHDR.size - len(body)) + data
+        headers.append(PHDR.pack(1, 6, off, vaddr, 0, len(data), memsz, align))
+        off += len(data)
+    ident = b"\x7fELF\x02\x01\x01" + bytes(9)
+    ehdr = EHDR.pack(ident, 4, 62, 1, 0, 64, 0, 0, 64, PHDR.size, phnum, 0, 0, 0)
+    path.write_bytes(ehdr + b"".join(headers) + body)
+    return path
+
+
+def run_script(script: str, *args: object, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------- item 4/12: truncated mid-load
+
+#: Load lazily (no prefetch), truncate the file to argv[3] once ready, then
+#: read page argv[5] of region argv[4] in a thread through write(2): the kernel
+#: reads the page (faulting it in, GIL released), so once the loader has
+#: failed and fenced the page the read gets EFAULT where a user-mode toucher
+#: would get SIGSEGV; the script can then print what the loader said.
+_TRUNCATE_SCRIPT = """
+    import ctypes, os, sys, threading
+    from uffdpy.loader import LazyLoader, LoaderError
+    path, server, cut, name, offset, huge = sys.argv[1:7]
+    loader = LazyLoader(path, server=server, prefetch=False, huge_pages=huge == "1")
+    os.truncate(path, int(cut))
+    address = loader.address(name) + int(offset)
+    r, w = os.pipe()
+    outcome = []
+    def toucher():
+        try:
+            os.write(w, (ctypes.c_char * 4096).from_address(address))
+            outcome.append("READ")
+        except OSError as exc:
+            outcome.append(f"errno {exc.errno}")
+    t = threading.Thread(target=toucher, daemon=True)
+    t.start()
+    try:
+        print("WAIT RETURNED", loader.wait(60), flush=True)
+    except LoaderError as exc:
+        print("LOADERROR", exc, flush=True)
+    t.join(30)
+    print("TOUCHER", outcome, flush=True)
+    loader.close()
+"""
+
+
+def _truncated_load(path: Path, server: str, cut: int, name: str, offset: int,
+                    huge: bool = False) -> str:
+    r = run_script(_TRUNCATE_SCRIPT, path, server, cut, name, offset, int(huge))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}{r.stderr}"   # not -SIGBUS
+    return r.stdout
+
+
+def _assert_clear_truncation_error(out: str, path: Path, file_offset: int) -> None:
+    line = next((x for x in out.splitlines() if x.startswith("LOADERROR")), "")
+    assert str(path) in line, out
+    assert "shorter than its header claims" in line, out
+    assert f"file offset {file_offset:#x}" in line, out
+    assert "TOUCHER ['errno 14']" in out, out          # EFAULT: fenced, never zeros
+
+
+@pytest.mark.parametrize("server", LAZY_SERVERS)
+def test_truncated_unaligned_elf_is_a_loader_error_not_sigbus(tmp_path, server):
+    """Unaligned ELF segments go through the bounce buffer: a read, never the mapping."""
+    rng = random.Random(5)
+    loads = [(0x100000 * (k + 1), rng.randbytes(16 * PAGE_SIZE), 16 * PAGE_SIZE)
+             for k in range(3)]
+    path = make_core(tmp_path / "core.elf", loads, align=8)
+    with open_image(path) as image:
+        region = image.regions[-1]
+        assert region.file_offset % PAGE_SIZE                   # the bounce path
+        name, cut = region.name, region.file_offset
+    out = _truncated_load(path, server, cut, name, 0)
+    _assert_clear_truncation_error(out, path, cut)
+
+
+@pytest.mark.parametrize("server", LAZY_SERVERS)
+def test_truncated_mapped_ram_is_a_loader_error(tmp_path, server):
+    """The 4 KiB path copies straight from the mapping (EFAULT): the same clear wording."""
+    path = tmp_path / "snap.img"
+    make_synthetic(str(path), size=4 << 20, fill=0.5, seed=4)
+    with Snapshot.open(path) as snap:
+        block = snap.blocks[0]
+        page = next(f for f, c, p in block.runs() if p and f > 8)
+        cut = block.file_offset + PAGE_SIZE * 8
+    out = _truncated_load(path, server, cut, block.name, page * PAGE_SIZE)
+    _assert_clear_truncation_error(out, path, block.file_offset + page * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("server", LAZY_SERVERS)
+def test_truncated_mapped_ram_with_huge_pages_is_a_loader_error_not_sigbus(
+        tmp_path, server, hugetlb_pool):
+    """Huge pages mixing data and zeros are assembled in the bounce buffer: a read."""
+    path = tmp_path / "snap.img"
+    make_synthetic(str(path), size=8 << 20, fill=0.5, seed=6)
+    hugetlb_pool(4)
+    with Snapshot.open(path) as snap:
+        block = snap.blocks[0]
+        per_unit = HUGE_PAGE_SIZE // PAGE_SIZE
+        unit = 1
+        first = next(f for f, c, p in block.runs() if p and f >= unit * per_unit)
+        assert first < (unit + 1) * per_unit and not all(
+            block.is_present(i) for i in range(unit * per_unit, (unit + 1) * per_unit))
+        cut = block.file_offset + unit * HUGE_PAGE_SIZE
+    out = _truncated_load(path, server, cut, block.name, unit * HUGE_PAGE_SIZE, huge=True)
+    _assert_clear_truncation_error(out, path, block.file_offset + first * PAGE_SIZE)
