@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import random
 import struct
 import subprocess
@@ -58,6 +59,13 @@ def run_script(script: str, *args: object, timeout: float = 120.0) -> subprocess
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("hardening") / "syn4.img")
+    make_synthetic(path, size=4 << 20, fill=0.5, seed=4)
+    return path
 
 
 # ------------------------------------------------------- item 4/12: truncated mid-load
@@ -154,3 +162,62 @@ def test_truncated_mapped_ram_with_huge_pages_is_a_loader_error_not_sigbus(
         cut = block.file_offset + unit * HUGE_PAGE_SIZE
     out = _truncated_load(path, server, cut, block.name, unit * HUGE_PAGE_SIZE, huge=True)
     _assert_clear_truncation_error(out, path, block.file_offset + first * PAGE_SIZE)
+
+
+# ------------------------------------------------------ item 5: memory() after close
+
+#: Views (and slices and casts of them) used after close: each use must raise
+#: ValueError, never touch unmapped memory.  Run in a child: before the fix
+#: the first use crashed the interpreter.
+_STALE_VIEW_SCRIPT = """
+    import ctypes, sys
+    from uffdpy.loader import EagerLoader, LazyLoader
+    path, how = sys.argv[1:3]
+    if how == "eager":
+        loader = EagerLoader(path)
+    else:
+        loader = LazyLoader(path, server=how.split("-")[0], prefetch=how.endswith("complete"))
+    with loader:
+        if how.endswith("complete"):
+            assert loader.wait(60)
+        name = loader.block_names[0]
+        ram = loader.memory(name)
+        slices = [ram[4096:8192], ram.cast("B")[100:200], memoryview(ram)[::2]]
+        if how.endswith("complete") or how == "eager":
+            first = bytes(ram[:16])           # plain memory now: fine with the GIL held
+        again = loader.memory(name)
+    uses = [lambda v: bytes(v[:8]), lambda v: v.__setitem__(0, 1), lambda v: len(v.tobytes())]
+    for view in [ram, again, *slices]:
+        for use in uses:
+            try:
+                use(view)
+                print("USED A STALE VIEW", flush=True)
+            except ValueError as exc:
+                print("VALUEERROR", exc, flush=True)
+    print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", [f"{s}-complete" for s in LAZY_SERVERS]
+                         + [f"{s}-midload" for s in LAZY_SERVERS] + ["eager"])
+def test_memory_views_after_close_raise_value_error(small_image, how):
+    r = run_script(_STALE_VIEW_SCRIPT, small_image, how)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}{r.stderr}"   # not -SIGSEGV
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "DONE"
+    assert lines[:-1] == ["VALUEERROR operation forbidden on released memoryview object"] * 15
+
+
+def test_a_view_with_a_buffer_export_held_keeps_its_memory_mapped(small_image):
+    """A view that cannot be released (BufferError) is never unmapped under its holder."""
+    with LazyLoader(small_image) as loader:
+        assert loader.wait(60)
+        ram = loader.memory(loader.block_names[0])
+        held = pickle.PickleBuffer(ram)                # holds a buffer export of the view
+        want = bytes(ram[:16])
+        other = loader.memory(loader.block_names[0])[:16]
+    with pytest.raises(ValueError, match="released"):
+        bytes(other)
+    assert bytes(memoryview(held)[:16]) == want        # still mapped: readable, no crash
+    assert bytes(ram[:16]) == want
+    held.release()

@@ -140,7 +140,7 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tup
                     Union)
 
 from . import ioctl
-from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, release_views
 from .pagesource import (PageRegion, PageSource, bitmap_runs, bitmap_runs_in, count_bits,
                          open_image)
 from .uffd import Filler, RegisterMode, UffdError, Userfaultfd
@@ -788,7 +788,8 @@ class _Server:
         if kind != DIRECT or exc.errno != errno.EFAULT:
             return exc
         offset = region.file_offset + unit * region.unit
-        return _unreadable(self.path, region.name, offset, f"UFFDIO_COPY: {exc}")
+        return _unreadable(self.path, region.name, offset,
+                           f"{exc.call}: [Errno {exc.errno}] {exc.strerror}")
 
     # -- the fault loop
     def fault_loop(self) -> None:
@@ -1076,6 +1077,29 @@ class _LoaderBase:
     def memory(self, name: str) -> memoryview:
         """A writable memoryview of region ``name`` (its length in bytes).
 
+        The view is valid until ``close()`` (or the end of the ``with``
+        block), which releases it and every slice or cast made from it:
+        using one after that raises ``ValueError: operation forbidden on
+        released memoryview object`` instead of touching unmapped memory.
+        (A view something holds a buffer export of at close, such as a
+        ``PickleBuffer`` or a syscall in progress in another thread, cannot
+        be released: its region is then left mapped, leaked to its holders,
+        rather than pulled away.  Objects keeping the raw address without an
+        export, ``numpy.frombuffer`` and ``ctypes.c_char.from_buffer``, are
+        not covered: copy what they need before close.)
+
+        While a ``LazyLoader`` with the default ``server="thread"`` is
+        loading, reading or writing the view from Python while holding the
+        GIL (``bytes(view[a:b])``, ``struct.unpack_from``, numpy) on a page
+        not placed yet deadlocks the interpreter: the thread sleeps in the
+        kernel with the GIL held, and the fault loop, a thread of this
+        interpreter, can never run to serve it.  Touch it only without the
+        GIL there (``ctypes.memmove``, a syscall such as ``os.write``, a KVM
+        vCPU) or from another process.  ``server="process"`` and
+        ``server="interpreter"`` serve faults without this GIL, so any
+        Python code may read the view during their loads; once ``wait()``
+        has returned True the memory is ordinary memory for every server.
+
         Raises:
             KeyError: no region of that name.
             ValueError: the loader is closed.
@@ -1125,6 +1149,7 @@ class _LoaderBase:
             self._order.append(region.name)
 
     def _unmap_blocks(self) -> None:
+        release_views(self._mappings.values())     # one scan for every block's views
         for m in self._mappings.values():
             m.close()
         self._mappings.clear()

@@ -7,20 +7,30 @@ memfd mapping whose page cache is filled directly and mapped with
 bytes.
 
 A :meth:`Mapping.view` is a memoryview straight onto the mapped pages.  It
-does not keep the mapping alive: using it after :meth:`Mapping.close` touches
-unmapped memory and crashes the process.  Touching *registered* memory through
+does not keep the mapping alive, so :meth:`Mapping.close` first releases every
+view of the mapping, the slices and casts made from them included (they share
+one exporter, found through the garbage collector): using one afterwards
+raises ``ValueError: operation forbidden on released memoryview object``
+instead of touching unmapped memory.  A view that cannot be released because
+something holds a buffer export of it (``BufferError``: a ``PickleBuffer``, a
+syscall in progress in another thread) keeps the memory mapped: it is then
+left to its holders (leaked), never pulled away under them.  Objects that
+keep a view's raw address without an export (``ctypes.c_char.from_buffer``,
+``numpy.frombuffer``) are not covered: copy their bytes out before close.
+Touching *registered* memory through
 a view holds the GIL while the thread is parked; see :mod:`uffdpy.uffd`.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap as _mmap
 import os
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 from . import ioctl as _abi
 
-__all__ = ["PAGE_SIZE", "HUGE_PAGE_SIZE", "Mapping", "memfd_create"]
+__all__ = ["PAGE_SIZE", "HUGE_PAGE_SIZE", "Mapping", "memfd_create", "release_views"]
 
 PAGE_SIZE: int = _mmap.PAGESIZE
 HUGE_PAGE_SIZE: int = 2 * 1024 * 1024
@@ -47,6 +57,10 @@ class Mapping:
         self.length = length
         self.writable = writable
         self._owned = owned
+        #: the one exporter of every view handed out (see ``release_views``)
+        self._array: Optional[Any] = None
+        #: a view could not be released at close: the memory was left mapped
+        self.leaked = False
 
     @classmethod
     def anonymous(cls, length: int, *, align: int = PAGE_SIZE, huge_pages: bool = False,
@@ -134,15 +148,17 @@ class Mapping:
     def view(self) -> memoryview:
         """A 1-D ``'B'`` memoryview over the whole mapping (read-only unless writable).
 
-        Valid only until :meth:`close`.
+        :meth:`close` releases it (and every slice of it): using it after
+        that raises ``ValueError`` (see the module docstring).
 
         Raises:
             ValueError: the mapping is closed.
         """
         if self.closed:
             raise ValueError("view() of a closed Mapping")
-        array = (ctypes.c_ubyte * self.length).from_address(self.address)
-        view = memoryview(array).cast("B")
+        if self._array is None:
+            self._array = (ctypes.c_ubyte * self.length).from_address(self.address)
+        view = memoryview(self._array).cast("B")
         return view if self.writable else view.toreadonly()
 
     def madvise(self, advice: int, offset: int = 0, length: Optional[int] = None) -> None:
@@ -162,14 +178,17 @@ class Mapping:
         _abi.libc.madvise(self.address + offset, length, advice)
 
     def close(self) -> None:
-        """Unmap (if owned); safe to call twice.
+        """Release every view (``release_views``), then unmap (if owned); safe to call twice.
+
+        A view that cannot be released leaves the memory mapped (``leaked``).
 
         Raises:
             OSError: munmap failed (the mapping is then forgotten anyway).
         """
+        release_views([self])
         address, length = self.address, self.length
         self.address = self.length = 0
-        if length and self._owned:
+        if length and self._owned and not self.leaked:
             _abi.libc.munmap(address, length)
 
     def __enter__(self) -> "Mapping":
@@ -177,6 +196,38 @@ class Mapping:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def release_views(mappings: Iterable[Mapping]) -> None:
+    """Release every live view of ``mappings`` (slices and casts of them too), in one scan.
+
+    The views of a mapping share one exporter (a ctypes array over its
+    pages); the garbage collector lists every memoryview, and those whose
+    ``obj`` is one of these exporters are released, so that using them
+    raises ``ValueError`` rather than touching memory about to be unmapped.
+    A view with buffers of its own exported (``BufferError`` on release)
+    marks its mapping ``leaked``: :meth:`Mapping.close` then leaves the memory
+    mapped for its holders.  One scan of the collector's objects, only when
+    some mapping handed out views.
+    """
+    owners = {id(m._array): m for m in mappings if m._array is not None}
+    if not owners:
+        return
+    for obj in gc.get_objects():
+        if type(obj) is not memoryview:
+            continue
+        try:
+            owner = owners.get(id(obj.obj))
+        except ValueError:                      # released already
+            continue
+        if owner is None:
+            continue
+        try:
+            obj.release()
+        except BufferError:                     # a buffer of it is held: keep the memory
+            owner.leaked = True
+    for m in owners.values():
+        m._array = None
 
 
 def memfd_create(name: str, flags: int = 0) -> int:
