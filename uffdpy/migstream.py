@@ -39,6 +39,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+from .errors import UffdpyError
+
 __all__ = [
     "MigCmd", "RpType", "RamFlag", "StreamError",
     "header", "configuration", "command", "open_return_path", "ping", "postcopy_advise",
@@ -109,7 +111,7 @@ class RamFlag(enum.IntFlag):
     CONTINUE = 0x20
 
 
-class StreamError(ValueError):
+class StreamError(UffdpyError, ValueError):
     """Bytes that are not what the protocol allows (a malformed return-path message)."""
 
 

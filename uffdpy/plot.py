@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from .errors import UffdpyError
 from .pagesource import PathLike
 
 __all__ = ["plot_run", "PlotUnavailable", "load_run"]
@@ -26,7 +27,7 @@ LABELS = {"request": "requested by the guest", "around": "sent around a request"
           "ws": "working set", "stream": "background stream"}
 
 
-class PlotUnavailable(RuntimeError):
+class PlotUnavailable(UffdpyError, RuntimeError):
     """matplotlib is not installed."""
 
 

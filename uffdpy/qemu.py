@@ -34,13 +34,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import UffdpyError
 from .qmp import QmpClient, QmpError
 
 __all__ = ["Qemu", "QemuError", "VmConfig", "QemuVM", "Region", "random_region",
            "save_snapshot", "load_snapshot", "dump_guest_memory", "parse_size"]
 
 
-class QemuError(RuntimeError):
+class QemuError(UffdpyError, RuntimeError):
     """QEMU could not start, exited, refused a command, or a migration failed or timed out.
 
     ``reason`` is QEMU's own words, when it gave any.

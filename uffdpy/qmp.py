@@ -37,6 +37,8 @@ from typing import Any, Callable, Coroutine, Dict, List, Optional, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
+from .errors import UffdpyError
+
 __all__ = ["QmpClient", "QmpError"]
 
 # qemu.qmp logs dropped late replies and disconnects as warnings; they are
@@ -57,7 +59,7 @@ def _close_all() -> None:
         client.close()
 
 
-class QmpError(RuntimeError):
+class QmpError(UffdpyError, RuntimeError):
     """QEMU answered a command with an error.
 
     ``command`` is the command name, ``error_class`` and ``desc`` are QEMU's

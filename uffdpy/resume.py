@@ -64,6 +64,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from .errors import UffdpyError
 from . import migstream as ms
 from .mappedram import Snapshot, TARGET_PAGE_SIZE
 from .pagesource import PathLike
@@ -87,7 +88,7 @@ _IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 10
 _RECV_BYTES = 1 << 16
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UffdpyError, RuntimeError):
     """The resume could not be done; the message says what and where, in one line."""
 
 

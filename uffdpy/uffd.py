@@ -114,6 +114,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
+from .errors import UffdpyError
 from . import ioctl as _abi
 
 __all__ = [
@@ -292,7 +293,7 @@ Event = Union[PagefaultEvent, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent]
 # ---------------------------------------------------------------------------
 
 
-class UffdError(OSError):
+class UffdError(UffdpyError, OSError):
     """A userfaultfd call failed; carries ``errno``, the call with its arguments, and a hint.
 
     ``str()`` reads ``"UFFDIO_REGISTER(start=0x7f.., len=0x200000, mode=MISSING):

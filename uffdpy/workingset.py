@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .errors import UffdpyError
 from .pagesource import PathLike
 
 __all__ = ["WorkingSet", "WorkingSetError", "snapshot_identity", "jaccard", "merge"]
@@ -41,7 +42,7 @@ VERSION = 1
 _MAX_FILE_BYTES = 256 << 20
 
 
-class WorkingSetError(ValueError):
+class WorkingSetError(UffdpyError, ValueError):
     """A working-set file that cannot be used: malformed, or of another snapshot."""
 
 
