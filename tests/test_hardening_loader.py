@@ -221,3 +221,59 @@ def test_a_view_with_a_buffer_export_held_keeps_its_memory_mapped(small_image):
     assert bytes(memoryview(held)[:16]) == want        # still mapped: readable, no crash
     assert bytes(ram[:16]) == want
     held.release()
+
+
+# ---------------------------------------------------- item 2: a thread cannot start
+
+def _refuse_to_start(monkeypatch, name: str) -> None:
+    """Make ``threading.Thread.start`` fail, as under a pids limit, for the thread ``name``."""
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == name:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def _no_children_left() -> bool:
+    """No child process of this one, running or a zombie."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("server, thread", [
+    ("thread", "uffdpy-fault-loop"), ("thread", "uffdpy-prefetch-1"),
+    ("thread", "uffdpy-populate"), ("process", "uffdpy-server-watch")]
+    + ([("interpreter", "uffdpy-interpreter-host")] if "interpreter" in LAZY_SERVERS else []))
+def test_a_thread_that_cannot_start_fails_at_once_leaving_nothing(small_image, monkeypatch,
+                                                                   server, thread):
+    def attempt() -> LoaderError:
+        t0 = time.monotonic()
+        with pytest.raises(LoaderError) as info:
+            LazyLoader(small_image, server=server, prefetch_threads=2, populate_source=True)
+        assert time.monotonic() - t0 < 5.0            # at once, not after a 30 s timeout
+        return info.value
+    LazyLoader(small_image, server=server).close()     # pools and arenas settle first
+    before = resources()
+    _refuse_to_start(monkeypatch, thread)
+    for _ in range(3):
+        e = attempt()
+        assert f"cannot start the loader's thread {thread!r}: can't start new thread" in str(e)
+    assert resources() == before                       # no fd, thread or mapping left
+    assert uffd_fds() == 0
+    assert _no_children_left()
+
+
+def test_a_process_server_whose_threads_cannot_start_reports_why(small_image, monkeypatch):
+    """The forked server inherits the failure: the cause comes back from wait() at once."""
+    _refuse_to_start(monkeypatch, "uffdpy-fault-loop")
+    with LazyLoader(small_image, server="process") as loader:
+        t0 = time.monotonic()
+        with pytest.raises(LoaderError, match="fault server failed: cannot start the "
+                           "loader's thread 'uffdpy-fault-loop': can't start new thread"):
+            loader.wait(30)
+        assert time.monotonic() - t0 < 5.0

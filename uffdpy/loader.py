@@ -631,6 +631,8 @@ class _Server:
         if unit != PAGE_SIZE:
             self.zero_source = Mapping.anonymous(max(fault_bytes, chunk))
         self.threads: List[threading.Thread] = []
+        #: every worker thread started (``start`` returned)
+        self.running = False
         self.ended = threading.Event()
         #: set once the loader has reported ready: the prefetcher waits for it,
         #: so that it does not compete for the GIL with the setup it follows
@@ -654,8 +656,21 @@ class _Server:
         self.threads.insert(0, threading.Thread(target=self._fault_thread,
                                                 name="uffdpy-fault-loop",
                                                 daemon=self.daemon_threads))
-        for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
-            t.start()
+        started: List[threading.Thread] = []
+        try:
+            for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
+                _start_thread(t)
+                started.append(t)
+        except BaseException:
+            # Nothing runs the fault loop: stop the threads that did start
+            # (they wait for ``go``, then see ``stopping``) and end here.
+            self.stop()
+            for t in started:
+                t.join(30.0)
+            self.threads = [t for t in started if t.is_alive()]
+            self.ended.set()
+            raise
+        self.running = True
 
     def _fault_thread(self) -> None:
         self._run(self.fault_loop)
@@ -1007,6 +1022,21 @@ class _Server:
                             time.sleep(0.0001)
                             placed = self._place(region, a, b, kind, counters, bounce, uffd)
                         counters.pages += placed
+
+
+def _start_thread(thread: threading.Thread) -> None:
+    """``thread.start()``; a thread the system cannot start is a LoaderError naming it.
+
+    Raises:
+        LoaderError: the thread could not start (``RuntimeError: can't start
+            new thread``: a pids limit, RLIMIT_NPROC, no memory for a stack).
+    """
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        raise LoaderError(f"cannot start the loader's thread {thread.name!r}: {exc} "
+                          f"(a pids or RLIMIT_NPROC limit, or no memory for its "
+                          f"stack?)") from exc
 
 
 def _lower_priority(nice: int) -> None:
@@ -1420,9 +1450,21 @@ class LazyLoader(_LoaderBase):
         self._file_map.close()
         os.close(self._file_fd)
         self._file_fd = -1
-        self._monitor = threading.Thread(target=self._watch_child, name="uffdpy-server-watch",
-                                         daemon=True)
-        self._monitor.start()
+        monitor = threading.Thread(target=self._watch_child, name="uffdpy-server-watch",
+                                   daemon=True)
+        try:
+            _start_thread(monitor)
+        except BaseException:
+            # Nobody would watch the server: end it now (it has served
+            # nothing: ready is not reported yet) and reap it.
+            self._child_pid = 0
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            raise
+        self._monitor = monitor
 
     def _watch_child(self) -> None:
         """The monitor thread: act on the server's one-line report, then reap it.
@@ -1485,10 +1527,17 @@ class LazyLoader(_LoaderBase):
                          "start": self._mappings[r.name].address} for r in source.regions],
         }
         bitmaps = tuple(bytes(r.bitmap) for r in source.regions)
-        self._host = threading.Thread(
+        host = threading.Thread(
             target=self._host_interpreter, name="uffdpy-interpreter-host", daemon=True,
             args=(interp, json.dumps(spec), bitmaps, report_r, report_w))
-        self._host.start()
+        try:
+            _start_thread(host)
+        except BaseException:
+            for fd in (started_fd, report_r, report_w):
+                os.close(fd)
+            _give_back_interpreter(interp)
+            raise
+        self._host = host
         _live_interpreter_loaders.add(self)
         # The subinterpreter signals started_fd once, when its workers run;
         # once it has, or once it has ended, nobody writes it again and it
@@ -1683,11 +1732,12 @@ class LazyLoader(_LoaderBase):
             if self._server_mode == "thread":
                 if not server.ended.is_set():
                     server.stop()
-                self._done.wait(30.0)
+                if server.running:            # else nothing will ever set _done
+                    self._done.wait(30.0)
                 # join: a thread never joined keeps its stack mapped until its
                 # handle is collected (Python 3.13)
                 for t in server.threads:
-                    if t is not threading.current_thread():
+                    if t is not threading.current_thread() and t.ident is not None:
                         t.join(30.0)
                 server.merged_stats(self._stats)
             elif self._child_pid:
