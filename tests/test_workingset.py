@@ -146,7 +146,10 @@ def test_record_is_stable_and_replay_cuts_requests(guest: Dict[str, Any], qemu_b
     replay, proc = _resume_and_ask(guest, short_tmp, qemu=qemu_binary,
                                    working_set=tmp_path / "rec0.ws")
     proc.kill()
-    assert replay["stats"]["pages_working_set"] == len(first.pages)
+    # every recorded page goes first, but one the guest requests before the
+    # working-set stream reaches it is sent as a request (each page once)
+    sent = replay["stats"]["pages_working_set"]
+    assert 0.95 * len(first.pages) <= sent <= len(first.pages), (sent, len(first.pages))
     assert replay["requests_before_answer"] <= 0.2 * plain["requests_before_answer"], (
         replay["requests_before_answer"], plain["requests_before_answer"])
 
