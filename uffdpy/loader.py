@@ -140,6 +140,7 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Tup
                     Union)
 
 from . import ioctl
+from .errors import UffdpyError
 from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, release_views
 from .pagesource import (PageRegion, PageSource, bitmap_runs, bitmap_runs_in, count_bits,
                          open_image)
@@ -183,7 +184,7 @@ MSG_BATCH = 64
 _MSG_SIZE = 32  # sizeof(struct uffd_msg)
 
 
-class LoaderError(RuntimeError):
+class LoaderError(UffdpyError, RuntimeError):
     """The loader stopped because a worker failed; the worker's error is ``__cause__``."""
 
 
@@ -261,37 +262,47 @@ class ClaimMap:
     a process forked after construction (the process server) or a second view
     (``attach``, the interpreter server) updates what this one reads: the
     loader then knows which pages a dead server had placed.  The
-    lock is per process: only one process may claim.
+    lock is per process: only one process may claim.  One memfd and one
+    mapping hold every block's bytes, one after the other (``offsets``), so an
+    image with thousands of regions costs one fd and one mapping, not one per
+    region (``EMFILE``, ``vm.max_map_count``).  The first ``HEADER_BYTES``
+    are reserved (they keep an empty map mappable, and leave room for
+    counters a server may publish).
     """
+
+    #: bytes before the first block's state
+    HEADER_BYTES = 128
 
     def __init__(self, pages_per_block: Sequence[int],
                  on_complete: Optional[Callable[[], None]] = None, *,
                  shared: bool = False, _attach_fd: int = -1) -> None:
         self._pages = list(pages_per_block)
+        self._base = [self.HEADER_BYTES + off for off in self.offsets()]
+        size = self.HEADER_BYTES + sum(self._pages)
         #: the memfd holding the state when shared (-1 otherwise); owned
-        #: unless this map was made by ``attach``
+        #: (closed by ``close``) unless this map was made by ``attach``
         self.fd = -1
         self._owns_fd = False
+        self._buf: Any
         if shared or _attach_fd >= 0:
-            if _attach_fd >= 0:
-                fd = _attach_fd
-            else:
+            fd = _attach_fd
+            if _attach_fd < 0:
                 fd = os.memfd_create("uffdpy-claims", os.MFD_CLOEXEC)
-                self._owns_fd = True
-            self.fd = fd
             try:
-                offsets = self.offsets()
                 if _attach_fd < 0:
-                    os.ftruncate(fd, offsets[-1] + _round_up(max(self._pages[-1], 1), PAGE_SIZE)
-                                 if offsets else 0)
-                self._state: List[Any] = [mmap.mmap(fd, max(n, 1), offset=off)
-                                          for n, off in zip(self._pages, offsets)]
+                    os.ftruncate(fd, size)
+                self._buf = mmap.mmap(fd, size)
             except BaseException:
-                if self._owns_fd:
+                if _attach_fd < 0:
                     os.close(fd)
                 raise
+            self.fd = fd
+            self._owns_fd = _attach_fd < 0
         else:
-            self._state = [bytearray(n) for n in self._pages]
+            self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._state: List[memoryview] = [self._view[b:b + n]
+                                         for b, n in zip(self._base, self._pages)]
         self._on_complete = on_complete
         self._lock = threading.Lock()
         self.total_pages = sum(pages_per_block)
@@ -307,16 +318,16 @@ class ClaimMap:
 
         The state is the same memory; the counters and the lock are this
         object's own, so only one side may claim and place.  ``fd`` stays the
-        caller's.
+        caller's (the view's mapping holds a dup of it).
         """
         return cls(pages_per_block, _attach_fd=fd)
 
     def offsets(self) -> List[int]:
-        """Where each block's state starts in the shared memfd (page-aligned, for mmap)."""
+        """Where each block's state starts, in bytes after the header."""
         out, off = [], 0
         for n in self._pages:
             out.append(off)
-            off += _round_up(max(n, 1), PAGE_SIZE)
+            off += n
         return out
 
     def placed_count(self) -> int:
@@ -325,7 +336,7 @@ class ClaimMap:
         Unlike ``placed_pages`` this sees placements made through another
         view of a shared map (a server process or interpreter).
         """
-        return sum(st[:n].count(_PLACED) for st, n in zip(self._state, self._pages))
+        return self._buf[self.HEADER_BYTES:].count(_PLACED)
 
     def state(self, block: int, page: int) -> int:
         """The state of one page (``UNCLAIMED``, ``CLAIMED`` or ``PLACED``)."""
@@ -342,17 +353,18 @@ class ClaimMap:
 
     def claim_range(self, block: int, first: int, end: int) -> List[Tuple[int, int]]:
         """Claim every unclaimed page in ``[first, end)``; return the claimed sub-ranges."""
-        st = self._state[block]
+        buf, b = self._buf, self._base[block]
         out: List[Tuple[int, int]] = []
+        end += b
         with self._lock:
-            i = st.find(_UNCLAIMED, first, end)
+            i = buf.find(_UNCLAIMED, b + first, end)
             while i != -1:
-                j = st.find(_CLAIMED, i, end)
-                k = st.find(_PLACED, i, end)
+                j = buf.find(_CLAIMED, i, end)
+                k = buf.find(_PLACED, i, end)
                 stop = min(x for x in (j, k, end) if x != -1)
-                st[i:stop] = _CLAIMED * (stop - i)
-                out.append((i, stop))
-                i = st.find(_UNCLAIMED, stop, end) if stop < end else -1
+                buf[i:stop] = _CLAIMED * (stop - i)
+                out.append((i - b, stop - b))
+                i = buf.find(_UNCLAIMED, stop, end) if stop < end else -1
         return out
 
     def claim_following(self, block: int, page: int, limit: int) -> int:
@@ -368,21 +380,22 @@ class ClaimMap:
 
     def any_unclaimed(self, block: int, first: int, end: int) -> bool:
         """Whether some page of ``[first, end)`` is still unclaimed (a peek, no lock)."""
-        return self._state[block].find(_UNCLAIMED, first, end) != -1
+        b = self._base[block]
+        return self._buf.find(_UNCLAIMED, b + first, b + end) != -1
 
     def release(self, block: int, first: int, end: int) -> None:
         """Give back the claimed-but-unplaced pages of ``[first, end)`` (placed ones stay)."""
-        st = self._state[block]
+        buf, b = self._buf, self._base[block]
         with self._lock:
-            st[first:end] = st[first:end].replace(_CLAIMED, _UNCLAIMED)
+            buf[b + first:b + end] = buf[b + first:b + end].replace(_CLAIMED, _UNCLAIMED)
 
     def mark_placed(self, block: int, first: int, end: int) -> None:
         """Record ``[first, end)`` as placed; set ``complete`` when the last page lands."""
-        st = self._state[block]
+        buf, b = self._buf, self._base[block]
         n = end - first
         with self._lock:
-            already = st[first:end].count(_PLACED)
-            st[first:end] = _PLACED * n
+            already = buf[b + first:b + end].count(_PLACED)
+            buf[b + first:b + end] = _PLACED * n
             self.double_placements += already
             self.placed_pages += n - already
             done = self.placed_pages == self.total_pages
@@ -420,15 +433,17 @@ class ClaimMap:
 
     def unplaced_runs(self, block: int) -> List[Tuple[int, int]]:
         """``[first, end)`` runs of pages of ``block`` not placed (yet)."""
-        st = self._state[block]
-        n = self._pages[block]
-        return [(m.start(), m.end()) for m in _UNPLACED_RUN.finditer(st, 0, n)]
+        b = self._base[block]
+        return [(m.start() - b, m.end() - b)
+                for m in _UNPLACED_RUN.finditer(self._buf, b, b + self._pages[block])]
 
     def close(self) -> None:
-        """Release shared state memory (idempotent); counters stay readable."""
+        """Release the shared state memory and its fd (idempotent); counters stay readable."""
         for st in self._state:
-            if isinstance(st, mmap.mmap):
-                st.close()
+            st.release()
+        self._view.release()
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()                  # and the mapping's own dup of the fd
         if self._owns_fd and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
