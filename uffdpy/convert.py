@@ -19,18 +19,24 @@ Only pages that hold data are written (the file is sparse, as QEMU's own).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from .elfcore import ElfImage
 from .mappedram import BlockSpec, Snapshot, write_snapshot
 from .pagesource import ImageError, PageRegion, PathLike
 
-__all__ = ["ConvertedBlock", "to_mapped_ram"]
+__all__ = ["ConvertedBlock", "to_mapped_ram", "physical_memory_bytes"]
 
 MiB = 1 << 20
 #: Pages read and written per piece while streaming.
 _PIECE_PAGES = 256
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM in bytes (``sysconf``), the bound on a RAM size to load here."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -53,24 +59,40 @@ def _pieces(region: PageRegion, first_out_page: int) -> Iterator[Tuple[int, byte
 
 
 def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
-                  ram_size: int = 0) -> List[ConvertedBlock]:
+                  ram_size: int = 0, max_ram_bytes: Optional[int] = None) -> List[ConvertedBlock]:
     """Write ``image`` (an open ELF memory image) to ``path`` as a mapped-ram snapshot.
 
     ``ram_size`` (layout ``ram`` only) sets the block length; 0 means the end
-    of the highest segment rounded up to a MiB.
+    of the highest segment rounded up to a MiB.  The RAM written (all blocks
+    together) may be at most ``max_ram_bytes``, by default this machine's
+    memory (``physical_memory_bytes()``): a segment at an absurd physical
+    address is refused before anything is allocated or written.  ``path`` is
+    written under a temporary name and renamed at the end: a failure leaves
+    no output.
 
     Returns the blocks written.
 
     Raises:
         ImageError: the layout does not fit the image (a process core has
             virtual addresses; a segment not page-aligned in guest-physical
-            memory; ``ram_size`` too small).
-        ValueError: a bad ``layout``.
+            memory; ``ram_size`` too small; more RAM than ``max_ram_bytes``).
+        ValueError: a bad ``layout``; ``path`` is the image itself.
         OSError: writing failed.
     """
     regions = image.regions
     page_size = 4096
+    limit = physical_memory_bytes() if max_ram_bytes is None else max_ram_bytes
+    out = os.fspath(path)
+    if os.path.exists(out) and os.path.samefile(out, image.path):
+        raise ValueError(f"{out}: the output is the input file {image.path}; "
+                         "write to another name")
     if layout == "regions":
+        total = sum(r.length for r in regions)
+        if total > limit:
+            raise ImageError(image.path, None, "RAM of the converted snapshot (all segments)",
+                             f"at most {limit:#x} bytes, this machine's memory",
+                             f"{total:#x} bytes", hint="a snapshot this large cannot be "
+                             "loaded here; use --layout ram with --ram-size")
         write_snapshot(path, [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions],
                        page_size=page_size)
         return _written(path)
@@ -90,6 +112,13 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
     if length < end or length % page_size:
         raise ImageError(image.path, None, "RAM size for the converted snapshot",
                          f"a multiple of {page_size} of at least {end:#x}", hex(length))
+    if length > limit:
+        highest = max(by_address, key=lambda r: r.address + r.length)
+        raise ImageError(image.path, None, "RAM size for the converted snapshot",
+                         f"at most {limit:#x} bytes, this machine's memory", hex(length),
+                         hint=f"segment {highest.name} ends at {end:#x}; "
+                         + ("pass a smaller --ram-size" if ram_size and end <= limit else
+                            "--layout regions writes one block per segment instead"))
 
     def chunks() -> Iterator[Tuple[int, bytes]]:
         for r in by_address:

@@ -34,11 +34,14 @@ This module imports nothing kernel-facing; it works on any OS.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import stat
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
                     Mapping, Optional, Sequence, Tuple, Union)
@@ -890,6 +893,74 @@ def _nonzero_runs(view: memoryview, page_size: int) -> Iterator[Tuple[int, int]]
         yield (start, pages - start)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for all threads)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
+
+
+@contextlib.contextmanager
+def replacing(path: PathLike, *, keep_prefix: int = 0, mode: int = 0o600,
+              not_same_as: Sequence[PathLike] = ()) -> Iterator[int]:
+    """Write a new ``path`` atomically: yield the fd of a temporary file next to it.
+
+    The temporary (``.NAME.XXXXXXXX.tmp`` in the same directory) replaces
+    ``path`` with one ``rename`` when the block ends normally; on any
+    exception (ENOSPC, a bad input found halfway, ``KeyboardInterrupt``) it
+    is removed and ``path`` is left as it was: never a partial file.  The
+    first ``keep_prefix`` bytes of an existing ``path`` are copied in first
+    (``write_snapshot``'s ``offset``); a symlink is written through (its
+    target is replaced); an existing file's permission bits are kept, a new
+    file gets ``mode`` less the umask (the default ``0o600``: a snapshot holds
+    a guest's memory).
+
+    Raises:
+        ValueError: ``path`` is one of ``not_same_as`` (the same inode: an
+            output that is its own input would destroy it).
+        OSError: from the file system.
+    """
+    target = os.path.realpath(os.fspath(path))
+    try:
+        old: Optional[os.stat_result] = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None:
+        for other in not_same_as:
+            try:
+                same = os.path.samestat(old, os.stat(other))
+            except FileNotFoundError:
+                same = False
+            if same:
+                raise ValueError(f"{os.fspath(path)}: the output is the input file "
+                                 f"{os.fspath(other)}; write to another name")
+        if not stat.S_ISREG(old.st_mode):
+            raise ValueError(f"{os.fspath(path)}: not a regular file; refusing to replace it")
+    directory, name = os.path.split(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    try:
+        if old is not None:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        else:
+            os.fchmod(fd, mode & ~_umask())
+        if keep_prefix and old is not None:
+            with open(target, "rb") as src:
+                _copy_range(src.fileno(), fd, 0, min(keep_prefix, old.st_size), skip_zero=True)
+        yield fd
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str = "none",
                    page_size: int = 4096, capabilities: Sequence[str] = ("mapped-ram",),
                    device_state: Optional[BytesLike] = None, early_device_state: BytesLike = b"",
@@ -952,8 +1023,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
     head += _BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE)
     pos = offset + len(head)
 
-    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
+    with replacing(path, keep_prefix=offset) as fd:
         os.ftruncate(fd, offset)
         _pwrite_all(fd, head, offset)
         for spec in specs:
@@ -990,8 +1060,6 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
             tail += bytes(device_state)
         _pwrite_all(fd, tail, pos)
         os.ftruncate(fd, pos + len(tail))
-    finally:
-        os.close(fd)
 
 
 def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, *, skip_zero: bool) -> None:
@@ -1036,9 +1104,7 @@ def rewrite_snapshot(src: Union[Snapshot, PathLike], dst: PathLike,
         if os.path.exists(dst_path) and os.path.samefile(dst_path, snap.path):
             raise ValueError(f"{dst_path}: destination is the source snapshot")
         src_fd = snap.fileno()
-        fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                     0o600)
-        try:
+        with replacing(dst_path, not_same_as=[snap.path]) as fd:
             os.ftruncate(fd, snap.file_size)
             cursor = 0
             for block in sorted(snap.blocks, key=lambda b: b.pages_offset):
@@ -1064,8 +1130,6 @@ def rewrite_snapshot(src: Union[Snapshot, PathLike], dst: PathLike,
                         set_bits(bitmap, index, 1)
                         _pwrite_all(fd, data, block.page_offset(index))
                 _pwrite_all(fd, bitmap, block.bitmap_offset)
-        finally:
-            os.close(fd)
     finally:
         if snap is not src:
             snap.close()
