@@ -44,13 +44,15 @@ import re
 import stat
 from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
+from .errors import UffdpyError
+
 __all__ = ["ImageError", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
            "sniff_format"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class ImageError(ValueError):
+class ImageError(UffdpyError, ValueError):
     """A memory image file is malformed, or is not a format uffdpy reads.
 
     Attributes: ``path`` (the file), ``offset`` (absolute file offset of the
