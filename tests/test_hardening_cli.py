@@ -165,3 +165,172 @@ def test_inspect_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["inspect", "load"])
 def test_directory_is_refused_as_an_image(tmp_path: Path, command: str) -> None:
     one_error_line(uffdpy(command, tmp_path, timeout=30), str(tmp_path), "directory")
+
+
+# ------------------------------------------- B, D: outputs are never the input, never partial
+
+def test_dump_to_its_own_input_is_refused(synth: Path, tmp_path: Path) -> None:
+    image = tmp_path / "same.img"
+    image.write_bytes(synth.read_bytes())
+    size = image.stat().st_size
+    one_error_line(uffdpy("dump", image, "ram", "-o", image), str(image), "input")
+    assert image.stat().st_size == size
+    link = tmp_path / "link.img"
+    link.symlink_to(image)
+    one_error_line(uffdpy("dump", image, "ram", "-o", link), "input")
+    assert image.stat().st_size == size
+
+
+def test_convert_to_its_own_input_is_refused(tmp_path: Path) -> None:
+    from test_elfcore import make_core, note, rnd
+    core = make_core(tmp_path / "g.core", [(0x100000, rnd(4096, 1), 4096)], paddr=True,
+                     notes=note(b"QEMU", 0, bytes(8)))
+    before = core.read_bytes()
+    one_error_line(uffdpy("convert", core, "-o", core), str(core), "input")
+    assert core.read_bytes() == before
+
+
+def test_convert_of_a_huge_physical_address_is_refused_before_writing(tmp_path: Path) -> None:
+    from test_elfcore import make_core, note, rnd
+    core = make_core(tmp_path / "far.core", [(1 << 50, rnd(4096, 1), 4096)], paddr=True,
+                     notes=note(b"QEMU", 0, bytes(8)))
+    out = tmp_path / "out" / "far.img"
+    out.parent.mkdir()
+    line = one_error_line(uffdpy("convert", core, "-o", out, timeout=60), str(core))
+    assert "machine's memory" in line and "--layout regions" in line, line
+    assert list(out.parent.iterdir()) == []
+    near = make_core(tmp_path / "near.core", [(0x100000, rnd(4096, 1), 4096)], paddr=True,
+                     notes=note(b"QEMU", 0, bytes(8)))
+    line = one_error_line(uffdpy("convert", near, "-o", out, "--ram-size", "64T", timeout=60))
+    assert "machine's memory" in line and "smaller --ram-size" in line, line
+    assert list(out.parent.iterdir()) == []
+
+
+def test_make_larger_than_the_machine_is_refused(tmp_path: Path) -> None:
+    line = one_error_line(uffdpy("make", tmp_path / "x.img", "--size", "64T", timeout=60))
+    assert "machine's memory" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Path:
+    """A 1 MiB tmpfs, unmounted afterwards (needs root)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("command", ["make", "dump", "convert", "rewrite"])
+def test_enospc_leaves_no_partial_output(small_fs: Path, synth: Path, tmp_path: Path,
+                                         command: str) -> None:
+    out = small_fs / "out.img"
+    if command == "make":
+        one_error_line(uffdpy("make", out, "--size", "8M", "--fill", "1"), "space")
+    elif command == "dump":
+        one_error_line(uffdpy("dump", synth, "ram", "-o", out), "space")
+    elif command == "convert":
+        from test_elfcore import make_core, note, rnd
+        core = make_core(tmp_path / "big.core", [(0, rnd(4 * MiB, 2), 4 * MiB)], paddr=True,
+                         notes=note(b"QEMU", 0, bytes(8)))
+        one_error_line(uffdpy("convert", core, "-o", out), "space")
+    else:
+        from uffdpy.mappedram import rewrite_snapshot
+        with pytest.raises(OSError) as info:
+            rewrite_snapshot(synth, out, {})
+        assert info.value.errno == 28
+    assert list(small_fs.iterdir()) == []
+
+
+# ---------------------------------------------------------------- E: a closed output pipe
+
+@pytest.mark.parametrize("json_flag", [["--json"], []])
+def test_closed_pipe_exits_quietly(tmp_path: Path, json_flag: List[str]) -> None:
+    """``uffdpy inspect X | head -c 10``: status 141 (as SIGPIPE), nothing on stderr."""
+    from uffdpy.mappedram import write_snapshot
+    many = tmp_path / "many.img"          # ~1 MB of output: far more than a pipe holds
+    write_snapshot(many, [(f"block{i}", 4096) for i in range(4000)])
+    proc = subprocess.Popen([sys.executable, "-m", "uffdpy", "inspect", *json_flag, many],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()                   # the reader is gone before most of the output
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == b"", err
+
+
+# ------------------------------------------------------------- F, H: arguments checked early
+
+@pytest.mark.parametrize("words,complaint", [
+    (["--threads", "0"], "--threads"),
+    (["--touch", "-5"], "--touch"),
+    (["--prefetch-chunk", "0"], "--prefetch-chunk"),
+    (["--prefetch-threads", "0"], "--prefetch-threads"),
+    (["--mode", "eager", "--server", "process"], "--server"),
+    (["--mode", "eager", "--no-prefetch"], "--no-prefetch"),
+    (["--server-cpu", "99999"], "CPU 99999 does not exist"),
+    (["--access-cpu", "99999"], "CPU 99999 does not exist"),
+])
+def test_bad_load_arguments_are_usage_errors(synth: Path, words: List[str],
+                                             complaint: str) -> None:
+    proc = uffdpy("load", synth, *words, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("usage: "), proc.stderr
+    assert complaint in proc.stderr.splitlines()[-1], proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("words", [["make", "x.img", "--fill", "1.5"],
+                                   ["make", "x.img", "--size", "1000"],
+                                   ["bench", "x.img", "--rounds", "0"]])
+def test_bad_make_and_bench_arguments_are_usage_errors(tmp_path: Path, words: List[str]) -> None:
+    proc = uffdpy(*words, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: "), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path: Path) -> None:
+    proc = uffdpy("inspect", tmp_path / "missing.img", "--debug", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("uffdpy: error: "), proc.stderr
+
+
+# ------------------------------------------------- G, H: what reaches the terminal, and how
+
+def test_control_characters_in_names_are_escaped(tmp_path: Path) -> None:
+    from uffdpy.mappedram import write_snapshot
+    image = tmp_path / "esc.img"
+    write_snapshot(image, [("ram\x1b[2J\x1bc", 4096), ("two\nlines", 8192)])
+    proc = uffdpy("inspect", image, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout, proc.stdout
+    assert "ram\\x1b[2J\\x1bc" in proc.stdout and "two\\nlines" in proc.stdout, proc.stdout
+    assert "4.0 KiB" in proc.stdout and "8.0 KiB" in proc.stdout, proc.stdout
+
+
+def test_an_error_is_always_one_line(tmp_path: Path) -> None:
+    odd = tmp_path / "two\nlines\x1b[2J.img"
+    line = one_error_line(uffdpy("inspect", odd, timeout=60), "No such file")
+    assert "\x1b" not in line and "two\\nlines\\x1b[2J.img" in line, line
+
+
+def test_empty_file_says_so(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    one_error_line(uffdpy("inspect", empty, timeout=60), str(empty), "the file is empty")
+
+
+def test_unknown_magic_names_both_formats(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes(b"\x7fELG" + bytes(60))
+    line = one_error_line(uffdpy("inspect", bad, timeout=60), str(bad))
+    assert "ELF" in line and "QEMU migration stream" in line and "7f 45 4c 47" in line, line

@@ -248,3 +248,85 @@ def test_plot_refuses_a_run_without_trace(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"page_requests": 3}))
     with pytest.raises(ValueError, match="no per-page trace"):
         load_run(tmp_path / "run.json")
+
+
+# ------------------------------------------------------------------ the command line
+
+@pytest.mark.qemu
+def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: str,
+                                            short_tmp: str, tmp_path: Path) -> None:
+    """resume --record-ws --trace, inspect FILE.ws, plot, resume --working-set: one sitting."""
+    from test_resume import (Destination, data_pages_sent, guest_args, popen_uffdpy,
+                             run_uffdpy)
+    args, req = guest_args(guest, short_tmp)
+    rec, run, png = tmp_path / "rec.ws", tmp_path / "run.json", tmp_path / "run.png"
+    dst = Destination(qemu_binary, args, paused=False)
+    try:
+        # demand paging for the first seconds (REAP's recording), then the stream
+        proc = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json",
+                            "--trace", "--fault-around", "0", "--background-delay", "3",
+                            "--record-ws", rec)
+        try:
+            dst.qmp.wait_event("RESUME", timeout=60)   # bytes sent before RUN are lost
+            assert linux_guest.ask(req, 0, 4, timeout=60) == linux_guest.expected_answer(
+                LINUX_GUEST_SEED, 0, 4)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+    finally:
+        dst.close()
+    info = json.loads(out)
+    assert info["working_set_recorded"] == str(rec)
+    assert data_pages_sent(info) == info["data_pages"]
+    assert info["trace"]["rows"] and info["trace"]["columns"] == ["t_s", "block", "page", "by"]
+    run.write_text(out)
+
+    shown = json.loads(run_uffdpy("inspect", rec, "--against", rec, "--json").stdout)
+    recorded = WorkingSet.load(rec)
+    assert shown["pages"] == len(recorded.pages) > 100
+    assert shown["data_pages"] == recorded.data_pages and shown["jaccard"] == {str(rec): 1.0}
+    table = run_uffdpy("inspect", rec)
+    assert table.returncode == 0 and "data pages" in table.stdout, table.stderr
+
+    drawn = run_uffdpy("plot", run, "-o", png, "--width", "800", "--height", "500")
+    assert drawn.returncode == 0, drawn.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    if os.path.exists(req):
+        os.unlink(req)
+    replay = run_uffdpy("resume", guest["snapshot"], "--json", "--working-set", rec,
+                        "--", qemu_binary, *args)
+    assert replay.returncode == 0, replay.stderr
+    again = json.loads(replay.stdout)
+    os.kill(again["qemu_pid"], 9)
+    assert 0.95 * len(recorded.pages) <= again["pages_working_set"] <= len(recorded.pages)
+    assert data_pages_sent(again) == again["data_pages"]
+
+
+def test_cli_working_set_errors(synth: Tuple[Path, Path], tmp_path: Path) -> None:
+    from test_resume import one_line_error, run_uffdpy
+    a, b = synth
+    with Snapshot.open(a) as snap:
+        WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "a.ws")
+    # another snapshot's recording: refused before any QEMU starts or anything is sent
+    line = one_line_error(run_uffdpy("resume", b, "--working-set", tmp_path / "a.ws",
+                                     "--connect", "unix:/nonexistent/x.sock"))
+    assert "another snapshot" in line, line
+    cut = tmp_path / "cut.ws"
+    cut.write_bytes((tmp_path / "a.ws").read_bytes()[:40])
+    assert "bad JSON" in one_line_error(run_uffdpy("inspect", cut))
+    assert "bad JSON" in one_line_error(run_uffdpy("resume", a, "--working-set", cut,
+                                                   "--connect", "unix:/nonexistent/x.sock"))
+    assert "--trace" in one_line_error(run_uffdpy("resume", a, "--trace",
+                                                  "--connect", "unix:/x"))
+    assert "--working-set" in one_line_error(run_uffdpy("resume", a, "--ws-placement",
+                                                        "before-run", "--connect", "unix:/x"))
+    assert "applies to working-set files" in one_line_error(
+        run_uffdpy("inspect", a, "--against", tmp_path / "a.ws"))
+    merged = run_uffdpy("ws", "merge", tmp_path / "a.ws", tmp_path / "a.ws", "-o",
+                        tmp_path / "m.ws")
+    assert merged.returncode == 0, merged.stderr
+    assert WorkingSet.load(tmp_path / "m.ws").keys() == [("ram", 1)]

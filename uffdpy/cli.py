@@ -5,7 +5,10 @@ core (QEMU ``dump-guest-memory``, a process core); the format is recognised
 from the file's first bytes.
 
 Errors in the input give one line, ``uffdpy: error: FILE: WHAT (offset N)``,
-and exit status 2; ``--debug`` shows the traceback instead.
+and exit status 2; ``--debug`` (before or after the subcommand) shows the
+traceback too.  Bad arguments are argparse's usage error, status 2.  Ctrl-C
+ends with 130, SIGTERM with 143, a closed output pipe quietly with 141 (as a
+tool killed by SIGPIPE), ``load --verify`` finding a mismatch with 1.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -77,8 +81,64 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _cpu(text: str) -> int:
+    """A CPU this process may run on (``os.sched_getaffinity``)."""
+    value = _non_negative_int(text)
+    allowed = sorted(os.sched_getaffinity(0))
+    if value not in allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPU {value} does not exist or is not available to this process "
+            f"(CPUs {_ranges(allowed)})")
+    return value
+
+
+def _ranges(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    out: List[str] = []
+    for c in cpus:
+        if out and c - 1 == int(out[-1].rpartition("-")[2]):
+            out[-1] = f"{out[-1].partition('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def _page_size_multiple(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0 or value % 4096:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4096, not {value}")
+    return value
+
+
+def _chunk_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 4096:
+        raise argparse.ArgumentTypeError(f"must be at least 4096 (one page), not {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def _qemu_size(n: int) -> str:
+    """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _human(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1: 4.0 KiB, 1.5 GiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 class _Progress:
@@ -106,10 +166,42 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _printable(text: object) -> str:
+    """``text`` with every non-printable character escaped (``\x1b``, ``\n``, ``\u202e``).
+
+    Names read from a file (blocks, sections, segments, notes) and errors that
+    quote its bytes go through this before reaching a terminal: an ESC from a
+    crafted file could otherwise reset or rewrite the screen, and a newline
+    would split an error line.
+    """
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in s)
+
+
+_MAGICS = {b"\x7fELF": "elf-core", b"QEVM": "mapped-ram"}
+
+
 def _open_source(args: argparse.Namespace) -> Any:
     """The image named on the command line: a mapped-ram ``Snapshot`` or an ``ElfImage``."""
-    from .pagesource import open_image, sniff_format
-    if sniff_format(args.snapshot) == "elf-core":
+    from .pagesource import ImageError, open_for_reading, open_image
+    fd = open_for_reading(args.snapshot)
+    try:
+        empty = os.fstat(fd).st_size == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
+        head = os.pread(fd, 4, args.offset)
+    finally:
+        os.close(fd)
+    if empty:
+        raise ImageError(args.snapshot, None, "the file is empty", hint="an image holds at "
+                         "least the headers of a mapped-ram snapshot or an ELF core")
+    kind = _MAGICS.get(head)
+    if kind is None:
+        raise ImageError(args.snapshot, args.offset, "file magic",
+                         "an ELF core (7f 45 4c 46, '\\x7fELF') or a QEMU migration "
+                         "stream (51 45 56 4d, 'QEVM')", head.hex(" ") or "end of file")
+    if kind == "elf-core":
         if args.offset:
             raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
                              "only, and this is an ELF core")
@@ -137,17 +229,18 @@ def _inspect_elf_dict(image: Any) -> Dict[str, Any]:
 
 
 def _print_elf(info: Dict[str, Any]) -> None:
-    print(f"file:          {info['path']}")
-    print(f"format:        ELF core ({info['machine']}), "
+    print(f"file:          {_printable(info['path'])}")
+    print(f"format:        ELF core ({_printable(info['machine'])}), "
           f"{info['address_space']} addresses")
-    rows = [[r["name"], _mib(r["length"]), r["present_pages"], r["zero_pages"],
+    rows = [[_printable(r["name"]), _human(r["length"]), r["present_pages"], r["zero_pages"],
              f"0x{r['file_offset']:x}", "".join(c if r["flags"] & bit else "-" for c, bit
                                                 in (("r", 4), ("w", 2), ("x", 1)))]
             for r in info["regions"]]
     print(tabulate(rows, headers=["region", "size", "in file", "zero", "file offset",
                                   "flags"]))
     print()
-    print(tabulate([[n["name"], n["type_name"], n["size"], f"0x{n['offset']:x}"]
+    print(tabulate([[_printable(n["name"]), _printable(n["type_name"]), n["size"],
+                     f"0x{n['offset']:x}"]
                     for n in info["notes"]],
                    headers=["note", "type", "bytes", "offset"]))
 
@@ -167,7 +260,24 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
     }
 
 
+def _is_working_set(path: str) -> bool:
+    """Whether ``path`` looks like a working-set file (JSON: its first byte is ``{``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)   # a FIFO must not block
+    except OSError:
+        return False                    # _open_source names the problem
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 1, 0) == b"{"
+    finally:
+        os.close(fd)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if not args.offset and _is_working_set(args.snapshot):
+        from .cli_ws import inspect_file
+        return inspect_file(args.snapshot, args.against, args.json)
+    if args.against:
+        raise ValueError("--against applies to working-set files (FILE.ws) only")
     with _open_source(args) as image:
         info = _inspect_dict(image) if image.format == "mapped-ram" else _inspect_elf_dict(image)
     if args.json:
@@ -176,16 +286,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info["format"] != "mapped-ram":
         _print_elf(info)
         return 0
-    print(f"file:         {info['path']}")
-    print(f"machine:      {info['machine']}")
-    print(f"capabilities: {', '.join(info['capabilities']) or '-'}")
-    rows = [[b["name"], _mib(b["length"]), b["page_size"], b["present_pages"], b["zero_pages"],
+    print(f"file:         {_printable(info['path'])}")
+    print(f"machine:      {_printable(info['machine'])}")
+    print(f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}")
+    rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"], b["zero_pages"],
              f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
              f"0x{b['pages_offset']:x}"] for b in info["blocks"]]
     print(tabulate(rows, headers=["block", "size", "page size", "present", "zero",
                                   "% present", "pages offset"]))
     print()
-    print(tabulate([[d["name"], d["instance"], d["version"]] for d in info["devices"]],
+    print(tabulate([[_printable(d["name"]), d["instance"], d["version"]]
+                    for d in info["devices"]],
                    headers=["device section", "instance", "version"]))
     return 0
 
@@ -272,6 +383,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     import ctypes
+    from .mappedram import replacing
     with _open_source(args) as snap:
         block = snap.region(args.block)
         with _open_loader(args, snap) as loader:
@@ -280,20 +392,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
             chunk = 256 * ps
             buf = ctypes.create_string_buffer(chunk)
             bar = _Progress(f"dumping {block.name}", True)
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # a temporary renamed on success: never a partial output, never the input
             try:
-                for first, count, present in block.runs():
-                    if not present:
-                        continue                   # zero pages stay holes
-                    for lo in range(first, first + count, 256):
-                        n = min(256, first + count - lo) * ps
-                        ctypes.memmove(buf, base + lo * ps, n)   # faults served without the GIL
-                        data = buf.raw[:n]
-                        os.pwrite(fd, data, lo * ps)
-                        bar.update(lo + n // ps, block.pages)
-                os.ftruncate(fd, block.length)
+                with replacing(args.output, mode=0o644, not_same_as=[args.snapshot]) as fd:
+                    for first, count, present in block.runs():
+                        if not present:
+                            continue                   # zero pages stay holes
+                        for lo in range(first, first + count, 256):
+                            n = min(256, first + count - lo) * ps
+                            ctypes.memmove(buf, base + lo * ps, n)   # faults served without the GIL
+                            data = buf.raw[:n]
+                            os.pwrite(fd, data, lo * ps)
+                            bar.update(lo + n // ps, block.pages)
+                    os.ftruncate(fd, block.length)
             finally:
-                os.close(fd)
                 bar.finish()
     print(f"{args.output}: {block.length} bytes of region {block.name!r}")
     return 0
@@ -302,11 +414,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- make
 
 def cmd_make(args: argparse.Namespace) -> int:
+    from .convert import physical_memory_bytes
     from .mappedram import make_synthetic
+    limit = physical_memory_bytes()
+    if args.size > limit:
+        raise ValueError(f"--size {args.size}: more than this machine's memory "
+                         f"({_human(limit)}), which a guest of this size must fit in to load")
     make_synthetic(args.output, size=args.size, fill=args.fill, seed=args.seed)
-    print(f"{args.output}: synthetic snapshot, block 'ram' of {_mib(args.size)}, "
+    print(f"{args.output}: synthetic snapshot, block 'ram' of {_human(args.size)}, "
           f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "
-          f"-m {args.size >> 20}M")
+          f"-m {_qemu_size(args.size)}")
     return 0
 
 
@@ -321,10 +438,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         blocks = to_mapped_ram(image, args.output, layout=args.layout,
                                ram_size=args.ram_size or 0)
     for b in blocks:
-        print(f"{args.output}: block {b.name!r} of {_mib(b.length)}, "
+        print(f"{args.output}: block {_printable(repr(b.name))} of {_human(b.length)}, "
               f"{b.data_pages} pages with data")
     if args.layout == "ram":
-        print(f"load it with: qemu-system-x86_64 -machine none -m {blocks[0].length >> 20}M "
+        print(f"load it with: qemu-system-x86_64 -machine none -m {_qemu_size(blocks[0].length)} "
               "-incoming defer, then migrate-incoming file:"
               f"{args.output} with the mapped-ram capability on")
     return 0
@@ -365,6 +482,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
                          "destination's own -S decides")
     if args.recover and args.qmp is None:
         raise ValueError("--recover needs --qmp SOCK (migrate-recover is a QMP command)")
+    if args.trace and not args.json:
+        raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
+    if args.ws_placement != "after-run" and not args.working_set:
+        raise ValueError("--ws-placement applies with --working-set FILE only")
     from .mappedram import Snapshot
     Snapshot.open(args.snapshot).close()          # a bad snapshot is refused before QEMU starts
     proc: Optional[Any] = None
@@ -380,6 +501,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         recover=args.recover, batch_pages=args.batch_pages,
                         fault_around_pages=args.fault_around,
                         demand_yield_ms=args.demand_yield_ms,
+                        record_ws=args.record_ws, working_set=args.working_set,
+                        ws_placement=args.ws_placement, trace=args.trace,
                         timeout=args.timeout)
         progress = _Progress("resuming", not args.json)
         while True:
@@ -405,7 +528,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if proc is not None and not finished:
             print(f"uffdpy: the destination QEMU (pid {proc.proc.pid}) is left as it is; "
                   f"QMP socket {proc.qmp_path}", file=sys.stderr)
-    info = stats.as_dict()
+    info = resume.report() if resume is not None else stats.as_dict()
+    if args.record_ws:
+        info["working_set_recorded"] = args.record_ws
     if proc is not None:
         info["qemu_pid"] = proc.proc.pid
         info["qmp_socket"] = proc.qmp_path
@@ -493,56 +618,87 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uffdpy", description=(
         "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug after the subcommand too; SUPPRESS keeps a top-level --debug
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    add_parser = sub.add_parser
 
-    def snapshot_arg(sp: argparse.ArgumentParser) -> None:
+    def add_command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[common], **kw)
+
+    sub.add_parser = add_command  # type: ignore[method-assign]
+
+    def snapshot_arg(sp: argparse.ArgumentParser, *, offset: bool = True) -> None:
         sp.add_argument("snapshot", metavar="IMAGE",
                         help="a mapped-ram snapshot or an ELF core file")
-        sp.add_argument("--offset", type=parse_size, default=0,
-                        help="where the stream starts in the file (file:...,offset=N)")
+        if offset:
+            sp.add_argument("--offset", type=parse_size, default=0,
+                            help="mapped-ram: where the stream starts in the file "
+                                 "(migrate file:PATH,offset=N)")
+        else:
+            sp.set_defaults(offset=0)
 
-    sp = sub.add_parser("inspect", help="show RAMBlocks and device sections, or ELF segments and notes")
+    sp = sub.add_parser("inspect", help="show RAMBlocks and device sections, ELF segments and "
+                        "notes, or a working set")
     snapshot_arg(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print everything as JSON")
+    sp.add_argument("--against", action="append", default=[], metavar="OTHER.ws",
+                    help="for a working set (FILE.ws): its Jaccard index with this "
+                         "recording (repeatable)")
     sp.set_defaults(func=cmd_inspect)
 
     sp = sub.add_parser("load", help="load a snapshot, run an access workload, print stats")
     snapshot_arg(sp)
-    sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
-    sp.add_argument("--server", choices=SERVERS, default="thread",
-                    help="where the fault loop runs: thread, process, or interpreter "
-                         "(an own-GIL subinterpreter, Python 3.13+)")
-    sp.add_argument("--no-prefetch", action="store_true")
-    sp.add_argument("--access", default="none", help="none|seq|random|hot:FRACTION")
-    sp.add_argument("--touch", type=int, default=0, help="accesses per thread")
-    sp.add_argument("--threads", type=int, default=1, help="accessing threads")
-    sp.add_argument("--server-cpu", type=int, default=None, help="pin the fault loop")
-    sp.add_argument("--access-cpu", type=int, default=None, help="pin the accessing threads")
+    sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
+                    help="lazy: userfaultfd, ready at once (default); eager: read every "
+                         "page first, as QEMU 10 does")
+    sp.add_argument("--server", choices=SERVERS, default=None,
+                    help="where the fault loop runs: thread (default), process, or "
+                         "interpreter (an own-GIL subinterpreter, Python 3.13+); lazy only")
+    sp.add_argument("--no-prefetch", action="store_true",
+                    help="no background prefetch: pages arrive only when touched (the "
+                         "load then completes only if the workload touches every page)")
+    sp.add_argument("--access", default="none",
+                    help="the workload during the load: none (default), seq, random or "
+                         "hot:FRACTION (random within that fraction of the pages)")
+    sp.add_argument("--touch", type=_non_negative_int, default=0, metavar="N",
+                    help="accesses per thread (default: every page for seq, 10000 otherwise)")
+    sp.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                    help="accessing threads (default 1)")
+    sp.add_argument("--server-cpu", type=_cpu, default=None, metavar="CPU",
+                    help="pin the fault loop")
+    sp.add_argument("--access-cpu", type=_cpu, default=None, metavar="CPU",
+                    help="pin the accessing threads")
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
     sp.add_argument("--populate-source", action="store_true",
                     help="map the file's data pages ahead of the copies (reads the whole "
                          "file's data even with --no-prefetch)")
-    sp.add_argument("--prefetch-threads", type=int, default=None,
+    sp.add_argument("--prefetch-threads", type=_positive_int, default=None, metavar="N",
                     help="parallel prefetch threads (default: 2 on 2+ CPUs)")
-    sp.add_argument("--prefetch-chunk", type=parse_size, default=None, metavar="SIZE",
+    sp.add_argument("--prefetch-chunk", type=_chunk_size, default=None, metavar="SIZE",
                     help="bytes per prefetch ioctl (default 2M; smaller: a fault on a page "
                          "being prefetched waits less, the load takes longer)")
     sp.add_argument("--huge-pages", action="store_true",
                     help="hugetlbfs guest memory, whole 2 MiB pages per fault "
                          "(needs /proc/sys/vm/nr_hugepages)")
-    sp.add_argument("--verify", action="store_true", help="compare every page with the file")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--verify", action="store_true",
+                    help="compare every page with the file (exit status 1 on a mismatch)")
+    sp.add_argument("--json", action="store_true", help="print the stats as JSON")
     sp.set_defaults(func=cmd_load)
 
     sp = sub.add_parser("dump", help="write one region's memory, read through the loader")
     snapshot_arg(sp)
     sp.add_argument("block", metavar="REGION", help="a RAMBlock or ELF segment name (see inspect)")
-    sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy")
-    sp.add_argument("--server", choices=SERVERS, default="thread",
-                    help="where the fault loop runs: thread, process, or interpreter "
-                         "(an own-GIL subinterpreter, Python 3.13+)")
+    sp.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="the region's bytes (sparse; written under a temporary name)")
+    sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
+                    help="lazy: userfaultfd (default); eager: read every page first")
+    sp.add_argument("--server", choices=SERVERS, default=None,
+                    help="where the fault loop runs: thread (default), process, or "
+                         "interpreter (an own-GIL subinterpreter, Python 3.13+); lazy only")
     sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
     sp.set_defaults(func=cmd_dump)
 
@@ -586,14 +742,27 @@ def _parser() -> argparse.ArgumentParser:
                          "(default 2; 0: never)")
     sp.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
                     help="bound on each QMP call and connection (default 30)")
+    sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
+                    help="write the pages the guest requested, in order of first request "
+                         "(record with --no-background to see the whole working set)")
+    sp.add_argument("--working-set", metavar="FILE.ws", default=None,
+                    help="send these recorded pages first, then the rest in file order")
+    sp.add_argument("--ws-placement", choices=("after-run", "before-run"), default="after-run",
+                    help="send the working set right after RUN (default) or as precopy "
+                         "pages before it")
+    sp.add_argument("--trace", action="store_true",
+                    help="with --json: keep when each page was sent and why (for uffdpy plot)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
     sp.set_defaults(func=cmd_resume)
 
     sp = sub.add_parser("bench", help="eager vs lazy vs QEMU's own load, side by side")
     sp.add_argument("snapshot", metavar="SNAP")
-    sp.add_argument("--rounds", type=int, default=3)
-    sp.add_argument("--touch", type=int, default=2000)
-    sp.add_argument("--no-qemu", action="store_true")
+    sp.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
+                    help="rounds of each load, interleaved; medians are shown (default 3)")
+    sp.add_argument("--touch", type=_non_negative_int, default=2000, metavar="N",
+                    help="random accesses during each lazy load (default 2000)")
+    sp.add_argument("--no-qemu", action="store_true",
+                    help="leave out QEMU's own load (no qemu-system-x86_64 needed)")
     sp.add_argument("--qemu-args", default=None, metavar="ARGS",
                     help="QEMU arguments recreating the saved machine, one string "
                          "(e.g. \"-machine pc -m 1G -cpu max\"); -machine none snapshots "
@@ -604,11 +773,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--request", default="GET 0 4", metavar="TEXT",
                     help="with --resume: the request sent on the guest's second serial port "
                          "as soon as it runs ('' for none; default 'GET 0 4')")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("convert", help="write an ELF memory dump as a mapped-ram snapshot")
-    snapshot_arg(sp)
+    snapshot_arg(sp, offset=False)
     sp.add_argument("-o", "--output", required=True, metavar="SNAP")
     sp.add_argument("--layout", choices=("ram", "regions"), default="ram",
                     help="ram: one 'ram' block by guest-physical address, as QEMU "
@@ -620,14 +789,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("make", help="write a synthetic snapshot for -machine none")
     sp.add_argument("output", metavar="OUT")
-    sp.add_argument("--size", type=parse_size, default=256 << 20)
-    sp.add_argument("--fill", type=float, default=0.4)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
+                    help="RAM size, a multiple of 4 KiB (default 256M)")
+    sp.add_argument("--fill", type=_fraction, default=0.4, metavar="F",
+                    help="fraction of pages that hold data, 0 to 1 (default 0.4)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the contents (default 0)")
     sp.set_defaults(func=cmd_make)
 
     sp = sub.add_parser("demo", help="make, load lazily under random access, explain")
-    sp.add_argument("--size", type=parse_size, default=256 << 20)
+    sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
+                    help="the synthetic guest's RAM (default 256M)")
     sp.set_defaults(func=cmd_demo)
+
+    from .cli_ws import add_parsers
+    add_parsers(sub)                    # ws inspect, ws merge, plot
     return p
 
 
@@ -662,23 +837,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.qemu = qemu_cmd
     elif qemu_cmd:
         parser.error(f"{args.command}: unexpected arguments after --")
+    if getattr(args, "mode", None) == "eager":
+        given = [opt for opt, dest, default in _LAZY_ONLY
+                 if getattr(args, dest, default) not in (default, None)]
+        if given:
+            parser.error(f"{args.command}: {', '.join(given)} applies to --mode lazy only")
+    if hasattr(args, "server") and args.server is None:
+        args.server = "thread"
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (``uffdpy inspect X | head``): stop quietly, as
+        # a tool killed by SIGPIPE would, and keep the interpreter's final
+        # flush of stdout from complaining (Python's documented pattern).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except _Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    except MemoryError:
+        if args.debug:
+            traceback.print_exc()
+        print(f"uffdpy: error: out of memory in {args.command}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         if args.debug:
             traceback.print_exc()
         msg = _one_line(exc)
         if isinstance(exc, KeyError):
             msg = str(exc.args[0]) if exc.args else msg
-        print(f"uffdpy: error: {msg}", file=sys.stderr)
+        print(f"uffdpy: error: {_printable(msg)}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: options of ``load``/``dump`` that only a lazy load has: (option, dest, default)
+_LAZY_ONLY = (("--server", "server", None), ("--no-prefetch", "no_prefetch", False),
+              ("--server-cpu", "server_cpu", None), ("--busy-poll", "busy_poll", False),
+              ("--populate-source", "populate_source", False),
+              ("--prefetch-threads", "prefetch_threads", None),
+              ("--prefetch-chunk", "prefetch_chunk", None), ("--huge-pages", "huge_pages", False))
 
 
 class _Terminated(KeyboardInterrupt):

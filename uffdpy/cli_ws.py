@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 
 from tabulate import tabulate
 
-__all__ = ["add_parsers"]
+__all__ = ["add_parsers", "inspect_file", "show"]
 
 
 def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any]:
@@ -38,10 +38,21 @@ def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any
 
 
 def cmd_ws_inspect(args: argparse.Namespace) -> int:
-    info = _inspect_dict(args.ws, args.against, args.snapshot)
-    if args.json:
+    show(_inspect_dict(args.ws, args.against, args.snapshot), as_json=args.json)
+    return 0
+
+
+def inspect_file(path: str, against: List[str], as_json: bool) -> int:
+    """``uffdpy inspect FILE.ws``: the same as ``uffdpy ws inspect FILE.ws``."""
+    show(_inspect_dict(path, against, ""), as_json=as_json)
+    return 0
+
+
+def show(info: Dict[str, Any], *, as_json: bool) -> None:
+    """Print a working set's summary (``_inspect_dict``), as a table or as JSON."""
+    if as_json:
         print(json.dumps(info, indent=2))
-        return 0
+        return
     rows = [("pages", f"{info['pages']} ({info['bytes'] / (1 << 20):.1f} MiB)"),
             ("data pages", info["data_pages"]), ("zero pages", info["zero_pages"]),
             ("first / last demand",
@@ -51,7 +62,6 @@ def cmd_ws_inspect(args: argparse.Namespace) -> int:
     rows += [(f"pages in {name!r}", n) for name, n in info["pages_by_block"].items()]
     rows += [(f"Jaccard with {other}", j) for other, j in info["jaccard"].items()]
     print(tabulate(rows, tablefmt="plain"))
-    return 0
 
 
 def cmd_ws_merge(args: argparse.Namespace) -> int:
