@@ -383,6 +383,7 @@ def test_demo() -> None:
     assert "double placements (must be 0)" in out
     assert "pages verified / mismatched" in out
     assert "8192 / 0" in out              # 32 MiB of 4 KiB pages, none mismatched
+    assert "medians of 3 interleaved rounds, the file in the page cache" in out
 
 
 @pytest.mark.qemu

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import stat
+import statistics
 import sys
 import tempfile
 import threading
@@ -565,6 +566,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------- demo
 
+#: interleaved eager and lazy loads the demo times
+DEMO_ROUNDS = 3
+
+
+def _read_through(path: str) -> None:
+    """Read a file once (into the page cache), in 1 MiB pieces."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .loader import EagerLoader, LazyLoader
     from .mappedram import Snapshot, make_synthetic
@@ -575,8 +590,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"making a synthetic {_mib(size)} snapshot (40% of pages hold data) in {tmp} ...")
         make_synthetic(path, size=size, fill=0.4, seed=7)
         with Snapshot.open(path) as snap:
-            with EagerLoader(snap) as eager:
-                eager_s = eager.stats.time_to_complete_s or 0.0
+            # As the benchmark measures: the file read once first (both loads
+            # then read it from the page cache, as a just-written file would
+            # be for one and not the other), then eager and lazy loads
+            # interleaved, medians of DEMO_ROUNDS.
+            _read_through(path)
+            eager_runs, ready_runs, complete_runs = [], [], []
+            for _ in range(DEMO_ROUNDS):
+                with EagerLoader(snap) as eager:
+                    eager_runs.append(eager.stats.time_to_complete_s or 0.0)
+                with LazyLoader(snap, server="thread") as lazy:
+                    lazy.wait(120)
+                    ready_runs.append(lazy.stats.time_to_ready_s)
+                    complete_runs.append(lazy.stats.time_to_complete_s or 0.0)
+            eager_s, ready_s = statistics.median(eager_runs), statistics.median(ready_runs)
+            complete_s = statistics.median(complete_runs)
             with LazyLoader(snap, server="thread") as lazy:
                 ready_s = lazy.stats.time_to_ready_s
                 blocks = [(lazy.address(b.name), b) for b in snap.blocks]
@@ -597,15 +625,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = [
         ["eager load (QEMU 10 style): VM waits", f"{eager_s * 1e3:.1f} ms"],
         ["lazy load: ready (VM could start)", f"{ready_s * 1e3:.2f} ms"],
-        ["lazy load: all pages in", f"{(stats.time_to_complete_s or 0) * 1e3:.1f} ms"],
-        ["random accesses during the load", f"{len(accesses)}"],
-        ["  faults served by the fault loop", f"{stats.faults}"],
-        ["  access latency p50 / p99", f"{lat['p50']:.1f} / {lat['p99']:.1f} us"],
-        ["pages placed by fault / by prefetch", f"{stats.pages_by_fault} / {stats.pages_by_prefetch}"],
-        ["double placements (must be 0)", f"{stats.double_placements}"],
-        ["pages verified / mismatched", f"{verified} / {mismatched}"],
+        ["lazy load: all pages in", f"{complete_s * 1e3:.1f} ms"],
+        ["lazy load under random access: all pages in", f"{(stats.time_to_complete_s or 0) * 1e3:.1f} ms"],
+        ["- random accesses during the load", f"{len(accesses)}"],
+        ["- faults served by the fault loop", f"{stats.faults}"],
+        ["- access latency p50 / p99", f"{lat['p50']:.1f} / {lat['p99']:.1f} us"],
+        ["- pages placed by fault / by prefetch",
+         f"{stats.pages_by_fault} / {stats.pages_by_prefetch}"],
+        ["- double placements (must be 0)", f"{stats.double_placements}"],
+        ["- pages verified / mismatched", f"{verified} / {mismatched}"],
     ]
     print(tabulate(rows, headers=["fast snapshot load, measured just now", ""]))
+    print(f"(the first three: medians of {DEMO_ROUNDS} interleaved rounds, the file in the "
+          "page cache)")
     print(f"\nThe guest could have started {eager_s / max(ready_s, 1e-9):.0f}x sooner: every "
           "page was usable at once, a touched page\narrived in one fault, and the "
           "prefetcher brought the rest in behind it.")
