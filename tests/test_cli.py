@@ -127,8 +127,8 @@ def check_inspect_json(path: Path) -> Dict[str, Any]:
     with Snapshot.open(path) as snap:
         assert info["machine"] == snap.machine
         assert info["capabilities"] == list(snap.capabilities)
-        assert [b["name"] for b in info["blocks"]] == [b.name for b in snap.blocks]
-        for got, block in zip(info["blocks"], snap.blocks):
+        assert [b["name"] for b in info["regions"]] == [b.name for b in snap.blocks]
+        for got, block in zip(info["regions"], snap.blocks):
             assert got == {"name": block.name, "length": block.length,
                            "page_size": block.page_size, "pages": block.pages,
                            "present_pages": block.present_pages,
@@ -156,9 +156,9 @@ def test_inspect_json_synthetic(synth: Path) -> None:
     info = check_inspect_json(synth)
     assert info["machine"] == "none"
     assert "mapped-ram" in info["capabilities"]
-    assert [b["name"] for b in info["blocks"]] == ["ram"]
-    assert info["blocks"][0]["length"] == 32 * MiB
-    assert 0 < info["blocks"][0]["present_pages"] < info["blocks"][0]["pages"]
+    assert [b["name"] for b in info["regions"]] == ["ram"]
+    assert info["regions"][0]["length"] == 32 * MiB
+    assert 0 < info["regions"][0]["present_pages"] < info["regions"][0]["pages"]
 
 
 def test_inspect_table_synthetic(synth: Path) -> None:
@@ -169,7 +169,7 @@ def test_inspect_table_synthetic(synth: Path) -> None:
 def test_inspect_json_qemu(qemu_snap: Tuple[Path, Path, int]) -> None:
     info = check_inspect_json(qemu_snap[0])
     assert info["machine"].startswith("pc-i440fx")
-    names = [b["name"] for b in info["blocks"]]
+    names = [b["name"] for b in info["regions"]]
     assert "pc.ram" in names and any(n.endswith("vga.vram") for n in names)
     assert len(names) >= 4
     assert info["devices"], "a pc machine has device sections"

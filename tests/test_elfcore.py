@@ -784,7 +784,7 @@ def test_cli_on_a_process_core(gcore: ProcessCore, tmp_path: Path) -> None:
     assert "--layout regions" in proc.stderr and str(gcore.path) in proc.stderr
     _ok("convert", gcore.path, "-o", snap_path, "--layout", "regions")
     snap_info = json.loads(_ok("inspect", snap_path, "--json"))
-    assert [b["name"] for b in snap_info["blocks"]] == [r["name"] for r in info["regions"]]
+    assert [b["name"] for b in snap_info["regions"]] == [r["name"] for r in info["regions"]]
     out2 = tmp_path / "seg2.raw"
     _ok("dump", snap_path, region["name"], "-o", out2)
     assert out2.read_bytes() == out.read_bytes()

@@ -252,10 +252,10 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
         "format": snap.format,
         "machine": snap.machine,
         "capabilities": list(snap.capabilities),
-        "blocks": [{"name": b.name, "length": b.length, "page_size": b.page_size,
+        "regions": [{"name": b.name, "length": b.length, "page_size": b.page_size,
                     "pages": b.pages, "present_pages": b.present_pages,
-                    "zero_pages": b.zero_pages, "bitmap_offset": b.bitmap_offset,
-                    "pages_offset": b.pages_offset} for b in snap.blocks],
+                     "zero_pages": b.zero_pages, "bitmap_offset": b.bitmap_offset,
+                     "pages_offset": b.pages_offset} for b in snap.blocks],
         "devices": [{"name": d.name, "instance": d.instance, "version": d.version}
                     for d in snap.devices],
     }
@@ -292,7 +292,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}")
     rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"], b["zero_pages"],
              f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
-             f"0x{b['pages_offset']:x}"] for b in info["blocks"]]
+             f"0x{b['pages_offset']:x}"] for b in info["regions"]]
     print(tabulate(rows, headers=["block", "size", "page size", "present", "zero",
                                   "% present", "pages offset"]))
     print()
@@ -362,7 +362,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                 result["verified_pages"] = verified
                 result["mismatched_pages"] = mismatched
             stats = loader.stats.as_dict()
-    report = {"mode": args.mode, **({"server": args.server} if args.mode == "lazy" else {}),
+    report = {"mode": args.mode, "server": args.server if args.mode == "lazy" else None,
               **stats, **result}
     if args.json:
         print(json.dumps(report, indent=2))
