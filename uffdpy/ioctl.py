@@ -430,9 +430,19 @@ def _check_int(result: int, func: Any, args: Tuple[Any, ...]) -> int:
 
 
 def _check_ptr(result: Optional[int], func: Any, args: Tuple[Any, ...]) -> int:
-    """errcheck for calls that return MAP_FAILED and set errno on failure."""
+    """errcheck for calls that return MAP_FAILED and set errno on failure (mmap, mremap).
+
+    The error names the call and the size asked for: a bare "Cannot allocate
+    memory" does not say which allocation failed, or how large it was.
+    """
     if result == MAP_FAILED:
-        _raise_errno()
+        err = ctypes.get_errno()
+        name = getattr(func, "__name__", "mmap")
+        size = args[2] if name == "mremap" else args[1]
+        hint = (" (more than this process may map: see ulimit -v, vm.overcommit_memory, "
+                "or for huge pages /proc/sys/vm/nr_hugepages)" if err == errno.ENOMEM else "")
+        raise OSError(err, f"{os.strerror(err)}: {name} of {size:#x} bytes "
+                           f"({size / (1 << 20):.1f} MiB){hint}")
     return result or 0     # ctypes turns a NULL c_void_p into None
 
 

@@ -953,11 +953,15 @@ def replacing(path: PathLike, *, keep_prefix: int = 0, mode: int = 0o600,
         os.close(fd)
         fd = -1
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:
+            # ENOSPC, EDQUOT, EIO from a write: say which file (none is left)
+            raise OSError(exc.errno, f"{exc.strerror or os.strerror(exc.errno)} writing "
+                                     f"{os.fspath(path)} (nothing was written)") from exc
         raise
 
 
