@@ -334,3 +334,28 @@ def test_unknown_magic_names_both_formats(tmp_path: Path) -> None:
     bad.write_bytes(b"\x7fELG" + bytes(60))
     line = one_error_line(uffdpy("inspect", bad, timeout=60), str(bad))
     assert "ELF" in line and "QEMU migration stream" in line and "7f 45 4c 47" in line, line
+
+
+# --------------------------------------------- uffdpy's errors are one line; its bugs are not
+
+def test_an_unknown_region_is_one_named_line(synth: Path, tmp_path: Path) -> None:
+    from uffdpy.mappedram import Snapshot
+    from uffdpy.pagesource import RegionNotFound
+    line = one_error_line(uffdpy("dump", synth, "nosuch", "-o", tmp_path / "x.raw"),
+                          "no RAMBlock named 'nosuch'", "blocks: ram")
+    assert not line.startswith('uffdpy: error: "'), line     # the message, not a KeyError repr
+    assert list(tmp_path.iterdir()) == []
+    with Snapshot.open(synth) as snap, pytest.raises(KeyError) as info:
+        snap.block("nosuch")                                  # still a KeyError for callers
+    assert isinstance(info.value, RegionNotFound)
+
+
+def test_a_bug_in_uffdpy_shows_its_traceback(synth: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only uffdpy's own errors, bad values and OSErrors become one line."""
+    from uffdpy import cli
+
+    def broken(args: object) -> int:
+        raise TypeError("a bug")
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["inspect", str(synth)])

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
+from .errors import UffdpyError
+
 __all__ = ["main"]
 
 #: ``LazyLoader(server=...)`` values (kept equal to ``uffdpy.loader.SERVERS``
@@ -903,12 +905,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         print(f"uffdpy: error: out of memory in {args.command}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+    except (UffdpyError, ValueError, OSError) as exc:
+        # uffdpy's own errors, bad values and the system's: one line.  Anything
+        # else (a TypeError, a KeyError, a RuntimeError) is a bug in uffdpy and
+        # shows its traceback.
         if args.debug:
             traceback.print_exc()
         msg = _one_line(exc)
-        if isinstance(exc, KeyError):
-            msg = str(exc.args[0]) if exc.args else msg
         print(f"uffdpy: error: {_printable(msg)}", file=sys.stderr)
         return 2
     finally:

@@ -25,7 +25,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from .elfcore import ElfImage
 from .mappedram import BlockSpec, Snapshot, write_snapshot
-from .pagesource import ImageError, PageRegion, PathLike
+from .pagesource import ImageError, PageRegion, PathLike, physical_memory_bytes
 
 __all__ = ["ConvertedBlock", "to_mapped_ram", "physical_memory_bytes"]
 
@@ -34,9 +34,6 @@ MiB = 1 << 20
 _PIECE_PAGES = 256
 
 
-def physical_memory_bytes() -> int:
-    """This machine's RAM in bytes (``sysconf``), the bound on a RAM size to load here."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

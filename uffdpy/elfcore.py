@@ -66,7 +66,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 from elftools.elf.segments import NoteSegment
 
-from .pagesource import ImageError, ImageFile, OpenImage, PathLike, bitmap_runs, set_bits
+from .pagesource import (ImageError, ImageFile, OpenImage, PathLike, RegionNotFound,
+                         bitmap_runs, set_bits)
 
 __all__ = ["ElfImageError", "ElfImage", "ElfRegion", "ElfNote", "PAGE_SIZE",
            "MAX_SEGMENTS", "MAX_SEGMENT_BYTES", "MAX_TOTAL_BYTES", "MAX_NOTES_BYTES", "MAX_NOTES"]
@@ -359,20 +360,20 @@ class ElfImage(OpenImage):
             raise
 
     def region(self, name: str) -> ElfRegion:
-        """The region named ``name``. Raises: KeyError naming the available ones."""
+        """The region named ``name``. Raises: RegionNotFound (a KeyError) naming the available ones."""
         for r in self.regions:
             if r.name == name:
                 return r
         listed = ", ".join(r.name for r in self.regions[:20])
         more = f" and {len(self.regions) - 20} more" if len(self.regions) > 20 else ""
-        raise KeyError(f"{self.path}: no region named {name!r} (regions: {listed}{more})")
+        raise RegionNotFound(f"{self.path}: no region named {name!r} (regions: {listed}{more})")
 
     def region_at(self, address: int) -> ElfRegion:
-        """The region whose ``[address, end)`` contains ``address``. Raises: KeyError."""
+        """The region whose ``[address, end)`` contains ``address``. Raises: RegionNotFound (a KeyError)."""
         for r in self.regions:
             if r.address <= address < r.end:
                 return r
-        raise KeyError(f"{self.path}: no region contains {self.address_space} address "
+        raise RegionNotFound(f"{self.path}: no region contains {self.address_space} address "
                        f"{address:#x}")
 
     def __repr__(self) -> str:

@@ -96,8 +96,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, bitmap_runs,
-                         bitmap_runs_in, set_bits)
+from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, RegionNotFound,
+                         bitmap_runs, bitmap_runs_in, set_bits)
 
 
 # --- errors ----------------------------------------------------------------------
@@ -385,11 +385,11 @@ class Snapshot(OpenImage):
         return self.block(name)
 
     def block(self, name: str) -> RamBlock:
-        """The RAMBlock named ``name``. Raises: KeyError if there is none."""
+        """The RAMBlock named ``name``. Raises: RegionNotFound (a KeyError) if there is none."""
         for b in self.blocks:
             if b.name == name:
                 return b
-        raise KeyError(f"{self.path}: no RAMBlock named {name!r} "
+        raise RegionNotFound(f"{self.path}: no RAMBlock named {name!r} "
                        f"(blocks: {', '.join(b.name for b in self.blocks)})")
 
     def __repr__(self) -> str:

@@ -46,7 +46,7 @@ from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type
 
 from .errors import UffdpyError
 
-__all__ = ["ImageError", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
+__all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
            "sniff_format"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -77,6 +77,17 @@ class ImageError(UffdpyError, ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+class RegionNotFound(UffdpyError, KeyError):
+    """An image has no region (RAMBlock, segment) of the name or address asked for.
+
+    A ``KeyError`` (as a mapping lookup would raise) whose ``str`` is the
+    message itself, not its ``repr``.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such region"
 
 
 class ImageFile:
@@ -205,6 +216,50 @@ class PageSource(Protocol):
     def close(self) -> None: ...
     def __enter__(self) -> "PageSource": ...
     def __exit__(self, *exc: object) -> None: ...
+
+
+# --- what an untrusted file may make uffdpy allocate ----------------------------------
+
+#: the environment variable that raises :func:`memory_limit` (a size: 64G, 1T, bytes)
+MEMORY_LIMIT_ENV = "UFFDPY_MAX_MEMORY"
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM in bytes (``sysconf``)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_limit() -> int:
+    """The most guest memory uffdpy will map for one image: this machine's RAM,
+    or ``$UFFDPY_MAX_MEMORY`` (``64G``, ``1T``, bytes) when set.
+
+    Every page of a load ends resident, so an image declaring more memory than
+    the machine has cannot be loaded here; refusing it up front spares the
+    tens of seconds and the per-page tables a 1 TiB segment in a 5 MB file
+    would cost before failing.
+    """
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text:
+        return physical_memory_bytes()
+    m = re.fullmatch(r"(\d+)\s*([kKmMgGtTpP]?)i?[bB]?", text)
+    if not m:
+        raise ValueError(f"${MEMORY_LIMIT_ENV}={text!r} is not a size (use e.g. 64G, 1T)")
+    return int(m.group(1)) << (10 * " KMGTP".index((m.group(2) or " ").upper()))
+
+
+def check_fits_in_memory(source: "PageSource") -> None:
+    """Refuse ``source`` if its regions together declare more than :func:`memory_limit`.
+
+    Raises: ImageError naming the file, the total, the limit and how to raise it.
+    """
+    total = sum(r.length for r in source.regions)
+    limit = memory_limit()
+    if total > limit:
+        where = (f"${MEMORY_LIMIT_ENV}" if os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+                 else "this machine's RAM")
+        raise ImageError(source.path, None, "guest memory the image declares",
+                         f"at most {limit:#x} bytes ({where})", f"{total:#x} bytes",
+                         hint=f"set {MEMORY_LIMIT_ENV}=SIZE to load it anyway")
 
 
 # --- bitmaps, shared by the formats ----------------------------------------------------
