@@ -1,0 +1,77 @@
+"""Fast snapshot load: guest RAM usable at once, filled behind the guest's back.
+
+``LazyLoader`` maps anonymous memory for every region of an image (a
+mapped-ram snapshot, an ELF core), registers all of it with one userfaultfd
+in MISSING mode, and reports itself ready in milliseconds.  Every access to
+a page not there yet traps; workers fill memory in the background, and
+serve the faulting pages first.  ``EagerLoader`` is the QEMU 10 way, as a
+baseline: read everything, then return.
+
+A load, step by step, and the module that does each step:
+
+1. ``lazy``: ``LazyLoader`` checks its arguments, and asks the chosen server
+   (``lazy.SERVER_KINDS[server]``) whether this process can run it, before
+   anything is mapped.
+2. ``base``: one anonymous (or hugetlbfs) mapping per region; ``memory()``,
+   ``address()`` (shared with ``eager.EagerLoader``).
+3. ``lazy``: register every mapping with one uffd, map the image file
+   read-only, build the regions and the claim map, make the wake fd.
+4. ``placement``: ``_Region``, a region as the workers see it (addresses,
+   unit of placement, page kinds ZERO / DIRECT / BOUNCE), and ``_place``,
+   which copies a run of one kind into the registered memory with as few
+   ioctls as possible.
+5. ``claims``: ``ClaimMap``, one byte per page, decides which worker places
+   each page and knows how many are placed.
+6. ``workers``: ``_Server``, the fault loop, the prefetcher and the source
+   populator (its essay: how they race, and why faults win).
+7. ``server`` and ``server_thread`` / ``server_process`` /
+   ``server_interpreter``: where the workers run, threads here, a forked
+   process, or an own-GIL subinterpreter (its essay: servers and the GIL).
+8. ``lazy``: the last page placed, the loader unregisters, closes the uffd
+   and the file mapping (``_finish``); a failed load fences what nobody
+   placed (``placement._fence``); ``close()`` follows the numbered shutdown
+   order of the ``lazy`` essay.
+9. ``stats``: what a load did (``Stats``), from every worker's tallies.
+
+``errors`` holds ``LoaderError`` and ``ServerDiedError``.  Dependencies go
+one way: ``errors``, ``stats``, ``claims`` -> ``placement`` -> ``workers``
+-> ``server`` -> ``server_*`` -> ``lazy``; ``base`` -> ``eager``, ``lazy``.
+"""
+from __future__ import annotations
+
+from .base import BLOCK_ALIGN, MiB, SnapshotLike, SourceLike, _LoaderBase, _open_source, _round_up
+from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
+from .eager import EAGER_READ_BYTES, EagerLoader
+from .errors import LoaderError, ServerDiedError
+from .lazy import SERVER_KINDS, SERVERS, LazyLoader
+from .placement import BOUNCE, DIRECT, ZERO, _fence, _protect_none, _Region, _SharedRegion
+from .server import Server
+from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
+                                 InterpreterServer, _interpreter_main,
+                                 prepare_interpreter_servers, release_interpreter_servers)
+from .server_process import ProcessServer
+from .server_thread import ThreadServer
+from .stats import Stats, _Counters
+from .workers import (DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, _Server)
+from ..memory import Mapping  # noqa: F401  (tests patch uffdpy.loader.Mapping.anonymous)
+
+__all__ = [
+    "ClaimMap",
+    "EagerLoader",
+    "HAVE_INTERPRETERS",
+    "LazyLoader",
+    "LoaderError",
+    "SERVERS",
+    "ServerDiedError",
+    "Stats",
+    "prepare_interpreter_servers",
+    "release_interpreter_servers",
+]
+
+# Names the single-module loader had, kept importable from here: the
+# constants, and the private ones tests and scripts reach for.
+_COMPAT = (BLOCK_ALIGN, MiB, SnapshotLike, SourceLike, _LoaderBase, _open_source, _round_up,
+           CLAIMED, PLACED, UNCLAIMED, EAGER_READ_BYTES, SERVER_KINDS, BOUNCE, DIRECT, ZERO,
+           _fence, _protect_none, _Region, _SharedRegion, Server, INTERPRETER_START_TIMEOUT,
+           InterpreterServer, _interpreter_main, ProcessServer, ThreadServer, _Counters,
+           DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, _Server, Mapping)

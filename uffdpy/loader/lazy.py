@@ -1,0 +1,329 @@
+"""``LazyLoader``: guest memory usable at once, filled behind the guest's back.
+
+A load, in the order ``_setup`` follows: validate the arguments and the
+server (``Server.check_available``) before anything is mapped; map
+anonymous memory for every region (``base._LoaderBase``); register all of
+it with one userfaultfd in MISSING mode; map the image file read-only;
+build the regions (``placement._Region``) and the claim map
+(``claims.ClaimMap``, shared when the server is not a thread of this
+process); make the wake fd; hand all of it to the server
+(``SERVER_KINDS[server]``), which starts the workers (``workers._Server``).
+Then the loader reports itself ready.  When the last page is placed, every
+block is unregistered, the uffd and the file mapping are closed, and the
+memory is ordinary anonymous memory.
+
+Shutdown order (``close()``, any time, mid-load included): stop the workers
+(set the stop flag, write the wake fd, join them with a timeout; a process
+server is told through the same eventfd and killed if it does not go),
+unregister the blocks, close the uffd, unmap the file, unmap the blocks.
+Closing the uffd (or unregistering) while a fault is pending makes the kernel
+resolve it as an ordinary fault, i.e. with a zero page: silent corruption.  So
+a loader closed before completion first replaces its memory with inaccessible
+(``PROT_NONE``) memory.  And a *failed* load (a worker raised, or the server
+process died) does so at once for every page nobody placed, then wakes those
+pages with ``UFFDIO_WAKE``: a thread waiting for a page that can never be
+served gets SIGSEGV now, instead of waiting forever or reading zeros, while
+the pages that were placed stay readable for a post-mortem.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from ..uffd import RegisterMode, Userfaultfd
+from .base import SnapshotLike, _LoaderBase, _open_source, _round_up
+from .claims import ClaimMap
+from .errors import LoaderError
+from .placement import _fence, _protect_none, _Region
+from .server import Server
+from .server_interpreter import InterpreterServer
+from .server_process import ProcessServer
+from .server_thread import ThreadServer
+from .stats import Stats
+from .workers import DEFAULT_CHUNK_BYTES, _eventfd, _Server
+
+__all__ = ["LazyLoader", "SERVERS", "SERVER_KINDS"]
+
+#: The class that runs the workers for each ``LazyLoader(server=...)`` value.
+SERVER_KINDS: Dict[str, Type[Server]] = {
+    cls.name: cls for cls in (ThreadServer, ProcessServer, InterpreterServer)}
+#: The ways to run the fault loop and the prefetcher (``LazyLoader(server=...)``).
+SERVERS = tuple(SERVER_KINDS)
+
+
+class LazyLoader(_LoaderBase):
+    """Make every block of a mapped-ram snapshot usable now and load it behind the guest.
+
+    Args:
+        snapshot_or_path: a page source (a mapped-ram ``Snapshot``, an
+            ``ElfImage``) or the path of either (the format is recognised).
+        server: ``"thread"`` (workers in this process: touch guest memory only
+            without the GIL), ``"process"`` (workers in a forked server
+            process: any Python code may read guest memory), or
+            ``"interpreter"`` (Python 3.13+: workers in a subinterpreter with
+            its own GIL, in this process: any Python code may read guest
+            memory, and busy-polling pays off).
+        prefetch: fill every page in the background; without it only touched
+            pages are placed and the load completes when all have been touched.
+        prefetch_chunk_bytes: the most bytes the prefetcher places per ioctl.
+        fault_around_pages: on a fault, also place up to this many following
+            unclaimed pages of the same kind in the same ioctl.
+        server_cpu: pin the fault loop to this CPU (``None``: leave it alone).
+        busy_poll: spin on the uffd instead of sleeping in ``poll`` (lower
+            fault latency across CPUs, one CPU burnt while loading: on 2
+            CPUs the prefetcher then completes ~1.5x later, measured
+            177-179 ms -> 236-283 ms on a 1 GiB guest).  Worth it with the
+            process and interpreter servers when faults matter more than
+            completion; with the thread server a spinning loop competes for
+            the GIL with the threads it serves.
+        prefetch_threads: prefetch threads; each takes every n-th chunk, and
+            the kernel copies for them in parallel.  Default: 2 when this
+            process may run on 2 or more CPUs (measured ~1.4x faster to
+            complete than 1 on a 2-CPU machine), else 1.
+        huge_pages: back guest memory with 2 MiB hugetlbfs pages (as QEMU's
+            ``-mem-path /dev/hugepages``) and place whole huge pages: one
+            fault brings 2 MiB.  Needs free pages in the hugetlb pool
+            (``/proc/sys/vm/nr_hugepages``); the counts in ``stats``
+            (``pages_by_fault``, ``total_pages``...) are then of 2 MiB pages.
+        populate_source: a background worker maps the file's data pages into
+            the file mapping ahead of the copies, so that a fault's copy does
+            not first take a page fault on its source (measured here: data
+            faults 25% faster across CPUs once it is done; no clear change
+            to a prefetching load, whose copies map their sources anyway).
+            It reads every data page of the file, even with ``prefetch=False``.
+
+    Raises:
+        MappedRamError: the snapshot is malformed; nothing was mapped or registered.
+        LoaderError: ``server="interpreter"`` before Python 3.13, or
+            ``server="process"`` while an interpreter server is loading
+            (CPython cannot fork then); nothing was mapped or registered.
+        UffdError: userfaultfd could not be set up (the message says how to fix it).
+        OSError: ENOMEM with ``huge_pages`` when the hugetlb pool is too small
+            (the message says how many pages to reserve).
+        ValueError: a bad argument.
+    """
+
+    def __init__(self, snapshot_or_path: SnapshotLike, *, server: str = "thread",
+                 prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 fault_around_pages: int = 0, server_cpu: Optional[int] = None,
+                 busy_poll: bool = False, prefetch_threads: Optional[int] = None,
+                 huge_pages: bool = False, populate_source: bool = False) -> None:
+        super().__init__()
+        if prefetch_threads is None:
+            prefetch_threads = min(2, len(os.sched_getaffinity(0)))
+        if server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(map(repr, SERVERS))}, "
+                             f"not {server!r}")
+        kind = SERVER_KINDS[server]
+        kind.check_available()                 # before anything is mapped
+        if prefetch_chunk_bytes < PAGE_SIZE:
+            raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
+        if fault_around_pages < 0:
+            raise ValueError("fault_around_pages must be >= 0")
+        if prefetch_threads < 1:
+            raise ValueError("prefetch_threads must be >= 1")
+        t0 = time.perf_counter()
+        self._server_mode = server
+        #: runs the workers (the ``SERVER_KINDS`` entry for ``server``)
+        self._kind: Server = kind(self)
+        self._huge_pages = huge_pages
+        self._uffd: Optional[Userfaultfd] = None
+        self._file_map: Optional[Mapping] = None
+        self._file_fd = -1
+        self._wake_fd = -1
+        self._server: Optional[_Server] = None
+        self._regions: List[_Region] = []
+        self._claims: Optional[ClaimMap] = None
+        self._fd_lock = threading.Lock()
+        self._error: Optional[BaseException] = None
+        self._error_reported = False
+        self._failed = False
+        self._done = threading.Event()
+        self._registered = False
+        self._t0 = t0
+        self._source, self._owns_source = _open_source(snapshot_or_path)
+        self._closed = False
+        try:
+            self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
+                        populate_source=populate_source,
+                        fault_around_pages=fault_around_pages, server_cpu=server_cpu,
+                        busy_poll=busy_poll, prefetch_threads=prefetch_threads)
+        except BaseException:
+            self.close(_raise=False)
+            raise
+        self._stats.time_to_ready_s = time.perf_counter() - t0
+        if self._server is not None:
+            self._server.go.set()
+
+    # -- setup, in the order the package essay gives
+    def _setup(self, **options: Any) -> None:
+        source = self.source
+        if self._huge_pages:
+            self._map_huge_blocks()
+        else:
+            self._map_blocks(transparent_huge_pages=False)
+        self._uffd = Userfaultfd()
+        for name in self._order:
+            m = self._mappings[name]
+            self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
+        self._registered = True
+        # The fd stays open for the workers' reads into bounce buffers.
+        self._file_fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._file_map = Mapping.of_file(self._file_fd, _round_up(source.file_size, PAGE_SIZE))
+        unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
+        regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
+                   for i, r in enumerate(source.regions)]
+        claims = ClaimMap([r.units for r in regions], shared=self._kind.claims_shared)
+        self._regions, self._claims = regions, claims
+        self._wake_fd = _eventfd()
+        self._kind.start(unit, options)
+
+    @property
+    def _child_pid(self) -> int:
+        """The server process's pid while it runs (``server="process"``), else 0."""
+        return self._kind.pid
+
+    # -- endings
+    def _finish(self) -> None:
+        """Every page is placed: unregister, close the uffd and the file mapping."""
+        if self._stats.time_to_complete_s is None:
+            self._stats.time_to_complete_s = time.perf_counter() - self._t0
+        self._teardown_uffd()
+        self._kind.finished()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._failed = True
+
+    def _fence_unplaced(self) -> None:
+        """The load failed: make every page nobody placed inaccessible, then wake its waiters.
+
+        Runs once the workers have ended.  Each unplaced run is replaced by
+        ``PROT_NONE`` memory and woken with ``UFFDIO_WAKE``: a thread that was
+        waiting for it retries and gets SIGSEGV now, instead of waiting
+        forever, and can never read zeros in place of data.  Placed pages stay
+        readable.
+        """
+        claims, uffd = self._claims, self._uffd
+        if claims is None or uffd is None or uffd.closed:
+            return
+        _fence(self._regions, claims, uffd)
+
+    def _teardown_uffd(self) -> None:
+        uffd = self._uffd
+        if uffd is not None and not uffd.closed:
+            if self._registered:
+                for m in self._mappings.values():
+                    uffd.unregister(m.address, m.length)
+                self._registered = False
+            uffd.close()
+        if self._file_map is not None:
+            self._file_map.close()
+        if self._file_fd >= 0:
+            os.close(self._file_fd)
+            self._file_fd = -1
+        if self._server is not None:
+            self._server.close_buffers()
+        with self._fd_lock:
+            if self._wake_fd >= 0:
+                if self._server is not None:
+                    self._server.wake_fd = -1
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+
+    # -- public
+    @property
+    def server(self) -> str:
+        """``"thread"``, ``"process"`` or ``"interpreter"``."""
+        return self._server_mode
+
+    @property
+    def complete(self) -> bool:
+        """True once every page is placed and the uffd is closed."""
+        return self._done.is_set() and not self._failed and self._stats.time_to_complete_s is not None
+
+    def progress(self) -> Tuple[int, int]:
+        """``(placed_pages, total_pages)`` right now."""
+        claims = self._claims
+        if claims is None:
+            return (0, 0)
+        return (self._kind.placed(claims), claims.total_pages)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every page is placed and the uffd is closed.
+
+        Returns:
+            True when the load is complete, False when ``timeout`` (seconds) ran out.
+
+        Raises:
+            LoaderError: a worker failed (its exception is ``__cause__``).
+            ServerDiedError: the server process died before completion.
+        """
+        if not self._done.wait(timeout):
+            return False
+        self._raise_error()
+        return self.complete
+
+    def _raise_error(self) -> None:
+        exc = self._error
+        if exc is None:
+            return
+        self._error_reported = True
+        if isinstance(exc, LoaderError):
+            raise exc
+        raise LoaderError(f"loader stopped: {exc!r}") from exc
+
+
+    @property
+    def stats(self) -> Stats:
+        """Load statistics so far (see ``Stats``)."""
+        self._kind.stats_into(self._stats)
+        return self._stats
+
+    def close(self, *, _raise: bool = True) -> None:
+        """Stop loading, unregister and unmap everything (idempotent, safe mid-load).
+
+        The shutdown order (the package essay has why):
+
+        1. stop the server and wait for it; a server that will not stop
+           may still use everything below, which is then left to it;
+        2. fence: a load closed before completion puts ``PROT_NONE`` over
+           its memory, so that unregistering cannot let a waiter fault in
+           zeros;
+        3. unregister the memory, close the uffd, the file mapping and the
+           wake fd (``_teardown_uffd``);
+        4. release what the server itself holds;
+        5. close the claim map;
+        6. unmap the memory;
+        7. close the source, if the loader opened it;
+        8. raise a worker's error that ``wait()`` has not reported.
+
+        Raises:
+            LoaderError: a worker had failed and ``wait()`` has not reported it yet.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._kind.stop():                              # 1
+            if _raise:
+                self._raise_error()
+            return
+        if self._registered:                                   # 2: closed before completion
+            # Unregistering wakes the waiters, which would then fault in zero
+            # pages: nothing may read a page that was never served as zeros.
+            for m in self._mappings.values():
+                _protect_none(m.address, m.length)
+            self._registered = False
+        self._teardown_uffd()                                  # 3
+        self._kind.close()                                     # 4
+        if self._claims is not None:                           # 5
+            self._claims.close()
+        self._unmap_blocks()                                   # 6
+        if self._owns_source and self._source is not None:     # 7
+            self._source.close()
+        if _raise and not self._error_reported:                # 8
+            self._raise_error()

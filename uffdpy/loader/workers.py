@@ -1,0 +1,467 @@
+"""The workers: the fault loop, the prefetcher and the source populator over one uffd.
+
+``LazyLoader`` maps anonymous memory for every region, registers all of it
+with one userfaultfd in MISSING mode and only then reports itself ready.
+From that moment any access to a page that is not yet there traps into the
+kernel, which queues a fault message on the uffd and puts the accessing
+thread to sleep.  Two workers then race to fill memory:
+
+* the **fault loop** polls the uffd and a wake fd, reads fault messages in
+  batches, and places each faulting page with one ``UFFDIO_COPY`` straight
+  from a read-only mmap of the snapshot file (or ``UFFDIO_ZEROPAGE`` when the
+  block's bitmap says the page is zero).  The ioctl installs the whole page
+  atomically and wakes the sleeping thread: nobody ever sees half a page.
+* the **prefetcher** walks every block in file order by runs of present and
+  zero pages and places them in large chunks (2 MiB by default), one ioctl per
+  chunk, with no per-page Python loop.
+
+Both go through the **claim map** (:mod:`.claims`): one byte per page,
+``UNCLAIMED`` -> ``CLAIMED`` -> ``PLACED``, with the claim taken under a lock
+(for the common fault, one unclaimed 4 KiB page, claim, ioctl and mark
+happen in one hold of it).  Whoever claims a page places it; the other side
+leaves it alone.  One exception keeps a fault from waiting for a whole
+prefetch chunk: when the fault loop reads a fault for a page the prefetcher
+has claimed but not yet placed (its 2 MiB copy may be in flight), it copies
+that one page itself.  The kernel installs a page once: whichever copy comes
+second gets ``EEXIST`` for it, wakes it and skips it, and the installer alone
+marks it placed.  Prefetch threads also run at a lower scheduling priority
+(nice +10) than the fault loop, so a fault is served before the next chunk
+when CPUs are short.  A fault for a page already ``PLACED`` is a message that
+was read after the page arrived, or a page that was dropped again: the loop
+issues the placement once more and the kernel answers ``EEXIST`` ("already
+there", counted in ``eexist``, and the range is woken) or, if the page really
+was dropped, installs it again (counted in ``double_placements``: a healthy
+load shows zero).
+
+``_Server`` (the name is historical: it is the workers, whichever server
+runs them) is the same object in every server: threads of this process, of
+a forked server process, or of a subinterpreter (:mod:`.server`).
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import select
+import struct
+import threading
+import time
+from typing import Callable, List, Optional
+
+from .. import ioctl
+from ..memory import PAGE_SIZE, Mapping
+from ..uffd import Filler, UffdError, Userfaultfd
+from ..workload import latency_summary
+from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
+from .errors import LoaderError
+from .placement import BOUNCE, DIRECT, _Placer, _Region
+from .stats import Stats, _Counters
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 2 * MiB
+#: Prefetch threads run this much nicer than the fault loop (and the guest's
+#: threads): when CPUs are short, a fault is served before the next chunk.
+PREFETCH_NICE = 10
+#: Bytes of the file mapping the source populator maps per ``madvise`` call.
+POPULATE_BYTES = 2 * MiB
+#: Fault messages read per ``read`` call.
+MSG_BATCH = 64
+_MSG_SIZE = 32  # sizeof(struct uffd_msg)
+
+
+class _Server(_Placer):
+    """The fault loop and the prefetcher over one uffd; runs in-process or in the child."""
+
+    def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
+                 wake_fd: int, *, prefetch: bool, chunk_bytes: int,
+                 fault_around_pages: int, server_cpu: Optional[int],
+                 busy_poll: bool, prefetch_threads: int = 1,
+                 populate_source: bool = False, daemon_threads: bool = True,
+                 file_fd: int = -1, path: str = "") -> None:
+        self.uffd = uffd
+        #: the image file, read into the bounce buffers with preadv (never
+        #: through the mapping: see ``_Region.fill_bounce``); the caller's fd
+        self.file_fd = file_fd
+        self.path = path
+        # an isolated subinterpreter may not start daemon threads
+        self.daemon_threads = daemon_threads
+        self.regions = regions
+        # mmap hands out addresses top-down: bisect needs them sorted
+        self.by_address = sorted(regions, key=lambda r: r.start)
+        self.starts = [r.start for r in self.by_address]
+        self._last_region: Optional[_Region] = self.by_address[0] if regions else None
+        self.claims = claims
+        self.wake_fd = wake_fd
+        self.prefetch_enabled = prefetch
+        self.chunk_bytes = chunk_bytes
+        self.fault_around_pages = fault_around_pages
+        self.server_cpu = server_cpu
+        self.busy_poll = busy_poll
+        self.prefetch_threads = prefetch_threads
+        self.populate_source = populate_source
+        self.stopping = False
+        self.error: Optional[BaseException] = None
+        self.fault_counters = _Counters()
+        self.prefetch_counters = [_Counters() for _ in range(prefetch_threads)]
+        # One bounce buffer per worker, only when some region needs one.
+        self.fault_bounce: Optional[Mapping] = None
+        self.prefetch_bounce: List[Optional[Mapping]] = [None] * prefetch_threads
+        unit = max((r.unit for r in regions), default=PAGE_SIZE)
+        fault_bytes = (fault_around_pages + 1) * unit
+        chunk = max(chunk_bytes // unit, 1) * unit
+        if any(r.needs_bounce for r in regions):
+            self.fault_bounce = Mapping.anonymous(fault_bytes)
+            if prefetch:
+                self.prefetch_bounce = [Mapping.anonymous(chunk) for _ in range(prefetch_threads)]
+        #: hugetlbfs has no UFFDIO_ZEROPAGE: zero huge pages are copied from
+        #: here, memory that is never written (reads map the shared zero page)
+        self.zero_source: Optional[Mapping] = None
+        if unit != PAGE_SIZE:
+            self.zero_source = Mapping.anonymous(max(fault_bytes, chunk))
+        self.threads: List[threading.Thread] = []
+        #: every worker thread started (``start`` returned)
+        self.running = False
+        self.ended = threading.Event()
+        #: set once the loader has reported ready: the prefetcher waits for it,
+        #: so that it does not compete for the GIL with the setup it follows
+        self.go = threading.Event()
+        self._on_end: Optional[Callable[[], None]] = None
+
+    # -- lifecycle
+    def start(self, on_end: Optional[Callable[[], None]] = None) -> None:
+        """Start the workers; ``on_end`` runs in the fault-loop thread once both have ended."""
+        self.claims._on_complete = self._wake
+        self._on_end = on_end
+        if self.populate_source:
+            self.threads.append(threading.Thread(
+                target=self._run, args=(self.populate,), name="uffdpy-populate",
+                daemon=self.daemon_threads))
+        if self.prefetch_enabled:
+            for k in range(self.prefetch_threads):
+                self.threads.append(threading.Thread(
+                    target=self._run, args=(lambda k=k: self.prefetch(k),),
+                    name=f"uffdpy-prefetch-{k}", daemon=self.daemon_threads))
+        self.threads.insert(0, threading.Thread(target=self._fault_thread,
+                                                name="uffdpy-fault-loop",
+                                                daemon=self.daemon_threads))
+        started: List[threading.Thread] = []
+        try:
+            for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
+                _start_thread(t)
+                started.append(t)
+        except BaseException:
+            # Nothing runs the fault loop: stop the threads that did start
+            # (they wait for ``go``, then see ``stopping``) and end here.
+            self.stop()
+            for t in started:
+                t.join(30.0)
+            self.threads = [t for t in started if t.is_alive()]
+            self.ended.set()
+            raise
+        self.running = True
+
+    def _fault_thread(self) -> None:
+        self._run(self.fault_loop)
+        self.stopping = True                  # the prefetcher stops at its next chunk
+        for t in self.threads[1:]:
+            t.join()
+        self.ended.set()
+        if self._on_end is not None:
+            self._on_end()
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised from wait()/close()
+            if self.error is None:
+                self.error = exc
+            self.stop()
+
+    def _wake(self) -> None:
+        if self.wake_fd >= 0:
+            _signal_fd(self.wake_fd)
+
+    def stop(self) -> None:
+        """Ask both workers to stop (from any thread)."""
+        self.stopping = True
+        self.go.set()
+        self._wake()
+
+    def close_buffers(self) -> None:
+        """Unmap the bounce buffers (once the workers are done with them)."""
+        for m in [self.fault_bounce, self.zero_source, *self.prefetch_bounce]:
+            if m is not None:
+                m.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until both workers have ended; True when they have."""
+        return self.ended.wait(timeout) if self.threads else True
+
+    def merged_stats(self, stats: Stats) -> Stats:
+        f, ps = self.fault_counters, self.prefetch_counters
+        stats.faults = f.faults
+        stats.fault_service_us = latency_summary(f.service_ns)
+        stats.pages_by_fault = f.pages
+        stats.pages_by_prefetch = sum(p.pages for p in ps)
+        stats.zero_pages = f.zero_pages + sum(p.zero_pages for p in ps)
+        stats.bytes_copied = f.bytes_copied + sum(p.bytes_copied for p in ps)
+        stats.eexist = f.eexist + sum(p.eexist for p in ps)
+        stats.eagain = f.eagain + sum(p.eagain for p in ps)
+        stats.double_placements = self.claims.double_placements
+        stats.total_pages = self.claims.total_pages
+        stats.placed_pages = self.claims.placed_pages
+        return stats
+
+
+    # -- the fault loop
+    def fault_loop(self) -> None:
+        """Serve faults until every page is placed or ``stop()`` is called."""
+        if self.server_cpu is not None:
+            os.sched_setaffinity(threading.get_native_id(), {self.server_cpu})
+        ufd = self.uffd.fileno()
+        poller = select.poll()
+        poller.register(ufd, select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        poll = poller.poll
+        filler = Filler(self.uffd, max_messages=MSG_BATCH)   # this thread's own structs
+        read, buf, words = filler.read, filler.buffer, filler.words
+        counters = self.fault_counters
+        service_ns = counters.service_ns
+        clock = time.perf_counter_ns
+        serve = self._serve
+        complete = self.claims.complete
+        deferred: List[int] = []
+        pagefault = ioctl.UFFD_EVENT_PAGEFAULT
+        busy = self.busy_poll
+        while True:
+            ready = poll(0 if (busy or deferred) else None)
+            if complete.is_set() or self.stopping:
+                break
+            if not ready:
+                if not deferred:
+                    continue                  # busy-polling: nothing yet (no read to fail)
+            elif len(ready) > 1 or ready[0][0] != ufd:
+                self.stopping = True          # the wake fd: a stop request
+                break
+            n = read()
+            t_read = clock()
+            addresses = deferred
+            deferred = []
+            for k in range(n):
+                if buf[k * _MSG_SIZE] == pagefault:
+                    addresses.append(words[k * 4 + 2])
+            for address in addresses:
+                if not serve(address, counters, filler):
+                    deferred.append(address)
+                service_ns.append(clock() - t_read)
+            counters.faults += len(addresses)
+
+    def _region_of(self, address: int) -> _Region:
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i < 0 or address >= self.by_address[i].end:
+            raise LoaderError(f"fault at 0x{address:x} outside every registered block")
+        region = self._last_region = self.by_address[i]
+        return region
+
+    def _serve(self, address: int, counters: _Counters, filler: Filler) -> bool:
+        """Resolve one fault; False when it must be retried after events are read."""
+        region = self._last_region                # faults cluster: try the last one first
+        if region is None or not region.start <= address < region.end:
+            region = self._region_of(address)
+        claims = self.claims
+        start = region.start
+        page = (address - start) // region.unit
+        if region.one_page_fast and not self.fault_around_pages:
+            # The common case, one 4 KiB page from the file or one zero page,
+            # unclaimed: claim, place and mark it under one hold of the claim
+            # lock.  The lock is held across this one-page ioctl (a few µs;
+            # the prefetcher never holds it across its own), which saves a
+            # second acquisition and two calls on the path every fault takes.
+            st = claims.states[region.index]
+            done = 0
+            with claims.lock:
+                if st[page] == UNCLAIMED:
+                    offset = page << 12
+                    if not region.bitmap[page >> 3] >> (page & 7) & 1:
+                        done = filler.zeropage(start + offset, PAGE_SIZE)
+                        present = False
+                    elif page < region.direct_pages:
+                        try:
+                            done = filler.copy(start + offset, region.src + offset, PAGE_SIZE)
+                        except UffdError as exc:
+                            raise self._copy_failed(region, page, DIRECT, exc) from exc
+                        present = True
+                    if done == PAGE_SIZE:
+                        st[page] = PLACED
+                        claims.placed_pages += 1
+                        last = claims.placed_pages == claims.total_pages
+            if done == PAGE_SIZE:
+                counters.pages += 1
+                if present:
+                    counters.bytes_copied += PAGE_SIZE
+                else:
+                    counters.zero_pages += 1
+                if last:
+                    claims.completed()
+                return True
+        old = claims.claim(region.index, page)
+        kind = region.kind(page)
+        if old == CLAIMED:
+            # In a prefetch chunk still in flight: place this one page now
+            # instead of waiting for the whole chunk.  The kernel installs it
+            # once; whichever copy comes second gets EEXIST and skips it.
+            placed = self._place(region, page, page + 1, kind, counters, self.fault_bounce,
+                                 filler)
+            counters.pages += placed or 0
+            return placed is not None
+        if old == UNCLAIMED and not self.fault_around_pages and kind != BOUNCE:
+            # the common cases, one page from the file or one zero page: one ioctl, one store
+            unit = region.unit
+            offset = page * unit
+            if kind == DIRECT:
+                try:
+                    done = filler.copy(region.start + offset, region.src + offset, unit)
+                except UffdError as exc:
+                    raise self._copy_failed(region, page, kind, exc) from exc
+                counters.bytes_copied += unit if done == unit else 0
+            elif self.zero_source is None:
+                done = filler.zeropage(region.start + offset, unit)
+                counters.zero_pages += 1 if done == unit else 0
+            else:
+                done = 0                      # hugetlbfs zeros: the general path
+            if done == unit:
+                counters.pages += 1
+                claims.mark_one(region.index, page)
+                return True
+            claims.release(region.index, page, page + 1)   # not placed: the general path
+            old = claims.claim(region.index, page)
+            if old == CLAIMED:
+                return self._serve(address, counters, filler)
+        bounce = self.fault_bounce
+        if old == PLACED:
+            # Read after the page arrived (the kernel answers EEXIST and we
+            # wake), or the page was dropped since: then this places it again.
+            placed = self._place(region, page, page + 1, kind, counters, bounce, filler)
+            counters.pages += placed or 0
+            return placed is not None
+        end = page + 1
+        if self.fault_around_pages:
+            end = claims.claim_following(region.index, page, self.fault_around_pages)
+            for j in range(page + 1, end):    # one kind of page per ioctl
+                if region.kind(j) != kind:
+                    claims.release(region.index, j, end)
+                    end = j
+                    break
+        placed = self._place(region, page, end, kind, counters, bounce, filler)
+        if placed is None:
+            claims.release(region.index, page, end)
+            return False
+        counters.pages += placed
+        return True
+
+    # -- the source populator
+    def populate(self) -> None:
+        """Map the file pages that hold data into the file mapping, ahead of the copies.
+
+        A ``UFFDIO_COPY`` whose source page is not yet mapped takes a page
+        fault inside the kernel's copy first (measured here: ~8 µs more per
+        single-page fault).  ``MADV_POPULATE_READ`` maps a whole range at
+        ~0.4 µs a page, so this worker walks the present runs in file order,
+        niced like the prefetcher, skipping ranges whose pages are all claimed
+        already.  Best effort: it stops at the first error (a kernel before
+        5.14 has no ``MADV_POPULATE_READ``; a truncated file, which the
+        copies will report).
+        """
+        self.go.wait()
+        _lower_priority(PREFETCH_NICE)
+        claims = self.claims
+        madvise = ioctl.libc.madvise
+        for region in self.regions:
+            step = max(1, POPULATE_BYTES // region.unit)
+            for first, count, kind in region.runs():
+                if kind != DIRECT:
+                    continue
+                for lo in range(first, first + count, step):
+                    if self.stopping:
+                        return
+                    hi = min(lo + step, first + count)
+                    if not claims.any_unclaimed(region.index, lo, hi):
+                        continue
+                    try:
+                        madvise(region.src + lo * region.unit, (hi - lo) * region.unit,
+                                ioctl.MADV_POPULATE_READ)
+                    except OSError:
+                        return
+
+    # -- the prefetcher
+    def prefetch(self, lane: int = 0) -> None:
+        """Place every unclaimed page, block by block, in chunks of ``chunk_bytes``.
+
+        With several prefetch threads, thread ``lane`` takes every
+        ``prefetch_threads``-th chunk: the kernel copies in parallel while the
+        threads wait in the ioctl without the GIL.
+        """
+        self.go.wait()
+        _lower_priority(PREFETCH_NICE)
+        counters = self.prefetch_counters[lane]
+        bounce = self.prefetch_bounce[lane]
+        uffd = self.uffd
+        claims = self.claims
+        lanes = self.prefetch_threads
+        n = 0
+        for region in self.regions:
+            chunk = max(1, self.chunk_bytes // region.unit)
+            for first, count, kind in region.runs():
+                end_run = first + count
+                for lo in range(first, end_run, chunk):
+                    n += 1
+                    if n % lanes != lane:
+                        continue
+                    if self.stopping:
+                        return
+                    hi = min(lo + chunk, end_run)
+                    for a, b in claims.claim_range(region.index, lo, hi):
+                        placed = self._place(region, a, b, kind, counters, bounce, uffd)
+                        while placed is None:  # events pending: the fault loop reads them
+                            if self.stopping:
+                                claims.release(region.index, a, b)
+                                return
+                            time.sleep(0.0001)
+                            placed = self._place(region, a, b, kind, counters, bounce, uffd)
+                        counters.pages += placed
+
+
+def _start_thread(thread: threading.Thread) -> None:
+    """``thread.start()``; a thread the system cannot start is a LoaderError naming it.
+
+    Raises:
+        LoaderError: the thread could not start (``RuntimeError: can't start
+            new thread``: a pids limit, RLIMIT_NPROC, no memory for a stack).
+    """
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        raise LoaderError(f"cannot start the loader's thread {thread.name!r}: {exc} "
+                          f"(a pids or RLIMIT_NPROC limit, or no memory for its "
+                          f"stack?)") from exc
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps less favoured by the scheduler (best effort)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        pass
+
+
+def _signal_fd(fd: int) -> None:
+    try:
+        os.write(fd, struct.pack("=Q", 1))
+    except (BlockingIOError, OSError):
+        pass  # already signalled (counter full) or closed during shutdown
+
+
+def _eventfd() -> int:
+    if hasattr(os, "eventfd"):
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    return ioctl.libc.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)  # Python < 3.10
