@@ -184,3 +184,15 @@ def test_eager_loader_reads_every_kind_of_page(awkward):
     with EagerLoader(awkward) as loader:
         regions = [(loader.address(r.name), r) for r in awkward.regions]
         assert verify(regions) == (sum(r.pages for r in awkward.regions), 0)
+
+
+def test_the_format_registry_names_each_format_once() -> None:
+    """One entry per format: its class opens it and says the same name."""
+    from uffdpy.pagesource import FORMATS, format_of
+    names = [f.name for f in FORMATS]
+    assert sorted(names) == ["elf-core", "mapped-ram"] and len(set(names)) == len(names)
+    for fmt in FORMATS:
+        assert fmt.cls().format == fmt.name
+        assert format_of(fmt.magic + b"rest") is fmt
+        assert fmt.magic.hex(" ") in fmt.describe()
+    assert format_of(b"\x7fELG") is None

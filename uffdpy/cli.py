@@ -184,33 +184,29 @@ def _printable(text: object) -> str:
                    for c in s)
 
 
-_MAGICS = {b"\x7fELF": "elf-core", b"QEVM": "mapped-ram"}
-
-
 def _open_source(args: argparse.Namespace) -> Any:
-    """The image named on the command line: a mapped-ram ``Snapshot`` or an ``ElfImage``."""
-    from .pagesource import ImageError, open_for_reading, open_image
+    """The image named on the command line, of whichever format its first bytes say."""
+    from .pagesource import FORMATS, ImageError, format_of, open_for_reading
     fd = open_for_reading(args.snapshot)
     try:
         empty = os.fstat(fd).st_size == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
-        head = os.pread(fd, 4, args.offset)
+        head = os.pread(fd, 8, args.offset)
     finally:
         os.close(fd)
     if empty:
         raise ImageError(args.snapshot, None, "the file is empty", hint="an image holds at "
-                         "least the headers of a mapped-ram snapshot or an ELF core")
-    kind = _MAGICS.get(head)
-    if kind is None:
+                         "least the headers of " + " or ".join(f.description for f in FORMATS))
+    fmt = format_of(head)
+    if fmt is None:
         raise ImageError(args.snapshot, args.offset, "file magic",
-                         "an ELF core (7f 45 4c 46, '\\x7fELF') or a QEMU migration "
-                         "stream (51 45 56 4d, 'QEVM')", head.hex(" ") or "end of file")
-    if kind == "elf-core":
-        if args.offset:
-            raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
-                             "only, and this is an ELF core")
-        return open_image(args.snapshot)
-    from .mappedram import Snapshot
-    return Snapshot.open(args.snapshot, offset=args.offset)
+                         " or ".join(f.describe() for f in FORMATS),
+                         head[:4].hex(" ") or "end of file")
+    if fmt.name == "mapped-ram":
+        return fmt.cls().open(args.snapshot, offset=args.offset)
+    if args.offset:
+        raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
+                         f"only, and this is {fmt.description}")
+    return fmt.cls().open(args.snapshot)
 
 
 # ------------------------------------------------------------------------ inspect
@@ -275,25 +271,12 @@ def _is_working_set(path: str) -> bool:
         os.close(fd)
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    if not args.offset and _is_working_set(args.snapshot):
-        from .cli_ws import inspect_file
-        return inspect_file(args.snapshot, args.against, args.json)
-    if args.against:
-        raise ValueError("--against applies to working-set files (FILE.ws) only")
-    with _open_source(args) as image:
-        info = _inspect_dict(image) if image.format == "mapped-ram" else _inspect_elf_dict(image)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    if info["format"] != "mapped-ram":
-        _print_elf(info)
-        return 0
+def _print_snapshot(info: Dict[str, Any]) -> None:
     print(f"file:         {_printable(info['path'])}")
     print(f"machine:      {_printable(info['machine'])}")
     print(f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}")
-    rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"], b["zero_pages"],
-             f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
+    rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"],
+             b["zero_pages"], f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
              f"0x{b['pages_offset']:x}"] for b in info["regions"]]
     print(tabulate(rows, headers=["block", "size", "page size", "present", "zero",
                                   "% present", "pages offset"]))
@@ -301,6 +284,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(tabulate([[_printable(d["name"]), d["instance"], d["version"]]
                     for d in info["devices"]],
                    headers=["device section", "instance", "version"]))
+
+
+#: per format (``PageSource.format``): what ``inspect`` computes, and how it prints it
+_INSPECTORS = {
+    "mapped-ram": (_inspect_dict, _print_snapshot),
+    "elf-core": (_inspect_elf_dict, _print_elf),
+}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if not args.offset and _is_working_set(args.snapshot):
+        from .cli_ws import inspect_file
+        return inspect_file(args.snapshot, args.against, args.json)
+    if args.against:
+        raise ValueError("--against applies to working-set files (FILE.ws) only")
+    with _open_source(args) as image:
+        describe, show = _INSPECTORS[image.format]
+        info = describe(image)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        show(info)
     return 0
 
 

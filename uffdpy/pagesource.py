@@ -39,15 +39,18 @@ offset, what was read, what was expected and what was found.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import stat
-from typing import ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
 from .errors import UffdpyError
 
 __all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
-           "sniff_format"]
+           "sniff_format", "FORMATS", "ImageFormat", "format_of", "memory_limit",
+           "check_fits_in_memory", "physical_memory_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -363,28 +366,67 @@ def open_for_reading(path: PathLike) -> int:
     return fd
 
 
+@dataclass(frozen=True)
+class ImageFormat:
+    """A file format uffdpy reads: how to recognise it and which class opens it.
+
+    ``opener`` is ``"module:Class"``, imported when a file of the format is
+    opened: this module names the formats without importing them (they import
+    it), and a new page source is one entry in :data:`FORMATS`.
+    """
+
+    name: str           #: ``PageSource.format``: "mapped-ram", "elf-core"
+    magic: bytes        #: the file's first bytes
+    opener: str         #: ``"uffdpy.mappedram:Snapshot"``: a class with ``open(path)``
+    description: str    #: for errors: "a QEMU migration stream"
+
+    def cls(self) -> Any:
+        """The class that opens files of this format."""
+        module, _, name = self.opener.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def describe(self) -> str:
+        """``a QEMU migration stream (51 45 56 4d, 'QEVM')``."""
+        text = "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in self.magic)
+        return f"{self.description} ({self.magic.hex(' ')}, '{text}')"
+
+
+#: Every format, tried in order by their magic.
+FORMATS: Tuple[ImageFormat, ...] = (
+    ImageFormat("elf-core", _ELF_MAGIC, "uffdpy.elfcore:ElfImage", "an ELF core"),
+    ImageFormat("mapped-ram", _QEVM_MAGIC, "uffdpy.mappedram:Snapshot",
+                "a QEMU migration stream"),
+)
+
+
+def format_of(head: bytes) -> Optional[ImageFormat]:
+    """The format whose magic ``head`` (a file's first bytes) starts with, or None."""
+    return next((f for f in FORMATS if head.startswith(f.magic)), None)
+
+
 def sniff_format(path: PathLike) -> str:
-    """``"elf-core"`` when ``path`` starts with the ELF magic, else ``"mapped-ram"``.
+    """The name of the format ``path`` holds by its magic; ``"mapped-ram"`` for no known magic
+    (whose opener then says what it found).
 
     Raises: OSError if the file cannot be read; ImageError if it is not a
     regular file or a block device.
     """
     fd = open_for_reading(path)
     try:
-        head = os.pread(fd, 4, 0)
+        head = os.pread(fd, 8, 0)
     finally:
         os.close(fd)
-    return "elf-core" if head == _ELF_MAGIC else "mapped-ram"
+    found = format_of(head)
+    return found.name if found is not None else "mapped-ram"
 
 
 def open_image(path: PathLike) -> PageSource:
-    """Open a mapped-ram snapshot or an ELF core file, whichever ``path`` holds.
+    """Open a memory image of any format in :data:`FORMATS`, told apart by its first bytes.
 
     Raises: OSError if the file cannot be opened; ImageError (MappedRamError or
-    ElfImageError) if it is malformed or neither format.
+    ElfImageError) if it is malformed or of no known format.
     """
-    if sniff_format(path) == "elf-core":
-        from .elfcore import ElfImage
-        return ElfImage.open(path)
-    from .mappedram import Snapshot
-    return Snapshot.open(path)
+    name = sniff_format(path)
+    fmt = next(f for f in FORMATS if f.name == name)
+    opened: PageSource = fmt.cls().open(path)
+    return opened
