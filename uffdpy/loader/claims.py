@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import struct
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -112,6 +113,19 @@ class ClaimMap:
         view of a shared map (a server process or interpreter).
         """
         return self._buf[self.HEADER_BYTES:].count(_PLACED)
+
+    def publish(self, values: Sequence[int]) -> None:
+        """Write ``values`` as u64s at the start of the header (a server's live counters).
+
+        Another view of a shared map (the loader) reads them with ``published``.
+        """
+        if len(values) * 8 > self.HEADER_BYTES:
+            raise ValueError(f"{len(values)} counters do not fit in {self.HEADER_BYTES} bytes")
+        struct.pack_into(f"={len(values)}Q", self._buf, 0, *values)
+
+    def published(self, count: int) -> Tuple[int, ...]:
+        """The first ``count`` u64s of the header, as the last ``publish`` left them."""
+        return struct.unpack_from(f"={count}Q", self._buf, 0)
 
     def state(self, block: int, page: int) -> int:
         """The state of one page (``UNCLAIMED``, ``CLAIMED`` or ``PLACED``)."""

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict
 
 from .claims import ClaimMap
 from .errors import LoaderError
-from .stats import Stats
+from .stats import LIVE_FIELDS, Stats
 from .workers import _Server
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
@@ -116,7 +116,25 @@ class Server(abc.ABC):
         return claims.placed_count()
 
     def stats_into(self, stats: Stats) -> None:
-        """Bring ``stats`` up to date with what the workers have done so far."""
+        """Bring ``stats`` up to date with what the workers have done so far.
+
+        A server outside this interpreter publishes its counters in the
+        claim map's header while it loads (``LIVE_FIELDS``); once the load
+        has ended, its final report has set them (and the latencies).
+        """
+        loader = self.loader
+        if not (loader._done.is_set() or loader._closed):
+            self._read_live(stats)
+
+    def _read_live(self, stats: Stats) -> None:
+        """Copy the counters the server published into ``stats`` (nothing once closed)."""
+        claims = self.loader._claims
+        if claims is None or claims.fd < 0:
+            return
+        for name, value in zip(LIVE_FIELDS, claims.published(len(LIVE_FIELDS))):
+            setattr(stats, name, value)
+        stats.total_pages = claims.total_pages
+        stats.placed_pages = claims.placed_count()
 
     def finished(self) -> None:
         """Every page is placed and the uffd is closed (``LazyLoader._finish``)."""
@@ -143,6 +161,7 @@ class Server(abc.ABC):
             self._apply_child_stats(report)
             loader._finish()
         elif report.get("error"):
+            self._read_live(loader._stats)         # what it did before it failed
             loader._fail(LoaderError(f"fault server failed: {report['error']}"))
             loader._fence_unplaced()
         elif report.get("stopped"):

@@ -354,8 +354,11 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
         server.go.set()
         server.start()
         _signal_fd(spec["started"])
+        while not server.ended.wait(0.02):
+            server.publish_counters()         # the loader's live stats
         for t in server.threads:              # the loop thread joins the others last
             t.join()
+        server.publish_counters()
         if server.error is not None:
             raise server.error
         complete = claims.complete.is_set()

@@ -8,18 +8,14 @@ monitor thread, and reaps it, or kills it when it does not leave.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import signal
-import struct
 import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .. import ioctl
-from ..memory import PAGE_SIZE
-from .claims import ClaimMap
 from .errors import ServerDiedError
 from .server import Server, _describe_error, _read_report
 from .server_interpreter import _check_fork_allowed
@@ -42,7 +38,6 @@ class ProcessServer(Server):
         self.pid = 0
         self.result_fd = -1
         self.monitor: Optional[threading.Thread] = None
-        self.progress: Optional[mmap.mmap] = None
 
     @classmethod
     def check_available(cls) -> None:
@@ -55,13 +50,12 @@ class ProcessServer(Server):
         # Keep the guest memory out of the child: it must never own a copy.
         for m in loader._mappings.values():
             m.madvise(ioctl.MADV_DONTFORK)
-        self.progress = mmap.mmap(-1, PAGE_SIZE)    # shared with the child: 2 x u64
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:                                   # the server process
             os.close(read_fd)
-            _child_main(server, write_fd, self.progress, parent)
+            _child_main(server, write_fd, parent)
         os.close(write_fd)
         self.pid = pid
         self.result_fd = read_fd
@@ -101,18 +95,10 @@ class ProcessServer(Server):
         _, status = os.waitpid(pid, 0)
         self.pid = 0
         if not report:
+            self._read_live(loader._stats)         # what it did before it died
             loader._fail(_server_died(pid, status))
             loader._fence_unplaced()
             loader._done.set()
-
-    def placed(self, claims: ClaimMap) -> int:
-        loader = self.loader
-        if loader._done.is_set() or loader._closed:
-            return loader._stats.placed_pages
-        if self.progress is not None:
-            (placed,) = struct.unpack_from("=Q", self.progress, 0)
-            return int(placed)
-        return claims.placed_count()
 
     def finished(self) -> None:
         for m in self.loader._mappings.values():
@@ -142,9 +128,6 @@ class ProcessServer(Server):
         if self.result_fd >= 0:
             os.close(self.result_fd)
             self.result_fd = -1
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
 
 
 def _server_died(pid: int, status: int) -> ServerDiedError:
@@ -161,7 +144,7 @@ _DIED = ("the fault server process (pid {pid}) {how} before every page was place
          "pages it had not placed stay inaccessible (never zero-filled)")
 
 
-def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: int) -> None:
+def _child_main(server: _Server, result_fd: int, parent: int) -> None:
     """Body of the forked server process: serve, report, leave with ``os._exit``."""
     code = 0
     report: Dict[str, Any]
@@ -175,7 +158,7 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
         server.start()
         complete = server.claims.complete
         while not server.ended.wait(0.02):
-            struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
+            server.publish_counters()              # the loader's live stats
         if server.error is not None:
             raise server.error
         stats = server.merged_stats(Stats()).as_dict()
@@ -185,7 +168,7 @@ def _child_main(server: _Server, result_fd: int, progress: mmap.mmap, parent: in
         code = 1
         report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}
     try:
-        struct.pack_into("=Q", progress, 0, server.claims.placed_pages)
+        server.publish_counters()
         data = json.dumps(report).encode() + b"\n"     # one line: the parent acts on it
         while data:
             data = data[os.write(result_fd, data):]

@@ -8,6 +8,12 @@ from ..workload import latency_summary
 
 __all__ = ["Stats"]
 
+#: The ``Stats`` counters a server outside this interpreter (process,
+#: interpreter) publishes while it loads, in this order, as u64s at the start
+#: of the claim map's header (``ClaimMap.publish``), for the loader to read.
+LIVE_FIELDS = ("faults", "pages_by_fault", "pages_by_prefetch", "zero_pages", "bytes_copied",
+               "eexist", "eagain", "double_placements", "placed_pages")
+
 
 @dataclasses.dataclass
 class Stats:
