@@ -310,3 +310,37 @@ def test_an_image_with_1500_regions_loads_under_ulimit_n_1024(tmp_path: Path, se
     held = int(r.stdout.split("FDS ", 1)[1].split()[0])
     assert held < 20, r.stdout               # a handful, not one per region
     assert "OK True" in r.stdout, r.stdout
+
+
+# ------------------------------------- item 10: declared memory against the machine's
+
+def test_a_core_declaring_a_terabyte_is_refused_at_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 TiB PT_LOAD in a small file: refused before any mapping, naming the limit."""
+    from uffdpy.loader import EagerLoader
+    from uffdpy.pagesource import ImageError
+    monkeypatch.delenv("UFFDPY_MAX_MEMORY", raising=False)
+    core = make_core(tmp_path / "tera.core", [(0, b"\x01" * PAGE_SIZE, 1 << 40)], align=PAGE_SIZE)
+    assert core.stat().st_size < 1 << 20
+    before = resources()
+    for cls in (LazyLoader, EagerLoader):
+        t0 = time.monotonic()
+        with pytest.raises(ImageError, match="guest memory the image declares") as info:
+            cls(str(core))
+        assert time.monotonic() - t0 < 5
+        assert "this machine's RAM" in str(info.value) and "UFFDPY_MAX_MEMORY" in str(info.value)
+    assert resources()[0] == before[0] and uffd_fds() == 0
+
+
+def test_uffdpy_max_memory_sets_the_limit(small_image: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from uffdpy.pagesource import ImageError
+    monkeypatch.setenv("UFFDPY_MAX_MEMORY", "1M")           # the image has 4 MiB
+    with pytest.raises(ImageError, match=r"\$UFFDPY_MAX_MEMORY"):
+        LazyLoader(small_image)
+    monkeypatch.setenv("UFFDPY_MAX_MEMORY", "4M")
+    with LazyLoader(small_image) as loader:
+        assert loader.wait(60)
+    monkeypatch.setenv("UFFDPY_MAX_MEMORY", "lots")
+    with pytest.raises(ValueError, match="not a size"):
+        LazyLoader(small_image)

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple, TypeVar, Union
 
 from .. import ioctl
 from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, release_views
-from ..pagesource import PageSource, open_image
+from ..pagesource import PageSource, RegionNotFound, check_fits_in_memory, open_image
 from .stats import Stats
 
 MiB = 1 << 20
@@ -97,9 +97,11 @@ class _LoaderBase:
         try:
             return self._mappings[name]
         except KeyError:
-            raise KeyError(f"no region named {name!r}; regions: {', '.join(self._order)}") from None
+            raise RegionNotFound(f"no region named {name!r}; regions: "
+                                 f"{', '.join(self._order)}") from None
 
     def _map_blocks(self, *, transparent_huge_pages: bool) -> None:
+        check_fits_in_memory(self.source)          # an absurd declaration, before any mmap
         for block in self.source.regions:
             length = _round_up(block.length, PAGE_SIZE)
             m = Mapping.anonymous(max(length, PAGE_SIZE), align=BLOCK_ALIGN)
@@ -113,6 +115,7 @@ class _LoaderBase:
 
     def _map_huge_blocks(self) -> None:
         """hugetlbfs memory for every region, each rounded up to whole 2 MiB pages."""
+        check_fits_in_memory(self.source)
         need = sum(-(-r.length // HUGE_PAGE_SIZE) for r in self.source.regions)
         for region in self.source.regions:
             length = max(_round_up(region.length, HUGE_PAGE_SIZE), HUGE_PAGE_SIZE)

@@ -75,7 +75,10 @@ class ClaimMap:
             self.fd = fd
             self._owns_fd = _attach_fd < 0
         else:
-            self._buf = bytearray(size)
+            # a fresh anonymous mapping is zero (UNCLAIMED) without being
+            # written: ready does not grow with the guest's size, as a
+            # bytearray's memset (4 MiB at 16 GiB) made it
+            self._buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(self._buf)
         self._state: List[memoryview] = [self._view[b:b + n]
                                          for b, n in zip(self._base, self._pages)]
