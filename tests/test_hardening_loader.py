@@ -260,10 +260,13 @@ def test_a_thread_that_cannot_start_fails_at_once_leaving_nothing(small_image, m
     LazyLoader(small_image, server=server).close()     # pools and arenas settle first
     before = resources()
     _refuse_to_start(monkeypatch, thread)
-    for _ in range(3):
+    for _ in range(10):
         e = attempt()
         assert f"cannot start the loader's thread {thread!r}: can't start new thread" in str(e)
-    assert resources() == before                       # no fd, thread or mapping left
+    fds, threads, maps = resources()
+    assert (fds, threads) == before[:2]                # no fd or thread left
+    # nor a mapping: one per attempt would be 10; a malloc arena is 1-2 lines
+    assert maps <= before[2] + 2, (before, maps)
     assert uffd_fds() == 0
     assert _no_children_left()
 

@@ -400,6 +400,10 @@ def cycle_loads(snap: Snapshot, servers: List[str], cycles: int) -> None:
         loader.close()
 
 
+#: mapping lines a malloc arena may add (see assert_no_leaks)
+ARENA_SLACK = 2
+
+
 def assert_no_leaks(before: Tuple[int, int, int]) -> None:
     deadline = time.monotonic() + 10
     while resources() != before and time.monotonic() < deadline:
@@ -407,7 +411,10 @@ def assert_no_leaks(before: Tuple[int, int, int]) -> None:
     fds, nthreads, maps = resources()
     assert fds == before[0], "fd leaked"
     assert nthreads == before[1], [t.name for t in threading.enumerate()]
-    assert maps == before[2], "mapping leaked"
+    # a glibc malloc arena made for a new thread is one or two mapping lines
+    # that stay (allocator state, not ours); a mapping leaked per load would
+    # show as hundreds after 200 loads
+    assert maps <= before[2] + ARENA_SLACK, f"mapping leaked: {before[2]} -> {maps}"
 
 
 def test_load_close_cycles_leak_nothing(small):
