@@ -22,7 +22,7 @@ from typing import List, Sequence, Tuple
 
 import pytest
 
-from uffdpy.loader import LazyLoader, LoaderError
+from uffdpy.loader import LazyLoader, LoaderError, release_thread_pool
 from uffdpy.mappedram import Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy.pagesource import open_image
@@ -77,7 +77,7 @@ def small_image(tmp_path_factory) -> str:
 #: would get SIGSEGV; the script can then print what the loader said.
 _TRUNCATE_SCRIPT = """
     import ctypes, os, sys, threading
-    from uffdpy.loader import LazyLoader, LoaderError
+    from uffdpy.loader import LazyLoader, LoaderError, release_thread_pool
     path, server, cut, name, offset, huge = sys.argv[1:7]
     loader = LazyLoader(path, server=server, prefetch=False, huge_pages=huge == "1")
     os.truncate(path, int(cut))
@@ -258,6 +258,7 @@ def test_a_thread_that_cannot_start_fails_at_once_leaving_nothing(small_image, m
         assert time.monotonic() - t0 < 5.0            # at once, not after a 30 s timeout
         return info.value
     LazyLoader(small_image, server=server).close()     # pools and arenas settle first
+    release_thread_pool()          # no idle worker thread: each attempt starts its own
     before = resources()
     _refuse_to_start(monkeypatch, thread)
     for _ in range(10):
@@ -274,7 +275,8 @@ def test_a_thread_that_cannot_start_fails_at_once_leaving_nothing(small_image, m
 def test_a_process_server_whose_threads_cannot_start_reports_why(small_image, monkeypatch):
     """The forked server inherits the failure: the cause comes back from wait() at once."""
     _refuse_to_start(monkeypatch, "uffdpy-fault-loop")
-    with LazyLoader(small_image, server="process") as loader:
+    # no prefetcher: its thread, back in the pool at once, would run the fault loop
+    with LazyLoader(small_image, server="process", prefetch=False) as loader:
         t0 = time.monotonic()
         with pytest.raises(LoaderError, match="fault server failed: cannot start the "
                            "loader's thread 'uffdpy-fault-loop': can't start new thread"):

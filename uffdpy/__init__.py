@@ -51,6 +51,7 @@ _EXPORTS = {
     "Stats": "loader",
     "prepare_interpreter_servers": "loader",
     "release_interpreter_servers": "loader",
+    "release_thread_pool": "loader",
     "Resume": "resume",
     "ResumeStats": "resume",
     "ResumeError": "resume",

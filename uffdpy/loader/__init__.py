@@ -52,6 +52,7 @@ from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats, _Counters
+from .threads import release_thread_pool
 from .workers import (DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, _Server)
 from ..memory import Mapping  # noqa: F401  (tests patch uffdpy.loader.Mapping.anonymous)
 
@@ -66,6 +67,7 @@ __all__ = [
     "Stats",
     "prepare_interpreter_servers",
     "release_interpreter_servers",
+    "release_thread_pool",
 ]
 
 # Names the single-module loader had, kept importable from here: the

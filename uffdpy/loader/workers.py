@@ -40,12 +40,13 @@ a forked server process, or of a subinterpreter (:mod:`.server`).
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import select
 import struct
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .. import ioctl
 from ..memory import PAGE_SIZE, Mapping
@@ -55,6 +56,7 @@ from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
 from .errors import LoaderError
 from .placement import BOUNCE, DIRECT, _Placer, _Region
 from .stats import Stats, _Counters
+from .threads import release_thread_pool, run_pooled, start_thread
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 2 * MiB
@@ -117,7 +119,8 @@ class _Server(_Placer):
         self.zero_source: Optional[Mapping] = None
         if unit != PAGE_SIZE:
             self.zero_source = Mapping.anonymous(max(fault_bytes, chunk))
-        self.threads: List[threading.Thread] = []
+        #: the fault loop first, then the others (Threads, or pooled ``Task``s)
+        self.threads: List[Any] = []
         #: every worker thread started (``start`` returned)
         self.running = False
         self.ended = threading.Event()
@@ -131,32 +134,38 @@ class _Server(_Placer):
         """Start the workers; ``on_end`` runs in the fault-loop thread once both have ended."""
         self.claims._on_complete = self._wake
         self._on_end = on_end
+        # (name, function); the fault loop last: it joins the others when it ends
+        work: List[Tuple[str, Callable[[], None]]] = []
         if self.populate_source:
-            self.threads.append(threading.Thread(
-                target=self._run, args=(self.populate,), name="uffdpy-populate",
-                daemon=self.daemon_threads))
+            work.append(("uffdpy-populate", functools.partial(self._run, self.populate)))
         if self.prefetch_enabled:
             for k in range(self.prefetch_threads):
-                self.threads.append(threading.Thread(
-                    target=self._run, args=(lambda k=k: self.prefetch(k),),
-                    name=f"uffdpy-prefetch-{k}", daemon=self.daemon_threads))
-        self.threads.insert(0, threading.Thread(target=self._fault_thread,
-                                                name="uffdpy-fault-loop",
-                                                daemon=self.daemon_threads))
-        started: List[threading.Thread] = []
+                work.append((f"uffdpy-prefetch-{k}",
+                             functools.partial(self._run, functools.partial(self.prefetch, k))))
+        work.append(("uffdpy-fault-loop", self._fault_thread))
+        started: List[Any] = []
         try:
-            for t in self.threads[1:] + self.threads[:1]:   # the loop joins the others: last
-                _start_thread(t)
-                started.append(t)
+            for name, fn in work:
+                if name == "uffdpy-fault-loop":
+                    self.threads = [None, *started]        # what the loop will join
+                if self.daemon_threads:
+                    started.append(run_pooled(name, fn))   # an idle thread, if there is one
+                else:                                      # a subinterpreter: no daemons
+                    t = threading.Thread(target=fn, name=name, daemon=False)
+                    start_thread(t)
+                    started.append(t)
         except BaseException:
             # Nothing runs the fault loop: stop the threads that did start
-            # (they wait for ``go``, then see ``stopping``) and end here.
+            # (they wait for ``go``, then see ``stopping``) and end here; the
+            # system is short of threads, so the idle ones go too.
             self.stop()
             for t in started:
                 t.join(30.0)
             self.threads = [t for t in started if t.is_alive()]
+            release_thread_pool()
             self.ended.set()
             raise
+        self.threads[0] = started[-1]                       # the fault loop first
         self.running = True
 
     def _fault_thread(self) -> None:
@@ -444,19 +453,7 @@ class _Server(_Placer):
                         counters.pages += placed
 
 
-def _start_thread(thread: threading.Thread) -> None:
-    """``thread.start()``; a thread the system cannot start is a LoaderError naming it.
-
-    Raises:
-        LoaderError: the thread could not start (``RuntimeError: can't start
-            new thread``: a pids limit, RLIMIT_NPROC, no memory for a stack).
-    """
-    try:
-        thread.start()
-    except RuntimeError as exc:
-        raise LoaderError(f"cannot start the loader's thread {thread.name!r}: {exc} "
-                          f"(a pids or RLIMIT_NPROC limit, or no memory for its "
-                          f"stack?)") from exc
+_start_thread = start_thread    # the old name
 
 
 def _lower_priority(nice: int) -> None:
