@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, Tuple
 import pytest
 
 import linux_guest
+from helpers import LAZY_SERVERS
 from uffdpy.mappedram import Snapshot, make_synthetic
 from uffdpy.resume import QemuProcess, Resume
 from uffdpy.workingset import WorkingSet, WorkingSetError, jaccard, merge, snapshot_identity
@@ -330,3 +331,48 @@ def test_cli_working_set_errors(synth: Tuple[Path, Path], tmp_path: Path) -> Non
                         tmp_path / "m.ws")
     assert merged.returncode == 0, merged.stderr
     assert WorkingSet.load(tmp_path / "m.ws").keys() == [("ram", 1)]
+
+
+# ------------------------------------------------------------------ the loader's
+
+def _load_json(*args: object) -> Dict[str, Any]:
+    from test_resume import run_uffdpy
+    proc = run_uffdpy("load", *args, "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("server", LAZY_SERVERS)
+def test_load_record_and_replay_cut_faults(tmp_path: Path, server: str) -> None:
+    """A hot-set workload recorded with pure demand paging, replayed: far fewer faults."""
+    image, ws = tmp_path / "hot.img", tmp_path / "hot.ws"
+    make_synthetic(image, size=128 << 20, fill=0.5, seed=2)
+    access = ["--access", "hot:0.02", "--touch", "2000", "--seed", "5", "--server", server]
+    recorded = _load_json(image, "--no-prefetch", *access, "--record-ws", ws)
+    rec = WorkingSet.load(ws)
+    with Snapshot.open(image) as snap:
+        rec.check(snap)
+        assert all(snap.block(b).is_present(p) == data for b, p, _, data in rec.pages)
+    assert len(rec.pages) == recorded["placed_pages"] > 200   # each faulted page, once
+    assert [t for _, _, t, _ in rec.pages] == sorted(t for _, _, t, _ in rec.pages)
+    plain = _load_json(image, *access, "--verify")
+    replay = _load_json(image, *access, "--working-set", ws, "--verify")
+    assert plain["mismatched_pages"] == replay["mismatched_pages"] == 0
+    assert replay["pages_by_working_set"] > 0.5 * len(rec.pages)
+    assert replay["faults"] <= 0.2 * plain["faults"], (replay["faults"], plain["faults"])
+    assert replay["placed_pages"] == replay["total_pages"]
+
+
+def test_load_refuses_another_images_working_set(synth: Tuple[Path, Path], tmp_path: Path) -> None:
+    from helpers import resources
+    from uffdpy.loader import LazyLoader
+    a, b = synth
+    with Snapshot.open(a) as snap:
+        WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "a.ws")
+    before = resources()
+    with pytest.raises(WorkingSetError, match="another snapshot"):
+        LazyLoader(str(b), working_set=tmp_path / "a.ws")
+    assert resources()[0] == before[0]
+    with pytest.raises(ValueError, match="record_ws"):
+        with LazyLoader(str(a), prefetch=False) as loader:
+            loader.recorded()

@@ -327,7 +327,9 @@ def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) 
                       prefetch_chunk_bytes=(getattr(args, "prefetch_chunk", None)
                                             or DEFAULT_CHUNK_BYTES),
                       huge_pages=getattr(args, "huge_pages", False),
-                      populate_source=getattr(args, "populate_source", False))
+                      populate_source=getattr(args, "populate_source", False),
+                      record_ws=getattr(args, "record_ws", None),
+                      working_set=getattr(args, "working_set", None))
 
 
 def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> None:
@@ -357,6 +359,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                 try:
                     samples = run_access(blocks, pattern=pattern, fraction=fraction,
                                          touches=touches, threads=args.threads,
+                                         seed=args.seed,
                                          cpu=args.access_cpu, via="process_vm_readv",
                                          check=lambda: loader.wait(0))
                 except PageFenced:
@@ -728,6 +731,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--huge-pages", action="store_true",
                     help="hugetlbfs guest memory, whole 2 MiB pages per fault "
                          "(needs /proc/sys/vm/nr_hugepages)")
+    sp.add_argument("--seed", type=int, default=1,
+                    help="seed of the access workload's addresses (default 1)")
+    sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
+                    help="write the pages the workload faulted on, in order of first fault "
+                         "(record with --no-prefetch to see the whole working set)")
+    sp.add_argument("--working-set", metavar="FILE.ws", default=None,
+                    help="prefetch these recorded pages first, then the rest in file order")
     sp.add_argument("--verify", action="store_true",
                     help="compare every page with the file (exit status 1 on a mismatch)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
@@ -928,7 +938,8 @@ _LAZY_ONLY = (("--server", "server", None), ("--no-prefetch", "no_prefetch", Fal
               ("--server-cpu", "server_cpu", None), ("--busy-poll", "busy_poll", False),
               ("--populate-source", "populate_source", False),
               ("--prefetch-threads", "prefetch_threads", None),
-              ("--prefetch-chunk", "prefetch_chunk", None), ("--huge-pages", "huge_pages", False))
+              ("--prefetch-chunk", "prefetch_chunk", None), ("--huge-pages", "huge_pages", False),
+              ("--record-ws", "record_ws", None), ("--working-set", "working_set", None))
 
 
 class _Terminated(KeyboardInterrupt):

@@ -27,6 +27,7 @@ the pages that were placed stay readable for a post-mortem.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -44,6 +45,8 @@ from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats
 from .workers import DEFAULT_CHUNK_BYTES, _eventfd, _Server
+from ..pagesource import PathLike
+from ..workingset import WorkingSet, load_for, snapshot_identity
 
 __all__ = ["LazyLoader", "SERVERS", "SERVER_KINDS"]
 
@@ -94,6 +97,16 @@ class LazyLoader(_LoaderBase):
             faults 25% faster across CPUs once it is done; no clear change
             to a prefetching load, whose copies map their sources anyway).
             It reads every data page of the file, even with ``prefetch=False``.
+        record_ws: write the pages the load *demanded* (faults; not what the
+            prefetcher placed on its own), in order of first demand with
+            their times, to this working-set file when the loader closes
+            (:mod:`uffdpy.workingset`; :meth:`recorded` gives it as an object).
+            Record with ``prefetch=False`` to see the whole working set.
+        working_set: a working-set file recorded for this image: the
+            prefetcher places its pages first, in recorded order, then
+            everything else in file order (faults still go first).  Refused
+            (WorkingSetError, before anything is mapped) if it was recorded
+            for another image.
 
     Raises:
         MappedRamError: the snapshot is malformed; nothing was mapped or registered.
@@ -110,7 +123,9 @@ class LazyLoader(_LoaderBase):
                  prefetch: bool = True, prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  fault_around_pages: int = 0, server_cpu: Optional[int] = None,
                  busy_poll: bool = False, prefetch_threads: Optional[int] = None,
-                 huge_pages: bool = False, populate_source: bool = False) -> None:
+                 huge_pages: bool = False, populate_source: bool = False,
+                 record_ws: Optional[PathLike] = None,
+                 working_set: Optional[PathLike] = None) -> None:
         super().__init__()
         if prefetch_threads is None:
             prefetch_threads = min(2, len(os.sched_getaffinity(0)))
@@ -144,14 +159,23 @@ class LazyLoader(_LoaderBase):
         self._done = threading.Event()
         self._registered = False
         self._t0 = t0
+        self._record_path = record_ws
+        self._replay: Optional[WorkingSet] = None
+        #: the demanded (address, ns) pairs an out-of-process server reported
+        self._demanded: Optional[List[Tuple[int, int]]] = None
         self._source, self._owns_source = _open_source(snapshot_or_path)
         self._closed = False
         try:
+            if working_set is not None:             # a bad file: refused before any mapping
+                self._replay = load_for(working_set, self.source)
             self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
                         populate_source=populate_source,
                         fault_around_pages=fault_around_pages, server_cpu=server_cpu,
-                        busy_poll=busy_poll, prefetch_threads=prefetch_threads)
+                        busy_poll=busy_poll, prefetch_threads=prefetch_threads,
+                        record_demand=record_ws is not None,
+                        t0_ns=int(t0 * 1e9) if record_ws is not None else 0)
         except BaseException:
+            self._record_path = None            # a loader that never ran records nothing
             self.close(_raise=False)
             raise
         self._stats.time_to_ready_s = time.perf_counter() - t0
@@ -178,6 +202,8 @@ class LazyLoader(_LoaderBase):
                    for i, r in enumerate(source.regions)]
         claims = ClaimMap([r.units for r in regions], shared=self._kind.claims_shared)
         self._regions, self._claims = regions, claims
+        if self._replay is not None:
+            options["working_set"] = _replay_runs(self._replay, regions)
         self._wake_fd = _eventfd()
         self._kind.start(unit, options)
 
@@ -284,6 +310,38 @@ class LazyLoader(_LoaderBase):
         self._kind.stats_into(self._stats)
         return self._stats
 
+    def recorded(self) -> WorkingSet:
+        """The pages demanded so far (with ``record_ws``), in order of first demand.
+
+        Each is ``(region, 4 KiB page, seconds since the loader started, holds
+        data)``; a huge-page load records the first 4 KiB page of each 2 MiB.
+        """
+        if self._record_path is None:
+            raise ValueError("recorded() needs LazyLoader(..., record_ws=PATH)")
+        server = self._server
+        raw = self._demanded
+        if raw is None and server is not None and server.demanded is not None:
+            raw = list(server.demanded)          # the thread server: this interpreter's
+        spans = sorted((self._mappings[name].address, self._mappings[name].length, region)
+                       for name, region in zip(self._order, self.source.regions))
+        starts = [a for a, _, _ in spans]
+        seen = set()
+        pages: List[Tuple[str, int, float, bool]] = []
+        for address, t_ns in raw or ():
+            i = bisect.bisect_right(starts, address) - 1
+            if i < 0:
+                continue
+            start, length, region = spans[i]
+            if address >= start + length:
+                continue
+            page = (address - start) // PAGE_SIZE
+            key = (region.name, page)
+            if key in seen or page >= region.pages:
+                continue
+            seen.add(key)
+            pages.append((region.name, page, round(t_ns / 1e9, 6), region.is_present(page)))
+        return WorkingSet(snapshot=snapshot_identity(self.source), pages=pages)
+
     def close(self, *, _raise: bool = True) -> None:
         """Stop loading, unregister and unmap everything (idempotent, safe mid-load).
 
@@ -296,7 +354,8 @@ class LazyLoader(_LoaderBase):
            zeros;
         3. unregister the memory, close the uffd, the file mapping and the
            wake fd (``_teardown_uffd``);
-        4. release what the server itself holds;
+        4. release what the server itself holds, and write the recording
+           (``record_ws``);
         5. close the claim map;
         6. unmap the memory;
         7. close the source, if the loader opened it;
@@ -320,10 +379,43 @@ class LazyLoader(_LoaderBase):
             self._registered = False
         self._teardown_uffd()                                  # 3
         self._kind.close()                                     # 4
+        recording = None
+        if self._record_path is not None:                      # 4b: the recording
+            recording, path = self.recorded(), self._record_path
+            self._record_path = None
         if self._claims is not None:                           # 5
             self._claims.close()
         self._unmap_blocks()                                   # 6
         if self._owns_source and self._source is not None:     # 7
             self._source.close()
+        if recording is not None:                              # 4b, written now
+            recording.save(path)
         if _raise and not self._error_reported:                # 8
             self._raise_error()
+
+
+def _replay_runs(ws: WorkingSet, regions: List[_Region]) -> List[List[int]]:
+    """A working set's pages as ``[region index, first unit, end unit]`` runs, in its order.
+
+    Consecutive pages of one region and one kind (data, zero) become one
+    run; a page whose unit is already in the list is skipped (with huge
+    pages, several 4 KiB pages share one 2 MiB unit).
+    """
+    index = {r.name: r for r in regions}
+    runs: List[List[int]] = []
+    taken = set()
+    for block, page, _, _ in ws.pages:
+        region = index.get(block)
+        if region is None:
+            continue
+        unit = page * PAGE_SIZE // region.unit
+        if unit >= region.units or (region.index, unit) in taken:
+            continue
+        taken.add((region.index, unit))
+        last = runs[-1] if runs else None
+        if (last is not None and last[0] == region.index and last[2] == unit
+                and region.kind(unit) == region.kind(last[1])):
+            last[2] = unit + 1
+        else:
+            runs.append([region.index, unit, unit + 1])
+    return runs

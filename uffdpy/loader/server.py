@@ -168,6 +168,9 @@ class Server(abc.ABC):
             self._apply_child_stats(report)
 
     def _apply_child_stats(self, report: Dict[str, Any]) -> None:
+        demanded = report.get("demanded")
+        if isinstance(demanded, list):            # record_ws: the faults, in order
+            self.loader._demanded = [(int(a), int(t)) for a, t in demanded]
         for key, value in report.get("stats", {}).items():
             if key not in ("time_to_ready_s", "time_to_complete_s"):
                 setattr(self.loader._stats, key, value)

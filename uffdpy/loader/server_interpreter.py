@@ -363,7 +363,8 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
             raise server.error
         complete = claims.complete.is_set()
         report = {"complete": complete, "stopped": not complete,
-                  "stats": server.merged_stats(Stats()).as_dict()}
+                  "stats": server.merged_stats(Stats()).as_dict(),
+                  "demanded": server.demanded}
     except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter
         report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}
         if server is not None:

@@ -163,7 +163,7 @@ def _child_main(server: _Server, result_fd: int, parent: int) -> None:
             raise server.error
         stats = server.merged_stats(Stats()).as_dict()
         report = {"complete": complete.is_set(), "stopped": not complete.is_set(),
-                  "stats": stats}
+                  "stats": stats, "demanded": server.demanded}
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         code = 1
         report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}

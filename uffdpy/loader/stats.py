@@ -12,7 +12,7 @@ __all__ = ["Stats"]
 #: interpreter) publishes while it loads, in this order, as u64s at the start
 #: of the claim map's header (``ClaimMap.publish``), for the loader to read.
 LIVE_FIELDS = ("faults", "pages_by_fault", "pages_by_prefetch", "zero_pages", "bytes_copied",
-               "eexist", "eagain", "double_placements", "placed_pages")
+               "eexist", "eagain", "double_placements", "placed_pages", "pages_by_working_set")
 
 
 @dataclasses.dataclass
@@ -26,6 +26,8 @@ class Stats:
         default_factory=lambda: latency_summary(()))
     pages_by_fault: int = 0
     pages_by_prefetch: int = 0
+    #: of ``pages_by_prefetch``: placed first, as a replayed working set's
+    pages_by_working_set: int = 0
     zero_pages: int = 0
     bytes_copied: int = 0
     eexist: int = 0
@@ -43,7 +45,7 @@ class _Counters:
     """Per-worker tallies; each worker owns one, so no locking is needed."""
 
     __slots__ = ("faults", "service_ns", "pages", "zero_pages", "bytes_copied",
-                 "eexist", "eagain")
+                 "eexist", "eagain", "working_set")
 
     def __init__(self) -> None:
         self.faults = 0
@@ -53,3 +55,4 @@ class _Counters:
         self.bytes_copied = 0
         self.eexist = 0
         self.eagain = 0
+        self.working_set = 0

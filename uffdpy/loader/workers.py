@@ -46,7 +46,7 @@ import select
 import struct
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .. import ioctl
 from ..memory import PAGE_SIZE, Mapping
@@ -78,8 +78,17 @@ class _Server(_Placer):
                  fault_around_pages: int, server_cpu: Optional[int],
                  busy_poll: bool, prefetch_threads: int = 1,
                  populate_source: bool = False, daemon_threads: bool = True,
-                 file_fd: int = -1, path: str = "") -> None:
+                 file_fd: int = -1, path: str = "",
+                 working_set: Sequence[Sequence[int]] = (), record_demand: bool = False,
+                 t0_ns: int = 0) -> None:
         self.uffd = uffd
+        #: ``[region index, first unit, end unit]`` runs the prefetcher places
+        #: first, in this order (a replayed working set), before the rest
+        self.working_set = [tuple(run) for run in working_set]
+        #: with ``record_demand``: ``(fault address, ns since t0_ns)`` of every
+        #: fault read, in order (``LazyLoader.recorded`` keeps each page's first)
+        self.demanded: Optional[List[Tuple[int, int]]] = [] if record_demand else None
+        self.t0_ns = t0_ns
         #: the image file, read into the bounce buffers with preadv (never
         #: through the mapping: see ``_Region.fill_bounce``); the caller's fd
         self.file_fd = file_fd
@@ -211,6 +220,7 @@ class _Server(_Placer):
         stats.fault_service_us = latency_summary(f.service_ns)
         stats.pages_by_fault = f.pages
         stats.pages_by_prefetch = sum(p.pages for p in ps)
+        stats.pages_by_working_set = sum(p.working_set for p in ps)
         stats.zero_pages = f.zero_pages + sum(p.zero_pages for p in ps)
         stats.bytes_copied = f.bytes_copied + sum(p.bytes_copied for p in ps)
         stats.eexist = f.eexist + sum(p.eexist for p in ps)
@@ -229,7 +239,8 @@ class _Server(_Placer):
                 f.zero_pages + sum(p.zero_pages for p in ps),
                 f.bytes_copied + sum(p.bytes_copied for p in ps),
                 f.eexist + sum(p.eexist for p in ps), f.eagain + sum(p.eagain for p in ps),
-                self.claims.double_placements, self.claims.placed_pages)
+                self.claims.double_placements, self.claims.placed_pages,
+                sum(p.working_set for p in ps))
 
     def publish_counters(self) -> None:
         """Publish ``live_counters`` in the claim map's header, for the loader to read."""
@@ -255,6 +266,7 @@ class _Server(_Placer):
         deferred: List[int] = []
         pagefault = ioctl.UFFD_EVENT_PAGEFAULT
         busy = self.busy_poll
+        demanded, t0_ns = self.demanded, self.t0_ns
         while True:
             ready = poll(0 if (busy or deferred) else None)
             if complete.is_set() or self.stopping:
@@ -272,6 +284,8 @@ class _Server(_Placer):
             for k in range(n):
                 if buf[k * _MSG_SIZE] == pagefault:
                     addresses.append(words[k * 4 + 2])
+                    if demanded is not None:
+                        demanded.append((words[k * 4 + 2], t_read - t0_ns))
             for address in addresses:
                 if not serve(address, counters, filler):
                     deferred.append(address)
@@ -430,6 +444,17 @@ class _Server(_Placer):
         uffd = self.uffd
         claims = self.claims
         lanes = self.prefetch_threads
+        # a replayed working set first, in recorded order, split among the lanes
+        for n, (index, lo, hi) in enumerate(self.working_set):
+            if n % lanes != lane:
+                continue
+            if self.stopping:
+                return
+            region = self.regions[index]
+            before = counters.pages
+            if not self._place_all(region, lo, hi, region.kind(lo), counters, bounce, uffd):
+                return
+            counters.working_set += counters.pages - before
         n = 0
         for region in self.regions:
             chunk = max(1, self.chunk_bytes // region.unit)
@@ -442,15 +467,23 @@ class _Server(_Placer):
                     if self.stopping:
                         return
                     hi = min(lo + chunk, end_run)
-                    for a, b in claims.claim_range(region.index, lo, hi):
-                        placed = self._place(region, a, b, kind, counters, bounce, uffd)
-                        while placed is None:  # events pending: the fault loop reads them
-                            if self.stopping:
-                                claims.release(region.index, a, b)
-                                return
-                            time.sleep(0.0001)
-                            placed = self._place(region, a, b, kind, counters, bounce, uffd)
-                        counters.pages += placed
+                    if not self._place_all(region, lo, hi, kind, counters, bounce, uffd):
+                        return
+
+    def _place_all(self, region: _Region, lo: int, hi: int, kind: int, counters: _Counters,
+                   bounce: Optional[Mapping], uffd: Userfaultfd) -> bool:
+        """Claim and place what is unclaimed of ``[lo, hi)`` (one kind); False when stopping."""
+        claims = self.claims
+        for a, b in claims.claim_range(region.index, lo, hi):
+            placed = self._place(region, a, b, kind, counters, bounce, uffd)
+            while placed is None:  # events pending: the fault loop reads them
+                if self.stopping:
+                    claims.release(region.index, a, b)
+                    return False
+                time.sleep(0.0001)
+                placed = self._place(region, a, b, kind, counters, bounce, uffd)
+            counters.pages += placed
+        return True
 
 
 _start_thread = start_thread    # the old name
