@@ -412,6 +412,18 @@ def test_bench_json_without_qemu(synth16: Path) -> None:
     assert report["reference"] == {}               # the CLI runs no C comparator
 
 
+
+def test_bench_hot_working_set(synth16: Path) -> None:
+    """bench --hot: eager, lazy and lazy replaying a recording of the same workload."""
+    report = ok_json("bench", synth16, "--hot", "0.05", "--touch", "1000", "--rounds", "2")
+    assert report["rounds"] == 2 and report["recorded_pages"] > 50
+    eager, lazy, replay = report["rows"]
+    assert eager["contender"].startswith("eager") and "working set" in replay["contender"]
+    assert eager["faults"] == 0 and lazy["faults"] > 0
+    for row in report["rows"]:
+        assert 0 < row["ready_s"] <= row["complete_s"] + 1e-3, row
+        assert row["answer_s"] > 0, row
+
 # ---------------------------------------------------------------------- bad files
 
 def bad_files(workdir: Path, synth: Path) -> List[Tuple[str, Path]]:

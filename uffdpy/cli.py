@@ -106,6 +106,13 @@ def _ranges(cpus: Sequence[int]) -> str:
     return ",".join(out)
 
 
+def _hot_fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
 def _page_size_multiple(text: str) -> int:
     value = parse_size(text)
     if value <= 0 or value % 4096:
@@ -573,6 +580,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(out["table"])
         return 0
+    if args.hot is not None:
+        from .bench_ws import run_ws_bench
+        out = run_ws_bench(args.snapshot, fraction=args.hot, touches=args.touch,
+                           rounds=args.rounds)
+        if args.json:
+            print(json.dumps({"rows": out["rows"], "rounds": out["rounds"],
+                              "recorded_pages": out["recorded_pages"]}, indent=2))
+        else:
+            print(out["table"])
+        return 0
     from .bench import run_bench
     return run_bench(args.snapshot, rounds=args.rounds, touches=args.touch,
                      qemu=not args.no_qemu, as_json=args.json,
@@ -827,6 +844,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--request", default="GET 0 4", metavar="TEXT",
                     help="with --resume: the request sent on the guest's second serial port "
                          "as soon as it runs ('' for none; default 'GET 0 4')")
+    sp.add_argument("--hot", type=_hot_fraction, default=None, metavar="F",
+                    help="instead: the working-set benchmark: --touch accesses within a "
+                         "fraction F of the pages, eager vs lazy vs lazy replaying a "
+                         "recording of the same workload")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_bench)
 

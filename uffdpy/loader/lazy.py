@@ -102,7 +102,9 @@ class LazyLoader(_LoaderBase):
             their times, to this working-set file when the loader closes
             (:mod:`uffdpy.workingset`; :meth:`recorded` gives it as an object).
             Record with ``prefetch=False`` to see the whole working set.
-        working_set: a working-set file recorded for this image: the
+        working_set: a working-set file recorded for this image (or a
+            ``WorkingSet`` already loaded, for a harness that restores again
+            and again: reading the file costs ~3 ms per thousand pages): the
             prefetcher places its pages first, in recorded order, then
             everything else in file order (faults still go first).  Refused
             (WorkingSetError, before anything is mapped) if it was recorded
@@ -125,7 +127,7 @@ class LazyLoader(_LoaderBase):
                  busy_poll: bool = False, prefetch_threads: Optional[int] = None,
                  huge_pages: bool = False, populate_source: bool = False,
                  record_ws: Optional[PathLike] = None,
-                 working_set: Optional[PathLike] = None) -> None:
+                 working_set: "Optional[PathLike | WorkingSet]" = None) -> None:
         super().__init__()
         if prefetch_threads is None:
             prefetch_threads = min(2, len(os.sched_getaffinity(0)))
@@ -166,7 +168,10 @@ class LazyLoader(_LoaderBase):
         self._source, self._owns_source = _open_source(snapshot_or_path)
         self._closed = False
         try:
-            if working_set is not None:             # a bad file: refused before any mapping
+            if isinstance(working_set, WorkingSet):
+                self._replay = working_set
+                working_set.check(self.source)
+            elif working_set is not None:           # a bad file: refused before any mapping
                 self._replay = load_for(working_set, self.source)
             self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
                         populate_source=populate_source,
@@ -203,7 +208,11 @@ class LazyLoader(_LoaderBase):
         claims = ClaimMap([r.units for r in regions], shared=self._kind.claims_shared)
         self._regions, self._claims = regions, claims
         if self._replay is not None:
-            options["working_set"] = _replay_runs(self._replay, regions)
+            # [region index, 4 KiB page]: the prefetcher makes runs of them
+            # itself, after ready (nothing it needs later is waited for here)
+            index = {r.name: r.index for r in regions}
+            options["working_set"] = [[index[b], p] for b, p, _, _ in self._replay.pages
+                                      if b in index]
         self._wake_fd = _eventfd()
         self._kind.start(unit, options)
 
@@ -393,29 +402,3 @@ class LazyLoader(_LoaderBase):
         if _raise and not self._error_reported:                # 8
             self._raise_error()
 
-
-def _replay_runs(ws: WorkingSet, regions: List[_Region]) -> List[List[int]]:
-    """A working set's pages as ``[region index, first unit, end unit]`` runs, in its order.
-
-    Consecutive pages of one region and one kind (data, zero) become one
-    run; a page whose unit is already in the list is skipped (with huge
-    pages, several 4 KiB pages share one 2 MiB unit).
-    """
-    index = {r.name: r for r in regions}
-    runs: List[List[int]] = []
-    taken = set()
-    for block, page, _, _ in ws.pages:
-        region = index.get(block)
-        if region is None:
-            continue
-        unit = page * PAGE_SIZE // region.unit
-        if unit >= region.units or (region.index, unit) in taken:
-            continue
-        taken.add((region.index, unit))
-        last = runs[-1] if runs else None
-        if (last is not None and last[0] == region.index and last[2] == unit
-                and region.kind(unit) == region.kind(last[1])):
-            last[2] = unit + 1
-        else:
-            runs.append([region.index, unit, unit + 1])
-    return runs

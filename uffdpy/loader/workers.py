@@ -82,9 +82,11 @@ class _Server(_Placer):
                  working_set: Sequence[Sequence[int]] = (), record_demand: bool = False,
                  t0_ns: int = 0) -> None:
         self.uffd = uffd
-        #: ``[region index, first unit, end unit]`` runs the prefetcher places
-        #: first, in this order (a replayed working set), before the rest
-        self.working_set = [tuple(run) for run in working_set]
+        #: ``[region index, 4 KiB page]`` pages the prefetcher places first,
+        #: in this order (a replayed working set), before the rest
+        self.working_set = working_set
+        self._ws_runs: Optional[List[Tuple[int, int, int]]] = None
+        self._ws_lock = threading.Lock()
         #: with ``record_demand``: ``(fault address, ns since t0_ns)`` of every
         #: fault read, in order (``LazyLoader.recorded`` keeps each page's first)
         self.demanded: Optional[List[Tuple[int, int]]] = [] if record_demand else None
@@ -445,7 +447,7 @@ class _Server(_Placer):
         claims = self.claims
         lanes = self.prefetch_threads
         # a replayed working set first, in recorded order, split among the lanes
-        for n, (index, lo, hi) in enumerate(self.working_set):
+        for n, (index, lo, hi) in enumerate(self._working_set_runs()):
             if n % lanes != lane:
                 continue
             if self.stopping:
@@ -470,6 +472,13 @@ class _Server(_Placer):
                     if not self._place_all(region, lo, hi, kind, counters, bounce, uffd):
                         return
 
+    def _working_set_runs(self) -> List[Tuple[int, int, int]]:
+        """The working set as runs, made once by whichever prefetch lane asks first."""
+        with self._ws_lock:
+            if self._ws_runs is None:
+                self._ws_runs = _runs_of(self.working_set, self.regions)
+            return self._ws_runs
+
     def _place_all(self, region: _Region, lo: int, hi: int, kind: int, counters: _Counters,
                    bounce: Optional[Mapping], uffd: Userfaultfd) -> bool:
         """Claim and place what is unclaimed of ``[lo, hi)`` (one kind); False when stopping."""
@@ -484,6 +493,32 @@ class _Server(_Placer):
                 placed = self._place(region, a, b, kind, counters, bounce, uffd)
             counters.pages += placed
         return True
+
+
+def _runs_of(pages: Sequence[Sequence[int]], regions: List[_Region]) -> List[Tuple[int, int, int]]:
+    """``[region index, 4 KiB page]`` pages as ``(region, first unit, end unit)`` runs, in order.
+
+    Consecutive pages of one region and one kind (data, zero) become one run;
+    a unit already listed is skipped (with huge pages, several 4 KiB pages
+    share one 2 MiB unit).
+    """
+    runs: List[List[int]] = []
+    taken = set()
+    for index, page in pages:
+        if not 0 <= index < len(regions):
+            continue
+        region = regions[index]
+        unit = page * PAGE_SIZE // region.unit
+        if unit >= region.units or (index, unit) in taken:
+            continue
+        taken.add((index, unit))
+        last = runs[-1] if runs else None
+        if (last is not None and last[0] == index and last[2] == unit
+                and region.kind(unit) == region.kind(last[1])):
+            last[2] = unit + 1
+        else:
+            runs.append([index, unit, unit + 1])
+    return [(a, b, c) for a, b, c in runs]
 
 
 _start_thread = start_thread    # the old name
