@@ -440,7 +440,6 @@ class _Server(_Placer):
         threads wait in the ioctl without the GIL.
         """
         self.go.wait()
-        _lower_priority(PREFETCH_NICE)
         counters = self.prefetch_counters[lane]
         bounce = self.prefetch_bounce[lane]
         uffd = self.uffd
@@ -457,6 +456,9 @@ class _Server(_Placer):
             if not self._place_all(region, lo, hi, region.kind(lo), counters, bounce, uffd):
                 return
             counters.working_set += counters.pages - before
+        # the rest is background: a fault, or the guest's own work, goes first
+        # (a working set's pages are the ones about to be faulted: not nicer)
+        _lower_priority(PREFETCH_NICE)
         n = 0
         for region in self.regions:
             chunk = max(1, self.chunk_bytes // region.unit)
