@@ -29,7 +29,7 @@ from uffdpy.pagesource import open_image
 
 from helpers import LAZY_SERVERS, resources, uffd_fds  # noqa: E402  (tests/ is on sys.path)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.kernel]
 
 ROOT = Path(__file__).resolve().parent.parent
 PHDR = struct.Struct("<IIQQQQQQ")

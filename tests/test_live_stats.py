@@ -20,6 +20,8 @@ from uffdpy.memory import PAGE_SIZE
 
 from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
 
+pytestmark = pytest.mark.kernel
+
 TOUCHED = 40
 
 

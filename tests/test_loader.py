@@ -29,7 +29,7 @@ from uffdpy import ioctl
 from helpers import (HAVE_INTERPRETERS, LAZY_SERVERS, assert_loaders_refuse_without_leaks,  # noqa: E402
                      resources, uffd_fds, write_files)  # noqa: E402  (tests/ is on sys.path)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.kernel]
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = LAZY_SERVERS
@@ -287,7 +287,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     i = next(f for f, c, p in block.runs() if p and f > 8)
     out = []
     if sys.argv[2] == "waiter":
-        os.kill(loader._child_pid, signal.SIGSTOP)     # nobody serves the next fault...
+        os.kill(loader.server_pid, signal.SIGSTOP)     # nobody serves the next fault...
         dst = ctypes.create_string_buffer(8)
         # memmove releases the GIL; ctypes.string_at would not (it is a PYFUNCTYPE)
         t = threading.Thread(target=lambda: out.append(ctypes.memmove(dst, base + i * 4096, 8)),
@@ -295,7 +295,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         t.start()
         time.sleep(0.5)
         print("BLOCKED" if t.is_alive() else "READ " + repr(dst.raw), flush=True)
-    os.kill(loader._child_pid, signal.SIGKILL)         # ...and then the server dies
+    os.kill(loader.server_pid, signal.SIGKILL)         # ...and then the server dies
     try:
         loader.wait(10)
     except ServerDiedError as exc:
@@ -368,7 +368,7 @@ def test_fault_loop_failure_does_not_leave_the_faulting_thread_blocked(small):
 def test_killed_server_without_waiters_closes_cleanly(small):
     before_uffd = uffd_fds()
     loader = LazyLoader(small, server="process", prefetch=False)
-    os.kill(loader._child_pid, 9)
+    os.kill(loader.server_pid, 9)
     with pytest.raises(ServerDiedError) as info:
         loader.wait(10)
     assert info.value.signal_number == 9

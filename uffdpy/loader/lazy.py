@@ -217,9 +217,11 @@ class LazyLoader(_LoaderBase):
         self._kind.start(unit, options)
 
     @property
-    def _child_pid(self) -> int:
+    def server_pid(self) -> int:
         """The server process's pid while it runs (``server="process"``), else 0."""
         return self._kind.pid
+
+    _child_pid = server_pid          # the old, private name
 
     # -- endings
     def _finish(self) -> None:
