@@ -7,6 +7,7 @@ death).  The load tests need a working userfaultfd.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -359,3 +360,15 @@ def test_a_bug_in_uffdpy_shows_its_traceback(synth: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(cli, "cmd_inspect", broken)
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["inspect", str(synth)])
+
+
+@pytest.mark.parametrize("server", ["thread", "process"])
+def test_verify_completes_a_load_without_prefetch(synth: Path, server: str) -> None:
+    """--no-prefetch --verify: reading every page placed every page, so the load is complete."""
+    proc = uffdpy("load", synth, "--no-prefetch", "--verify", "--server", server, "--json",
+                  timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["mismatched_pages"] == 0
+    assert report["placed_pages"] == report["total_pages"] > 0
+    assert report["complete"] is True

@@ -383,6 +383,9 @@ def cmd_load(args: argparse.Namespace) -> int:
                 verified, mismatched = verify(blocks)
                 result["verified_pages"] = verified
                 result["mismatched_pages"] = mismatched
+                if not result["complete"]:
+                    # reading every page has placed every page: the load completes
+                    result["complete"] = bool(loader.wait(10.0))
             stats = loader.stats.as_dict()
     report = {"mode": args.mode, "server": args.server if args.mode == "lazy" else None,
               **stats, **result}
@@ -406,7 +409,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     import ctypes
-    from .mappedram import replacing
+    from .files import replacing
     with _open_source(args) as snap:
         block = snap.region(args.block)
         with _open_loader(args, snap) as loader:

@@ -34,14 +34,11 @@ This module imports nothing kernel-facing; it works on any OS.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
-import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
                     Mapping, Optional, Sequence, Tuple, Union)
@@ -96,6 +93,7 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
+from .files import copy_range as _copy_range, pwrite_all as _pwrite_all, replacing
 from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, RegionNotFound,
                          bitmap_runs, bitmap_runs_in, set_bits)
 
@@ -848,14 +846,6 @@ def _configuration_bytes(machine: str, capabilities: Sequence[str]) -> bytes:
     return bytes(out)
 
 
-def _pwrite_all(fd: int, data: BytesLike, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 def _round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
@@ -891,78 +881,6 @@ def _nonzero_runs(view: memoryview, page_size: int) -> Iterator[Tuple[int, int]]
             start = j
     if start >= 0:
         yield (start, pages - start)
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (os.umask would, for all threads)."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    return 0o022
-
-
-@contextlib.contextmanager
-def replacing(path: PathLike, *, keep_prefix: int = 0, mode: int = 0o600,
-              not_same_as: Sequence[PathLike] = ()) -> Iterator[int]:
-    """Write a new ``path`` atomically: yield the fd of a temporary file next to it.
-
-    The temporary (``.NAME.XXXXXXXX.tmp`` in the same directory) replaces
-    ``path`` with one ``rename`` when the block ends normally; on any
-    exception (ENOSPC, a bad input found halfway, ``KeyboardInterrupt``) it
-    is removed and ``path`` is left as it was: never a partial file.  The
-    first ``keep_prefix`` bytes of an existing ``path`` are copied in first
-    (``write_snapshot``'s ``offset``); a symlink is written through (its
-    target is replaced); an existing file's permission bits are kept, a new
-    file gets ``mode`` less the umask (the default ``0o600``: a snapshot holds
-    a guest's memory).
-
-    Raises:
-        ValueError: ``path`` is one of ``not_same_as`` (the same inode: an
-            output that is its own input would destroy it).
-        OSError: from the file system.
-    """
-    target = os.path.realpath(os.fspath(path))
-    try:
-        old: Optional[os.stat_result] = os.stat(target)
-    except FileNotFoundError:
-        old = None
-    if old is not None:
-        for other in not_same_as:
-            try:
-                same = os.path.samestat(old, os.stat(other))
-            except FileNotFoundError:
-                same = False
-            if same:
-                raise ValueError(f"{os.fspath(path)}: the output is the input file "
-                                 f"{os.fspath(other)}; write to another name")
-        if not stat.S_ISREG(old.st_mode):
-            raise ValueError(f"{os.fspath(path)}: not a regular file; refusing to replace it")
-    directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-    try:
-        if old is not None:
-            os.fchmod(fd, stat.S_IMODE(old.st_mode))
-        else:
-            os.fchmod(fd, mode & ~_umask())
-        if keep_prefix and old is not None:
-            with open(target, "rb") as src:
-                _copy_range(src.fileno(), fd, 0, min(keep_prefix, old.st_size), skip_zero=True)
-        yield fd
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno:
-            # ENOSPC, EDQUOT, EIO from a write: say which file (none is left)
-            raise OSError(exc.errno, f"{exc.strerror or os.strerror(exc.errno)} writing "
-                                     f"{os.fspath(path)} (nothing was written)") from exc
-        raise
 
 
 def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str = "none",
@@ -1064,19 +982,6 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
             tail += bytes(device_state)
         _pwrite_all(fd, tail, pos)
         os.ftruncate(fd, pos + len(tail))
-
-
-def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, *, skip_zero: bool) -> None:
-    step = 8 << 20
-    zero = bytes(step)
-    while start < end:
-        n = min(step, end - start)
-        data = os.pread(src_fd, n, start)
-        if len(data) != n:
-            raise OSError(f"short read at offset {start:#x}")
-        if not (skip_zero and data == zero[:n]):
-            _pwrite_all(dst_fd, data, start)
-        start += n
 
 
 def rewrite_snapshot(src: Union[Snapshot, PathLike], dst: PathLike,
