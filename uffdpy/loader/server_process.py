@@ -20,6 +20,7 @@ from .errors import ServerDiedError
 from .server import Server, _describe_error, _read_report
 from .server_interpreter import _check_fork_allowed
 from .stats import Stats
+from .threads import release_thread_pool
 from .workers import _Server, _start_thread
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
@@ -52,6 +53,9 @@ class ProcessServer(Server):
             m.madvise(ioctl.MADV_DONTFORK)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC) if hasattr(os, "pipe2") else os.pipe()
         parent = os.getpid()
+        # idle pooled threads would make this fork one of a multi-threaded
+        # process (a deadlock risk CPython warns of): end them first
+        release_thread_pool()
         pid = os.fork()
         if pid == 0:                                   # the server process
             os.close(read_fd)
