@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, Sequence
 
 import pytest
 
@@ -26,7 +26,7 @@ SCRIPTS = ROOT / "scripts"
 #: Every script and the test(s) below that run it.
 COVERED = {
     "gil_deadlock.py", "bench_load.py", "teach_fault.py", "bench_fault.py",
-    "qemu_snapshot.py", "linux_guest.py", "bench_resume.py",
+    "qemu_snapshot.py", "linux_guest.py", "bench_resume.py", "picture_resume.py",
     "process_core.py",          # its CLI (--verify) runs in tests/test_elfcore.py
 }
 
@@ -161,3 +161,20 @@ def test_bench_resume_one_round_synthetic(qemu_binary: str, tmp_path: Path) -> N
                                          "-machine none -m 16M -nodefaults -display none"],
                      timeout=240)
     assert "QEMU's own load" in out and "uffdpy resume --preempt" in out
+
+
+@pytest.mark.qemu
+def test_picture_resume_of_the_guest(guest: Dict[str, Any], qemu_binary: str,
+                                     tmp_path: Path) -> None:
+    """The README's picture, made from a real resume of the request-serving guest."""
+    import json
+    import shlex
+    png, run = tmp_path / "resume.png", tmp_path / "run.json"
+    out = run_script("picture_resume.py", [
+        guest["snapshot"], "-o", png, "--json", run, "--qemu", qemu_binary,
+        "--qemu-args", shlex.join([*guest["qemu_args"], "-serial", "null"])], timeout=240)
+    assert "answered 'OK 0 4 " in out, out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(run.read_text())
+    assert report["answer"].startswith("OK 0 4 ") and report["answer_s"] > 0
+    assert report["trace"]["rows"]
