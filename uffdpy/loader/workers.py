@@ -40,6 +40,7 @@ a forked server process, or of a subinterpreter (:mod:`.server`).
 from __future__ import annotations
 
 import bisect
+import ctypes
 import functools
 import os
 import select
@@ -67,7 +68,12 @@ PREFETCH_NICE = 10
 POPULATE_BYTES = 2 * MiB
 #: Fault messages read per ``read`` call.
 MSG_BATCH = 64
-_MSG_SIZE = 32  # sizeof(struct uffd_msg)
+#: struct uffd_msg, from the ABI structs: its size, and which u64 word holds
+#: a pagefault message's address (arg.pagefault.address)
+_MSG_SIZE = ctypes.sizeof(ioctl.uffd_msg)
+_ADDRESS_WORD = (ioctl.uffd_msg.arg.offset + ioctl.uffd_msg_arg.pagefault.offset
+                 + ioctl.uffd_msg_pagefault.address.offset) // 8
+_WORDS_PER_MSG = _MSG_SIZE // 8
 
 
 class _Server(_Placer):
@@ -284,15 +290,22 @@ class _Server(_Placer):
             addresses = deferred
             deferred = []
             for k in range(n):
-                if buf[k * _MSG_SIZE] == pagefault:
-                    addresses.append(words[k * 4 + 2])
-                    if demanded is not None:
-                        demanded.append((words[k * 4 + 2], t_read - t0_ns))
+                event = buf[k * _MSG_SIZE]
+                if event != pagefault:
+                    # only pagefaults were asked for (no non-cooperative
+                    # features): anything else is a kernel surprise, not to
+                    # be dropped in silence
+                    raise LoaderError(f"unexpected userfaultfd event {event:#x} (only "
+                                      f"pagefaults were registered for)")
+                address = words[k * _WORDS_PER_MSG + _ADDRESS_WORD]
+                addresses.append(address)
+                if demanded is not None:
+                    demanded.append((address, t_read - t0_ns))
+            counters.faults += n                  # a retried fault was counted once already
             for address in addresses:
                 if not serve(address, counters, filler):
                     deferred.append(address)
                 service_ns.append(clock() - t_read)
-            counters.faults += len(addresses)
 
     def _region_of(self, address: int) -> _Region:
         i = bisect.bisect_right(self.starts, address) - 1
