@@ -731,3 +731,33 @@ def test_page_size_other_than_4096_is_refused_everywhere(tmp_path: Path) -> None
     assert_loaders_refuse_without_leaks(paths, MappedRamError)
     with pytest.raises(ValueError, match="target page size"):
         make_synthetic(tmp_path / "w.img", size=1 << 20, fill=0.5, seed=1, page_size=8192)
+
+
+def test_load_options_validate_round_trip_and_agree_with_the_servers():
+    """LoadOptions: one value, validated when made, the CLI's flags and back, JSON-ready."""
+    import json
+    from uffdpy import cli
+    from uffdpy.loader import SERVERS, LoadOptions
+    from uffdpy.loader.options import SERVER_NAMES
+    assert SERVER_NAMES == SERVERS
+    for bad in ({"server": "fiber"}, {"prefetch_chunk_bytes": 100}, {"prefetch_threads": 0},
+                {"fault_around_pages": -1}, {"server_cpu": -2}):
+        with pytest.raises(ValueError):
+            LoadOptions(**bad)
+    opts = LoadOptions(server="process", prefetch=False, prefetch_chunk_bytes=1 << 16,
+                       server_cpu=0, busy_poll=True, prefetch_threads=1, populate_source=True)
+    args = cli._parser().parse_args(["load", "x.img", *opts.cli_args()])
+    assert LoadOptions.from_cli(args) == opts
+    assert LoadOptions.from_cli(cli._parser().parse_args(["load", "x.img"])) == LoadOptions()
+    assert json.loads(json.dumps(opts.worker_options())) == opts.worker_options()
+    assert LoadOptions().resolved().prefetch_threads in (1, 2)
+
+
+def test_lazy_loader_takes_options_or_keywords_not_both(small):
+    from uffdpy.loader import LoadOptions
+    with LazyLoader(small, options=LoadOptions(prefetch=False)) as loader:
+        assert loader.options.prefetch is False and loader.options.prefetch_threads >= 1
+    with pytest.raises(ValueError, match="not both"):
+        LazyLoader(small, options=LoadOptions(), server="process")
+    with pytest.raises(ValueError, match="server must be one of"):
+        LazyLoader(small, server="fiber")

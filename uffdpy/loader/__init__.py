@@ -44,6 +44,7 @@ from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
 from .eager import EAGER_READ_BYTES, EagerLoader
 from .errors import LoaderError, ServerDiedError
 from .lazy import SERVER_KINDS, SERVERS, LazyLoader
+from .options import LoadOptions
 from .placement import BOUNCE, DIRECT, ZERO, _fence, _protect_none, _Region, _SharedRegion
 from .server import Server
 from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
@@ -61,6 +62,7 @@ __all__ = [
     "EagerLoader",
     "HAVE_INTERPRETERS",
     "LazyLoader",
+    "LoadOptions",
     "LoaderError",
     "SERVERS",
     "ServerDiedError",

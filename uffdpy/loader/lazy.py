@@ -38,6 +38,7 @@ from ..uffd import RegisterMode, Userfaultfd
 from .base import SnapshotLike, _LoaderBase, _open_source, _round_up
 from .claims import ClaimMap
 from .errors import LoaderError
+from .options import LoadOptions
 from .placement import _fence, _protect_none, _Region
 from .server import Server
 from .server_interpreter import InterpreterServer
@@ -126,27 +127,27 @@ class LazyLoader(_LoaderBase):
                  fault_around_pages: int = 0, server_cpu: Optional[int] = None,
                  busy_poll: bool = False, prefetch_threads: Optional[int] = None,
                  huge_pages: bool = False, populate_source: bool = False,
+                 options: Optional[LoadOptions] = None,
                  record_ws: Optional[PathLike] = None,
                  working_set: "Optional[PathLike | WorkingSet]" = None) -> None:
         super().__init__()
-        if prefetch_threads is None:
-            prefetch_threads = min(2, len(os.sched_getaffinity(0)))
-        if server not in SERVERS:
-            raise ValueError(f"server must be one of {', '.join(map(repr, SERVERS))}, "
-                             f"not {server!r}")
-        kind = SERVER_KINDS[server]
+        given = LoadOptions(server=server, prefetch=prefetch,
+                            prefetch_chunk_bytes=prefetch_chunk_bytes,
+                            fault_around_pages=fault_around_pages, server_cpu=server_cpu,
+                            busy_poll=busy_poll, prefetch_threads=prefetch_threads,
+                            huge_pages=huge_pages, populate_source=populate_source)
+        if options is not None and given != LoadOptions():
+            raise ValueError("give LazyLoader options= or the option keywords, not both")
+        opts = (options or given).resolved()
+        #: how this load runs (validated: a ``LoadOptions``)
+        self.options = opts
+        kind = SERVER_KINDS[opts.server]
         kind.check_available()                 # before anything is mapped
-        if prefetch_chunk_bytes < PAGE_SIZE:
-            raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
-        if fault_around_pages < 0:
-            raise ValueError("fault_around_pages must be >= 0")
-        if prefetch_threads < 1:
-            raise ValueError("prefetch_threads must be >= 1")
         t0 = time.perf_counter()
-        self._server_mode = server
+        self._server_mode = opts.server
         #: runs the workers (the ``SERVER_KINDS`` entry for ``server``)
         self._kind: Server = kind(self)
-        self._huge_pages = huge_pages
+        self._huge_pages = opts.huge_pages
         self._uffd: Optional[Userfaultfd] = None
         self._file_map: Optional[Mapping] = None
         self._file_fd = -1
@@ -173,10 +174,7 @@ class LazyLoader(_LoaderBase):
                 working_set.check(self.source)
             elif working_set is not None:           # a bad file: refused before any mapping
                 self._replay = load_for(working_set, self.source)
-            self._setup(prefetch=prefetch, chunk_bytes=prefetch_chunk_bytes,
-                        populate_source=populate_source,
-                        fault_around_pages=fault_around_pages, server_cpu=server_cpu,
-                        busy_poll=busy_poll, prefetch_threads=prefetch_threads,
+            self._setup(**opts.worker_options(),
                         record_demand=record_ws is not None,
                         t0_ns=int(t0 * 1e9) if record_ws is not None else 0)
         except BaseException:

@@ -55,12 +55,12 @@ from ..uffd import Filler, UffdError, Userfaultfd
 from ..workload import latency_summary
 from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
 from .errors import LoaderError
+from .options import DEFAULT_CHUNK_BYTES
 from .placement import BOUNCE, DIRECT, _Placer, _Region
 from .stats import Stats, _Counters
 from .threads import release_thread_pool, run_pooled, start_thread
 
 MiB = 1 << 20
-DEFAULT_CHUNK_BYTES = 2 * MiB
 #: Prefetch threads run this much nicer than the fault loop (and the guest's
 #: threads): when CPUs are short, a fault is served before the next chunk.
 PREFETCH_NICE = 10

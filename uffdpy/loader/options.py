@@ -1,0 +1,103 @@
+"""``LoadOptions``: how a lazy load runs, validated once, as data.
+
+One frozen value carries every knob of a lazy load: ``LazyLoader`` takes
+it (or the same names as keywords), the command line builds it from its
+flags (:meth:`LoadOptions.from_cli`) and can print it back as flags
+(:meth:`LoadOptions.cli_args`), and the servers get the workers' share of it
+as plain data (:meth:`LoadOptions.worker_options`: a dict that goes through
+JSON to a subinterpreter unchanged).  A bad value is a ``ValueError`` when
+the value is made, before anything is mapped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional
+
+from ..memory import PAGE_SIZE
+
+__all__ = ["LoadOptions", "SERVER_NAMES", "DEFAULT_CHUNK_BYTES"]
+
+#: the server kinds (``LazyLoader``'s registry has the classes)
+SERVER_NAMES = ("thread", "process", "interpreter")
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a lazy load runs (``LazyLoader``'s docstring says what each does)."""
+
+    server: str = "thread"
+    prefetch: bool = True
+    prefetch_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    fault_around_pages: int = 0
+    server_cpu: Optional[int] = None
+    busy_poll: bool = False
+    #: None: 2 when this process may run on 2 or more CPUs, else 1
+    prefetch_threads: Optional[int] = None
+    huge_pages: bool = False
+    populate_source: bool = False
+
+    def __post_init__(self) -> None:
+        if self.server not in SERVER_NAMES:
+            raise ValueError(f"server must be one of {', '.join(map(repr, SERVER_NAMES))}, "
+                             f"not {self.server!r}")
+        if self.prefetch_chunk_bytes < PAGE_SIZE:
+            raise ValueError(f"prefetch_chunk_bytes must be at least {PAGE_SIZE}")
+        if self.fault_around_pages < 0:
+            raise ValueError("fault_around_pages must be >= 0")
+        if self.prefetch_threads is not None and self.prefetch_threads < 1:
+            raise ValueError("prefetch_threads must be >= 1")
+        if self.server_cpu is not None and self.server_cpu < 0:
+            raise ValueError("server_cpu must be a CPU number (>= 0)")
+
+    def resolved(self) -> "LoadOptions":
+        """The same, with the defaults that depend on this machine filled in."""
+        if self.prefetch_threads is not None:
+            return self
+        return dataclasses.replace(self, prefetch_threads=min(2, len(os.sched_getaffinity(0))))
+
+    def worker_options(self) -> Dict[str, Any]:
+        """The workers' keywords (``_Server``), as JSON-ready data."""
+        opts = self.resolved()
+        return {"prefetch": opts.prefetch, "chunk_bytes": opts.prefetch_chunk_bytes,
+                "fault_around_pages": opts.fault_around_pages, "server_cpu": opts.server_cpu,
+                "busy_poll": opts.busy_poll, "prefetch_threads": opts.prefetch_threads,
+                "populate_source": opts.populate_source}
+
+    def cli_args(self) -> List[str]:
+        """The ``uffdpy load`` flags that make these options (defaults left out)."""
+        out: List[str] = []
+        default = LoadOptions()
+        if self.server != default.server:
+            out += ["--server", self.server]
+        if not self.prefetch:
+            out.append("--no-prefetch")
+        if self.prefetch_chunk_bytes != default.prefetch_chunk_bytes:
+            out += ["--prefetch-chunk", str(self.prefetch_chunk_bytes)]
+        if self.server_cpu is not None:
+            out += ["--server-cpu", str(self.server_cpu)]
+        if self.busy_poll:
+            out.append("--busy-poll")
+        if self.prefetch_threads is not None:
+            out += ["--prefetch-threads", str(self.prefetch_threads)]
+        if self.huge_pages:
+            out.append("--huge-pages")
+        if self.populate_source:
+            out.append("--populate-source")
+        if self.fault_around_pages:
+            raise ValueError("fault_around_pages has no uffdpy load flag")
+        return out
+
+    @classmethod
+    def from_cli(cls, args: Any) -> "LoadOptions":
+        """From the parsed flags of ``uffdpy load``/``dump`` (absent ones: the defaults)."""
+        return cls(server=getattr(args, "server", None) or "thread",
+                   prefetch=not getattr(args, "no_prefetch", False),
+                   prefetch_chunk_bytes=getattr(args, "prefetch_chunk", None)
+                   or DEFAULT_CHUNK_BYTES,
+                   server_cpu=getattr(args, "server_cpu", None),
+                   busy_poll=getattr(args, "busy_poll", False),
+                   prefetch_threads=getattr(args, "prefetch_threads", None),
+                   huge_pages=getattr(args, "huge_pages", False),
+                   populate_source=getattr(args, "populate_source", False))
