@@ -11,7 +11,9 @@ Modules:
     mappedram  the QEMU mapped-ram file format: ``Snapshot``, writer (no kernel calls)
     elfcore    ELF core files (QEMU dump-guest-memory, process cores): ``ElfImage`` (no kernel calls)
     convert    an ELF guest memory dump as a mapped-ram snapshot (no kernel calls)
-    loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``EagerLoader``
+    loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``LoadOptions``, ``EagerLoader``
+    workingset the pages a load or a resume demanded first: record, check, merge, replay
+    resume     ``Resume``: a snapshot served as the postcopy source of a real QEMU
     qmp        ``QmpClient``: a small synchronous QMP client (standard library only)
     cli        the ``uffdpy`` command
 """
@@ -45,6 +47,10 @@ _EXPORTS = {
     "ElfImage": "elfcore",
     "ElfImageError": "elfcore",
     "LazyLoader": "loader",
+    "LoadOptions": "loader",
+    "WorkingSet": "workingset",
+    "RegionNotFound": "pagesource",
+    "UffdpyError": "errors",
     "EagerLoader": "loader",
     "LoaderError": "loader",
     "ServerDiedError": "loader",
