@@ -149,7 +149,7 @@ class _Server(_Placer):
     # -- lifecycle
     def start(self, on_end: Optional[Callable[[], None]] = None) -> None:
         """Start the workers; ``on_end`` runs in the fault-loop thread once both have ended."""
-        self.claims._on_complete = self._wake
+        self.claims.set_on_complete(self._wake)
         self._on_end = on_end
         # (name, function); the fault loop last: it joins the others when it ends
         work: List[Tuple[str, Callable[[], None]]] = []
@@ -323,38 +323,30 @@ class _Server(_Placer):
         start = region.start
         page = (address - start) // region.unit
         if region.one_page_fast and not self.fault_around_pages:
-            # The common case, one 4 KiB page from the file or one zero page,
-            # unclaimed: claim, place and mark it under one hold of the claim
-            # lock.  The lock is held across this one-page ioctl (a few µs;
-            # the prefetcher never holds it across its own), which saves a
-            # second acquisition and two calls on the path every fault takes.
-            st = claims.states[region.index]
-            done = 0
-            with claims.lock:
-                if st[page] == UNCLAIMED:
-                    offset = page << 12
-                    if not region.bitmap[page >> 3] >> (page & 7) & 1:
-                        done = filler.zeropage(start + offset, PAGE_SIZE)
-                        present = False
-                    elif page < region.direct_pages:
-                        try:
-                            done = filler.copy(start + offset, region.src + offset, PAGE_SIZE)
-                        except UffdError as exc:
-                            raise self._copy_failed(region, page, DIRECT, exc) from exc
-                        present = True
-                    if done == PAGE_SIZE:
-                        st[page] = PLACED
-                        claims.placed_pages += 1
-                        last = claims.placed_pages == claims.total_pages
-            if done == PAGE_SIZE:
-                counters.pages += 1
-                if present:
-                    counters.bytes_copied += PAGE_SIZE
-                else:
+            # The common case, one unclaimed 4 KiB page from the file or one
+            # zero page: claimed, placed and marked in one hold of the claim
+            # lock (ClaimMap.place_one), then counted here.
+            offset = page << 12
+            if not region.bitmap[page >> 3] >> (page & 7) & 1:
+                done = claims.place_one(region.index, page, filler.zeropage, start + offset,
+                                        PAGE_SIZE)
+                if done == PAGE_SIZE:
+                    counters.pages += 1
                     counters.zero_pages += 1
-                if last:
-                    claims.completed()
-                return True
+                    return True
+            elif page < region.direct_pages:
+                try:
+                    done = claims.place_one(region.index, page, filler.copy, start + offset,
+                                            region.src + offset, PAGE_SIZE)
+                except UffdError as exc:
+                    raise self._copy_failed(region, page, DIRECT, exc) from exc
+                if done == PAGE_SIZE:
+                    counters.pages += 1
+                    counters.bytes_copied += PAGE_SIZE
+                    return True
+        # Everything else goes through the claim map's claim and _place: a page
+        # another worker has in flight, one already placed, fault-around, huge
+        # pages, bounce buffers, a copy that did not place the whole page.
         old = claims.claim(region.index, page)
         kind = region.kind(page)
         if old == CLAIMED:
@@ -365,29 +357,6 @@ class _Server(_Placer):
                                  filler)
             counters.pages += placed or 0
             return placed is not None
-        if old == UNCLAIMED and not self.fault_around_pages and kind != BOUNCE:
-            # the common cases, one page from the file or one zero page: one ioctl, one store
-            unit = region.unit
-            offset = page * unit
-            if kind == DIRECT:
-                try:
-                    done = filler.copy(region.start + offset, region.src + offset, unit)
-                except UffdError as exc:
-                    raise self._copy_failed(region, page, kind, exc) from exc
-                counters.bytes_copied += unit if done == unit else 0
-            elif self.zero_source is None:
-                done = filler.zeropage(region.start + offset, unit)
-                counters.zero_pages += 1 if done == unit else 0
-            else:
-                done = 0                      # hugetlbfs zeros: the general path
-            if done == unit:
-                counters.pages += 1
-                claims.mark_one(region.index, page)
-                return True
-            claims.release(region.index, page, page + 1)   # not placed: the general path
-            old = claims.claim(region.index, page)
-            if old == CLAIMED:
-                return self._serve(address, counters, filler)
         bounce = self.fault_bounce
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
