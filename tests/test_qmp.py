@@ -144,28 +144,34 @@ def test_socket_that_never_appears_times_out(short_dir: str) -> None:
 
 
 class _FakeQemu:
-    """Accepts one connection on a UNIX socket and runs ``script(conn, reader)`` on it."""
+    """Accepts ``connections`` connections on a UNIX socket, one after the other, and runs
+    ``script(conn, reader)`` on each."""
 
-    def __init__(self, path: str, script: Callable[[socket.socket, BinaryIO], None]) -> None:
+    def __init__(self, path: str, script: Callable[[socket.socket, BinaryIO], None],
+                 connections: int = 1) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
         self.listener.settimeout(10)
         self.script = script
+        self.connections = connections
+        self.accepted = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(10)
+        for _ in range(self.connections):
             try:
-                self.script(conn, conn.makefile("rb"))
+                conn, _ = self.listener.accept()
             except OSError:
-                pass
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self.script(conn, conn.makefile("rb"))
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self.listener.close()
@@ -219,10 +225,33 @@ def test_silent_server_times_out_naming_the_greeting(short_dir: str) -> None:
 
 
 def test_server_that_hangs_up_gives_connection_error(short_dir: str) -> None:
-    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: None)
+    """A QEMU that closes every session during the negotiation: tried 3 times, then one error."""
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: None,
+                     connections=3)
     try:
+        t0 = time.monotonic()
         with pytest.raises(ConnectionError, match="closed the connection"):
             QmpClient(os.path.join(short_dir, "q.sock"), timeout=5)
+        assert time.monotonic() - t0 < 4 and fake.accepted == 3
+    finally:
+        fake.close()
+
+
+def test_one_hang_up_during_the_greeting_is_tried_again(short_dir: str) -> None:
+    """Seen once in CI from a fresh QEMU: a closed first session, then a good one."""
+    sessions = []
+
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        sessions.append(conn)
+        if len(sessions) == 1:
+            return                                   # hang up at once
+        _greet(conn, reader)
+        reader.readline()                            # hold the session until the client goes
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script, connections=2)
+    try:
+        with QmpClient(os.path.join(short_dir, "q.sock"), timeout=5) as qmp:
+            assert "version" in qmp.greeting["QMP"]
+        assert fake.accepted == 2
     finally:
         fake.close()
 
