@@ -372,3 +372,20 @@ def test_verify_completes_a_load_without_prefetch(synth: Path, server: str) -> N
     assert report["mismatched_pages"] == 0
     assert report["placed_pages"] == report["total_pages"] > 0
     assert report["complete"] is True
+
+
+def test_every_option_has_help_text() -> None:
+    """`uffdpy COMMAND --help` explains every argument of every command."""
+    import argparse
+    from uffdpy import cli
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, where: List[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, where + [name])
+            elif action.help is None:
+                missing.append(f"{' '.join(where)} {action.option_strings or action.dest}")
+    walk(cli._parser(), ["uffdpy"])
+    assert missing == [], missing

@@ -826,7 +826,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_resume)
 
     sp = sub.add_parser("bench", help="eager vs lazy vs QEMU's own load, side by side")
-    sp.add_argument("snapshot", metavar="SNAP")
+    sp.add_argument("snapshot", metavar="SNAP", help="a mapped-ram snapshot or an ELF core")
     sp.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
                     help="rounds of each load, interleaved; medians are shown (default 3)")
     sp.add_argument("--touch", type=_non_negative_int, default=2000, metavar="N",
@@ -852,7 +852,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("convert", help="write an ELF memory dump as a mapped-ram snapshot")
     snapshot_arg(sp, offset=False)
-    sp.add_argument("-o", "--output", required=True, metavar="SNAP")
+    sp.add_argument("-o", "--output", required=True, metavar="SNAP",
+                    help="the mapped-ram snapshot to write (under a temporary name)")
     sp.add_argument("--layout", choices=("ram", "regions"), default="ram",
                     help="ram: one 'ram' block by guest-physical address, as QEMU "
                          "-machine none has (default); regions: one block per segment")
@@ -862,7 +863,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("make", help="write a synthetic snapshot for -machine none")
-    sp.add_argument("output", metavar="OUT")
+    sp.add_argument("output", metavar="OUT", help="the snapshot file to write")
     sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
                     help="RAM size, a multiple of 4 KiB (default 256M)")
     sp.add_argument("--fill", type=_fraction, default=0.4, metavar="F",

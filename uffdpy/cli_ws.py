@@ -104,16 +104,18 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--json", action="store_true", help="print as JSON")
     sp.set_defaults(func=cmd_ws_inspect)
     sp = wsub.add_parser("merge", help="union of recordings, in order of first demand")
-    sp.add_argument("inputs", nargs="+", metavar="IN.ws")
-    sp.add_argument("-o", "--output", required=True, metavar="OUT.ws")
+    sp.add_argument("inputs", nargs="+", metavar="IN.ws", help="recordings of one snapshot")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.ws",
+                    help="the merged working set to write")
     sp.set_defaults(func=cmd_ws_merge)
 
     sp = sub.add_parser("plot", help="draw a resume over time (needs the plot extra)",
                         description="Draw the JSON of 'uffdpy resume --json --trace' as a PNG: "
                                     "guest memory against time, each page coloured by who "
                                     "sent it. Needs matplotlib: pip install 'uffdpy[plot]'.")
-    sp.add_argument("run", metavar="RUN.json")
-    sp.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    sp.add_argument("run", metavar="RUN.json", help="the output of resume --json --trace")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                    help="the picture to write")
     sp.add_argument("--width", type=_pixels, default=1200, help="pixels (default 1200)")
     sp.add_argument("--height", type=_pixels, default=700, help="pixels (default 700)")
     sp.add_argument("--title", default=None, help="the picture's title")
