@@ -261,13 +261,15 @@ def test_a_thread_that_cannot_start_fails_at_once_leaving_nothing(small_image, m
     release_thread_pool()          # no idle worker thread: each attempt starts its own
     before = resources()
     _refuse_to_start(monkeypatch, thread)
-    for _ in range(10):
+    for _ in range(20):
         e = attempt()
         assert f"cannot start the loader's thread {thread!r}: can't start new thread" in str(e)
     fds, threads, maps = resources()
     assert (fds, threads) == before[:2]                # no fd or thread left
-    # nor a mapping: one per attempt would be 10; a malloc arena is 1-2 lines
-    assert maps <= before[2] + 2, (before, maps)
+    # nor a mapping: one per attempt would be 20 or more; glibc keeps the
+    # stacks of exited threads mapped for reuse (a few, 2 lines each: stack and
+    # guard) and a malloc arena is 1-2 lines (seen: +4 once in CI)
+    assert maps <= before[2] + 8, (before, maps)
     assert uffd_fds() == 0
     assert _no_children_left()
 
