@@ -355,9 +355,13 @@ def test_a_bug_in_uffdpy_shows_its_traceback(synth: Path, monkeypatch: pytest.Mo
     """Only uffdpy's own errors, bad values and OSErrors become one line."""
     from uffdpy import cli
 
+    import dataclasses
+
     def broken(args: object) -> int:
         raise TypeError("a bug")
-    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    monkeypatch.setattr(cli, "COMMANDS", tuple(
+        dataclasses.replace(c, run=broken) if c.name == "inspect" else c
+        for c in cli.COMMANDS))
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["inspect", str(synth)])
 

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
@@ -677,44 +677,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- plumbing
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uffdpy", description=(
-        "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    # --debug after the subcommand too; SUPPRESS keeps a top-level --debug
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser = sub.add_parser
+def _snapshot_arg(sp: argparse.ArgumentParser, *, offset: bool = True) -> None:
+    sp.add_argument("snapshot", metavar="IMAGE",
+                    help="a mapped-ram snapshot or an ELF core file")
+    if offset:
+        sp.add_argument("--offset", type=parse_size, default=0,
+                        help="mapped-ram: where the stream starts in the file "
+                             "(migrate file:PATH,offset=N)")
+    else:
+        sp.set_defaults(offset=0)
 
-    def add_command(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return add_parser(name, parents=[common], **kw)
 
-    sub.add_parser = add_command  # type: ignore[method-assign]
-
-    def snapshot_arg(sp: argparse.ArgumentParser, *, offset: bool = True) -> None:
-        sp.add_argument("snapshot", metavar="IMAGE",
-                        help="a mapped-ram snapshot or an ELF core file")
-        if offset:
-            sp.add_argument("--offset", type=parse_size, default=0,
-                            help="mapped-ram: where the stream starts in the file "
-                                 "(migrate file:PATH,offset=N)")
-        else:
-            sp.set_defaults(offset=0)
-
-    sp = sub.add_parser("inspect", help="show RAMBlocks and device sections, ELF segments and "
-                        "notes, or a working set")
-    snapshot_arg(sp)
+def _inspect_arguments(sp: argparse.ArgumentParser) -> None:
+    _snapshot_arg(sp)
     sp.add_argument("--json", action="store_true", help="print everything as JSON")
     sp.add_argument("--against", action="append", default=[], metavar="OTHER.ws",
                     help="for a working set (FILE.ws): its Jaccard index with this "
                          "recording (repeatable)")
-    sp.set_defaults(func=cmd_inspect)
 
-    sp = sub.add_parser("load", help="load a snapshot, run an access workload, print stats")
-    snapshot_arg(sp)
+
+def _load_arguments(sp: argparse.ArgumentParser) -> None:
+    _snapshot_arg(sp)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
                     help="lazy: userfaultfd, ready at once (default); eager: read every "
                          "page first, as QEMU 10 does")
@@ -757,10 +740,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true",
                     help="compare every page with the file (exit status 1 on a mismatch)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
-    sp.set_defaults(func=cmd_load)
 
-    sp = sub.add_parser("dump", help="write one region's memory, read through the loader")
-    snapshot_arg(sp)
+
+def _dump_arguments(sp: argparse.ArgumentParser) -> None:
+    _snapshot_arg(sp)
     sp.add_argument("block", metavar="REGION", help="a RAMBlock or ELF segment name (see inspect)")
     sp.add_argument("-o", "--output", required=True, metavar="FILE",
                     help="the region's bytes (sparse; written under a temporary name)")
@@ -770,18 +753,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="where the fault loop runs: thread (default), process, or "
                          "interpreter (an own-GIL subinterpreter, Python 3.13+); lazy only")
     sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
-    sp.set_defaults(func=cmd_dump)
 
-    sp = sub.add_parser(
-        "resume", help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
-        usage="uffdpy resume SNAP (--qmp SOCK | --connect ADDR | -- QEMU ARGS...) [options]",
-        description="Resume a mapped-ram snapshot into an unmodified QEMU 10: uffdpy plays the "
-                    "source of a postcopy migration, the guest runs at once and its RAM "
-                    "streams in behind it. Give --qmp (a destination you started with "
-                    "-incoming defer), --connect (one that already listens), or the QEMU "
-                    "command after -- (uffdpy starts it and leaves it running).",
-        epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
-               "-accel tcg -serial null")
+
+def _resume_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
     sp.set_defaults(qemu=[])     # filled by main() from the words after "--"
     sp.add_argument("--qmp", metavar="SOCK",
@@ -823,9 +797,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--trace", action="store_true",
                     help="with --json: keep when each page was sent and why (for uffdpy plot)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
-    sp.set_defaults(func=cmd_resume)
 
-    sp = sub.add_parser("bench", help="eager vs lazy vs QEMU's own load, side by side")
+
+def _bench_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("snapshot", metavar="SNAP", help="a mapped-ram snapshot or an ELF core")
     sp.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
                     help="rounds of each load, interleaved; medians are shown (default 3)")
@@ -848,10 +822,10 @@ def _parser() -> argparse.ArgumentParser:
                          "fraction F of the pages, eager vs lazy vs lazy replaying a "
                          "recording of the same workload")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
-    sp.set_defaults(func=cmd_bench)
 
-    sp = sub.add_parser("convert", help="write an ELF memory dump as a mapped-ram snapshot")
-    snapshot_arg(sp, offset=False)
+
+def _convert_arguments(sp: argparse.ArgumentParser) -> None:
+    _snapshot_arg(sp, offset=False)
     sp.add_argument("-o", "--output", required=True, metavar="SNAP",
                     help="the mapped-ram snapshot to write (under a temporary name)")
     sp.add_argument("--layout", choices=("ram", "regions"), default="ram",
@@ -860,21 +834,81 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--ram-size", type=parse_size, default=None,
                     help="length of the 'ram' block (default: end of the last segment, "
                          "rounded up to a MiB)")
-    sp.set_defaults(func=cmd_convert)
 
-    sp = sub.add_parser("make", help="write a synthetic snapshot for -machine none")
+
+def _make_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("output", metavar="OUT", help="the snapshot file to write")
     sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
                     help="RAM size, a multiple of 4 KiB (default 256M)")
     sp.add_argument("--fill", type=_fraction, default=0.4, metavar="F",
                     help="fraction of pages that hold data, 0 to 1 (default 0.4)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the contents (default 0)")
-    sp.set_defaults(func=cmd_make)
 
-    sp = sub.add_parser("demo", help="make, load lazily under random access, explain")
+
+def _demo_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
                     help="the synthetic guest's RAM (default 256M)")
-    sp.set_defaults(func=cmd_demo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``uffdpy`` command: its name, ``add_parser``'s keywords, its arguments, what runs it."""
+
+    name: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    parser: Dict[str, Any]
+
+
+#: The commands, in ``uffdpy --help`` order (``ws`` and ``plot`` come from ``cli_ws``).
+COMMANDS: Tuple[Command, ...] = (
+    Command("inspect", _inspect_arguments, cmd_inspect, dict(
+        help="show RAMBlocks and device sections, ELF segments and notes, or a working set")),
+    Command("load", _load_arguments, cmd_load, dict(
+        help="load a snapshot, run an access workload, print stats")),
+    Command("dump", _dump_arguments, cmd_dump, dict(
+        help="write one region's memory, read through the loader")),
+    Command("resume", _resume_arguments, cmd_resume, dict(
+        help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
+        usage="uffdpy resume SNAP (--qmp SOCK | --connect ADDR | -- QEMU ARGS...) [options]",
+        description="Resume a mapped-ram snapshot into an unmodified QEMU 10: uffdpy plays the "
+                    "source of a postcopy migration, the guest runs at once and its RAM "
+                    "streams in behind it. Give --qmp (a destination you started with "
+                    "-incoming defer), --connect (one that already listens), or the QEMU "
+                    "command after -- (uffdpy starts it and leaves it running).",
+        epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
+               "-accel tcg -serial null")),
+    Command("bench", _bench_arguments, cmd_bench, dict(
+        help="eager vs lazy vs QEMU's own load, side by side")),
+    Command("convert", _convert_arguments, cmd_convert, dict(
+        help="write an ELF memory dump as a mapped-ram snapshot")),
+    Command("make", _make_arguments, cmd_make, dict(
+        help="write a synthetic snapshot for -machine none")),
+    Command("demo", _demo_arguments, cmd_demo, dict(
+        help="make, load lazily under random access, explain")),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uffdpy", description=(
+        "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug after the subcommand too; SUPPRESS keeps a top-level --debug
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_parser = sub.add_parser
+
+    def add_command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[common], **kw)
+
+    sub.add_parser = add_command  # type: ignore[method-assign]
+    for command in COMMANDS:
+        sp = sub.add_parser(command.name, **command.parser)
+        command.arguments(sp)
+        sp.set_defaults(func=command.run)
 
     from .cli_ws import add_parsers
     add_parsers(sub)                    # ws inspect, ws merge, plot
