@@ -471,7 +471,7 @@ def test_worker_error_is_reraised_from_wait_and_close(small, monkeypatch):
     loader.close()                                 # reported by wait() already: no raise
     loader = LazyLoader(small, server="thread")
     deadline = time.monotonic() + 10
-    while not loader._done.is_set() and time.monotonic() < deadline:
+    while not loader.finished and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(LoaderError):               # not reported yet: close() raises it
         loader.close()
@@ -597,7 +597,7 @@ def test_populate_source_maps_the_data_pages_ahead_of_any_fault(synthetic, serve
         block = snap.blocks[0]
         data = block.present_pages * PAGE_SIZE
         with LazyLoader(snap, server=server, prefetch=False, populate_source=populate) as loader:
-            base = loader._file_map.address      # the mapping the copies read from
+            base = loader.file_mapping_address   # the mapping the copies read from
             if populate:
                 assert eventually(lambda: file_mapping_rss(base) >= data, 30)
             else:

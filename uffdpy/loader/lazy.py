@@ -277,6 +277,18 @@ class LazyLoader(_LoaderBase):
         return self._server_mode
 
     @property
+    def finished(self) -> bool:
+        """True once the load has ended, complete or not (``wait()`` then returns at once)."""
+        return self._done.is_set()
+
+    @property
+    def file_mapping_address(self) -> int:
+        """Where the read-only mapping of the image file (what the copies read from) is,
+        or 0 when there is none (the load ended, or the process server has it)."""
+        m = self._file_map
+        return 0 if m is None or m.closed else m.address
+
+    @property
     def complete(self) -> bool:
         """True once every page is placed and the uffd is closed."""
         return self._done.is_set() and not self._failed and self._stats.time_to_complete_s is not None
