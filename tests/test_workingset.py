@@ -299,11 +299,14 @@ def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: 
 
     if os.path.exists(req):
         os.unlink(req)
-    replay = run_uffdpy("resume", guest["snapshot"], "--json", "--working-set", rec,
-                        "--", qemu_binary, *args)
+    dst = Destination(qemu_binary, args, paused=False)   # killed by pid whatever happens
+    try:
+        replay = run_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json",
+                            "--working-set", rec)
+    finally:
+        dst.close()
     assert replay.returncode == 0, replay.stderr
     again = json.loads(replay.stdout)
-    os.kill(again["qemu_pid"], 9)
     assert 0.95 * len(recorded.pages) <= again["pages_working_set"] <= len(recorded.pages)
     assert data_pages_sent(again) == again["data_pages"]
 
