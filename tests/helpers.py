@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Type
 
@@ -11,6 +12,20 @@ from uffdpy.loader import HAVE_INTERPRETERS
 #: LazyLoader servers this Python can run: server="interpreter" needs an
 #: own-GIL subinterpreter in which ctypes loads (3.13+)
 LAZY_SERVERS = ["thread", "process"] + (["interpreter"] if HAVE_INTERPRETERS else [])
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False).
+
+    The fault loop counts a page just after its ioctl woke the toucher, and an
+    out-of-process server publishes its counters every 20 ms: poll a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def open_fds() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from typing import List
 
 import pytest
@@ -18,7 +17,7 @@ from uffdpy.loader import LazyLoader
 from uffdpy.mappedram import Snapshot, make_synthetic
 from uffdpy.memory import PAGE_SIZE
 
-from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
+from helpers import LAZY_SERVERS, eventually  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.kernel
 
@@ -43,15 +42,6 @@ def touch_pages(base: int, pages: List[int]) -> None:
     t.start()
     t.join(30)
     assert not t.is_alive(), "a touched page was not served"
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.mark.parametrize("server", LAZY_SERVERS)

@@ -27,8 +27,9 @@ from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
-from helpers import (HAVE_INTERPRETERS, LAZY_SERVERS, assert_loaders_refuse_without_leaks,  # noqa: E402
-                     resources, uffd_fds, write_files)  # noqa: E402  (tests/ is on sys.path)
+from helpers import (HAVE_INTERPRETERS, LAZY_SERVERS,  # noqa: E402
+                     assert_loaders_refuse_without_leaks, eventually, resources, uffd_fds,
+                     write_files)  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.kernel]
 
@@ -70,16 +71,6 @@ def touch_in_thread(address: int, length: int = 8) -> Tuple[threading.Thread, Li
     t = threading.Thread(target=lambda: out.append(touch(address, length)), daemon=True)
     t.start()
     return t, out
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    """The fault loop counts a page just after its ioctl woke the toucher: poll a moment."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture(scope="module")
