@@ -197,7 +197,8 @@ def _open_source(args: argparse.Namespace) -> Any:
     from .pagesource import FORMATS, ImageError, format_of, open_for_reading
     fd = open_for_reading(args.snapshot)
     try:
-        empty = os.fstat(fd).st_size == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        empty = st.st_size == 0 and stat.S_ISREG(st.st_mode)
         head = os.pread(fd, 8, args.offset)
     finally:
         os.close(fd)
@@ -319,13 +320,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- load
 
-def _open_loader(args: argparse.Namespace, snap: Any, *, prefetch: bool = True) -> Any:
+def _open_loader(args: argparse.Namespace, snap: Any) -> Any:
     from .loader import EagerLoader, LazyLoader, LoadOptions
     if getattr(args, "mode", "lazy") == "eager":
         return EagerLoader(snap)
-    options = LoadOptions.from_cli(args)
-    if not prefetch and options.prefetch:
-        options = dataclasses.replace(options, prefetch=False)
+    options = LoadOptions.from_cli(args)           # --no-prefetch included
     if options.server == "interpreter":
         # start the subinterpreter (~150-300 ms of imports) before the load is
         # timed, as the benchmark does: ready then means what it does elsewhere
@@ -349,7 +348,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     from .workload import PageFenced, latency_summary, parse_access, run_access, verify
     pattern, fraction = parse_access(args.access)
     with _open_source(args) as snap:
-        with _open_loader(args, snap, prefetch=not args.no_prefetch) as loader:
+        with _open_loader(args, snap) as loader:
             blocks = [(loader.address(b.name), b) for b in snap.regions]
             result: Dict[str, Any] = {}
             if pattern != "none":
