@@ -10,14 +10,13 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
 import linux_guest
-from helpers import LAZY_SERVERS
+from helpers import LAZY_SERVERS, eventually
 from uffdpy.mappedram import Snapshot, make_synthetic
 from uffdpy.resume import QemuProcess, Resume
 from uffdpy.workingset import WorkingSet, WorkingSetError, jaccard, merge, snapshot_identity
@@ -364,10 +363,7 @@ def test_load_record_and_replay_cut_faults(tmp_path: Path, server: str) -> None:
         assert [t for _, _, t, _ in rec.pages] == sorted(t for _, _, t, _ in rec.pages)
         # replayed with one prefetch lane: the recording's pages come first, all of them
         with LazyLoader(snap, server=server, working_set=ws, prefetch_threads=1) as loader:
-            deadline = time.monotonic() + 60
-            while (loader.stats.pages_by_working_set < len(rec.pages)
-                   and time.monotonic() < deadline):
-                time.sleep(0.005)
+            eventually(lambda: loader.stats.pages_by_working_set >= len(rec.pages), 60)
             assert loader.stats.pages_by_working_set == len(rec.pages)
             blocks = [(loader.address(r.name), r) for r in snap.regions]
             run_access(blocks, pattern="hot", fraction=0.02, touches=2000, seed=5)
