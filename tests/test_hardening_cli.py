@@ -391,5 +391,5 @@ def test_every_option_has_help_text() -> None:
                     walk(sub, where + [name])
             elif action.help is None:
                 missing.append(f"{' '.join(where)} {action.option_strings or action.dest}")
-    walk(cli._parser(), ["uffdpy"])
+    walk(cli.build_parser(), ["uffdpy"])
     assert missing == [], missing

@@ -8,6 +8,7 @@ in-process fault loop, and with it the test run.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import random
 import subprocess
@@ -330,15 +331,18 @@ def test_killed_server_keeps_placed_pages_and_fences_the_rest(small):
 
 
 _FAULT_LOOP_FAILS_SCRIPT = textwrap.dedent("""
-    import ctypes, sys, threading, time
+    # The fault loop fails for real: the image is truncated after it was
+    # opened, so UFFDIO_COPY from the file mapping gets EFAULT.
+    import ctypes, os, sys, threading, time
     import uffdpy.loader as L
-    def failing(self, address, counters):
-        raise RuntimeError("boom in the fault loop")
-    L._Server._serve = failing
-    loader = L.LazyLoader(sys.argv[1], server="thread", prefetch=False)
+    from uffdpy.mappedram import Snapshot
+    snap = Snapshot.open(sys.argv[1])
+    page = next(f for f, c, p in snap.blocks[0].runs() if p)   # a data page
+    os.truncate(sys.argv[1], 0)
+    loader = L.LazyLoader(snap, server="thread", prefetch=False)
     dst = ctypes.create_string_buffer(8)
-    t = threading.Thread(target=lambda: ctypes.memmove(dst, loader.address("ram"), 8),
-                         daemon=True)
+    t = threading.Thread(target=lambda: ctypes.memmove(
+        dst, loader.address("ram") + page * 4096, 8), daemon=True)
     t.start()
     try:
         loader.wait(10)
@@ -349,9 +353,11 @@ _FAULT_LOOP_FAILS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_fault_loop_failure_does_not_leave_the_faulting_thread_blocked(small):
+def test_fault_loop_failure_does_not_leave_the_faulting_thread_blocked(small, tmp_path):
+    image = tmp_path / "cut.img"
+    image.write_bytes(Path(small).read_bytes())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _FAULT_LOOP_FAILS_SCRIPT, small], env=env,
+    r = subprocess.run([sys.executable, "-c", _FAULT_LOOP_FAILS_SCRIPT, str(image)], env=env,
                        capture_output=True, text=True, timeout=60)
     assert "WAITER" not in r.stdout, r.stdout   # neither blocked nor served zeros
     assert r.returncode == -11, r.stdout + r.stderr
@@ -448,24 +454,31 @@ def test_corrupt_snapshot_fails_before_anything_is_registered(small, tmp_path):
     assert_loaders_refuse_without_leaks(write_files(tmp_path, cases, ".img"), MappedRamError)
 
 
-def test_worker_error_is_reraised_from_wait_and_close(small, monkeypatch):
-    import uffdpy.loader as loader_module
-    boom = RuntimeError("boom from the prefetcher")
-
-    def failing(self, lane=0):
-        raise boom
-    monkeypatch.setattr(loader_module._Server, "prefetch", failing)
-    loader = LazyLoader(small, server="thread")
+def test_worker_error_is_reraised_from_wait_and_close(small, tmp_path):
+    """The prefetcher fails for real (the image truncated after it was opened):
+    wait() raises the LoaderError with the kernel's error as its cause; a
+    failure nobody has seen yet is raised by close()."""
+    def cut_snapshot(name):
+        image = tmp_path / name
+        image.write_bytes(Path(small).read_bytes())
+        snap = Snapshot.open(image)
+        os.truncate(image, 0)
+        return snap, str(image)
+    snap, image = cut_snapshot("a.img")
+    loader = LazyLoader(snap, server="thread")
     with pytest.raises(LoaderError) as info:
         loader.wait(10)
-    assert info.value.__cause__ is boom
+    assert image in str(info.value) and "truncated" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.EFAULT
     loader.close()                                 # reported by wait() already: no raise
-    loader = LazyLoader(small, server="thread")
-    deadline = time.monotonic() + 10
-    while not loader.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with pytest.raises(LoaderError):               # not reported yet: close() raises it
+    snap.close()
+    snap, image = cut_snapshot("b.img")
+    loader = LazyLoader(snap, server="thread")
+    assert eventually(lambda: loader.finished)
+    with pytest.raises(LoaderError, match="truncated"):   # not reported yet: close() raises it
         loader.close()
+    snap.close()
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -678,8 +691,8 @@ def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
     with Snapshot.open(small) as snap:
         block = snap.blocks[0]
         with LazyLoader(snap, server="thread", prefetch=False) as loader:
-            server = loader._server
-            claims = server.claims
+            workers = loader.workers
+            claims = workers.claims
             i = next(f for f, c, p in block.runs() if p and c >= 4) + 1
             assert claims.claim_range(0, i - 1, i + 3) == [(i - 1, i + 3)]   # "in flight"
             t, out = touch_in_thread(loader.address("ram") + i * PAGE_SIZE, PAGE_SIZE)
@@ -688,10 +701,10 @@ def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
             assert out == [block.read_page(i)]
             assert eventually(lambda: claims.state(0, i) == loader_module.PLACED)
             # now the "prefetcher" places its chunk: page i is EEXIST, the rest install
-            counters = loader_module._Counters()
-            region = server.regions[0]
-            placed = server._place(region, i - 1, i + 3, region.kind(i - 1), counters, None,
-                                   server.uffd)
+            counters = loader_module.WorkerCounters()
+            region = workers.regions[0]
+            placed = workers.place(region, i - 1, i + 3, region.kind(i - 1), counters, None,
+                                    workers.uffd)
             assert placed == 3 and counters.eexist == 1
             assert [claims.state(0, j) for j in range(i - 1, i + 3)] == [loader_module.PLACED] * 4
             st = loader.stats
@@ -738,9 +751,9 @@ def test_load_options_validate_round_trip_and_agree_with_the_servers():
             LoadOptions(**bad)
     opts = LoadOptions(server="process", prefetch=False, prefetch_chunk_bytes=1 << 16,
                        server_cpu=0, busy_poll=True, prefetch_threads=1, populate_source=True)
-    args = cli._parser().parse_args(["load", "x.img", *opts.cli_args()])
+    args = cli.build_parser().parse_args(["load", "x.img", *opts.cli_args()])
     assert LoadOptions.from_cli(args) == opts
-    assert LoadOptions.from_cli(cli._parser().parse_args(["load", "x.img"])) == LoadOptions()
+    assert LoadOptions.from_cli(cli.build_parser().parse_args(["load", "x.img"])) == LoadOptions()
     assert json.loads(json.dumps(opts.worker_options())) == opts.worker_options()
     assert LoadOptions().resolved().prefetch_threads in (1, 2)
 

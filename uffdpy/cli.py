@@ -888,7 +888,7 @@ COMMANDS: Tuple[Command, ...] = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uffdpy", description=(
         "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -933,7 +933,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status."""
-    parser = _parser()
+    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     # everything after the first "--" is a QEMU command line (resume), never options of ours
     qemu_cmd: List[str] = []

@@ -17,12 +17,12 @@ A load, step by step, and the module that does each step:
 3. ``lazy``: register every mapping with one uffd, map the image file
    read-only, build the regions and the claim map, make the wake fd.
 4. ``placement``: ``_Region``, a region as the workers see it (addresses,
-   unit of placement, page kinds ZERO / DIRECT / BOUNCE), and ``_place``,
+   unit of placement, page kinds ZERO / DIRECT / BOUNCE), and ``place``,
    which copies a run of one kind into the registered memory with as few
    ioctls as possible.
 5. ``claims``: ``ClaimMap``, one byte per page, decides which worker places
    each page and knows how many are placed.
-6. ``workers``: ``_Server``, the fault loop, the prefetcher and the source
+6. ``workers``: ``Workers``, the fault loop, the prefetcher and the source
    populator (its essay: how they race, and why faults win).
 7. ``server`` and ``server_thread`` / ``server_process`` /
    ``server_interpreter``: where the workers run, threads here, a forked
@@ -52,9 +52,9 @@ from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
                                  prepare_interpreter_servers, release_interpreter_servers)
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
-from .stats import Stats, _Counters
+from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool
-from .workers import (DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, _Server)
+from .workers import (DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers)
 from ..memory import Mapping  # noqa: F401  (tests patch uffdpy.loader.Mapping.anonymous)
 
 __all__ = [
@@ -77,5 +77,5 @@ __all__ = [
 _COMPAT = (BLOCK_ALIGN, MiB, SnapshotLike, SourceLike, _LoaderBase, _open_source, _round_up,
            CLAIMED, PLACED, UNCLAIMED, EAGER_READ_BYTES, SERVER_KINDS, BOUNCE, DIRECT, ZERO,
            _fence, _protect_none, _Region, _SharedRegion, Server, INTERPRETER_START_TIMEOUT,
-           InterpreterServer, _interpreter_main, ProcessServer, ThreadServer, _Counters,
-           DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, _Server, Mapping)
+           InterpreterServer, _interpreter_main, ProcessServer, ThreadServer, WorkerCounters,
+           DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers, Mapping)

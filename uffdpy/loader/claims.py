@@ -4,7 +4,7 @@ The fault loop and the prefetcher race for pages; the claim map decides
 every race.  One byte per page, ``UNCLAIMED`` -> ``CLAIMED`` -> ``PLACED``,
 with the claim taken under a lock (for the common fault, one unclaimed
 4 KiB page, claim, ioctl and mark happen in one hold of it: see
-``workers._Server._serve``).  Whoever claims a page places it; the other
+``workers.Workers._serve``).  Whoever claims a page places it; the other
 side leaves it alone.  Shared between processes or interpreters, it also
 tells the loader which pages a dead server had placed.
 """

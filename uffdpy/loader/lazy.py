@@ -7,7 +7,7 @@ it with one userfaultfd in MISSING mode; map the image file read-only;
 build the regions (``placement._Region``) and the claim map
 (``claims.ClaimMap``, shared when the server is not a thread of this
 process); make the wake fd; hand all of it to the server
-(``SERVER_KINDS[server]``), which starts the workers (``workers._Server``).
+(``SERVER_KINDS[server]``), which starts the workers (``workers.Workers``).
 Then the loader reports itself ready.  When the last page is placed, every
 block is unregistered, the uffd and the file mapping are closed, and the
 memory is ordinary anonymous memory.
@@ -45,7 +45,7 @@ from .server_interpreter import InterpreterServer
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats
-from .workers import DEFAULT_CHUNK_BYTES, _eventfd, _Server
+from .workers import DEFAULT_CHUNK_BYTES, _eventfd, Workers
 from ..pagesource import PathLike
 from ..workingset import WorkingSet, load_for, snapshot_identity
 
@@ -152,7 +152,7 @@ class LazyLoader(_LoaderBase):
         self._file_map: Optional[Mapping] = None
         self._file_fd = -1
         self._wake_fd = -1
-        self._server: Optional[_Server] = None
+        self._workers: Optional[Workers] = None
         self._regions: List[_Region] = []
         self._claims: Optional[ClaimMap] = None
         self._fd_lock = threading.Lock()
@@ -182,8 +182,8 @@ class LazyLoader(_LoaderBase):
             self.close(_raise=False)
             raise
         self._stats.time_to_ready_s = time.perf_counter() - t0
-        if self._server is not None:
-            self._server.go.set()
+        if self._workers is not None:
+            self._workers.go.set()
 
     # -- setup, in the order the package essay gives
     def _setup(self, **options: Any) -> None:
@@ -220,6 +220,13 @@ class LazyLoader(_LoaderBase):
         return self._kind.pid
 
     _child_pid = server_pid          # the old, private name
+
+    @property
+    def workers(self) -> Optional[Workers]:
+        """The fault loop and prefetcher (``workers.Workers``) when they run in this
+        interpreter (``server="thread"``), else None: their regions, claim map and
+        ``place``, for experiments and tests of the race between them."""
+        return self._workers if self._kind.name == "thread" else None
 
     # -- endings
     def _finish(self) -> None:
@@ -261,12 +268,12 @@ class LazyLoader(_LoaderBase):
         if self._file_fd >= 0:
             os.close(self._file_fd)
             self._file_fd = -1
-        if self._server is not None:
-            self._server.close_buffers()
+        if self._workers is not None:
+            self._workers.close_buffers()
         with self._fd_lock:
             if self._wake_fd >= 0:
-                if self._server is not None:
-                    self._server.wake_fd = -1
+                if self._workers is not None:
+                    self._workers.wake_fd = -1
                 os.close(self._wake_fd)
                 self._wake_fd = -1
 
@@ -339,7 +346,7 @@ class LazyLoader(_LoaderBase):
         """
         if self._record_path is None:
             raise ValueError("recorded() needs LazyLoader(..., record_ws=PATH)")
-        server = self._server
+        server = self._workers
         raw = self._demanded
         if raw is None and server is not None and server.demanded is not None:
             raw = list(server.demanded)          # the thread server: this interpreter's

@@ -58,7 +58,7 @@ class LoadOptions:
         return dataclasses.replace(self, prefetch_threads=min(2, len(os.sched_getaffinity(0))))
 
     def worker_options(self) -> Dict[str, Any]:
-        """The workers' keywords (``_Server``), as JSON-ready data."""
+        """The workers' keywords (``Workers``), as JSON-ready data."""
         opts = self.resolved()
         return {"prefetch": opts.prefetch, "chunk_bytes": opts.prefetch_chunk_bytes,
                 "fault_around_pages": opts.fault_around_pages, "server_cpu": opts.server_cpu,

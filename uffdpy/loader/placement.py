@@ -13,7 +13,7 @@ hugetlbfs and the unit of placement is a 2 MiB page: one kind per unit
 copied from never-written memory because hugetlbfs has no ZEROPAGE.
 
 Here: the page kinds, ``_Region`` (a region as the workers see it), the
-``_Placer`` half of a worker (``_place``: a run of one kind with as few
+``Placer`` half of a worker (``place``: a run of one kind with as few
 ioctls as possible), and the fail-closed helpers (``_fence``: ``PROT_NONE``
 over what nobody placed, then ``UFFDIO_WAKE``).
 """
@@ -32,7 +32,7 @@ from ..pagesource import PageRegion, bitmap_runs, bitmap_runs_in, count_bits
 from ..uffd import Filler, UffdError, Userfaultfd
 from .claims import ClaimMap
 from .errors import LoaderError
-from .stats import _Counters
+from .stats import WorkerCounters
 
 __all__ = ["ZERO", "DIRECT", "BOUNCE"]
 
@@ -195,8 +195,8 @@ class _SharedRegion:
 
 
 
-class _Placer:
-    """The placing half of a worker (``workers._Server``): runs of pages into guest memory.
+class Placer:
+    """The placing half of a worker (``workers.Workers``): runs of pages into guest memory.
 
     The worker provides the claim map, the zero source (hugetlbfs) and the
     image file (for the bounce buffers).
@@ -207,8 +207,8 @@ class _Placer:
     file_fd: int
     path: str
 
-    def _place(self, region: _Region, first: int, end: int, kind: int,
-               counters: _Counters, bounce: Optional[Mapping],
+    def place(self, region: _Region, first: int, end: int, kind: int,
+               counters: WorkerCounters, bounce: Optional[Mapping],
                uffd: Union[Userfaultfd, Filler]) -> Optional[int]:
         """Place pages ``[first, end)`` of one kind with as few ioctls as possible.
 

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict
 from .claims import ClaimMap
 from .errors import LoaderError
 from .stats import LIVE_FIELDS, Stats
-from .workers import _Server
+from .workers import Workers
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
     from .lazy import LazyLoader
@@ -106,7 +106,7 @@ class Server(abc.ABC):
 
     @abc.abstractmethod
     def start(self, unit: int, options: Dict[str, Any]) -> None:
-        """Start the workers (``options``: the ``_Server`` keywords); return once they run."""
+        """Start the workers (``options``: the ``Workers`` keywords); return once they run."""
 
     def placed(self, claims: ClaimMap) -> int:
         """Pages placed so far (the final report's figure once the load has ended)."""
@@ -147,11 +147,11 @@ class Server(abc.ABC):
         """Release what the server itself holds (after the uffd is closed; idempotent)."""
 
     # -- helpers for the servers
-    def _workers(self, options: Dict[str, Any]) -> _Server:
+    def _workers(self, options: Dict[str, Any]) -> Workers:
         """The workers over this loader's uffd, regions, claim map and wake fd."""
         loader = self.loader
         assert loader._uffd is not None and loader._claims is not None
-        return _Server(loader._uffd, loader._regions, loader._claims, loader._wake_fd,
+        return Workers(loader._uffd, loader._regions, loader._claims, loader._wake_fd,
                        file_fd=loader._file_fd, path=loader.source.path, **options)
 
     def _act_on_report(self, report: Dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from .errors import LoaderError
 from .placement import _fence, _Region, _SharedRegion
 from .server import Server, _describe_error, _read_report
 from .stats import Stats
-from .workers import _eventfd, _Server, _signal_fd, _start_thread
+from .workers import _eventfd, Workers, _signal_fd, _start_thread
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
     from .lazy import LazyLoader
@@ -340,7 +340,7 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
     spec = json.loads(spec_json)
     uffd: Optional[Userfaultfd] = None
     claims: Optional[ClaimMap] = None
-    server: Optional[_Server] = None
+    server: Optional[Workers] = None
     regions: List[_Region] = []
     report: Dict[str, Any]
     try:
@@ -349,7 +349,7 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
                            spec["file_map"], spec["unit"])
                    for i, fields in enumerate(spec["regions"])]
         claims = ClaimMap.attach(spec["claims"], [r.units for r in regions])
-        server = _Server(uffd, regions, claims, spec["wake"], daemon_threads=False,
+        server = Workers(uffd, regions, claims, spec["wake"], daemon_threads=False,
                          file_fd=spec["file_fd"], path=spec["path"], **spec["options"])
         server.go.set()
         server.start()

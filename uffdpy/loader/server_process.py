@@ -21,7 +21,7 @@ from .server import Server, _describe_error, _read_report
 from .server_interpreter import _check_fork_allowed
 from .stats import Stats
 from .threads import release_thread_pool
-from .workers import _Server, _start_thread
+from .workers import Workers, _start_thread
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
     from .lazy import LazyLoader
@@ -46,7 +46,7 @@ class ProcessServer(Server):
 
     def start(self, unit: int, options: Dict[str, Any]) -> None:
         loader = self.loader
-        server = loader._server = self._workers(options)
+        server = loader._workers = self._workers(options)
         assert loader._file_map is not None
         # Keep the guest memory out of the child: it must never own a copy.
         for m in loader._mappings.values():
@@ -109,7 +109,7 @@ class ProcessServer(Server):
             m.madvise(ioctl.MADV_DOFORK)
 
     def stop(self) -> bool:
-        server = self.loader._server
+        server = self.loader._workers
         if server is not None and self.pid:
             server.stop()
             self._reap_child(timeout=5.0)
@@ -148,7 +148,7 @@ _DIED = ("the fault server process (pid {pid}) {how} before every page was place
          "pages it had not placed stay inaccessible (never zero-filled)")
 
 
-def _child_main(server: _Server, result_fd: int, parent: int) -> None:
+def _child_main(server: Workers, result_fd: int, parent: int) -> None:
     """Body of the forked server process: serve, report, leave with ``os._exit``."""
     code = 0
     report: Dict[str, Any]

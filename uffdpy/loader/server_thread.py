@@ -18,13 +18,13 @@ class ThreadServer(Server):
     claims_shared = False
 
     def start(self, unit: int, options: Dict[str, Any]) -> None:
-        server = self.loader._server = self._workers(options)
+        server = self.loader._workers = self._workers(options)
         server.start(on_end=self._ended)
 
     def _ended(self) -> None:
         """Runs in the fault-loop thread once both workers have ended."""
         loader = self.loader
-        server = loader._server
+        server = loader._workers
         assert server is not None
         if server.error is not None:
             loader._fail(server.error)
@@ -38,13 +38,13 @@ class ThreadServer(Server):
         return claims.placed_pages
 
     def stats_into(self, stats: Stats) -> None:
-        server = self.loader._server
+        server = self.loader._workers
         if server is not None:
             server.merged_stats(stats)
 
     def stop(self) -> bool:
         loader = self.loader
-        server = loader._server
+        server = loader._workers
         if server is not None:
             if not server.ended.is_set():
                 server.stop()

@@ -41,7 +41,7 @@ class Stats:
         return dataclasses.asdict(self)
 
 
-class _Counters:
+class WorkerCounters:
     """Per-worker tallies; each worker owns one, so no locking is needed."""
 
     __slots__ = ("faults", "service_ns", "pages", "zero_pages", "bytes_copied",

@@ -33,7 +33,7 @@ there", counted in ``eexist``, and the range is woken) or, if the page really
 was dropped, installs it again (counted in ``double_placements``: a healthy
 load shows zero).
 
-``_Server`` (the name is historical: it is the workers, whichever server
+``Workers`` (the name is historical: it is the workers, whichever server
 runs them) is the same object in every server: threads of this process, of
 a forked server process, or of a subinterpreter (:mod:`.server`).
 """
@@ -56,8 +56,8 @@ from ..workload import latency_summary
 from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
 from .errors import LoaderError
 from .options import DEFAULT_CHUNK_BYTES
-from .placement import BOUNCE, DIRECT, _Placer, _Region
-from .stats import Stats, _Counters
+from .placement import BOUNCE, DIRECT, Placer, _Region
+from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool, run_pooled, start_thread
 
 MiB = 1 << 20
@@ -76,7 +76,7 @@ _ADDRESS_WORD = (ioctl.uffd_msg.arg.offset + ioctl.uffd_msg_arg.pagefault.offset
 _WORDS_PER_MSG = _MSG_SIZE // 8
 
 
-class _Server(_Placer):
+class Workers(Placer):
     """The fault loop and the prefetcher over one uffd; runs in-process or in the child."""
 
     def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
@@ -119,8 +119,8 @@ class _Server(_Placer):
         self.populate_source = populate_source
         self.stopping = False
         self.error: Optional[BaseException] = None
-        self.fault_counters = _Counters()
-        self.prefetch_counters = [_Counters() for _ in range(prefetch_threads)]
+        self.fault_counters = WorkerCounters()
+        self.prefetch_counters = [WorkerCounters() for _ in range(prefetch_threads)]
         # One bounce buffer per worker, only when some region needs one.
         self.fault_bounce: Optional[Mapping] = None
         self.prefetch_bounce: List[Optional[Mapping]] = [None] * prefetch_threads
@@ -314,7 +314,7 @@ class _Server(_Placer):
         region = self._last_region = self.by_address[i]
         return region
 
-    def _serve(self, address: int, counters: _Counters, filler: Filler) -> bool:
+    def _serve(self, address: int, counters: WorkerCounters, filler: Filler) -> bool:
         """Resolve one fault; False when it must be retried after events are read."""
         region = self._last_region                # faults cluster: try the last one first
         if region is None or not region.start <= address < region.end:
@@ -344,7 +344,7 @@ class _Server(_Placer):
                     counters.pages += 1
                     counters.bytes_copied += PAGE_SIZE
                     return True
-        # Everything else goes through the claim map's claim and _place: a page
+        # Everything else goes through the claim map's claim and place: a page
         # another worker has in flight, one already placed, fault-around, huge
         # pages, bounce buffers, a copy that did not place the whole page.
         old = claims.claim(region.index, page)
@@ -353,7 +353,7 @@ class _Server(_Placer):
             # In a prefetch chunk still in flight: place this one page now
             # instead of waiting for the whole chunk.  The kernel installs it
             # once; whichever copy comes second gets EEXIST and skips it.
-            placed = self._place(region, page, page + 1, kind, counters, self.fault_bounce,
+            placed = self.place(region, page, page + 1, kind, counters, self.fault_bounce,
                                  filler)
             counters.pages += placed or 0
             return placed is not None
@@ -361,7 +361,7 @@ class _Server(_Placer):
         if old == PLACED:
             # Read after the page arrived (the kernel answers EEXIST and we
             # wake), or the page was dropped since: then this places it again.
-            placed = self._place(region, page, page + 1, kind, counters, bounce, filler)
+            placed = self.place(region, page, page + 1, kind, counters, bounce, filler)
             counters.pages += placed or 0
             return placed is not None
         end = page + 1
@@ -372,7 +372,7 @@ class _Server(_Placer):
                     claims.release(region.index, j, end)
                     end = j
                     break
-        placed = self._place(region, page, end, kind, counters, bounce, filler)
+        placed = self.place(region, page, end, kind, counters, bounce, filler)
         if placed is None:
             claims.release(region.index, page, end)
             return False
@@ -463,18 +463,18 @@ class _Server(_Placer):
                 self._ws_runs = _runs_of(self.working_set, self.regions)
             return self._ws_runs
 
-    def _place_all(self, region: _Region, lo: int, hi: int, kind: int, counters: _Counters,
+    def _place_all(self, region: _Region, lo: int, hi: int, kind: int, counters: WorkerCounters,
                    bounce: Optional[Mapping], uffd: Userfaultfd) -> bool:
         """Claim and place what is unclaimed of ``[lo, hi)`` (one kind); False when stopping."""
         claims = self.claims
         for a, b in claims.claim_range(region.index, lo, hi):
-            placed = self._place(region, a, b, kind, counters, bounce, uffd)
+            placed = self.place(region, a, b, kind, counters, bounce, uffd)
             while placed is None:  # events pending: the fault loop reads them
                 if self.stopping:
                     claims.release(region.index, a, b)
                     return False
                 time.sleep(0.0001)
-                placed = self._place(region, a, b, kind, counters, bounce, uffd)
+                placed = self.place(region, a, b, kind, counters, bounce, uffd)
             counters.pages += placed
         return True
 
