@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 from tabulate import tabulate  # noqa: E402
 
 from uffdpy import ioctl as abi  # noqa: E402
-from uffdpy.loader import HAVE_INTERPRETERS  # noqa: E402
+from uffdpy.loader.hosting import HAVE_INTERPRETERS, ForkedChild, Interpreter  # noqa: E402
 from uffdpy.memory import PAGE_SIZE, Mapping  # noqa: E402
 from uffdpy.uffd import Filler, Userfaultfd  # noqa: E402
 
@@ -118,8 +118,8 @@ class Handler:
             self.stop_read, self.stop_write = stop_read, -1
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
-        self.pid = 0
-        self.interpreter: Optional[int] = None
+        self.child: Optional[ForkedChild] = None
+        self.interpreter: Optional[Interpreter] = None
         self.failure: Optional[str] = None
 
     def run(self) -> None:
@@ -159,54 +159,47 @@ class Handler:
     def start(self, where: str) -> None:
         """Run the loop in a thread, a forked child or a subinterpreter's thread.
 
+        The child and the subinterpreter are hosted as uffdpy's process and
+        interpreter servers host their workers (``uffdpy.loader.hosting``).
         The uffd covers this process's memory in all three: a child inherits
         it, a subinterpreter shares the fd table and the address space.
         """
         if where == "interpreter":
-            import _interpreters  # type: ignore[import-not-found]  # CPython >= 3.13
-            self.interpreter = _interpreters.create(_interpreters.new_config("isolated"))
-            shared = {"paths": tuple([str(ROOT / "scripts")] + sys.path),
-                      "args": (self.uffd.fileno(), self.op, self.cpu, self.busy, self.src,
-                               self.stop_read)}
-            code = ("import sys\nsys.path[:] = paths\nimport bench_fault\n"
-                    "bench_fault.serve_in_interpreter(*args)\n")
+            interpreter = self.interpreter = Interpreter.take()
+            shared = {"ufd": self.uffd.fileno(), "op": self.op, "cpu": self.cpu,
+                      "busy": self.busy, "src": self.src, "stop_read": self.stop_read}
 
             def host() -> None:
-                excinfo = _interpreters.exec(self.interpreter, code, shared=shared)
-                if excinfo is not None:
-                    self.failure = getattr(excinfo, "formatted", None) or str(excinfo)
+                self.failure = interpreter.run("bench_fault:serve_in_interpreter", shared,
+                                               paths=[str(ROOT / "scripts")])
             self.thread = threading.Thread(target=host, daemon=True)
             self.thread.start()
         elif where == "process":
-            self.pid = os.fork()
-            if self.pid == 0:                   # the child: serve, report by exit status
-                status = 1
-                try:
-                    self.run()
-                    status = 0 if self.error is None else 1
-                    if self.error is not None:
-                        print(f"handler process: {self.error!r}", file=sys.stderr)
-                finally:
-                    os._exit(status)
+            self.child = ForkedChild(self.serve)
         else:
             self.thread = threading.Thread(target=self.run, daemon=True)
             self.thread.start()
 
+    def serve(self) -> Dict[str, object]:
+        """The loop until stopped, as a hosted body: its report, or what it raised."""
+        self.run()
+        if self.error is not None:
+            raise self.error
+        return {"stopped": True}
+
     def stop(self) -> None:
         os.write(self.stop_write, b"x")
         try:
-            if self.pid:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
-                    if pid:
-                        if os.waitstatus_to_exitcode(status) != 0:
-                            raise RuntimeError(f"handler process exited with status {status}")
-                        return
-                    time.sleep(0.01)
-                os.kill(self.pid, 9)
-                os.waitpid(self.pid, 0)
-                raise RuntimeError("handler process did not stop within 10 s")
+            if self.child is not None:
+                report = self.child.read_report()
+                if self.child.wait_for(10) is None:
+                    self.child.kill()
+                    self.child.wait()
+                    raise RuntimeError("handler process did not stop within 10 s")
+                if not report.get("stopped"):
+                    raise RuntimeError(f"handler process failed: "
+                                       f"{report.get('error', 'it died without a report')}")
+                return
             assert self.thread is not None
             self.thread.join(10)
             if self.thread.is_alive():
@@ -216,11 +209,12 @@ class Handler:
             if self.failure is not None:
                 raise RuntimeError(f"handler subinterpreter failed: {self.failure}")
         finally:
+            if self.child is not None:
+                self.child.close()
             os.close(self.stop_read)
             os.close(self.stop_write)
             if self.interpreter is not None and not (self.thread and self.thread.is_alive()):
-                import _interpreters
-                _interpreters.destroy(self.interpreter)   # before any fork (CPython 3.13)
+                self.interpreter.destroy()        # before any fork (CPython 3.13)
                 self.interpreter = None
 
 

@@ -26,7 +26,9 @@ A load, step by step, and the module that does each step:
    populator (its essay: how they race, and why faults win).
 7. ``server`` and ``server_thread`` / ``server_process`` /
    ``server_interpreter``: where the workers run, threads here, a forked
-   process, or an own-GIL subinterpreter (its essay: servers and the GIL).
+   process, or an own-GIL subinterpreter (its essay: servers and the GIL);
+   ``hosting`` forks the child or runs the subinterpreter (a pool of them)
+   and carries the one report both send back.
 8. ``lazy``: the last page placed, the loader unregisters, closes the uffd
    and the file mapping (``_finish``); a failed load fences what nobody
    placed (``placement._fence``); ``close()`` follows the numbered shutdown
@@ -35,7 +37,7 @@ A load, step by step, and the module that does each step:
 
 ``errors`` holds ``LoaderError`` and ``ServerDiedError``.  Dependencies go
 one way: ``errors``, ``stats``, ``claims`` -> ``placement`` -> ``workers``
--> ``server`` -> ``server_*`` -> ``lazy``; ``base`` -> ``eager``, ``lazy``.
+-> ``server``, ``hosting`` -> ``server_*`` -> ``lazy``; ``base`` -> ``eager``, ``lazy``.
 """
 from __future__ import annotations
 

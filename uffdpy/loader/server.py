@@ -63,8 +63,6 @@ and a process server is refused while an interpreter server is loading.
 from __future__ import annotations
 
 import abc
-import json
-import os
 from typing import TYPE_CHECKING, Any, ClassVar, Dict
 
 from .claims import ClaimMap
@@ -174,25 +172,3 @@ class Server(abc.ABC):
         for key, value in report.get("stats", {}).items():
             if key not in ("time_to_ready_s", "time_to_complete_s"):
                 setattr(self.loader._stats, key, value)
-
-
-def _describe_error(exc: BaseException) -> str:
-    """A server's failure in one line for its report (a LoaderError says it all itself)."""
-    return str(exc) if isinstance(exc, LoaderError) else f"{type(exc).__name__}: {exc}"
-
-
-def _read_report(fd: int) -> Dict[str, Any]:
-    """A server's one-line JSON report from pipe ``fd`` ({} if none came before EOF)."""
-    received = b""
-    while b"\n" not in received:
-        data = os.read(fd, 65536)                # sleeps without the GIL
-        if not data:
-            break
-        received += data
-    if b"\n" not in received:
-        return {}
-    try:
-        report = json.loads(received.split(b"\n", 1)[0])
-    except ValueError:
-        return {}
-    return report if isinstance(report, dict) else {}

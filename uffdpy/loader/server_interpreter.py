@@ -1,21 +1,18 @@
 """``server="interpreter"``: the workers in an own-GIL subinterpreter (see :mod:`.server`).
 
 Here: ``InterpreterServer`` (a host thread of this interpreter sits in
-``_interpreters.exec`` for the whole load), the pool of idle
-subinterpreters (``prepare_interpreter_servers``), and
+``Interpreter.run`` for the whole load), ``prepare_interpreter_servers`` over
+the pool of idle subinterpreters (``hosting.Interpreter``), and
 ``_interpreter_main``, the server's body, run inside the subinterpreter.
 """
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import os
 import select
-import sys
 import threading
 import time
-import traceback
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +20,10 @@ from ..uffd import Userfaultfd
 from .claims import ClaimMap
 from .errors import LoaderError
 from .placement import _fence, _Region, _SharedRegion
-from .server import Server, _describe_error, _read_report
-from .stats import Stats
+from .hosting import (HAVE_INTERPRETERS, Interpreter, destroy_idle_interpreters, error_report,
+                      interpreters_module, prepare_interpreters, read_report,
+                      serve_until_ended, write_report)
+from .server import Server
 from .workers import _eventfd, Workers, _signal_fd, _start_thread
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
@@ -33,9 +32,6 @@ if TYPE_CHECKING:                      # for annotations only: lazy imports this
 __all__ = ["HAVE_INTERPRETERS", "InterpreterServer", "prepare_interpreter_servers",
            "release_interpreter_servers"]
 
-#: Whether this Python can run ``server="interpreter"``: own-GIL subinterpreters
-#: in which ctypes loads, with the ``_interpreters`` module (CPython 3.13+).
-HAVE_INTERPRETERS = importlib.util.find_spec("_interpreters") is not None
 #: Seconds an interpreter server may take to start before the load is abandoned.
 INTERPRETER_START_TIMEOUT = 60.0
 
@@ -52,7 +48,7 @@ class InterpreterServer(Server):
 
     @classmethod
     def check_available(cls) -> None:
-        _interpreters_module()
+        interpreters_module()
 
     def start(self, unit: int, options: Dict[str, Any]) -> None:
         """Start the workers in a subinterpreter with its own GIL; return once they run.
@@ -66,13 +62,13 @@ class InterpreterServer(Server):
         assert loader._uffd is not None and loader._file_map is not None
         assert loader._claims is not None
         source = loader.source
-        interp = _take_interpreter()
+        interp = Interpreter.take()
         started_fd = _eventfd()
         try:
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
             os.close(started_fd)
-            _give_back_interpreter(interp)
+            interp.give_back()
             raise
         spec = {
             "uffd": loader._uffd.fileno(), "wake": loader._wake_fd, "started": started_fd,
@@ -94,7 +90,7 @@ class InterpreterServer(Server):
         except BaseException:
             for fd in (started_fd, report_r, report_w):
                 os.close(fd)
-            _give_back_interpreter(interp)
+            interp.give_back()
             raise
         self.host = host
         _live_interpreter_loaders.add(loader)
@@ -121,24 +117,18 @@ class InterpreterServer(Server):
         loader._raise_error()
         raise LoaderError("the interpreter server ended before it started")
 
-    def _host_interpreter(self, interp: int, spec: str, bitmaps: Tuple[bytes, ...],
+    def _host_interpreter(self, interp: Interpreter, spec: str, bitmaps: Tuple[bytes, ...],
                           report_r: int, report_w: int) -> None:
         """The host thread: run the server in the subinterpreter, then act on its report.
 
-        ``exec`` switches this thread to the subinterpreter's own GIL, so
-        this process's GIL is free for the whole load.
+        ``Interpreter.run`` switches this thread to the subinterpreter's own
+        GIL, so this process's GIL is free for the whole load.
         """
-        failure = None
-        try:
-            excinfo = _interpreters_module().exec(interp, _INTERPRETER_CODE,
-                                                  shared={"spec": spec, "bitmaps": bitmaps})
-            if excinfo is not None:
-                failure = _describe_failure(excinfo)
-        except BaseException as exc:  # noqa: BLE001 - reported like a server failure
-            failure = f"{type(exc).__name__}: {exc}"
+        failure = interp.run("uffdpy.loader.server_interpreter:_interpreter_main",
+                             {"spec": spec, "bitmaps": bitmaps})
         os.close(report_w)
         try:
-            report = _read_report(report_r)
+            report = read_report(report_r)
         finally:
             os.close(report_r)
         if not report:
@@ -148,9 +138,9 @@ class InterpreterServer(Server):
             self._act_on_report(report)
         finally:
             if clean:
-                _give_back_interpreter(interp)
-            else:
-                _destroy_interpreter(interp)
+                interp.give_back()
+            else:                          # it may have left a thread behind
+                interp.destroy()
             self.host_done.set()
             self.loader._done.set()
 
@@ -178,98 +168,6 @@ class InterpreterServer(Server):
         return True
 
 
-# ------------------------------------------------------------- interpreter servers
-#
-# A subinterpreter made with the "isolated" config has its own GIL (PEP 684).
-# Python 3.12 has them too, but its ctypes refuses to load in one; 3.13 is the
-# first where this works.  Interpreters are pooled: making one and importing
-# uffdpy in it costs ~150 ms here, reusing one costs nothing, so only
-# the first load in a process (or none, after prepare_interpreter_servers())
-# pays for it.  CPython 3.13 aborts a child forked while any subinterpreter
-# exists ("PyThreadState_Get: ... GIL is released"), so idle ones are
-# destroyed before every os.fork(), and a process server (which forks) is
-# refused while an interpreter server runs.
-
-_pool_lock = threading.Lock()
-_idle_interpreters: List[int] = []
-_running_interpreters: set = set()
-
-_INTERPRETER_CODE = ("import uffdpy.loader.server_interpreter\n"
-                     "uffdpy.loader.server_interpreter._interpreter_main(spec, bitmaps)\n"
-                     "del spec, bitmaps\n")
-
-
-def _interpreters_module() -> Any:
-    try:
-        import _interpreters  # type: ignore[import-not-found]  # CPython >= 3.13
-    except ImportError:
-        raise LoaderError(
-            f"server='interpreter' needs Python 3.13 or newer (a subinterpreter with its "
-            f"own GIL in which ctypes loads); this is Python "
-            f"{sys.version_info.major}.{sys.version_info.minor}: use server='process' "
-            f"for plain Python access during the load") from None
-    return _interpreters
-
-
-def _describe_failure(excinfo: Any) -> str:
-    """One line from the exception snapshot that ``_interpreters.exec`` returns."""
-    formatted = getattr(excinfo, "formatted", None) or getattr(excinfo, "msg", None)
-    return str(formatted or excinfo)
-
-
-def _new_interpreter() -> int:
-    interps = _interpreters_module()
-    interp = interps.create(interps.new_config("isolated"))
-    # uffdpy/loader/server_interpreter.py -> the directory holding uffdpy/
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = tuple([package_parent] + [p for p in sys.path if p != package_parent])
-    try:
-        excinfo = interps.exec(interp, "import sys\nsys.path[:] = paths\n"
-                               "import uffdpy.loader.server_interpreter\n"
-                               "del paths\n", shared={"paths": paths})
-    except BaseException:
-        interps.destroy(interp)
-        raise
-    if excinfo is not None:
-        interps.destroy(interp)
-        raise LoaderError(f"could not start an interpreter server: "
-                          f"{_describe_failure(excinfo)}")
-    return interp
-
-
-def _take_interpreter() -> int:
-    with _pool_lock:
-        interp = _idle_interpreters.pop() if _idle_interpreters else None
-    if interp is None:
-        interp = _new_interpreter()
-    with _pool_lock:
-        _running_interpreters.add(interp)
-    return interp
-
-
-def _give_back_interpreter(interp: int) -> None:
-    with _pool_lock:
-        _running_interpreters.discard(interp)
-        _idle_interpreters.append(interp)
-
-
-def _destroy_interpreter(interp: int) -> None:
-    with _pool_lock:
-        _running_interpreters.discard(interp)
-    try:
-        _interpreters_module().destroy(interp)
-    except Exception:  # noqa: BLE001 - already gone, or still running: nothing to do
-        pass
-
-
-def _destroy_idle_interpreters() -> None:
-    with _pool_lock:
-        idle = list(_idle_interpreters)
-        _idle_interpreters.clear()
-    for interp in idle:
-        _destroy_interpreter(interp)
-
-
 def prepare_interpreter_servers(count: int = 1) -> None:
     """Create ``count`` idle interpreter servers now, so the next loads are ready at once.
 
@@ -281,13 +179,7 @@ def prepare_interpreter_servers(count: int = 1) -> None:
     Raises:
         LoaderError: Python is older than 3.13, or the interpreter failed to start.
     """
-    while True:
-        with _pool_lock:
-            if len(_idle_interpreters) >= count:
-                return
-        interp = _new_interpreter()
-        with _pool_lock:
-            _idle_interpreters.append(interp)
+    prepare_interpreters(count)
 
 
 def release_interpreter_servers() -> None:
@@ -296,17 +188,7 @@ def release_interpreter_servers() -> None:
     Happens anyway before any ``os.fork()`` and at exit; call it to do it at
     a time of your choosing (destroying one takes ~10-20 ms).
     """
-    _destroy_idle_interpreters()
-
-
-def _check_fork_allowed() -> None:
-    with _pool_lock:
-        running = len(_running_interpreters)
-    if running:
-        raise LoaderError(
-            f"server='process' forks, and {running} interpreter server(s) are loading: "
-            f"CPython aborts a child forked while a subinterpreter exists; wait for them "
-            f"or close them first, or use server='interpreter' here too")
+    destroy_idle_interpreters()
 
 
 def _close_interpreter_loaders() -> None:
@@ -322,51 +204,34 @@ def _close_interpreter_loaders() -> None:
 
 #: LazyLoaders whose interpreter server may still be running
 _live_interpreter_loaders: "weakref.WeakSet[LazyLoader]" = weakref.WeakSet()
-atexit.register(_destroy_idle_interpreters)
-atexit.register(_close_interpreter_loaders)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_destroy_idle_interpreters)
+atexit.register(_close_interpreter_loaders)   # before hosting's: atexit is last in, first out
 
 
-
-def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
+def _interpreter_main(spec: str, bitmaps: Sequence[bytes]) -> None:
     """Body of an interpreter server (runs inside the subinterpreter): serve, report.
 
-    Never raises: the outcome is the JSON line written to ``spec["report"]``.
+    Never raises: the outcome is the JSON line written to the spec's ``report`` fd.
     On a failure it fences the pages nobody placed itself (``PROT_NONE`` and
     wake), because the loading interpreter may be unable to: one of its
     threads may be asleep on an unserved page while holding its GIL.
     """
-    spec = json.loads(spec_json)
+    job = json.loads(spec)
     uffd: Optional[Userfaultfd] = None
     claims: Optional[ClaimMap] = None
     server: Optional[Workers] = None
     regions: List[_Region] = []
     report: Dict[str, Any]
     try:
-        uffd = Userfaultfd.from_fd(os.dup(spec["uffd"]), created_via="interpreter")
+        uffd = Userfaultfd.from_fd(os.dup(job["uffd"]), created_via="interpreter")
         regions = [_Region(i, _SharedRegion(fields, bitmaps[i]), fields["start"],
-                           spec["file_map"], spec["unit"])
-                   for i, fields in enumerate(spec["regions"])]
-        claims = ClaimMap.attach(spec["claims"], [r.units for r in regions])
-        server = Workers(uffd, regions, claims, spec["wake"], daemon_threads=False,
-                         file_fd=spec["file_fd"], path=spec["path"], **spec["options"])
-        server.go.set()
-        server.start()
-        _signal_fd(spec["started"])
-        while not server.ended.wait(0.02):
-            server.publish_counters()         # the loader's live stats
-        for t in server.threads:              # the loop thread joins the others last
-            t.join()
-        server.publish_counters()
-        if server.error is not None:
-            raise server.error
-        complete = claims.complete.is_set()
-        report = {"complete": complete, "stopped": not complete,
-                  "stats": server.merged_stats(Stats()).as_dict(),
-                  "demanded": server.demanded}
+                           job["file_map"], job["unit"])
+                   for i, fields in enumerate(job["regions"])]
+        claims = ClaimMap.attach(job["claims"], [r.units for r in regions])
+        server = Workers(uffd, regions, claims, job["wake"], daemon_threads=False,
+                         file_fd=job["file_fd"], path=job["path"], **job["options"])
+        report = serve_until_ended(server, started=lambda: _signal_fd(job["started"]))
     except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter
-        report = {"error": _describe_error(exc), "traceback": traceback.format_exc()}
+        report = error_report(exc)
         if server is not None:
             server.stop()
             server.join(30.0)
@@ -379,6 +244,4 @@ def _interpreter_main(spec_json: str, bitmaps: Sequence[bytes]) -> None:
             claims.close()
         if uffd is not None:
             uffd.close()
-    data = json.dumps(report).encode() + b"\n"
-    while data:
-        data = data[os.write(spec["report"], data):]
+    write_report(job["report"], report)
