@@ -46,6 +46,7 @@ SNAP is given; it exists so the test suite can run this script in a second.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -116,9 +117,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             figures = comparator.latency(faults, op, placement, region_pages)
             return figures[0] if figures else None
 
-        return run_bench(path, rounds=rounds, touches=touches, qemu=not args.no_qemu,
-                         as_json=args.json, cold=args.cold, qemu_args=qemu_args,
-                         reference=reference if comparator.binary else None)
+        out = run_bench(path, rounds=rounds, touches=touches, qemu=not args.no_qemu,
+                        cold=args.cold, qemu_args=qemu_args,
+                        reference=reference if comparator.binary else None)
+        print(json.dumps(out["data"], indent=2) if args.json else out["table"])
+        return 0
 
 
 if __name__ == "__main__":

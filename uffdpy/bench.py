@@ -19,13 +19,12 @@ row gets the C handler's p50 in the same placement and the ratio.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from tabulate import tabulate
 
@@ -175,11 +174,15 @@ def _qemu_args_for(snap: PageSource) -> Optional[List[str]]:
 
 
 def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = True,
-              as_json: bool = False, cold: bool = False,
+              cold: bool = False,
               qemu_args: Optional[List[str]] = None,
               reference: Optional[FaultReference] = None,
-              reference_name: str = "C") -> int:
-    """Measure every contender ``rounds`` times, interleaved; print the two tables."""
+              reference_name: str = "C") -> Dict[str, Any]:
+    """Measure every contender ``rounds`` times, interleaved.
+
+    Returns ``{"data": ..., "table": ...}``: the medians (what ``--json``
+    prints) and the two tables as text.
+    """
     ncpu = len(os.sched_getaffinity(0))
     other = 1 if ncpu > 1 else 0
     samples: Dict[str, List[Dict[str, float]]] = {}
@@ -277,11 +280,9 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
     fmed = {key: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
             for key, runs in faults.items()}
     cmed = {f"{key}/{op}": statistics.median(v) for (key, op), v in c_p50.items()}
-    if as_json:
-        print(json.dumps({"snapshot": path, "rounds": rounds, "size_mib": size_mib,
-                          "data_mib": data_mib, "results": med, "fault_service": fmed,
-                          "reference": cmed, "reference_name": reference_name}, indent=2))
-        return 0
+    data = {"snapshot": path, "rounds": rounds, "size_mib": size_mib, "data_mib": data_mib,
+            "results": med, "fault_service": fmed, "reference": cmed,
+            "reference_name": reference_name}
 
     def ms(v: Optional[float]) -> str:
         return "" if v is None else f"{v * 1e3:.2f}"
@@ -299,13 +300,14 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
             int(m["faults"]) if "faults" in m else "",
             f"{m['access_p50_us']:.0f} / {m['access_p99_us']:.0f}" if "access_p50_us" in m else "",
         ])
-    print(f"{path}: {size_mib:.0f} MiB of RAM, {data_mib:.0f} MiB of data; median of {rounds} "
-          f"interleaved rounds; page cache {'dropped before each run' if cold else 'warm'}")
-    print(tabulate(rows, headers=["contender", "ready ms", "complete ms", "complete/eager",
-                                  "complete/QEMU", "QEMU/ready", "faults",
-                                  "access p50/p99 us"]))
+    lines = [f"{path}: {size_mib:.0f} MiB of RAM, {data_mib:.0f} MiB of data; median of "
+             f"{rounds} interleaved rounds; page cache "
+             f"{'dropped before each run' if cold else 'warm'}",
+             tabulate(rows, headers=["contender", "ready ms", "complete ms", "complete/eager",
+                                     "complete/QEMU", "QEMU/ready", "faults",
+                                     "access p50/p99 us"])]
     if qemu_note:
-        print(qemu_note)
+        lines.append(qemu_note)
 
     def ratio(ours: float, theirs: Optional[float]) -> str:
         return f"{ours / theirs:.2f}" if theirs else ""
@@ -322,12 +324,13 @@ def run_bench(path: str, *, rounds: int = 3, touches: int = 2000, qemu: bool = T
                       f"{f['zero_p50_us']:.1f}", f"{c_zero:.1f}" if c_zero else "",
                       ratio(f["zero_p50_us"], c_zero)])
     r = reference_name
-    print()
-    print(f"fault service, prefetch off: {touches} distinct random pages touched from CPU 0, "
-          f"each a fault; access p50 in µs timed in the toucher; {r}: the reference handler "
-          f"in the same placement" + ("" if reference else f" (no {r} reference given)") +
-          f"; 'populated': populate_source=True, touched {POPULATE_SETTLE_S:.0f} s after ready")
-    print(tabulate(frows, headers=["fault loop", "faults", "data p50", f"{r} COPY p50",
-                                   f"/{r}", "populated", f"/{r}", "zero p50",
-                                   f"{r} ZEROPAGE p50", f"/{r}"]))
-    return 0
+    lines += ["",
+              f"fault service, prefetch off: {touches} distinct random pages touched from CPU 0, "
+              f"each a fault; access p50 in µs timed in the toucher; {r}: the reference handler "
+              f"in the same placement" + ("" if reference else f" (no {r} reference given)") +
+              f"; 'populated': populate_source=True, touched {POPULATE_SETTLE_S:.0f} s after "
+              "ready",
+              tabulate(frows, headers=["fault loop", "faults", "data p50", f"{r} COPY p50",
+                                       f"/{r}", "populated", f"/{r}", "zero p50",
+                                       f"{r} ZEROPAGE p50", f"/{r}"])]
+    return {"data": data, "table": "\n".join(lines)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -30,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from tabulate import tabulate
 
 from .errors import UffdpyError
+from .outcome import Outcome
 
 __all__ = ["main"]
 
@@ -236,21 +236,20 @@ def _inspect_elf_dict(image: Any) -> Dict[str, Any]:
     }
 
 
-def _print_elf(info: Dict[str, Any]) -> None:
-    print(f"file:          {_printable(info['path'])}")
-    print(f"format:        ELF core ({_printable(info['machine'])}), "
-          f"{info['address_space']} addresses")
+def _elf_text(info: Dict[str, Any]) -> str:
     rows = [[_printable(r["name"]), _human(r["length"]), r["present_pages"], r["zero_pages"],
              f"0x{r['file_offset']:x}", "".join(c if r["flags"] & bit else "-" for c, bit
                                                 in (("r", 4), ("w", 2), ("x", 1)))]
             for r in info["regions"]]
-    print(tabulate(rows, headers=["region", "size", "in file", "zero", "file offset",
-                                  "flags"]))
-    print()
-    print(tabulate([[_printable(n["name"]), _printable(n["type_name"]), n["size"],
-                     f"0x{n['offset']:x}"]
-                    for n in info["notes"]],
-                   headers=["note", "type", "bytes", "offset"]))
+    notes = [[_printable(n["name"]), _printable(n["type_name"]), n["size"], f"0x{n['offset']:x}"]
+             for n in info["notes"]]
+    return "\n".join([
+        f"file:          {_printable(info['path'])}",
+        f"format:        ELF core ({_printable(info['machine'])}), "
+        f"{info['address_space']} addresses",
+        tabulate(rows, headers=["region", "size", "in file", "zero", "file offset", "flags"]),
+        "",
+        tabulate(notes, headers=["note", "type", "bytes", "offset"])])
 
 
 def _inspect_dict(snap: Any) -> Dict[str, Any]:
@@ -280,42 +279,38 @@ def _is_working_set(path: str) -> bool:
         os.close(fd)
 
 
-def _print_snapshot(info: Dict[str, Any]) -> None:
-    print(f"file:         {_printable(info['path'])}")
-    print(f"machine:      {_printable(info['machine'])}")
-    print(f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}")
+def _snapshot_text(info: Dict[str, Any]) -> str:
     rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"],
              b["zero_pages"], f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
              f"0x{b['pages_offset']:x}"] for b in info["regions"]]
-    print(tabulate(rows, headers=["block", "size", "page size", "present", "zero",
-                                  "% present", "pages offset"]))
-    print()
-    print(tabulate([[_printable(d["name"]), d["instance"], d["version"]]
-                    for d in info["devices"]],
-                   headers=["device section", "instance", "version"]))
+    devices = [[_printable(d["name"]), d["instance"], d["version"]] for d in info["devices"]]
+    return "\n".join([
+        f"file:         {_printable(info['path'])}",
+        f"machine:      {_printable(info['machine'])}",
+        f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}",
+        tabulate(rows, headers=["block", "size", "page size", "present", "zero",
+                                "% present", "pages offset"]),
+        "",
+        tabulate(devices, headers=["device section", "instance", "version"])])
 
 
-#: per format (``PageSource.format``): what ``inspect`` computes, and how it prints it
+#: per format (``PageSource.format``): what ``inspect`` computes, and its text
 _INSPECTORS = {
-    "mapped-ram": (_inspect_dict, _print_snapshot),
-    "elf-core": (_inspect_elf_dict, _print_elf),
+    "mapped-ram": (_inspect_dict, _snapshot_text),
+    "elf-core": (_inspect_elf_dict, _elf_text),
 }
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> Outcome:
     if not args.offset and _is_working_set(args.snapshot):
         from .cli_ws import inspect_file
-        return inspect_file(args.snapshot, args.against, args.json)
+        return inspect_file(args.snapshot, args.against)
     if args.against:
         raise ValueError("--against applies to working-set files (FILE.ws) only")
     with _open_source(args) as image:
-        describe, show = _INSPECTORS[image.format]
+        describe, text = _INSPECTORS[image.format]
         info = describe(image)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        show(info)
-    return 0
+    return Outcome(text(info), info)
 
 
 # --------------------------------------------------------------------------- load
@@ -344,7 +339,7 @@ def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> N
         bar.finish()
 
 
-def cmd_load(args: argparse.Namespace) -> int:
+def cmd_load(args: argparse.Namespace) -> Outcome:
     from .workload import PageFenced, latency_summary, parse_access, run_access, verify
     pattern, fraction = parse_access(args.access)
     with _open_source(args) as snap:
@@ -384,25 +379,20 @@ def cmd_load(args: argparse.Namespace) -> int:
             stats = loader.stats.as_dict()
     report = {"mode": args.mode, "server": args.server if args.mode == "lazy" else None,
               **stats, **result}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        rows = []
-        for key, value in report.items():
-            if isinstance(value, dict):
-                value = "  ".join(f"{k} {v:.1f}" for k, v in value.items())
-            elif isinstance(value, float):
-                value = f"{value:.6f}"
-            rows.append([key, value])
-        print(tabulate(rows, headers=["stat", "value"]))
-    if args.verify and result.get("mismatched_pages"):
-        return 1
-    return 0
+    rows = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k} {v:.1f}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.6f}"
+        rows.append([key, value])
+    return Outcome(tabulate(rows, headers=["stat", "value"]), report,
+                   status=1 if args.verify and result.get("mismatched_pages") else 0)
 
 
 # --------------------------------------------------------------------------- dump
 
-def cmd_dump(args: argparse.Namespace) -> int:
+def cmd_dump(args: argparse.Namespace) -> Outcome:
     import ctypes
     from .files import replacing
     with _open_source(args) as snap:
@@ -428,13 +418,12 @@ def cmd_dump(args: argparse.Namespace) -> int:
                     os.ftruncate(fd, block.length)
             finally:
                 bar.finish()
-    print(f"{args.output}: {block.length} bytes of region {block.name!r}")
-    return 0
+    return Outcome(f"{args.output}: {block.length} bytes of region {block.name!r}")
 
 
 # -------------------------------------------------------------------------- make
 
-def cmd_make(args: argparse.Namespace) -> int:
+def cmd_make(args: argparse.Namespace) -> Outcome:
     from .convert import physical_memory_bytes
     from .mappedram import make_synthetic
     limit = physical_memory_bytes()
@@ -442,15 +431,14 @@ def cmd_make(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size}: more than this machine's memory "
                          f"({_human(limit)}), which a guest of this size must fit in to load")
     make_synthetic(args.output, size=args.size, fill=args.fill, seed=args.seed)
-    print(f"{args.output}: synthetic snapshot, block 'ram' of {_human(args.size)}, "
-          f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "
-          f"-m {_qemu_size(args.size)}")
-    return 0
+    return Outcome(f"{args.output}: synthetic snapshot, block 'ram' of {_human(args.size)}, "
+                   f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "
+                   f"-m {_qemu_size(args.size)}")
 
 
 # ----------------------------------------------------------------------- convert
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def cmd_convert(args: argparse.Namespace) -> Outcome:
     from .convert import to_mapped_ram
     with _open_source(args) as image:
         if image.format != "elf-core":
@@ -458,14 +446,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              f"already a {image.format} file")
         blocks = to_mapped_ram(image, args.output, layout=args.layout,
                                ram_size=args.ram_size or 0)
-    for b in blocks:
-        print(f"{args.output}: block {_printable(repr(b.name))} of {_human(b.length)}, "
-              f"{b.data_pages} pages with data")
+    lines = [f"{args.output}: block {_printable(repr(b.name))} of {_human(b.length)}, "
+             f"{b.data_pages} pages with data" for b in blocks]
     if args.layout == "ram":
-        print(f"load it with: qemu-system-x86_64 -machine none -m {_qemu_size(blocks[0].length)} "
-              "-incoming defer, then migrate-incoming file:"
-              f"{args.output} with the mapped-ram capability on")
-    return 0
+        lines.append(f"load it with: qemu-system-x86_64 -machine none "
+                     f"-m {_qemu_size(blocks[0].length)} -incoming defer, then "
+                     f"migrate-incoming file:{args.output} with the mapped-ram capability on")
+    return Outcome("\n".join(lines))
 
 
 # ------------------------------------------------------------------------- bench
@@ -492,7 +479,7 @@ def _resume_table(stats: Dict[str, Any]) -> str:
     return tabulate(rows, tablefmt="plain")
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
+def cmd_resume(args: argparse.Namespace) -> Outcome:
     from .resume import DestinationError, QemuProcess, Resume
     qemu_cmd = list(args.qemu)
     forms = sum(x is not None and x != [] for x in (args.qmp, args.connect, qemu_cmd or None))
@@ -555,17 +542,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if proc is not None:
         info["qemu_pid"] = proc.proc.pid
         info["qmp_socket"] = proc.qmp_path
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(_resume_table(info))
-        if proc is not None:
-            state = "paused (-S)" if args.paused else "running"
-            print(f"the VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}")
-    return 0
+    text = _resume_table(info)
+    if proc is not None:
+        state = "paused (-S)" if args.paused else "running"
+        text += f"\nthe VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}"
+    return Outcome(text, info)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> Outcome:
     import shlex
     if args.resume:
         from .bench_resume import run_resume_bench
@@ -573,25 +557,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("bench --resume needs --qemu-args recreating the saved machine")
         out = run_resume_bench(args.snapshot, shlex.split(args.qemu_args), rounds=args.rounds,
                                request=args.request or None)
-        if args.json:
-            print(json.dumps({"rows": out["rows"], "rounds": out["rounds"]}, indent=2))
-        else:
-            print(out["table"])
-        return 0
+        return Outcome(out["table"], {"rows": out["rows"], "rounds": out["rounds"]})
     if args.hot is not None:
         from .bench_ws import run_ws_bench
         out = run_ws_bench(args.snapshot, fraction=args.hot, touches=args.touch,
                            rounds=args.rounds)
-        if args.json:
-            print(json.dumps({"rows": out["rows"], "rounds": out["rounds"],
-                              "recorded_pages": out["recorded_pages"]}, indent=2))
-        else:
-            print(out["table"])
-        return 0
+        return Outcome(out["table"], {"rows": out["rows"], "rounds": out["rounds"],
+                                      "recorded_pages": out["recorded_pages"]})
     from .bench import run_bench
-    return run_bench(args.snapshot, rounds=args.rounds, touches=args.touch,
-                     qemu=not args.no_qemu, as_json=args.json,
-                     qemu_args=shlex.split(args.qemu_args) if args.qemu_args else None)
+    out = run_bench(args.snapshot, rounds=args.rounds, touches=args.touch,
+                    qemu=not args.no_qemu,
+                    qemu_args=shlex.split(args.qemu_args) if args.qemu_args else None)
+    return Outcome(out["table"], out["data"])
 
 
 # -------------------------------------------------------------------------- demo
@@ -610,7 +587,7 @@ def _read_through(path: str) -> None:
         os.close(fd)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> Outcome:
     from .loader import EagerLoader, LazyLoader
     from .mappedram import Snapshot, make_synthetic
     from .workload import latency_summary, run_access, verify
@@ -665,13 +642,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ["- double placements (must be 0)", f"{stats.double_placements}"],
         ["- pages verified / mismatched", f"{verified} / {mismatched}"],
     ]
-    print(tabulate(rows, headers=["fast snapshot load, measured just now", ""]))
-    print(f"(the first three: medians of {DEMO_ROUNDS} interleaved rounds, the file in the "
-          "page cache)")
-    print(f"\nThe guest could have started {eager_s / max(ready_s, 1e-9):.0f}x sooner: every "
-          "page was usable at once, a touched page\narrived in one fault, and the "
-          "prefetcher brought the rest in behind it.")
-    return 1 if mismatched or stats.double_placements else 0
+    text = (tabulate(rows, headers=["fast snapshot load, measured just now", ""]) +
+            f"\n(the first three: medians of {DEMO_ROUNDS} interleaved rounds, the file in the "
+            "page cache)\n"
+            f"\nThe guest could have started {eager_s / max(ready_s, 1e-9):.0f}x sooner: every "
+            "page was usable at once, a touched page\narrived in one fault, and the "
+            "prefetcher brought the rest in behind it.")
+    return Outcome(text, status=1 if mismatched or stats.double_placements else 0)
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -855,7 +832,7 @@ class Command:
 
     name: str
     arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], Outcome]
     parser: Dict[str, Any]
 
 
@@ -954,9 +931,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.server = "thread"
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        status = int(args.func(args) or 0)
+        outcome = args.func(args)
+        print(outcome.render(getattr(args, "json", False)))
         sys.stdout.flush()                  # a closed pipe shows here, not at exit
-        return status
+        return outcome.status
     except BrokenPipeError:
         # The reader went away (``uffdpy inspect X | head``): stop quietly, as
         # a tool killed by SIGPIPE would, and keep the interpreter's final

@@ -5,12 +5,13 @@ Kept apart from :mod:`uffdpy.cli`, which registers them with :func:`add_parsers`
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Dict, List
 
 from tabulate import tabulate
 
-__all__ = ["add_parsers", "inspect_file", "show"]
+from .outcome import Outcome
+
+__all__ = ["add_parsers", "inspect_file"]
 
 
 def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any]:
@@ -37,22 +38,19 @@ def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any
     return out
 
 
-def cmd_ws_inspect(args: argparse.Namespace) -> int:
-    show(_inspect_dict(args.ws, args.against, args.snapshot), as_json=args.json)
-    return 0
+def cmd_ws_inspect(args: argparse.Namespace) -> Outcome:
+    info = _inspect_dict(args.ws, args.against, args.snapshot)
+    return Outcome(_text(info), info)
 
 
-def inspect_file(path: str, against: List[str], as_json: bool) -> int:
+def inspect_file(path: str, against: List[str]) -> Outcome:
     """``uffdpy inspect FILE.ws``: the same as ``uffdpy ws inspect FILE.ws``."""
-    show(_inspect_dict(path, against, ""), as_json=as_json)
-    return 0
+    info = _inspect_dict(path, against, "")
+    return Outcome(_text(info), info)
 
 
-def show(info: Dict[str, Any], *, as_json: bool) -> None:
-    """Print a working set's summary (``_inspect_dict``), as a table or as JSON."""
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
+def _text(info: Dict[str, Any]) -> str:
+    """A working set's summary (``_inspect_dict``) as a table."""
     rows = [("pages", f"{info['pages']} ({info['bytes'] / (1 << 20):.1f} MiB)"),
             ("data pages", info["data_pages"]), ("zero pages", info["zero_pages"]),
             ("first / last demand",
@@ -61,24 +59,22 @@ def show(info: Dict[str, Any], *, as_json: bool) -> None:
             ("snapshot digest", str(info["snapshot_digest"])[:16])]
     rows += [(f"pages in {name!r}", n) for name, n in info["pages_by_block"].items()]
     rows += [(f"Jaccard with {other}", j) for other, j in info["jaccard"].items()]
-    print(tabulate(rows, tablefmt="plain"))
+    return tabulate(rows, tablefmt="plain")
 
 
-def cmd_ws_merge(args: argparse.Namespace) -> int:
+def cmd_ws_merge(args: argparse.Namespace) -> Outcome:
     from .workingset import WorkingSet, merge
     merged = merge(WorkingSet.load(p) for p in args.inputs)
     merged.save(args.output)
-    print(f"{args.output}: {len(merged.pages)} pages ({merged.data_pages} data) from "
-          f"{len(args.inputs)} recordings")
-    return 0
+    return Outcome(f"{args.output}: {len(merged.pages)} pages ({merged.data_pages} data) from "
+                   f"{len(args.inputs)} recordings")
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
+def cmd_plot(args: argparse.Namespace) -> Outcome:
     from .plot import load_run, plot_run
     plot_run(load_run(args.run), args.output, width_px=args.width, height_px=args.height,
              title=args.title)
-    print(f"{args.output}: {args.width}x{args.height} PNG")
-    return 0
+    return Outcome(f"{args.output}: {args.width}x{args.height} PNG")
 
 
 def _pixels(text: str) -> int:
