@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -788,6 +788,25 @@ def test_cli_on_a_process_core(gcore: ProcessCore, tmp_path: Path) -> None:
     out2 = tmp_path / "seg2.raw"
     _ok("dump", snap_path, region["name"], "-o", out2)
     assert out2.read_bytes() == out.read_bytes()
+
+
+def test_inspect_shows_a_format_it_has_no_table_for(gcore: ProcessCore, monkeypatch: Any,
+                                                    capsys: Any) -> None:
+    """A format registered in pagesource.FORMATS alone is shown by ``inspect``
+    through the PageSource view (here: ELF with its own table taken away)."""
+    from uffdpy import cli
+    monkeypatch.delitem(cli._INSPECTORS, "elf-core")
+    assert cli.main(["inspect", str(gcore.path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    with ElfImage.open(gcore.path) as image:
+        expected = [(r.name, r.length, r.present_pages, r.file_offset) for r in image.regions]
+    assert info["format"] == "elf-core" and "notes" not in info
+    assert [(r["name"], r["length"], r["present_pages"], r["file_offset"])
+            for r in info["regions"]] == expected
+    assert cli.main(["inspect", str(gcore.path)]) == 0
+    text = capsys.readouterr().out
+    assert "format: elf-core" in text
+    assert all(name in text for name, *_ in expected)
 
 
 def test_bench_on_a_process_core(gcore: ProcessCore) -> None:

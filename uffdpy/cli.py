@@ -192,25 +192,38 @@ def _printable(text: object) -> str:
                    for c in s)
 
 
-def _open_source(args: argparse.Namespace) -> Any:
-    """The image named on the command line, of whichever format its first bytes say."""
-    from .pagesource import FORMATS, ImageError, format_of, open_for_reading
+def _sniff(args: argparse.Namespace) -> Tuple[bytes, bool]:
+    """The first bytes of the named file at ``--offset`` and whether it is a regular file.
+
+    One open, with the checks every command makes: an image is a regular file
+    or a block device, and not an empty one.
+    """
+    from .pagesource import FORMATS, ImageError, open_for_reading
     fd = open_for_reading(args.snapshot)
     try:
         st = os.fstat(fd)
-        empty = st.st_size == 0 and stat.S_ISREG(st.st_mode)
+        regular = stat.S_ISREG(st.st_mode)
+        empty = regular and st.st_size == 0
         head = os.pread(fd, 8, args.offset)
     finally:
         os.close(fd)
     if empty:
         raise ImageError(args.snapshot, None, "the file is empty", hint="an image holds at "
                          "least the headers of " + " or ".join(f.description for f in FORMATS))
+    return head, regular
+
+
+def _open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
+    """The image named on the command line, of whichever format its first bytes say."""
+    from .pagesource import FORMATS, ImageError, format_of
+    if head is None:
+        head, _ = _sniff(args)
     fmt = format_of(head)
     if fmt is None:
         raise ImageError(args.snapshot, args.offset, "file magic",
                          " or ".join(f.describe() for f in FORMATS),
                          head[:4].hex(" ") or "end of file")
-    if fmt.name == "mapped-ram":
+    if fmt.takes_offset:
         return fmt.cls().open(args.snapshot, offset=args.offset)
     if args.offset:
         raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
@@ -267,18 +280,6 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
     }
 
 
-def _is_working_set(path: str) -> bool:
-    """Whether ``path`` looks like a working-set file (JSON: its first byte is ``{``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)   # a FIFO must not block
-    except OSError:
-        return False                    # _open_source names the problem
-    try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 1, 0) == b"{"
-    finally:
-        os.close(fd)
-
-
 def _snapshot_text(info: Dict[str, Any]) -> str:
     rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"],
              b["zero_pages"], f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
@@ -294,7 +295,26 @@ def _snapshot_text(info: Dict[str, Any]) -> str:
         tabulate(devices, headers=["device section", "instance", "version"])])
 
 
-#: per format (``PageSource.format``): what ``inspect`` computes, and its text
+def _inspect_regions_dict(image: Any) -> Dict[str, Any]:
+    """What ``inspect`` shows of a format it has no entry for: the ``PageSource`` view."""
+    return {"path": image.path, "format": image.format,
+            "regions": [{"name": r.name, "length": r.length, "page_size": r.page_size,
+                         "pages": r.pages, "present_pages": r.present_pages,
+                         "zero_pages": r.zero_pages, "file_offset": r.file_offset,
+                         "file_bytes": r.file_bytes} for r in image.regions]}
+
+
+def _regions_text(info: Dict[str, Any]) -> str:
+    rows = [[_printable(r["name"]), _human(r["length"]), r["present_pages"], r["zero_pages"],
+             f"0x{r['file_offset']:x}"] for r in info["regions"]]
+    return "\n".join([f"file:   {_printable(info['path'])}",
+                      f"format: {_printable(info['format'])}",
+                      tabulate(rows, headers=["region", "size", "in file", "zero",
+                                              "file offset"])])
+
+
+#: per format (``PageSource.format``): what ``inspect`` computes, and its text; a
+#: format without an entry (a new one in ``pagesource.FORMATS``) shows its regions
 _INSPECTORS = {
     "mapped-ram": (_inspect_dict, _snapshot_text),
     "elf-core": (_inspect_elf_dict, _elf_text),
@@ -302,13 +322,14 @@ _INSPECTORS = {
 
 
 def cmd_inspect(args: argparse.Namespace) -> Outcome:
-    if not args.offset and _is_working_set(args.snapshot):
+    head, regular = _sniff(args)
+    if regular and not args.offset and head.startswith(b"{"):     # JSON: a working set
         from .cli_ws import inspect_file
         return inspect_file(args.snapshot, args.against)
     if args.against:
         raise ValueError("--against applies to working-set files (FILE.ws) only")
-    with _open_source(args) as image:
-        describe, text = _INSPECTORS[image.format]
+    with _open_source(args, head) as image:
+        describe, text = _INSPECTORS.get(image.format, (_inspect_regions_dict, _regions_text))
         info = describe(image)
     return Outcome(text(info), info)
 

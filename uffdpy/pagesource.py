@@ -379,6 +379,9 @@ class ImageFormat:
     magic: bytes        #: the file's first bytes
     opener: str         #: ``"uffdpy.mappedram:Snapshot"``: a class with ``open(path)``
     description: str    #: for errors: "a QEMU migration stream"
+    #: whether ``open(path, offset=N)`` reads a stream that starts N bytes into
+    #: the file (``--offset``: a migration stream inside a bigger file)
+    takes_offset: bool = False
 
     def cls(self) -> Any:
         """The class that opens files of this format."""
@@ -395,7 +398,7 @@ class ImageFormat:
 FORMATS: Tuple[ImageFormat, ...] = (
     ImageFormat("elf-core", _ELF_MAGIC, "uffdpy.elfcore:ElfImage", "an ELF core"),
     ImageFormat("mapped-ram", _QEVM_MAGIC, "uffdpy.mappedram:Snapshot",
-                "a QEMU migration stream"),
+                "a QEMU migration stream", takes_offset=True),
 )
 
 
