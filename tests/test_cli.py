@@ -496,3 +496,27 @@ def test_page_size_8k_refused_by_every_command(synth: Path, tmp_path: Path) -> N
         line = assert_one_line_error(uffdpy("load", bad, "--server", server), bad)
         assert "page size" in line and "8192" in line
     assert "page size" in assert_one_line_error(uffdpy("load", bad, "--mode", "eager"), bad)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("4096", 4096), ("0x1000", 4096), ("64M", 64 << 20), ("1g", 1 << 30), ("2 GiB", 2 << 30),
+    ("4KB", 4096), ("1T", 1 << 40), ("1P", 1 << 50), (" 8m ", 8 << 20)])
+def test_one_size_parser_reads_every_form(text: str, value: int) -> None:
+    """The CLI, $UFFDPY_MAX_MEMORY and QEMU's -m values share uffdpy.sizes.parse_size."""
+    from uffdpy import cli, pagesource, qemu, sizes
+    assert sizes.parse_size(text) == cli.parse_size(text) == qemu.parse_size(text) == value
+    os.environ["UFFDPY_MAX_MEMORY"] = text
+    try:
+        assert pagesource.memory_limit() == value
+    finally:
+        del os.environ["UFFDPY_MAX_MEMORY"]
+
+
+@pytest.mark.parametrize("text", ["lots", "", "1X", "-1", "1.5G", "4096iB", "G"])
+def test_size_parser_names_what_is_not_a_size(text: str) -> None:
+    import argparse
+    from uffdpy import cli, sizes
+    with pytest.raises(ValueError, match=f"not a size: {text!r}"):
+        sizes.parse_size(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        cli.parse_size(text)

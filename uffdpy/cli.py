@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import signal
 import stat
 import statistics
@@ -28,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
+from . import sizes
 from .errors import UffdpyError
 from .outcome import Outcome
 
@@ -37,15 +37,12 @@ __all__ = ["main"]
 #: by a test; the loader is imported only by the commands that load)
 SERVERS = ("thread", "process", "interpreter")
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096`` -> bytes (binary units)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64M, 1G)")
-    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+    """``256M``, ``1G``, ``4096``, ``0x1000`` -> bytes (:func:`uffdpy.sizes.parse_size`)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:

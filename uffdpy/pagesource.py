@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
 from .errors import UffdpyError
+from .sizes import parse_size
 
 __all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
            "sniff_format", "FORMATS", "ImageFormat", "format_of", "memory_limit",
@@ -244,10 +245,10 @@ def memory_limit() -> int:
     text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
     if not text:
         return physical_memory_bytes()
-    m = re.fullmatch(r"(\d+)\s*([kKmMgGtTpP]?)i?[bB]?", text)
-    if not m:
-        raise ValueError(f"${MEMORY_LIMIT_ENV}={text!r} is not a size (use e.g. 64G, 1T)")
-    return int(m.group(1)) << (10 * " KMGTP".index((m.group(2) or " ").upper()))
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"${MEMORY_LIMIT_ENV}={text!r} is not a size (use e.g. 64G, 1T)") from None
 
 
 def check_fits_in_memory(source: "PageSource") -> None:

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UffdpyError
 from .qmp import QmpClient, QmpError
+from .sizes import parse_size
 
 __all__ = ["Qemu", "QemuError", "VmConfig", "QemuVM", "Region", "random_region",
            "save_snapshot", "load_snapshot", "dump_guest_memory", "parse_size"]
@@ -171,16 +172,6 @@ class Qemu:
 
 DEFAULT_QEMU = os.environ.get("UFFDPY_QEMU", "qemu-system-x86_64")
 DEFAULT_TIMEOUT = 60.0
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a QEMU-style size ("64M", "1G", "4096", "0x1000")."""
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)[bB]?\s*", text)
-    if not m:
-        raise ValueError(f"bad size {text!r}")
-    value = int(m.group(1), 0)
-    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-    return value << shift
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,23 @@
+"""Sizes as people write them: ``4096``, ``0x1000``, ``64M``, ``1G``, ``2 GiB``, ``1T``.
+
+The one parser behind every size uffdpy reads: the command line's options
+(``--size``, ``--offset``, ``--ram-size``, ``-m``), ``$UFFDPY_MAX_MEMORY`` and
+QEMU's own ``-m`` values.  Units are binary (``K`` is 1024) and may be
+spelled ``K``, ``KB`` or ``KiB`` in either case, as QEMU reads them.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["parse_size"]
+
+_SIZE = re.compile(r"\s*(0x[0-9a-f]+|\d+)\s*([kmgtp]?)(i?b)?\s*", re.IGNORECASE)
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``; ValueError naming it if it is not a size."""
+    m = _SIZE.fullmatch(text)
+    if not m or (m.group(3) and m.group(3).lower() == "ib" and not m.group(2)):
+        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 64M, 1G)")
+    return int(m.group(1), 0) << _SHIFT[m.group(2).lower()]
