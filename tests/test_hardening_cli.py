@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import pytest
 
@@ -211,6 +211,22 @@ def test_make_larger_than_the_machine_is_refused(tmp_path: Path) -> None:
     line = one_error_line(uffdpy("make", tmp_path / "x.img", "--size", "64T", timeout=60))
     assert "machine's memory" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_make_and_convert_keep_the_loaders_memory_limit(tmp_path: Path, monkeypatch: Any) -> None:
+    """$UFFDPY_MAX_MEMORY bounds what make and convert write as it bounds what loads."""
+    from test_elfcore import make_core, note, rnd
+    monkeypatch.setenv("UFFDPY_MAX_MEMORY", "1M")
+    line = one_error_line(uffdpy("make", tmp_path / "x.img", "--size", "4M", timeout=60))
+    assert "$UFFDPY_MAX_MEMORY" in line, line
+    core = make_core(tmp_path / "c.core", [(0x100000, rnd(4096, 1), 4096)], paddr=True,
+                     notes=note(b"QEMU", 0, bytes(8)))
+    line = one_error_line(uffdpy("convert", core, "-o", tmp_path / "c.img", "--ram-size", "4M",
+                                 timeout=60), str(core))
+    assert "$UFFDPY_MAX_MEMORY" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.core"]
+    monkeypatch.setenv("UFFDPY_MAX_MEMORY", "8M")
+    assert uffdpy("make", tmp_path / "x.img", "--size", "4M", timeout=60).returncode == 0
 
 
 @pytest.fixture

@@ -442,12 +442,13 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
 # -------------------------------------------------------------------------- make
 
 def cmd_make(args: argparse.Namespace) -> Outcome:
-    from .convert import physical_memory_bytes
     from .mappedram import make_synthetic
-    limit = physical_memory_bytes()
+    from .pagesource import memory_limit, memory_limit_origin
+    limit = memory_limit()
     if args.size > limit:
-        raise ValueError(f"--size {args.size}: more than this machine's memory "
-                         f"({_human(limit)}), which a guest of this size must fit in to load")
+        where = memory_limit_origin() or "this machine's memory"
+        raise ValueError(f"--size {args.size}: more than {where} ({_human(limit)}), "
+                         "which a guest of this size must fit in to load")
     make_synthetic(args.output, size=args.size, fill=args.fill, seed=args.seed)
     return Outcome(f"{args.output}: synthetic snapshot, block 'ram' of {_human(args.size)}, "
                    f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "

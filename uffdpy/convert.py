@@ -25,9 +25,9 @@ from typing import Iterator, List, Optional, Tuple
 
 from .elfcore import ElfImage
 from .mappedram import BlockSpec, Snapshot, write_snapshot
-from .pagesource import ImageError, PageRegion, PathLike, physical_memory_bytes
+from .pagesource import ImageError, PageRegion, PathLike, memory_limit, memory_limit_origin
 
-__all__ = ["ConvertedBlock", "to_mapped_ram", "physical_memory_bytes"]
+__all__ = ["ConvertedBlock", "to_mapped_ram"]
 
 MiB = 1 << 20
 #: Pages read and written per piece while streaming.
@@ -62,7 +62,8 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
     ``ram_size`` (layout ``ram`` only) sets the block length; 0 means the end
     of the highest segment rounded up to a MiB.  The RAM written (all blocks
     together) may be at most ``max_ram_bytes``, by default this machine's
-    memory (``physical_memory_bytes()``): a segment at an absurd physical
+    memory (``pagesource.memory_limit()``, which ``$UFFDPY_MAX_MEMORY`` raises,
+    as for the loaders): a segment at an absurd physical
     address is refused before anything is allocated or written.  ``path`` is
     written under a temporary name and renamed at the end: a failure leaves
     no output.
@@ -78,7 +79,9 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
     """
     regions = image.regions
     page_size = 4096
-    limit = physical_memory_bytes() if max_ram_bytes is None else max_ram_bytes
+    limit = memory_limit() if max_ram_bytes is None else max_ram_bytes
+    where = ("the given maximum" if max_ram_bytes is not None else
+             memory_limit_origin() or "this machine's memory")
     out = os.fspath(path)
     if os.path.exists(out) and os.path.samefile(out, image.path):
         raise ValueError(f"{out}: the output is the input file {image.path}; "
@@ -87,7 +90,7 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
         total = sum(r.length for r in regions)
         if total > limit:
             raise ImageError(image.path, None, "RAM of the converted snapshot (all segments)",
-                             f"at most {limit:#x} bytes, this machine's memory",
+                             f"at most {limit:#x} bytes, {where}",
                              f"{total:#x} bytes", hint="a snapshot this large cannot be "
                              "loaded here; use --layout ram with --ram-size")
         write_snapshot(path, [BlockSpec(r.name, r.length, _pieces(r, 0)) for r in regions],
@@ -112,7 +115,7 @@ def to_mapped_ram(image: ElfImage, path: PathLike, *, layout: str = "ram",
     if length > limit:
         highest = max(by_address, key=lambda r: r.address + r.length)
         raise ImageError(image.path, None, "RAM size for the converted snapshot",
-                         f"at most {limit:#x} bytes, this machine's memory", hex(length),
+                         f"at most {limit:#x} bytes, {where}", hex(length),
                          hint=f"segment {highest.name} ends at {end:#x}; "
                          + ("pass a smaller --ram-size" if ram_size and end <= limit else
                             "--layout regions writes one block per segment instead"))

@@ -51,7 +51,7 @@ from .sizes import parse_size
 
 __all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
            "sniff_format", "FORMATS", "ImageFormat", "format_of", "memory_limit",
-           "check_fits_in_memory", "physical_memory_bytes"]
+           "memory_limit_origin", "check_fits_in_memory", "physical_memory_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -251,6 +251,11 @@ def memory_limit() -> int:
         raise ValueError(f"${MEMORY_LIMIT_ENV}={text!r} is not a size (use e.g. 64G, 1T)") from None
 
 
+def memory_limit_origin() -> Optional[str]:
+    """``"$UFFDPY_MAX_MEMORY"`` when that sets :func:`memory_limit`, else None (the machine's RAM)."""
+    return f"${MEMORY_LIMIT_ENV}" if os.environ.get(MEMORY_LIMIT_ENV, "").strip() else None
+
+
 def check_fits_in_memory(source: "PageSource") -> None:
     """Refuse ``source`` if its regions together declare more than :func:`memory_limit`.
 
@@ -259,8 +264,7 @@ def check_fits_in_memory(source: "PageSource") -> None:
     total = sum(r.length for r in source.regions)
     limit = memory_limit()
     if total > limit:
-        where = (f"${MEMORY_LIMIT_ENV}" if os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-                 else "this machine's RAM")
+        where = memory_limit_origin() or "this machine's RAM"
         raise ImageError(source.path, None, "guest memory the image declares",
                          f"at most {limit:#x} bytes ({where})", f"{total:#x} bytes",
                          hint=f"set {MEMORY_LIMIT_ENV}=SIZE to load it anyway")
