@@ -40,9 +40,8 @@ Both print a JSON summary (timings in seconds, paths, regions).  From Python::
     info = load_snapshot(cfg, "vm.img", pmemsave="loaded.pmem")
     info = dump_guest_memory(VmConfig(machine="pc", mem="128M"), "vm.elf", regions=[region])
 
-The functions live in :mod:`uffdpy.qemu` (this script is their command
-line; the names above are re-exported for older callers); run from a
-checkout, the script finds ``uffdpy`` next to it.
+The functions live in :mod:`uffdpy.qemu`; this script is their command line
+(run from a checkout, it finds ``uffdpy`` next to it).
 """
 from __future__ import annotations
 
@@ -57,9 +56,9 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)    # run from a checkout without installing
 
-from uffdpy.qemu import (DEFAULT_QEMU, DEFAULT_TIMEOUT, QemuError, QemuVM,  # noqa: E402,F401
-                         Region, VmConfig, dump_guest_memory, load_snapshot, parse_size,
-                         random_region, save_snapshot)
+from uffdpy.qemu import (DEFAULT_QEMU, DEFAULT_TIMEOUT, Region, VmConfig,  # noqa: E402
+                         dump_guest_memory, load_snapshot, parse_size, random_region,
+                         save_snapshot)
 
 def _region_arg(text: str, directory: str) -> Region:
     parts = text.split(":")

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
 
 QEMU_BINARY = os.environ.get("UFFDPY_QEMU", "qemu-system-x86_64")
 
@@ -49,23 +45,23 @@ LINUX_GUEST_SEED = 20240607
 def guest(qemu_binary, tmp_path_factory):
     """Boot, fill and snapshot the request-serving Linux guest once per session.
 
-    Yields ``linux_guest.make_linux_guest_snapshot``'s dict (snapshot, pmemsave,
+    Yields ``linuxguest.make_linux_guest_snapshot``'s dict (snapshot, pmemsave,
     ``qemu_args`` for a destination...).  Skips only when the kernel and
     busybox cannot be had (fails instead under ``UFFDPY_REQUIRE_QEMU=1``).
     """
     import time
-    import linux_guest
+    from uffdpy import linuxguest
     cache = os.environ.get("UFFDPY_LINUX_GUEST_CACHE") or None
     try:
-        linux_guest.ensure_guest_files(cache)
-    except linux_guest.GuestError as e:
+        linuxguest.ensure_guest_files(cache)
+    except linuxguest.GuestError as e:
         reason = f"cannot get a Debian kernel and busybox: {e}"
         if os.environ.get("UFFDPY_REQUIRE_QEMU") == "1":
             pytest.fail(reason + " [UFFDPY_REQUIRE_QEMU=1]")
         pytest.skip(reason)
     d = tmp_path_factory.mktemp("linux-guest")
     t0 = time.monotonic()
-    info = linux_guest.make_linux_guest_snapshot(
+    info = linuxguest.make_linux_guest_snapshot(
         d / "guest.img", mem_mib=LINUX_GUEST_MEM_MIB, fill_mib=LINUX_GUEST_FILL_MIB,
         seed=LINUX_GUEST_SEED, pmemsave=d / "guest.pmem", cache=cache, timeout=240,
         qemu=qemu_binary)

@@ -112,7 +112,7 @@ def qemu_snap(qemu_binary: str, workdir: Path) -> Tuple[Path, Path, int]:
     Random bytes at 2 MiB make pc.ram hold more than firmware; pmemsave is
     taken after ``stop``, before the migration, so both see the same memory.
     """
-    from qemu_snapshot import VmConfig, random_region, save_snapshot
+    from uffdpy.qemu import VmConfig, random_region, save_snapshot
     cfg = VmConfig(machine="pc", mem="64M", args=("-device", "VGA"), qemu=qemu_binary)
     region = random_region(str(workdir), addr=0x200000, size=0x100000, seed=5)
     path, pmem = workdir / "pc.img", workdir / "pc.pmem"
@@ -359,7 +359,7 @@ def test_dump_unknown_block(synth: Path, workdir: Path) -> None:
 
 @pytest.mark.qemu
 def test_make_loads_in_qemu(qemu_binary: str, workdir: Path) -> None:
-    from qemu_snapshot import VmConfig, load_snapshot
+    from uffdpy.qemu import VmConfig, load_snapshot
     path, pmem = workdir / "made.img", workdir / "made.pmem"
     ok("make", path, "--size", "32M", "--fill", "0.5", "--seed", "9")
     cfg = VmConfig(machine="none", mem="32M", qemu=qemu_binary)
@@ -474,7 +474,7 @@ def test_bad_access_pattern_one_line(synth16: Path) -> None:
 
 @pytest.mark.qemu
 def test_not_mapped_ram_stream(qemu_binary: str, workdir: Path) -> None:
-    from qemu_snapshot import VmConfig, save_snapshot
+    from uffdpy.qemu import VmConfig, save_snapshot
     path = workdir / "classic.img"
     save_snapshot(VmConfig(machine="none", mem="16M", qemu=qemu_binary), str(path),
                   mapped_ram=False, timeout=60)

@@ -4,7 +4,7 @@ Real producers: QEMU's ``dump-guest-memory`` of a ``-machine pc`` guest with
 known random bytes at known guest-physical addresses (compared with QEMU's
 own ``pmemsave`` and ``info mtree -f``), and Linux process cores from ``gcore``
 and from the kernel, of a child holding a known buffer at a known virtual
-address (scripts/process_core.py).  Broken files are made by patching those
+address (uffdpy.processcore).  Broken files are made by patching those
 cores' headers, or by a small hand-built core for fast fuzzing.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from uffdpy.elfcore import ElfImage, ElfImageError, ElfNote, ElfRegion
 from uffdpy.pagesource import ImageError, open_image
 
 qemu_snapshot = pytest.importorskip("qemu_snapshot")
-import process_core  # noqa: E402  (scripts/ is put on sys.path by conftest)
+from uffdpy import processcore
 from helpers import LAZY_SERVERS, assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
@@ -283,8 +283,8 @@ def gcore(workdir: Path) -> ProcessCore:
     d = workdir / "gcore"
     d.mkdir()
     try:
-        path, address, data = process_core.gcore_core(str(d), size=0x23456, seed=7, timeout=60)
-    except process_core.CoreUnavailable as e:
+        path, address, data = processcore.gcore_core(str(d), size=0x23456, seed=7, timeout=60)
+    except processcore.CoreUnavailable as e:
         pytest.fail(f"gcore must work here: {e}")
     return ProcessCore(Path(path), address, data)
 
@@ -294,8 +294,8 @@ def kernel_core(workdir: Path) -> ProcessCore:
     d = workdir / "kernel"
     d.mkdir()
     try:
-        path, address, data = process_core.kernel_core(str(d), size=0x23456, seed=8, timeout=60)
-    except process_core.CoreUnavailable as e:
+        path, address, data = processcore.kernel_core(str(d), size=0x23456, seed=8, timeout=60)
+    except processcore.CoreUnavailable as e:
         pytest.skip(f"the kernel cannot write a core here: {e}")
     return ProcessCore(Path(path), address, data)
 

@@ -1,6 +1,6 @@
 """A real Linux guest, snapshotted by QEMU with mapped-ram, read back by uffdpy.
 
-scripts/linux_guest.py boots a Debian kernel + busybox initramfs under TCG,
+uffdpy.linuxguest (scripts/linux_guest.py) boots a Debian kernel + busybox initramfs under TCG,
 fills a tmpfs file with a seeded pattern, and saves the stopped guest with
 ``migrate file:...`` and the mapped-ram capability, plus a ``pmemsave`` dump
 of guest RAM.  These tests check that ``uffdpy.mappedram`` returns, page for
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-import linux_guest
+from uffdpy import linuxguest
 
 pytestmark = pytest.mark.qemu
 
@@ -43,7 +43,7 @@ def pmem(guest):
 @pytest.fixture(scope="session")
 def pattern():
     """Map each 4 KiB page of the fill pattern to its index."""
-    return {p: i for i, p in enumerate(linux_guest.fill_pattern_pages(SEED, FILL_MIB))}
+    return {p: i for i, p in enumerate(linuxguest.fill_pattern_pages(SEED, FILL_MIB))}
 
 
 @pytest.fixture(scope="session")
@@ -62,15 +62,15 @@ def pc_ram(guest):
 def test_fill_program_matches_python_pattern(tmp_path):
     """The hand-assembled /bin/uffdpy-fill writes exactly fill_pattern_pages()."""
     exe = tmp_path / "uffdpy-fill"
-    exe.write_bytes(linux_guest.fill_program(seed=7, fill_mib=1))
+    exe.write_bytes(linuxguest.fill_program(seed=7, fill_mib=1))
     exe.chmod(0o755)
     out = subprocess.run([str(exe)], stdout=subprocess.PIPE, timeout=30, check=True).stdout
-    assert out == b"".join(linux_guest.fill_pattern_pages(seed=7, fill_mib=1))
-    assert len(set(linux_guest.fill_pattern_pages(seed=7, fill_mib=1))) == 256
+    assert out == b"".join(linuxguest.fill_pattern_pages(seed=7, fill_mib=1))
+    assert len(set(linuxguest.fill_pattern_pages(seed=7, fill_mib=1))) == 256
 
 
 def test_guest_booted_and_saved(guest):
-    assert linux_guest.READY_MARKER in guest["guest_ready_line"]
+    assert linuxguest.READY_MARKER in guest["guest_ready_line"]
     assert f"bytes={FILL_MIB << 20}" in guest["guest_ready_line"]
     assert guest["pmemsave_bytes"] == MEM_MIB << 20
     # mapped-ram gives each RAM block a fixed region at least its size.

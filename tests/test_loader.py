@@ -91,7 +91,7 @@ def small(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def qemu_pc(qemu_binary, tmp_path_factory) -> str:
     """A real QEMU snapshot with several RAMBlocks (pc.ram, vga.vram, ROMs) and known data."""
-    from qemu_snapshot import VmConfig, random_region, save_snapshot
+    from uffdpy.qemu import VmConfig, random_region, save_snapshot
     d = tmp_path_factory.mktemp("qemu-pc")
     cfg = VmConfig(machine="pc", mem="64M", args=("-device", "VGA"), qemu=qemu_binary)
     regions = [random_region(str(d), addr=0x200000, size=0x40000, seed=11),

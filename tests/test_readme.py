@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
-import linux_guest
+from uffdpy import linuxguest
 from helpers import LAZY_SERVERS
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,7 +70,7 @@ def test_readme_example_runs(index: int, workdir: Path, guest: Dict[str, Any],
     destination = None
     if "/run/vm/qmp.sock" in block:
         from uffdpy.qemu import Qemu
-        args = linux_guest.destination_args(guest, os.path.join(short_tmp, "req.sock"))
+        args = linuxguest.destination_args(guest, os.path.join(short_tmp, "req.sock"))
         destination = Qemu([qemu_binary, *args], incoming="defer")
         block = block.replace("/run/vm/qmp.sock", destination.qmp_paths[0])
     try:

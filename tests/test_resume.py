@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
-import linux_guest
+from uffdpy import linuxguest
 from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
 from uffdpy.qemu import Qemu
@@ -189,7 +189,7 @@ def assert_ram_equals(snapshot: str, resaved: Snapshot) -> None:
 
 def guest_args(info: Dict[str, Any], tmp: str) -> Tuple[List[str], str]:
     req = os.path.join(tmp, "req.sock")
-    return linux_guest.destination_args(info, req), req
+    return linuxguest.destination_args(info, req), req
 
 
 @pytest.fixture
@@ -243,13 +243,13 @@ def test_guest_runs_and_answers_while_its_ram_streams_in(guest: Dict[str, Any], 
     """Running while postcopy-active, a correct answer during the load, still running after."""
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
-    expected = linux_guest.expected_answer(LINUX_GUEST_SEED, 0, 4)
+    expected = linuxguest.expected_answer(LINUX_GUEST_SEED, 0, 4)
     with Resume(guest["snapshot"], qmp=dst.uffdpy_sock, background_delay=3.0) as r:
         running = r.running_after(10)
         assert running is not None and running < 1.0
         assert dst.qmp.call("query-status")["status"] == "running"
         assert dst.status() == "postcopy-active"
-        answer = linux_guest.ask(req, 0, 4, timeout=30)
+        answer = linuxguest.ask(req, 0, 4, timeout=30)
         assert answer == expected
         assert dst.status() == "postcopy-active"          # answered before the stream began
         sent, total = r.progress()
@@ -261,7 +261,7 @@ def test_guest_runs_and_answers_while_its_ram_streams_in(guest: Dict[str, Any], 
     assert stats.time_to_running_s is not None and stats.time_to_complete_s is not None
     assert stats.request_service_us["p50"] is not None
     assert dst.qmp.call("query-status")["status"] == "running"
-    assert linux_guest.ask(req, 8, 4, timeout=30) == linux_guest.expected_answer(
+    assert linuxguest.ask(req, 8, 4, timeout=30) == linuxguest.expected_answer(
         LINUX_GUEST_SEED, 8, 4)
 
 
@@ -356,7 +356,7 @@ def test_killed_source_then_recover_a_running_guest(guest: Dict[str, Any], desti
                           "--background-delay", "60")
     try:
         dst.qmp.wait_event("RESUME", timeout=30)
-        assert linux_guest.ask(req, 0, 2, timeout=30) == linux_guest.expected_answer(
+        assert linuxguest.ask(req, 0, 2, timeout=30) == linuxguest.expected_answer(
             LINUX_GUEST_SEED, 0, 2)
         source.kill()
         source.wait(timeout=30)
@@ -370,7 +370,7 @@ def test_killed_source_then_recover_a_running_guest(guest: Dict[str, Any], desti
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["recovered"]
     assert dst.status() == "completed"
-    assert linux_guest.ask(req, 4, 4, timeout=30) == linux_guest.expected_answer(
+    assert linuxguest.ask(req, 4, 4, timeout=30) == linuxguest.expected_answer(
         LINUX_GUEST_SEED, 4, 4)
 
 
@@ -410,7 +410,7 @@ def test_cli_starts_qemu_and_leaves_the_guest_running(guest: Dict[str, Any], qem
     try:
         assert stats["time_to_running_s"] is not None and stats["time_to_running_s"] < 1.0
         assert data_pages_sent(stats) == stats["data_pages"]
-        assert linux_guest.ask(req, 2, 2, timeout=30) == linux_guest.expected_answer(
+        assert linuxguest.ask(req, 2, 2, timeout=30) == linuxguest.expected_answer(
             LINUX_GUEST_SEED, 2, 2)
         with QmpClient(stats["qmp_socket"], timeout=30) as qmp:
             assert qmp.call("query-status")["status"] == "running"

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
-import linux_guest
+from uffdpy import linuxguest
 from helpers import LAZY_SERVERS, eventually
 from uffdpy.mappedram import Snapshot, make_synthetic
 from uffdpy.resume import QemuProcess, Resume
@@ -107,7 +107,7 @@ def _resume_and_ask(guest: Dict[str, Any], tmp: str, *, qemu: str, paused: bool 
     req = os.path.join(tmp, "req.sock")
     if os.path.exists(req):
         os.unlink(req)
-    proc = QemuProcess([qemu, *linux_guest.destination_args(guest, req)], paused=paused)
+    proc = QemuProcess([qemu, *linuxguest.destination_args(guest, req)], paused=paused)
     try:
         background = options.pop("background", True)
         with Resume(guest["snapshot"], qmp=proc.qmp_path, background=background,
@@ -115,8 +115,8 @@ def _resume_and_ask(guest: Dict[str, Any], tmp: str, *, qemu: str, paused: bool 
             out: Dict[str, Any] = {}
             if not paused:
                 assert r.running_after(10) is not None
-                answer = linux_guest.ask(req, 0, 4, timeout=60)
-                assert answer == linux_guest.expected_answer(LINUX_GUEST_SEED, 0, 4)
+                answer = linuxguest.ask(req, 0, 4, timeout=60)
+                assert answer == linuxguest.expected_answer(LINUX_GUEST_SEED, 0, 4)
                 out["requests_before_answer"] = r.stats.page_requests
             if not background:
                 r.start_background()
@@ -167,7 +167,7 @@ def test_replay_keeps_ram_byte_exact(guest: Dict[str, Any], qemu_binary: str, sh
                  for i in range(256, 256 + 3000, 3)]
         WorkingSet(snapshot_identity(snap), pages).save(tmp_path / "w.ws")
     req = os.path.join(short_tmp, "req.sock")
-    dst = Destination(qemu_binary, linux_guest.destination_args(guest, req), paused=True)
+    dst = Destination(qemu_binary, linuxguest.destination_args(guest, req), paused=True)
     try:
         with Resume(guest["snapshot"], qmp=dst.uffdpy_sock, working_set=tmp_path / "w.ws",
                     ws_placement=placement) as r:
@@ -187,7 +187,7 @@ def test_recording_of_another_snapshot_refused_before_sending(
     with Snapshot.open(other) as snap:
         WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "o.ws")
     req = os.path.join(short_tmp, "req.sock")
-    proc = QemuProcess([qemu_binary, *linux_guest.destination_args(guest, req)], paused=True)
+    proc = QemuProcess([qemu_binary, *linuxguest.destination_args(guest, req)], paused=True)
     try:
         with pytest.raises(WorkingSetError, match="another snapshot"):
             Resume(guest["snapshot"], qmp=proc.qmp_path, working_set=tmp_path / "o.ws")
@@ -212,11 +212,11 @@ def test_plot_of_a_real_run(guest: Dict[str, Any], qemu_binary: str, short_tmp: 
     import matplotlib  # noqa: F401  (the test extra installs it: no skip)
     from uffdpy.plot import load_run, plot_run
     req = os.path.join(short_tmp, "req.sock")
-    proc = QemuProcess([qemu_binary, *linux_guest.destination_args(guest, req)], paused=False)
+    proc = QemuProcess([qemu_binary, *linuxguest.destination_args(guest, req)], paused=False)
     try:
         with Resume(guest["snapshot"], qmp=proc.qmp_path, trace=True) as r:
             assert r.running_after(10) is not None
-            linux_guest.ask(req, 0, 2, timeout=60)
+            linuxguest.ask(req, 0, 2, timeout=60)
             r.wait(60)
             report = r.report(answer_s=0.5)
     finally:
@@ -269,7 +269,7 @@ def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: 
                             "--record-ws", rec)
         try:
             dst.qmp.wait_event("RESUME", timeout=60)   # bytes sent before RUN are lost
-            assert linux_guest.ask(req, 0, 4, timeout=60) == linux_guest.expected_answer(
+            assert linuxguest.ask(req, 0, 4, timeout=60) == linuxguest.expected_answer(
                 LINUX_GUEST_SEED, 0, 4)
             out, err = proc.communicate(timeout=120)
         finally:
