@@ -7,7 +7,6 @@ process, and every wait and join has a timeout.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import random
@@ -18,7 +17,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import pytest
 

@@ -15,7 +15,6 @@ import mmap
 import os
 import platform
 import subprocess
-import time
 
 import pytest
 

@@ -6,11 +6,10 @@ tests against files QEMU itself wrote and loads.
 from __future__ import annotations
 
 import json
-import os
 import random
 import struct
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 

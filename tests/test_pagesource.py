@@ -17,7 +17,7 @@ import ctypes
 import os
 import random
 import threading
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 

@@ -19,7 +19,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -28,8 +28,8 @@ from uffdpy.memory import PAGE_SIZE, Mapping, memfd_create
 from uffdpy.uffd import (
     ContinueMode, CopyMode, Event, EventsPendingError, Feature, FeatureUnavailableError,
     Filler, ForkEvent, Ioctl, MoveMode, PagefaultEvent, PagefaultFlag, ProcessGoneError,
-    RangeGoneError, RegisterMode, RemoveEvent, UffdError, UffdPermissionError, Userfaultfd,
-    WriteprotectMode, ZeropageMode, _fill_outcome, probe_features,
+    RangeGoneError, RegisterMode, RemoveEvent, UffdError, Userfaultfd,
+    WriteprotectMode, _fill_outcome, probe_features,
 )
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]

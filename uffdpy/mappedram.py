@@ -40,7 +40,7 @@ import os
 import random
 import struct
 from dataclasses import dataclass
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+from typing import (Any, Dict, Iterable, Iterator, List,
                     Mapping, Optional, Sequence, Tuple, Union)
 
 __all__ = [

@@ -46,7 +46,7 @@ from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
 from .eager import EAGER_READ_BYTES, EagerLoader
 from .errors import LoaderError, ServerDiedError
 from .lazy import SERVER_KINDS, SERVERS, LazyLoader
-from .options import LoadOptions
+from .options import DEFAULT_CHUNK_BYTES, LoadOptions
 from .placement import BOUNCE, DIRECT, ZERO, _fence, _protect_none, _Region, _SharedRegion
 from .server import Server
 from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
@@ -56,7 +56,7 @@ from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool
-from .workers import (DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers)
+from .workers import MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers
 from ..memory import Mapping  # noqa: F401  (tests patch uffdpy.loader.Mapping.anonymous)
 
 __all__ = [

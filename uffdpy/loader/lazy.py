@@ -38,14 +38,14 @@ from ..uffd import RegisterMode, Userfaultfd
 from .base import SnapshotLike, _LoaderBase, _open_source, _round_up
 from .claims import ClaimMap
 from .errors import LoaderError
-from .options import LoadOptions
+from .options import DEFAULT_CHUNK_BYTES, LoadOptions
 from .placement import _fence, _protect_none, _Region
 from .server import Server
 from .server_interpreter import InterpreterServer
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats
-from .workers import DEFAULT_CHUNK_BYTES, _eventfd, Workers
+from .workers import _eventfd, Workers
 from ..pagesource import PathLike
 from ..workingset import WorkingSet, load_for, snapshot_identity
 

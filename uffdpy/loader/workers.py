@@ -53,10 +53,9 @@ from .. import ioctl
 from ..memory import PAGE_SIZE, Mapping
 from ..uffd import Filler, UffdError, Userfaultfd
 from ..workload import latency_summary
-from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
+from .claims import CLAIMED, PLACED, ClaimMap
 from .errors import LoaderError
-from .options import DEFAULT_CHUNK_BYTES
-from .placement import BOUNCE, DIRECT, Placer, _Region
+from .placement import DIRECT, Placer, _Region
 from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool, run_pooled, start_thread
 
@@ -425,7 +424,6 @@ class Workers(Placer):
         counters = self.prefetch_counters[lane]
         bounce = self.prefetch_bounce[lane]
         uffd = self.uffd
-        claims = self.claims
         lanes = self.prefetch_threads
         # a replayed working set first, in recorded order, split among the lanes
         for n, (index, lo, hi) in enumerate(self._working_set_runs()):
