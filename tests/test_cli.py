@@ -201,6 +201,7 @@ def check_load_report(report: Dict[str, Any], pages: int, *, access: bool) -> No
         assert report["accesses"] > 0
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("access", ["random", "seq", "hot:0.1"])
 @pytest.mark.parametrize("mode,server", [("lazy", s) for s in LAZY_SERVERS] +
                          [("eager", "thread"), ("eager", "process")])
@@ -221,6 +222,7 @@ def test_load_json(synth: Path, mode: str, server: str, access: str) -> None:
         assert report["pages_by_fault"] + report["pages_by_prefetch"] == pages
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_no_prefetch_seq_touches_everything(synth16: Path, server: str) -> None:
     report = ok_json("load", synth16, "--server", server, "--no-prefetch", "--access", "seq",
@@ -233,6 +235,7 @@ def test_load_no_prefetch_seq_touches_everything(synth16: Path, server: str) -> 
     assert report["accesses"] == pages
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_huge_pages(synth16: Path, server: str, hugetlb_pool) -> None:
     with Snapshot.open(synth16) as snap:
@@ -254,12 +257,14 @@ def test_load_interpreter_server_before_3_13_is_a_clear_error(synth16: Path) -> 
     assert "needs Python 3.13 or newer" in proc.stderr and "server='process'" in proc.stderr
 
 
+@pytest.mark.kernel
 def test_load_prefetch_chunk(synth16: Path) -> None:
     report = ok_json("load", synth16, "--prefetch-chunk", "64K", "--verify")
     assert report["mismatched_pages"] == 0 and report["double_placements"] == 0
     assert report["pages_by_prefetch"] == total_pages(synth16)
 
 
+@pytest.mark.kernel
 def test_load_table_output(synth16: Path) -> None:
     out = ok("load", synth16, "--access", "random", "--touch", "500")
     for key in STAT_KEYS + ("access_us",):
@@ -283,6 +288,7 @@ def ok_json_or_hang(*args: object) -> Dict[str, Any]:
 
 
 @pytest.mark.qemu
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode,server", [
     ("lazy", "thread"),
     ("lazy", "process"),
@@ -295,6 +301,7 @@ def test_load_json_qemu(qemu_snap: Tuple[Path, Path, int], mode: str, server: st
     check_load_report(report, total_pages(path), access=True)
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_no_prefetch_qemu(qemu_snap: Tuple[Path, Path, int], server: str) -> None:
@@ -314,6 +321,7 @@ def assert_sparse(path: Path) -> None:
     assert st.st_blocks * 512 < st.st_size, (st.st_blocks, st.st_size)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
 def test_dump_synthetic(synth: Path, workdir: Path, mode: str) -> None:
     out = workdir / f"synth-{mode}.raw"
@@ -325,6 +333,7 @@ def test_dump_synthetic(synth: Path, workdir: Path, mode: str) -> None:
     assert_sparse(out)
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
 def test_dump_qemu_matches_pmemsave(qemu_snap: Tuple[Path, Path, int], workdir: Path,
@@ -377,6 +386,7 @@ def test_make_loads_in_qemu(qemu_binary: str, workdir: Path) -> None:
 
 # ------------------------------------------------------------------- demo, bench
 
+@pytest.mark.kernel
 def test_demo() -> None:
     out = ok("demo", "--size", "32M")
     assert "fast snapshot load, measured just now" in out
@@ -386,6 +396,7 @@ def test_demo() -> None:
     assert "medians of 3 interleaved rounds, the file in the page cache" in out
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 def test_bench_table_with_qemu(qemu_binary: str, synth16: Path) -> None:
     out = ok("bench", synth16, "--rounds", "1")
@@ -396,6 +407,7 @@ def test_bench_table_with_qemu(qemu_binary: str, synth16: Path) -> None:
     assert "not measured" not in out
 
 
+@pytest.mark.kernel
 def test_bench_json_without_qemu(synth16: Path) -> None:
     report = ok_json("bench", synth16, "--rounds", "1", "--no-qemu")
     assert report["rounds"] == 1
@@ -413,6 +425,7 @@ def test_bench_json_without_qemu(synth16: Path) -> None:
 
 
 
+@pytest.mark.kernel
 def test_bench_hot_working_set(synth16: Path) -> None:
     """bench --hot: eager, lazy and lazy replaying a recording of the same workload."""
     report = ok_json("bench", synth16, "--hot", "0.05", "--touch", "1000", "--rounds", "2")

@@ -26,7 +26,7 @@ import pytest
 from uffdpy.elfcore import ElfImage, ElfImageError, ElfNote, ElfRegion
 from uffdpy.pagesource import ImageError, open_image
 
-qemu_snapshot = pytest.importorskip("qemu_snapshot")
+from uffdpy import qemu  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
 from uffdpy import processcore
 from helpers import LAZY_SERVERS, assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
@@ -124,22 +124,22 @@ class QemuDump:
     path: Path
     ram_ranges: List[Tuple[int, int, str]]
     pmem: Dict[int, Path]            # range start -> pmemsave of that range
-    regions: list                    # qemu_snapshot.Region with the known bytes
+    regions: list                    # qemu.Region with the known bytes
 
 
 @pytest.fixture(scope="module")
 def pc_dump(qemu_binary: str, workdir: Path) -> QemuDump:
     """``-machine pc -m 128M`` (TCG, firmware only) with random bytes, dumped and pmemsaved."""
-    regions = [qemu_snapshot.random_region(str(workdir), addr=a, size=s, seed=seed)
+    regions = [qemu.random_region(str(workdir), addr=a, size=s, seed=seed)
                for a, s, seed in PC_RANDOM]
-    cfg = qemu_snapshot.VmConfig(machine="pc", mem="128M", qemu=qemu_binary)
+    cfg = qemu.VmConfig(machine="pc", mem="128M", qemu=qemu_binary)
     extra: List[str] = []
     for r in regions:
         extra += r.args()
     path = workdir / "pc.elf"
     pmem: Dict[int, Path] = {}
     # paused from the start: the memory layout is the reset one, not wherever the firmware got to
-    with qemu_snapshot.QemuVM(cfg, extra=extra, timeout=60, paused=True) as vm:
+    with qemu.QemuVM(cfg, extra=extra, timeout=60, paused=True) as vm:
         ranges = vm.ram_ranges()
         for start, end, _ in ranges:
             pmem[start] = workdir / f"pc-{start:#x}.pmem"
@@ -236,8 +236,8 @@ def test_qemu_dump_opens_through_open_image(pc_dump: QemuDump) -> None:
 def test_qemu_machine_none_dump_is_elf32_and_refused(qemu_binary: str, workdir: Path) -> None:
     """-machine none has no CPU: QEMU writes an ELF32/EM_386 dump, which is refused clearly."""
     path = workdir / "none.elf"
-    cfg = qemu_snapshot.VmConfig(machine="none", mem="16M", qemu=qemu_binary)
-    qemu_snapshot.dump_guest_memory(cfg, str(path), timeout=60)
+    cfg = qemu.VmConfig(machine="none", mem="16M", qemu=qemu_binary)
+    qemu.dump_guest_memory(cfg, str(path), timeout=60)
     with pytest.raises(ElfImageError) as exc:
         ElfImage.open(path)
     assert exc.value.offset == 4 and "ELFCLASS32" in str(exc.value)
@@ -677,6 +677,7 @@ def _memmove_read(address: int, size: int) -> bytes:
     return buf.raw
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_lazy_load_of_qemu_dump_equals_pmemsave(pc_dump: QemuDump, server: str) -> None:
@@ -699,6 +700,7 @@ def test_lazy_load_of_qemu_dump_equals_pmemsave(pc_dump: QemuDump, server: str) 
         assert verify(regions) == (sum(r.pages for r in image.regions), 0)
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 def test_cli_inspect_and_dump_of_qemu_dump(pc_dump: QemuDump, tmp_path: Path) -> None:
     info = json.loads(_ok("inspect", pc_dump.path, "--json"))
@@ -735,8 +737,8 @@ def test_convert_qemu_dump_loads_in_qemu(pc_dump: QemuDump, qemu_binary: str,
         for start, e, _ in pc_dump.ram_ranges:       # the reader sees the dump's bytes
             first, count = start // PAGE, (e - start) // PAGE
             assert block.read_pages(first, count) == pc_dump.pmem[start].read_bytes()
-    cfg = qemu_snapshot.VmConfig(machine="none", mem=f"{mem}M", qemu=qemu_binary)
-    with qemu_snapshot.QemuVM(cfg, incoming=True, timeout=120) as vm:
+    cfg = qemu.VmConfig(machine="none", mem=f"{mem}M", qemu=qemu_binary)
+    with qemu.QemuVM(cfg, incoming=True, timeout=120) as vm:
         vm.load(str(snap_path))
         for r in pc_dump.regions:
             got = tmp_path / f"qemu-{r.addr:#x}.pmem"
@@ -748,6 +750,7 @@ def test_convert_qemu_dump_loads_in_qemu(pc_dump: QemuDump, qemu_binary: str,
             assert got.read_bytes() == pc_dump.pmem[start].read_bytes()
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("which", ["gcore", "kernel_core"])
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_lazy_load_of_process_core(which: str, server: str,
@@ -768,6 +771,7 @@ def test_lazy_load_of_process_core(which: str, server: str,
             assert loader.wait(30), "every page was touched by verify: load complete"
 
 
+@pytest.mark.kernel
 def test_cli_on_a_process_core(gcore: ProcessCore, tmp_path: Path) -> None:
     info = json.loads(_ok("inspect", gcore.path, "--json"))
     assert info["address_space"] == "virtual"
@@ -809,6 +813,7 @@ def test_inspect_shows_a_format_it_has_no_table_for(gcore: ProcessCore, monkeypa
     assert all(name in text for name, *_ in expected)
 
 
+@pytest.mark.kernel
 def test_bench_on_a_process_core(gcore: ProcessCore) -> None:
     report = json.loads(_ok("bench", gcore.path, "--rounds", "1", "--touch", "50", "--json"))
     results = report["results"]

@@ -244,6 +244,7 @@ def small_fs(tmp_path: Path) -> Path:
         subprocess.run(["umount", str(where)], capture_output=True, timeout=30)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("command", ["make", "dump", "convert", "rewrite"])
 def test_enospc_leaves_no_partial_output(small_fs: Path, synth: Path, tmp_path: Path,
                                          command: str) -> None:
@@ -382,6 +383,7 @@ def test_a_bug_in_uffdpy_shows_its_traceback(synth: Path, monkeypatch: pytest.Mo
         cli.main(["inspect", str(synth)])
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", ["thread", "process"])
 def test_verify_completes_a_load_without_prefetch(synth: Path, server: str) -> None:
     """--no-prefetch --verify: reading every page placed every page, so the load is complete."""

@@ -1,6 +1,6 @@
 """uffdpy.mappedram against files written and loaded by a real QEMU 10.
 
-Snapshots are made by scripts/qemu_snapshot.py (TCG, no guest OS) with known
+Snapshots are made by uffdpy.qemu, under TCG with no guest OS, with known
 random bytes at known guest-physical addresses; the reader's pages are
 compared with those bytes and with QEMU's own pmemsave of guest memory.
 Writer round trips are loaded back into QEMU and compared the same way.
@@ -18,8 +18,8 @@ import pytest
 from uffdpy.mappedram import (BlockSpec, MappedRamError, NotMappedRamError, RamBlock, Snapshot,
                               make_synthetic, rewrite_snapshot, write_snapshot)
 
-qemu_snapshot = pytest.importorskip("qemu_snapshot")
-VmConfig = qemu_snapshot.VmConfig
+from uffdpy import qemu  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
+VmConfig = qemu.VmConfig
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
@@ -62,12 +62,12 @@ def make(qemu_binary: str, workdir: Path):  # type: ignore[no-untyped-def]
               offset: int = 0, prefix: bytes = b"", **kwargs: object) -> Made:
         if name not in cache:
             config = dataclasses.replace(config, qemu=qemu_binary)
-            regs = [qemu_snapshot.random_region(str(workdir), addr=a, size=s, seed=seed)
+            regs = [qemu.random_region(str(workdir), addr=a, size=s, seed=seed)
                     for a, s, seed in regions]
             image, pmem = workdir / f"{name}.img", workdir / f"{name}.pmem"
             if prefix:
                 image.write_bytes(prefix)
-            qemu_snapshot.save_snapshot(config, str(image), regions=regs, offset=offset,
+            qemu.save_snapshot(config, str(image), regions=regs, offset=offset,
                                         pmemsave=str(pmem), run_seconds=0.2, timeout=60,
                                         **kwargs)
             cache[name] = Made(config, image, pmem, regs, offset)
@@ -208,7 +208,7 @@ def test_stream_without_mapped_ram(make) -> None:  # type: ignore[no-untyped-def
 def test_qemu_loads_its_own_snapshot(make, workdir: Path) -> None:  # type: ignore[no-untyped-def]
     made = none64(make)
     out = workdir / "none64-loaded.pmem"
-    info = qemu_snapshot.load_snapshot(made.config, str(made.image), pmemsave=str(out),
+    info = qemu.load_snapshot(made.config, str(made.image), pmemsave=str(out),
                                        timeout=60)
     assert info["status"] == "paused" and info["seconds"] < 30
     assert out.read_bytes() == made.memory()
@@ -220,7 +220,7 @@ def test_synthetic_snapshot_loads_into_qemu(qemu_binary: str, workdir: Path) -> 
     image, pmem = workdir / "synthetic.img", workdir / "synthetic.pmem"
     make_synthetic(image, size=64 * MiB, fill=0.3, seed=11)
     config = VmConfig(machine="none", mem="64M", qemu=qemu_binary)
-    info = qemu_snapshot.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
+    info = qemu.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
     assert info["query-migrate"]["status"] == "completed"
     with Snapshot.open(image) as snap:
         blk = snap.block("ram")
@@ -235,7 +235,7 @@ def test_explicit_contents_load_into_qemu(qemu_binary: str, workdir: Path) -> No
     image, pmem = workdir / "explicit.img", workdir / "explicit.pmem"
     write_snapshot(image, [("ram", contents)])
     config = VmConfig(machine="none", mem="16M", qemu=qemu_binary)
-    qemu_snapshot.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
+    qemu.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
     assert pmem.read_bytes() == bytes(contents)
 
 
@@ -266,7 +266,7 @@ def test_pc_snapshot_rewritten_by_the_writer_loads(make, workdir: Path) -> None:
             shift = copy.device_state_range[0] - src.device_state_range[0]
             assert copy.devices == [dataclasses.replace(d, offset=d.offset + shift)
                                     for d in src.devices]
-    info = qemu_snapshot.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
+    info = qemu.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
     assert info["status"] == "paused"
     assert pmem.read_bytes() == made.memory()
 
@@ -284,7 +284,7 @@ def test_q35_snapshot_with_patched_pages_loads(make, workdir: Path) -> None:  # 
     with Snapshot.open(made.image) as src, Snapshot.open(dst) as copy:
         assert src.read_range(*src.device_state_range) == copy.read_range(*copy.device_state_range)
         assert copy.block("m0").is_present(zero_gpa // PAGE) is False
-    info = qemu_snapshot.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
+    info = qemu.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
     assert info["status"] == "paused"
     before, after = made.memory(), pmem.read_bytes()
     assert len(before) == len(after) == 128 * MiB

@@ -128,6 +128,7 @@ def test_the_test_source_satisfies_the_protocol(awkward):
     assert r.read_pages(38, 2) == bytes(2 * PS)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 @pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb"])
 def test_prefetch_places_every_kind_of_page(awkward, server, huge, hugetlb_pool):
@@ -141,6 +142,7 @@ def test_prefetch_places_every_kind_of_page(awkward, server, huge, hugetlb_pool)
         assert st.double_placements == 0 and st.placed_pages == st.total_pages
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("fault_around,huge", [(0, False), (7, False), (0, True)],
                          ids=["4k", "4k-fault-around", "hugetlb"])
 def test_faults_on_every_kind_of_page(awkward, fault_around, huge, hugetlb_pool):

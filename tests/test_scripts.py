@@ -57,6 +57,7 @@ def test_script_has_docstring(name: str) -> None:
     assert doc and len(doc.splitlines()) >= 3, f"scripts/{name} needs a docstring saying what it shows"
 
 
+@pytest.mark.kernel
 def test_gil_deadlock_quick() -> None:
     out = run_script("gil_deadlock.py", ["--quick"], timeout=90)
     assert "deadlocked as expected" in out
@@ -65,6 +66,7 @@ def test_gil_deadlock_quick() -> None:
     assert "-> ok in" in out and "unexpectedly" not in out
 
 
+@pytest.mark.kernel
 def test_teach_fault_quick() -> None:
     out = run_script("teach_fault.py", ["--quick"], timeout=60)
     assert "registered the range in MISSING mode" in out
@@ -74,6 +76,7 @@ def test_teach_fault_quick() -> None:
     assert "with 0 new fault(s)" in out
 
 
+@pytest.mark.kernel
 def test_bench_load_quick_no_qemu() -> None:
     out = run_script("bench_load.py", ["--quick", "--no-qemu"], timeout=120)
     assert "eager (QEMU-style pread, THP)" in out
@@ -89,6 +92,7 @@ def test_bench_load_quick_no_qemu() -> None:
     assert ("interpreter server, other CPU, busy-poll" in out) == HAVE_INTERPRETERS
 
 
+@pytest.mark.kernel
 def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
     snap = tmp_path / "made.img"
     out = run_script("bench_load.py", [snap, "--make-synthetic", "16M", "--fill", "0.25",
@@ -108,6 +112,7 @@ def test_bench_load_make_synthetic_json(tmp_path: Path) -> None:
                                             for op in ("copy", "zeropage")}
 
 
+@pytest.mark.kernel
 @pytest.mark.qemu
 def test_bench_load_quick_with_qemu(qemu_binary: str) -> None:
     out = run_script("bench_load.py", ["--quick"], timeout=120)
@@ -115,6 +120,7 @@ def test_bench_load_quick_with_qemu(qemu_binary: str) -> None:
     assert "not measured" not in out
 
 
+@pytest.mark.kernel
 def test_bench_fault_quick() -> None:
     if not (SCRIPTS / "bench_fault.py").exists():
         pytest.fail("scripts/bench_fault.py is missing")

@@ -54,6 +54,7 @@ def test_priority_and_cpus_come_back_after_a_task() -> None:
     assert after["nice"] == before["nice"] and after["cpus"] == before["cpus"]
 
 
+@pytest.mark.kernel
 def test_a_second_load_starts_no_thread(tmp_path, monkeypatch) -> None:
     path = tmp_path / "s.img"
     make_synthetic(path, size=4 << 20, fill=0.5, seed=3)

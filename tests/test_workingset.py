@@ -345,6 +345,7 @@ def _load_json(*args: object) -> Dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_load_record_and_replay_cut_faults(tmp_path: Path, server: str) -> None:
     """A hot-set workload recorded with pure demand paging; replayed, the same workload
