@@ -14,8 +14,12 @@ Modules:
     loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``LoadOptions``, ``EagerLoader``
     workingset the pages a load or a resume demanded first: record, check, merge, replay
     resume     ``Resume``: a snapshot served as the postcopy source of a real QEMU
-    qmp        ``QmpClient``: a small synchronous QMP client (standard library only)
-    cli        the ``uffdpy`` command
+    qmp        ``QmpClient``: a synchronous face on qemu.qmp, QEMU's QMP library
+    qemu       ``Qemu``, the one QEMU launcher, and real snapshots and dumps made with it
+    linuxguest a real Linux guest snapshot that answers requests on a serial port
+    processcore Linux process cores holding a known buffer (gdb's gcore, the kernel)
+    sizes      ``parse_size``: the one reader of sizes (``64M``, ``0x1000``)
+    cli        the ``uffdpy`` command (each command returns an ``outcome.Outcome``)
 """
 from __future__ import annotations
 
