@@ -350,3 +350,24 @@ def test_uffdpy_max_memory_sets_the_limit(small_image: str,
     monkeypatch.setenv("UFFDPY_MAX_MEMORY", "lots")
     with pytest.raises(ValueError, match="not a size"):
         LazyLoader(small_image)
+
+
+@pytest.mark.parametrize("server", LAZY_SERVERS + ["eager"])
+def test_a_file_renamed_over_the_image_after_it_was_opened_is_not_read(tmp_path: Path,
+                                                                       server: str) -> None:
+    """The loaders read the file the source validated, not whatever has its name now
+    (uffdpy's own writers replace a file by renaming a new one over it)."""
+    import ctypes
+    from uffdpy.loader import EagerLoader
+    path, other = tmp_path / "a.img", tmp_path / "b.img"
+    make_synthetic(str(path), size=4 << 20, fill=0.5, seed=1)
+    make_synthetic(str(other), size=4 << 20, fill=0.5, seed=2)
+    with Snapshot.open(str(path)) as snap:
+        block = snap.blocks[0]
+        expected = block.read_pages(0, block.pages)
+        os.rename(other, path)                       # the name now belongs to another file
+        with (EagerLoader(snap) if server == "eager" else LazyLoader(snap, server=server)) as ld:
+            assert ld.wait(60), "the load did not complete"
+            got = ctypes.create_string_buffer(block.length)
+            ctypes.memmove(got, ld.address(block.name), block.length)   # every page placed
+    assert got.raw == expected

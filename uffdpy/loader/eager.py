@@ -35,11 +35,8 @@ class EagerLoader(_LoaderBase):
         self._closed = False
         try:
             self._map_blocks(transparent_huge_pages=True)
-            fd = os.open(self.source.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self._read_all(fd)
-            finally:
-                os.close(fd)
+            # the file the source validated, not whatever now has its name
+            self._read_all(self.source.fileno())
         except BaseException:
             self.close()
             raise

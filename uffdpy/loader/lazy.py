@@ -197,8 +197,11 @@ class LazyLoader(_LoaderBase):
             m = self._mappings[name]
             self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
         self._registered = True
-        # The fd stays open for the workers' reads into bounce buffers.
-        self._file_fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        # The fd stays open for the workers' reads into bounce buffers: a
+        # duplicate of the source's own (close-on-exec), so the load reads the
+        # file that was validated even if another now has its name (a writer
+        # that renames over it, as uffdpy's own do).
+        self._file_fd = os.dup(source.fileno())
         self._file_map = Mapping.of_file(self._file_fd, _round_up(source.file_size, PAGE_SIZE))
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
         regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
