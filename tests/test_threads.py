@@ -73,6 +73,8 @@ def test_a_second_load_starts_no_thread(tmp_path, monkeypatch) -> None:
     assert started == []
 
 
+# forking with the pool's idle thread alive is the point (CPython 3.12+ warns about it)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_starts_its_own_threads() -> None:
     run_pooled("uffdpy-test-warm", lambda: None).join(10)     # an idle thread in the parent
     pid = os.fork()

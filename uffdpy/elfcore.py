@@ -66,7 +66,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 from elftools.elf.segments import NoteSegment
 
-from .pagesource import (ImageError, ImageFile, OpenImage, PathLike, RegionNotFound,
+from .pagesource import (ImageError, ImageFile, OpenImage, PathLike, RegionBase, RegionNotFound,
                          bitmap_runs, set_bits)
 
 __all__ = ["ElfImageError", "ElfImage", "ElfRegion", "ElfNote", "PAGE_SIZE",
@@ -205,7 +205,7 @@ def _perms(flags: int) -> str:
                                                              ("x", _PF_X)))
 
 
-class ElfRegion:
+class ElfRegion(RegionBase):
     """One ``PT_LOAD`` segment as a page-source region (see the module docstring).
 
     Attributes: ``name``, ``address`` (``paddr`` or ``vaddr``, per the image's
@@ -264,43 +264,22 @@ class ElfRegion:
                 f"perms={self.perms!r}, pages={self.pages}, present_pages={self.present_pages}, "
                 f"file_offset={self.file_offset:#x}, file_bytes={self.file_bytes:#x})")
 
-    def _check_index(self, i: int) -> None:
-        if not 0 <= i < self.pages:
-            raise IndexError(f"page {i} out of range for region {self.name} of {self.pages} pages")
-
     def is_present(self, i: int) -> bool:
         """True if page ``i`` has bytes in the file. Raises: IndexError for a bad index."""
         self._check_index(i)
         return i < self.present_pages
 
-    def page_offset(self, i: int) -> int:
-        """File offset of page ``i`` (``file_offset + i * page_size``), present or not.
-
-        Raises: IndexError for a bad index.
-        """
-        self._check_index(i)
-        return self.file_offset + i * self.page_size
-
     def runs(self) -> Iterator[Tuple[int, int, bool]]:
         """Maximal ``(first_page, count, present)`` runs in order (at most two)."""
         return bitmap_runs(self.bitmap, self.pages)
 
-    def read_page(self, i: int) -> bytes:
-        """The ``page_size`` bytes of page ``i`` (zeros past ``file_bytes``).
-
-        Raises: IndexError for a bad index; ElfImageError if the file is
-        shorter than it was when opened; ValueError if the image is closed.
-        """
-        return self.read_pages(i, 1)
-
     def read_pages(self, first: int, count: int) -> bytes:
         """``count`` pages from page ``first`` as one bytes object (pread, zeros past ``file_bytes``).
 
-        Raises: as :meth:`read_page`.
+        Raises: IndexError for a bad range; ElfImageError if the file is
+        shorter than it was when opened; ValueError if the image is closed.
         """
-        if count < 0 or first < 0 or first + count > self.pages:
-            raise IndexError(f"pages [{first}, {first + count}) out of range for region "
-                             f"{self.name} of {self.pages} pages")
+        self._check_range(first, count)
         lo = first * self.page_size
         hi = min((first + count) * self.page_size, self.file_bytes)
         size = count * self.page_size

@@ -94,8 +94,8 @@ _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
 from .files import copy_range as _copy_range, pwrite_all as _pwrite_all, replacing
-from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, RegionNotFound,
-                         bitmap_runs, bitmap_runs_in, set_bits)
+from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, RegionBase,
+                         RegionNotFound, bitmap_runs, bitmap_runs_in, set_bits)
 
 
 # --- errors ----------------------------------------------------------------------
@@ -213,7 +213,7 @@ class DeviceSection:
     length: int
 
 
-class RamBlock:
+class RamBlock(RegionBase):
     """One RAMBlock of a mapped-ram snapshot.
 
     ``length`` is the block's used length in bytes, ``page_size`` the bitmap
@@ -225,6 +225,8 @@ class RamBlock:
     absolute file offsets; ``header_offset`` is the offset of the block's
     record (its name length byte) in the RAM section.
     """
+
+    noun = "block"
 
     def __init__(self, source: _Source, *, name: str, length: int, page_size: int,
                  bitmap_offset: int, pages_offset: int, bitmap: bytes,
@@ -255,10 +257,6 @@ class RamBlock:
                 f"pages={self.pages}, present_pages={self.present_pages}, "
                 f"bitmap_offset={self.bitmap_offset:#x}, pages_offset={self.pages_offset:#x})")
 
-    def _check_index(self, i: int) -> None:
-        if not 0 <= i < self.pages:
-            raise IndexError(f"page {i} out of range for block {self.name!r} of {self.pages} pages")
-
     def is_present(self, i: int) -> bool:
         """True if page ``i`` has data in the file; False if it is a zero page.
 
@@ -267,30 +265,13 @@ class RamBlock:
         self._check_index(i)
         return bool(self._bits[i >> 3] >> (i & 7) & 1)
 
-    def page_offset(self, i: int) -> int:
-        """Absolute file offset (bytes) of page ``i``, whether present or not.
-
-        Raises: IndexError if ``i`` is not a page of this block.
-        """
-        self._check_index(i)
-        return self.pages_offset + i * self.page_size
-
-    def read_page(self, i: int) -> bytes:
-        """The ``page_size`` bytes of page ``i``; zeros if its bit is clear.
-
-        Raises: IndexError for a bad index; MappedRamError if the file is
-        shorter than it was when opened; ValueError if the snapshot is closed.
-        """
-        return self.read_pages(i, 1)
-
     def read_pages(self, first: int, count: int) -> bytes:
         """``count`` pages from page ``first`` as one bytes object (zeros for clear bits).
 
-        Raises: as :meth:`read_page`.
+        Raises: IndexError for a bad range; MappedRamError if the file is
+        shorter than it was when opened; ValueError if the snapshot is closed.
         """
-        if count < 0 or not 0 <= first or first + count > self.pages:
-            raise IndexError(f"pages [{first}, {first + count}) out of range for block "
-                             f"{self.name!r} of {self.pages} pages")
+        self._check_range(first, count)
         out = bytearray(count * self.page_size)
         for run_first, run_count, present in bitmap_runs_in(self._bits, first, first + count):
             if present:

@@ -49,7 +49,8 @@ from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence, Tuple,
 from .errors import UffdpyError
 from .sizes import parse_size
 
-__all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "PageSource", "open_image",
+__all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "RegionBase",
+           "PageSource", "open_image",
            "sniff_format", "FORMATS", "ImageFormat", "format_of", "memory_limit",
            "memory_limit_origin", "check_fits_in_memory", "physical_memory_bytes"]
 
@@ -204,6 +205,50 @@ class PageRegion(Protocol):
     def is_present(self, i: int) -> bool: ...
     def runs(self) -> Iterator[Tuple[int, int, bool]]: ...
     def read_pages(self, first: int, count: int) -> bytes: ...
+
+
+class RegionBase:
+    """What the formats' regions share: page indexes checked, file offsets, one-page reads.
+
+    A format's region class sets ``name``, ``pages``, ``page_size`` and
+    ``file_offset`` and defines ``is_present`` and ``read_pages``; ``noun``
+    names it in errors ("block" for a RAMBlock).
+    """
+
+    noun: ClassVar[str] = "region"
+    name: str
+    pages: int
+    page_size: int
+    file_offset: int
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.pages:
+            raise IndexError(f"page {i} out of range for {self.noun} {self.name!r} "
+                             f"of {self.pages} pages")
+
+    def _check_range(self, first: int, count: int) -> None:
+        if count < 0 or first < 0 or first + count > self.pages:
+            raise IndexError(f"pages [{first}, {first + count}) out of range for {self.noun} "
+                             f"{self.name!r} of {self.pages} pages")
+
+    def page_offset(self, i: int) -> int:
+        """File offset of page ``i`` (``file_offset + i * page_size``), present or not.
+
+        Raises: IndexError if ``i`` is not a page of this region.
+        """
+        self._check_index(i)
+        return self.file_offset + i * self.page_size
+
+    def read_page(self, i: int) -> bytes:
+        """The ``page_size`` bytes of page ``i`` (zeros where the file holds none).
+
+        Raises: IndexError for a bad index; the format's ImageError if the file
+        is shorter than it was when opened; ValueError if the image is closed.
+        """
+        return self.read_pages(i, 1)
+
+    def read_pages(self, first: int, count: int) -> bytes:  # pragma: no cover - per format
+        raise NotImplementedError
 
 
 class PageSource(Protocol):
