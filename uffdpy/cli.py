@@ -23,13 +23,16 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
 from . import sizes
 from .errors import UffdpyError
 from .outcome import Outcome
+
+if TYPE_CHECKING:
+    from .loader.base import _LoaderBase
 
 __all__ = ["main"]
 
@@ -347,12 +350,11 @@ def _open_loader(args: argparse.Namespace, snap: Any) -> Any:
                       working_set=getattr(args, "working_set", None))
 
 
-def _wait_with_progress(loader: Any, enabled: bool, label: str = "loading") -> None:
+def _wait_with_progress(loader: "_LoaderBase", enabled: bool, label: str = "loading") -> None:
     bar = _Progress(label, enabled)
     try:
         while not loader.wait(0.1):
-            if hasattr(loader, "progress"):
-                bar.update(*loader.progress())
+            bar.update(*loader.progress())
     finally:
         bar.finish()
 

@@ -150,6 +150,10 @@ class _LoaderBase:
     def wait(self, timeout: Optional[float] = None) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def progress(self) -> Tuple[int, int]:  # pragma: no cover - overridden
+        """``(placed_pages, total_pages)`` right now."""
+        raise NotImplementedError
+
     @property
     def stats(self) -> Stats:
         """Load statistics (see ``Stats``)."""

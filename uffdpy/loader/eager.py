@@ -4,7 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 from .base import MiB, SnapshotLike, _LoaderBase, _open_source
 
@@ -70,6 +70,10 @@ class EagerLoader(_LoaderBase):
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Always True: an eager load is complete when the constructor returns."""
         return True
+
+    def progress(self) -> Tuple[int, int]:
+        """``(total_pages, total_pages)``: every page is in once the constructor returns."""
+        return (self._stats.total_pages, self._stats.total_pages)
 
     def close(self, *, _raise: bool = True) -> None:
         """Unmap the memory and close the snapshot (idempotent)."""
