@@ -634,6 +634,36 @@ def test_exit_without_close_does_not_hang(small, server):
     assert "Traceback" not in r.stderr, r.stderr
 
 
+def test_importing_registers_no_exit_hook():
+    """Importing uffdpy (every module) registers nothing at exit or at fork: the hooks
+    come with the first interpreter server, pooled thread or QMP client."""
+    code = textwrap.dedent("""
+        import atexit, importlib, os, pkgutil
+        ours = []
+        for hook in ("atexit", "fork"):
+            real = atexit.register if hook == "atexit" else os.register_at_fork
+            def spy(*a, _real=real, _hook=hook, **k):
+                fn = (a or list(k.values()))[0]
+                if getattr(fn, "__module__", "").startswith("uffdpy"):
+                    ours.append((_hook, fn.__qualname__))
+                return _real(*a, **k)
+            if hook == "atexit":
+                atexit.register = spy
+            else:
+                os.register_at_fork = spy
+        import uffdpy
+        for m in pkgutil.walk_packages(uffdpy.__path__, "uffdpy."):
+            if not m.name.endswith("__main__"):          # that one runs the command
+                importlib.import_module(m.name)
+        print(ours)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 @needs_interpreters
 def test_two_interpreter_servers_at_once(small, synthetic):
     """Each load gets its own subinterpreter; both complete and equal their snapshots."""

@@ -51,9 +51,16 @@ _T = TypeVar("_T")
 #: clients still open, closed at exit (a loop thread killed by the interpreter's
 #: exit prints "Task was destroyed but it is pending!")
 _OPEN: "weakref.WeakSet[QmpClient]" = weakref.WeakSet()
+_exit_hook = threading.Lock()          # held once the hook is registered
 
 
-@atexit.register
+def _track(client: "QmpClient") -> None:
+    """Close ``client`` at exit if it is still open (the hook comes with the first client)."""
+    if _exit_hook.acquire(blocking=False):
+        atexit.register(_close_all)
+    _OPEN.add(client)
+
+
 def _close_all() -> None:
     for client in list(_OPEN):
         client.close()
@@ -104,7 +111,7 @@ class QmpClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="uffdpy-qmp",
                                         daemon=True)
         self._thread.start()
-        _OPEN.add(self)
+        _track(self)
         try:
             self._connect()
         except BaseException:

@@ -208,6 +208,38 @@ def _child_main(body: Callable[[], Report], report_fd: int, parent: int) -> None
 _pool_lock = threading.Lock()
 _idle: List[int] = []
 _running: set = set()
+#: run at exit before the idle interpreters are destroyed (``before_exit``)
+_exit_first: List[Callable[[], None]] = []
+_hooks_installed = False
+
+
+def before_exit(fn: Callable[[], None]) -> None:
+    """Have ``fn`` run at exit, before the idle interpreters are destroyed.
+
+    For what must end first: a loader whose server still runs in an
+    interpreter keeps it from being destroyed (CPython will not finalize a
+    subinterpreter a thread still runs).
+    """
+    _exit_first.append(fn)
+
+
+def _install_hooks() -> None:
+    """Once, when the first interpreter is made: at exit and before every fork,
+    destroy the idle ones (importing uffdpy registers nothing)."""
+    global _hooks_installed
+    with _pool_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    atexit.register(_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=destroy_idle_interpreters)
+
+
+def _at_exit() -> None:
+    for fn in _exit_first:
+        fn()
+    destroy_idle_interpreters()
 
 
 def interpreters_module() -> Any:
@@ -294,6 +326,7 @@ class Interpreter:
 
 def _new_interpreter() -> int:
     interps = interpreters_module()
+    _install_hooks()
     ident = interps.create(interps.new_config("isolated"))
     # uffdpy/loader/hosting.py -> the directory holding uffdpy/
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -355,7 +388,3 @@ def check_fork_allowed() -> None:
             f"CPython aborts a child forked while a subinterpreter exists; wait for them "
             f"or close them first, or use server='interpreter' here too")
 
-
-atexit.register(destroy_idle_interpreters)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=destroy_idle_interpreters)

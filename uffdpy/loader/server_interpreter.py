@@ -7,7 +7,6 @@ the pool of idle subinterpreters (``hosting.Interpreter``), and
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import select
@@ -20,8 +19,8 @@ from ..uffd import Userfaultfd
 from .claims import ClaimMap
 from .errors import LoaderError
 from .placement import _fence, _Region, _SharedRegion
-from .hosting import (HAVE_INTERPRETERS, Interpreter, destroy_idle_interpreters, error_report,
-                      interpreters_module, prepare_interpreters, read_report,
+from .hosting import (HAVE_INTERPRETERS, Interpreter, before_exit, destroy_idle_interpreters,
+                      error_report, interpreters_module, prepare_interpreters, read_report,
                       serve_until_ended, write_report)
 from .server import Server
 from .workers import _eventfd, Workers, _signal_fd, _start_thread
@@ -196,7 +195,7 @@ def _close_interpreter_loaders() -> None:
 
     Without this the interpreter hangs at exit: CPython will not finalize a
     subinterpreter that a thread is still running.  Runs before the idle
-    ones are destroyed (atexit is last in, first out).
+    ones are destroyed (``hosting.before_exit``).
     """
     for loader in list(_live_interpreter_loaders):
         loader.close(_raise=False)
@@ -204,7 +203,7 @@ def _close_interpreter_loaders() -> None:
 
 #: LazyLoaders whose interpreter server may still be running
 _live_interpreter_loaders: "weakref.WeakSet[LazyLoader]" = weakref.WeakSet()
-atexit.register(_close_interpreter_loaders)   # before hosting's: atexit is last in, first out
+before_exit(_close_interpreter_loaders)
 
 
 def _interpreter_main(spec: str, bitmaps: Sequence[bytes]) -> None:

@@ -139,11 +139,15 @@ class _Pool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: List[_Worker] = []
+        self._fork_hook = False
 
     def run(self, name: str, fn: Callable[[], None]) -> Task:
         """Run ``fn`` on an idle thread, or on a new one. Raises: LoaderError (see start_thread)."""
         with self._lock:
             worker = self._idle.pop() if self._idle else None
+            if not self._fork_hook:        # once, when the pool first makes a thread
+                self._fork_hook = True
+                os.register_at_fork(after_in_child=self.forget)
         if worker is None:
             worker = _Worker(self, name)
             start_thread(worker.thread)
@@ -174,7 +178,6 @@ class _Pool:
 
 
 _POOL = _Pool()
-os.register_at_fork(after_in_child=_POOL.forget)
 
 
 def run_pooled(name: str, fn: Callable[[], None]) -> Task:
