@@ -125,6 +125,7 @@ def start_touching(image: Path, server: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_access_workload_exits_cleanly(synth: Path, server: str, signum: int,
@@ -136,6 +137,7 @@ def test_signal_during_access_workload_exits_cleanly(synth: Path, server: str, s
     assert "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.kernel
 def test_server_killed_during_access_workload_is_one_error(synth: Path) -> None:
     proc = start_touching(synth, "process")
     children = _children(proc.pid)
@@ -144,6 +146,7 @@ def test_server_killed_during_access_workload_is_one_error(synth: Path) -> None:
     one_error_line(finish(proc), "server", "SIGKILL")
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_file_truncated_during_access_workload_is_one_error(synth: Path, tmp_path: Path,
                                                             server: str) -> None:

@@ -377,6 +377,7 @@ def test_load_record_and_replay_cut_faults(tmp_path: Path, server: str) -> None:
     assert replay["placed_pages"] == replay["total_pages"]
 
 
+@pytest.mark.kernel
 def test_load_refuses_another_images_working_set(synth: Tuple[Path, Path], tmp_path: Path) -> None:
     from helpers import resources
     from uffdpy.loader import LazyLoader

@@ -418,27 +418,26 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
     from .files import replacing
     with _open_source(args) as snap:
         block = snap.region(args.block)
-        with _open_loader(args, snap) as loader:
-            base = loader.address(block.name)
-            ps = block.page_size
-            chunk = 256 * ps
-            buf = ctypes.create_string_buffer(chunk)
-            bar = _Progress(f"dumping {block.name}", True)
-            # a temporary renamed on success: never a partial output, never the input
-            try:
-                with replacing(args.output, mode=0o644, not_same_as=[args.snapshot]) as fd:
-                    for first, count, present in block.runs():
-                        if not present:
-                            continue                   # zero pages stay holes
-                        for lo in range(first, first + count, 256):
-                            n = min(256, first + count - lo) * ps
-                            ctypes.memmove(buf, base + lo * ps, n)   # faults served without the GIL
-                            data = buf.raw[:n]
-                            os.pwrite(fd, data, lo * ps)
-                            bar.update(lo + n // ps, block.pages)
-                    os.ftruncate(fd, block.length)
-            finally:
-                bar.finish()
+        ps = block.page_size
+        buf = ctypes.create_string_buffer(256 * ps)
+        bar = _Progress(f"dumping {block.name}", True)
+        # A temporary renamed once the load and the copy both ended well: never a
+        # partial output, and never the input (refused before anything loads).
+        try:
+            with replacing(args.output, mode=0o644, not_same_as=[args.snapshot]) as fd, \
+                    _open_loader(args, snap) as loader:
+                base = loader.address(block.name)
+                for first, count, present in block.runs():
+                    if not present:
+                        continue                   # zero pages stay holes
+                    for lo in range(first, first + count, 256):
+                        n = min(256, first + count - lo) * ps
+                        ctypes.memmove(buf, base + lo * ps, n)   # faults served without the GIL
+                        os.pwrite(fd, buf.raw[:n], lo * ps)
+                        bar.update(lo + n // ps, block.pages)
+                os.ftruncate(fd, block.length)
+        finally:
+            bar.finish()
     return Outcome(f"{args.output}: {block.length} bytes of region {block.name!r}")
 
 
