@@ -45,7 +45,7 @@ from .server_interpreter import InterpreterServer
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats
-from .workers import _eventfd, Workers
+from .workers import WakeFd, Workers
 from ..pagesource import PathLike
 from ..workingset import WorkingSet, load_for, snapshot_identity
 
@@ -151,11 +151,10 @@ class LazyLoader(_LoaderBase):
         self._uffd: Optional[Userfaultfd] = None
         self._file_map: Optional[Mapping] = None
         self._file_fd = -1
-        self._wake_fd = -1
+        self._wake: Optional[WakeFd] = None
         self._workers: Optional[Workers] = None
         self._regions: List[_Region] = []
         self._claims: Optional[ClaimMap] = None
-        self._fd_lock = threading.Lock()
         self._error: Optional[BaseException] = None
         self._error_reported = False
         self._failed = False
@@ -181,7 +180,14 @@ class LazyLoader(_LoaderBase):
             self._record_path = None            # a loader that never ran records nothing
             self.close(_raise=False)
             raise
-        self._stats.time_to_ready_s = time.perf_counter() - t0
+        stats = self._stats
+        stats.time_to_ready_s = time.perf_counter() - t0
+        # A server outside this interpreter starts at once and may have placed
+        # every page before we got here (a small image, the interpreter's
+        # start-up handshake): to the caller it completed when it was ready.
+        complete = stats.time_to_complete_s
+        if complete is not None and complete < stats.time_to_ready_s:
+            stats.time_to_complete_s = stats.time_to_ready_s
         if self._workers is not None:
             self._workers.go.set()
 
@@ -214,7 +220,7 @@ class LazyLoader(_LoaderBase):
             index = {r.name: r.index for r in regions}
             options["working_set"] = [[index[b], p] for b, p, _, _ in self._replay.pages
                                       if b in index]
-        self._wake_fd = _eventfd()
+        self._wake = WakeFd()
         self._kind.start(unit, options)
 
     @property
@@ -273,12 +279,8 @@ class LazyLoader(_LoaderBase):
             self._file_fd = -1
         if self._workers is not None:
             self._workers.close_buffers()
-        with self._fd_lock:
-            if self._wake_fd >= 0:
-                if self._workers is not None:
-                    self._workers.wake_fd = -1
-                os.close(self._wake_fd)
-                self._wake_fd = -1
+        if self._wake is not None:
+            self._wake.close()
 
     # -- public
     @property

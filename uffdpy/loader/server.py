@@ -149,7 +149,8 @@ class Server(abc.ABC):
         """The workers over this loader's uffd, regions, claim map and wake fd."""
         loader = self.loader
         assert loader._uffd is not None and loader._claims is not None
-        return Workers(loader._uffd, loader._regions, loader._claims, loader._wake_fd,
+        assert loader._wake is not None
+        return Workers(loader._uffd, loader._regions, loader._claims, loader._wake,
                        file_fd=loader._file_fd, path=loader.source.path, **options)
 
     def _act_on_report(self, report: Dict[str, Any]) -> None:

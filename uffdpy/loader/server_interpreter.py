@@ -23,7 +23,7 @@ from .hosting import (HAVE_INTERPRETERS, Interpreter, before_exit, destroy_idle_
                       error_report, interpreters_module, prepare_interpreters, read_report,
                       serve_until_ended, write_report)
 from .server import Server
-from .workers import _eventfd, Workers, _signal_fd, _start_thread
+from .workers import _eventfd, WakeFd, Workers, _signal_fd, _start_thread
 
 if TYPE_CHECKING:                      # for annotations only: lazy imports this module
     from .lazy import LazyLoader
@@ -59,7 +59,7 @@ class InterpreterServer(Server):
         """
         loader = self.loader
         assert loader._uffd is not None and loader._file_map is not None
-        assert loader._claims is not None
+        assert loader._claims is not None and loader._wake is not None
         source = loader.source
         interp = Interpreter.take()
         started_fd = _eventfd()
@@ -70,7 +70,7 @@ class InterpreterServer(Server):
             interp.give_back()
             raise
         spec = {
-            "uffd": loader._uffd.fileno(), "wake": loader._wake_fd, "started": started_fd,
+            "uffd": loader._uffd.fileno(), "wake": loader._wake.fd, "started": started_fd,
             "report": report_w, "claims": loader._claims.fd,
             "file_map": loader._file_map.address,
             "file_fd": loader._file_fd, "path": source.path,
@@ -147,10 +147,8 @@ class InterpreterServer(Server):
         host = self.host
         if host is None:
             return
-        loader = self.loader
-        with loader._fd_lock:
-            if loader._wake_fd >= 0:
-                _signal_fd(loader._wake_fd)
+        if self.loader._wake is not None:
+            self.loader._wake.signal()
         host.join(timeout)
 
     def stop(self) -> bool:
@@ -226,7 +224,7 @@ def _interpreter_main(spec: str, bitmaps: Sequence[bytes]) -> None:
                            job["file_map"], job["unit"])
                    for i, fields in enumerate(job["regions"])]
         claims = ClaimMap.attach(job["claims"], [r.units for r in regions])
-        server = Workers(uffd, regions, claims, job["wake"], daemon_threads=False,
+        server = Workers(uffd, regions, claims, WakeFd(job["wake"]), daemon_threads=False,
                          file_fd=job["file_fd"], path=job["path"], **job["options"])
         report = serve_until_ended(server, started=lambda: _signal_fd(job["started"]))
     except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter

@@ -79,7 +79,7 @@ class Workers(Placer):
     """The fault loop and the prefetcher over one uffd; runs in-process or in the child."""
 
     def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
-                 wake_fd: int, *, prefetch: bool, chunk_bytes: int,
+                 wake: "WakeFd", *, prefetch: bool, chunk_bytes: int,
                  fault_around_pages: int, server_cpu: Optional[int],
                  busy_poll: bool, prefetch_threads: int = 1,
                  populate_source: bool = False, daemon_threads: bool = True,
@@ -108,7 +108,8 @@ class Workers(Placer):
         self.starts = [r.start for r in self.by_address]
         self._last_region: Optional[_Region] = self.by_address[0] if regions else None
         self.claims = claims
-        self.wake_fd = wake_fd
+        #: wakes the fault loop out of ``poll`` (``stop``); the loader owns and closes it
+        self.wake = wake
         self.prefetch_enabled = prefetch
         self.chunk_bytes = chunk_bytes
         self.fault_around_pages = fault_around_pages
@@ -202,8 +203,7 @@ class Workers(Placer):
             self.stop()
 
     def _wake(self) -> None:
-        if self.wake_fd >= 0:
-            _signal_fd(self.wake_fd)
+        self.wake.signal()
 
     def stop(self) -> None:
         """Ask both workers to stop (from any thread)."""
@@ -261,7 +261,7 @@ class Workers(Placer):
         ufd = self.uffd.fileno()
         poller = select.poll()
         poller.register(ufd, select.POLLIN)
-        poller.register(self.wake_fd, select.POLLIN)
+        poller.register(self.wake.fd, select.POLLIN)
         poll = poller.poll
         filler = Filler(self.uffd, max_messages=MSG_BATCH)   # this thread's own structs
         read, buf, words = filler.read, filler.buffer, filler.words
@@ -513,6 +513,33 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except OSError:
         pass
+
+
+class WakeFd:
+    """The eventfd that wakes a fault loop out of ``poll``: signalled from any
+    thread, closed once, and a signal after the close does nothing.
+
+    The loader makes it and closes it at teardown; the workers and the
+    servers only signal it.  ``WakeFd(fd)`` wraps one made elsewhere (a
+    subinterpreter's workers get the loader's fd number) and is never closed
+    by whoever holds it that way.
+    """
+
+    def __init__(self, fd: Optional[int] = None) -> None:
+        self.fd = _eventfd() if fd is None else fd
+        self._lock = threading.Lock()
+
+    def signal(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                _signal_fd(self.fd)
+
+    def close(self) -> None:
+        """Close the eventfd (idempotent): after this, signals are dropped."""
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _signal_fd(fd: int) -> None:
