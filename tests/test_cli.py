@@ -271,7 +271,7 @@ def test_load_table_output(synth16: Path) -> None:
         assert key in out, key
 
 
-#: uffdpy/loader.py ``Workers._serve`` bisects ``self.starts``, the block
+#: ``uffdpy.loader.workers.Workers._serve`` bisects ``self.starts``, the block
 #: addresses in *file* order, which mmap hands out top-down: with several
 #: blocks a fault lands in the wrong region, the fault loop raises and dies,
 #: and the faulting thread sleeps forever.  Remove these marks once the

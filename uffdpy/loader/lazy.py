@@ -228,8 +228,6 @@ class LazyLoader(_LoaderBase):
         """The server process's pid while it runs (``server="process"``), else 0."""
         return self._kind.pid
 
-    _child_pid = server_pid          # the old, private name
-
     @property
     def workers(self) -> Optional[Workers]:
         """The fault loop and prefetcher (``workers.Workers``) when they run in this
