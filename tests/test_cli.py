@@ -271,11 +271,11 @@ def test_load_table_output(synth16: Path) -> None:
         assert key in out, key
 
 
-#: ``uffdpy.loader.workers.Workers._serve`` bisects ``self.starts``, the block
-#: addresses in *file* order, which mmap hands out top-down: with several
-#: blocks a fault lands in the wrong region, the fault loop raises and dies,
-#: and the faulting thread sleeps forever.  Remove these marks once the
-#: loader bisects over the regions sorted by address.
+#: A guard for a bug once seen: mmap hands out block addresses top-down, so
+#: the fault loop must look a fault's region up among the regions sorted by
+#: address (``Workers.by_address``), not in file order.  When it did not, a
+#: multi-block load hung with the faulting thread asleep forever; these
+#: tests fail after a timeout instead of hanging.
 HANG_TIMEOUT = 10.0     # a load of this 80 MiB snapshot takes well under a second
 
 
