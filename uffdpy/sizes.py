@@ -11,13 +11,15 @@ import re
 
 __all__ = ["parse_size"]
 
-_SIZE = re.compile(r"\s*(0x[0-9a-f]+|\d+)\s*([kmgtp]?)(i?b)?\s*", re.IGNORECASE)
-_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+#: a number, then a unit (K, KB or KiB; ...) or a bare B, in any case
+_SIZE = re.compile(r"\s*(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|b)?\s*", re.IGNORECASE)
+_SHIFT = {"k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
 
 
 def parse_size(text: str) -> int:
     """Bytes in ``text``; ValueError naming it if it is not a size."""
     m = _SIZE.fullmatch(text)
-    if not m or (m.group(3) and m.group(3).lower() == "ib" and not m.group(2)):
+    if not m:
         raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 64M, 1G)")
-    return int(m.group(1), 0) << _SHIFT[m.group(2).lower()]
+    unit = m.group(2)
+    return int(m.group(1), 0) << (_SHIFT[unit.lower()] if unit else 0)
