@@ -234,15 +234,19 @@ def _open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
 
 # ------------------------------------------------------------------------ inspect
 
+def _page_counts(region: Any) -> Dict[str, int]:
+    """The sizes ``inspect --json`` gives for a region of any format, in its key order."""
+    return {"length": region.length, "page_size": region.page_size, "pages": region.pages,
+            "present_pages": region.present_pages, "zero_pages": region.zero_pages}
+
+
 def _inspect_elf_dict(image: Any) -> Dict[str, Any]:
     return {
         "path": image.path,
         "format": image.format,
         "machine": image.machine,
         "address_space": image.address_space,
-        "regions": [{"name": r.name, "address": r.address, "length": r.length,
-                     "page_size": r.page_size, "pages": r.pages,
-                     "present_pages": r.present_pages, "zero_pages": r.zero_pages,
+        "regions": [{"name": r.name, "address": r.address, **_page_counts(r),
                      "file_offset": r.file_offset, "file_bytes": r.file_bytes,
                      "flags": r.flags} for r in image.regions],
         "notes": [{"name": n.name, "type": n.type, "type_name": n.type_name,
@@ -272,9 +276,7 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
         "format": snap.format,
         "machine": snap.machine,
         "capabilities": list(snap.capabilities),
-        "regions": [{"name": b.name, "length": b.length, "page_size": b.page_size,
-                    "pages": b.pages, "present_pages": b.present_pages,
-                     "zero_pages": b.zero_pages, "bitmap_offset": b.bitmap_offset,
+        "regions": [{"name": b.name, **_page_counts(b), "bitmap_offset": b.bitmap_offset,
                      "pages_offset": b.pages_offset} for b in snap.blocks],
         "devices": [{"name": d.name, "instance": d.instance, "version": d.version}
                     for d in snap.devices],
@@ -299,9 +301,7 @@ def _snapshot_text(info: Dict[str, Any]) -> str:
 def _inspect_regions_dict(image: Any) -> Dict[str, Any]:
     """What ``inspect`` shows of a format it has no entry for: the ``PageSource`` view."""
     return {"path": image.path, "format": image.format,
-            "regions": [{"name": r.name, "length": r.length, "page_size": r.page_size,
-                         "pages": r.pages, "present_pages": r.present_pages,
-                         "zero_pages": r.zero_pages, "file_offset": r.file_offset,
+            "regions": [{"name": r.name, **_page_counts(r), "file_offset": r.file_offset,
                          "file_bytes": r.file_bytes} for r in image.regions]}
 
 
