@@ -55,7 +55,6 @@ import errno
 import itertools
 import mmap
 import os
-import re
 import select
 import shutil
 import socket
@@ -64,16 +63,15 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .errors import UffdpyError
-from . import migstream as ms
-from .mappedram import Snapshot, TARGET_PAGE_SIZE
-from .pagesource import PathLike
-from .qemu import Qemu, QemuError
-from .qmp import QmpClient, QmpError
-from .workingset import WorkingSet, load_for, snapshot_identity
+from .. import migstream as ms
+from ..mappedram import Snapshot, TARGET_PAGE_SIZE
+from ..pagesource import PathLike
+from ..qmp import QmpError
+from ..workingset import WorkingSet, load_for, snapshot_identity
+from .destination import (DestinationError, QemuDestination, ResumeError, connect,
+                          event_time)
 
-__all__ = ["Resume", "ResumeError", "DestinationError", "ResumeStats", "QemuDestination",
-           "QemuProcess", "parse_address"]
+__all__ = ["Resume", "ResumeStats"]
 
 PAGE = TARGET_PAGE_SIZE
 #: data pages per background PART section: small, so a request waits behind little
@@ -86,19 +84,6 @@ DEFAULT_FAULT_AROUND = 32
 DEFAULT_DEMAND_YIELD_MS = 2.0
 _IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
 _RECV_BYTES = 1 << 16
-
-
-class ResumeError(UffdpyError, RuntimeError):
-    """The resume could not be done; the message says what and where, in one line."""
-
-
-class DestinationError(ResumeError):
-    """The destination refused the stream or went away; ``reason`` is QEMU's own, if known."""
-
-    def __init__(self, message: str, reason: Optional[str] = None) -> None:
-        super().__init__(message if not reason else f"{message}: {reason}")
-        self.message = message
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -148,108 +133,6 @@ def _percentiles(samples_s: Sequence[float]) -> Dict[str, Optional[float]]:
         return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6, 1)
     return dict(p50=at(0.50), p90=at(0.90), p99=at(0.99), max=round(xs[-1] * 1e6, 1))
 
-
-def parse_address(address: str) -> Tuple[str, Any]:
-    """``unix:PATH``, ``tcp:HOST:PORT`` or ``fd:N`` -> ``(kind, value)``.
-
-    Raises: ValueError naming the address for any other form.
-    """
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        return kind, rest
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit():
-            return kind, (host.strip("[]"), int(port))
-    if kind == "fd" and rest.isdigit():
-        return kind, int(rest)
-    raise ValueError(f"bad migration address {address!r}: use unix:PATH, tcp:HOST:PORT or fd:N")
-
-
-def _connect(address: str, timeout: float) -> socket.socket:
-    kind, value = parse_address(address)
-    if kind == "fd":
-        sock = socket.socket(fileno=os.dup(value))
-    else:
-        family = socket.AF_UNIX if kind == "unix" else socket.AF_INET6 if ":" in value[0] \
-            else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(value)
-        except OSError as e:
-            sock.close()
-            raise DestinationError(f"cannot connect to the destination at {address}",
-                                   os.strerror(e.errno) if e.errno else str(e)) from None
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setblocking(False)
-    return sock
-
-
-# ------------------------------------------------------------------ the destination's side
-
-_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s*(KiB|MiB|GiB)\s+0x", re.M)
-
-
-class QemuDestination:
-    """The QMP side of a destination: capabilities, ``migrate-incoming``, events, reasons.
-
-    ``qmp`` is the path of the destination's QMP socket.  Every call is
-    bounded by ``timeout`` seconds.  Raises: DestinationError (with QEMU's
-    message) for a refusal; TimeoutError, ConnectionError from QMP.
-    """
-
-    def __init__(self, qmp: str, *, timeout: float = 30.0) -> None:
-        self.path = qmp
-        self.client = QmpClient(qmp, timeout=timeout)
-
-    def close(self) -> None:
-        self.client.close()
-
-    def status(self) -> Dict[str, Any]:
-        return dict(self.client.call("query-migrate"))
-
-    def host_page_sizes(self) -> Dict[str, int]:
-        """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
-        text = self.client.call("human-monitor-command", **{"command-line": "info ramblock"})
-        unit = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-        return {m.group(1): int(m.group(2)) * unit[m.group(3)]
-                for m in _RAMBLOCK_ROW.finditer(str(text))}
-
-    def prepare(self, *, preempt: bool) -> None:
-        """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""
-        caps = {"mapped-ram": False, "postcopy-ram": True, "events": True,
-                "postcopy-preempt": preempt}
-        try:
-            self.client.call("migrate-set-capabilities", capabilities=[
-                {"capability": name, "state": state} for name, state in caps.items()])
-        except QmpError as e:
-            raise DestinationError(f"QMP {self.path}: the destination refuses postcopy",
-                                   e.desc) from None
-
-    def listen(self, uri: str) -> None:
-        try:
-            self.client.call("migrate-incoming", uri=uri, **{"exit-on-error": False})
-        except QmpError as e:
-            raise DestinationError(f"QMP {self.path}: migrate-incoming {uri} refused",
-                                   e.desc) from None
-
-    def tcp_port(self) -> int:
-        for address in self.status().get("socket-address", []):
-            if address.get("type") in ("inet", "tcp") and address.get("port"):
-                return int(address["port"])
-        raise DestinationError(f"QMP {self.path}: query-migrate names no listening TCP port")
-
-    def failure_reason(self) -> Optional[str]:
-        """QEMU's ``error-desc`` for a failed incoming migration, if it can still tell."""
-        try:
-            info = self.client.execute("query-migrate", timeout=2.0)
-        except (QmpError, OSError):
-            return None
-        if info.get("status") == "failed":
-            return str(info.get("error-desc") or "migration failed")
-        return None
 
 
 class _Channel:
@@ -428,7 +311,7 @@ class Resume:
             assert address is not None
             self._build_blocks()                  # before the connect: the clock runs from it
             self._address = address
-            self._main = _Channel(_connect(address, timeout), "main")
+            self._main = _Channel(connect(address, timeout), "main")
             self._connected_wall = time.time()
             self._connected = time.monotonic()
             self._thread = threading.Thread(target=self._serve, name="uffdpy-resume",
@@ -487,24 +370,12 @@ class Resume:
             # main loop, and only out-of-band commands are answered (page sizes: 4 KiB
             # unless page_sizes says otherwise; the bitmaps' lengths are checked)
             return self._start_recovery(dest)
+        dest.refuse_private_file_backends()     # before anything can discard its RAM
         dest.prepare(preempt=self._preempt)
         self._page_sizes = {**dest.host_page_sizes(), **self._page_sizes}
         self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
-        if self._transport == "tcp":
-            dest.listen("tcp:127.0.0.1:0")
-            return f"tcp:127.0.0.1:{dest.tcp_port()}"
-        if self._transport == "fd":
-            ours, theirs = socket.socketpair()
-            try:
-                dest.client.send_fd(theirs.fileno(), "uffdpy-migration")
-            finally:
-                theirs.close()
-            self._fd_socket = ours
-            dest.listen("fd:uffdpy-migration")
-            return f"fd:{ours.fileno()}"
-        path = os.path.join(self._tmpdir, "migration.sock")
-        dest.listen(f"unix:{path}")
-        return f"unix:{path}"
+        address, self._fd_socket = dest.listen_private(self._transport, self._tmpdir)
+        return address
 
     def _start_recovery(self, dest: QemuDestination) -> str:
         self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-recover-")
@@ -708,7 +579,7 @@ class Resume:
                                           f"{type(msg).__name__} in phase {phase}")
             # 4. phase changes that wait on the return path
             if phase == "await-pong2" and 2 in pongs:
-                self._urgent = _Channel(_connect(self._address, self._timeout), "preempt")
+                self._urgent = _Channel(connect(self._address, self._timeout), "preempt")
                 main.queue(self._package())
                 phase = "package"
             if phase == "package":
@@ -923,10 +794,10 @@ class Resume:
         except (TimeoutError, ConnectionError):
             done = None
         if done is not None:
-            self.stats.time_to_complete_s = round(_event_time(done) - self._connected_wall, 6)
+            self.stats.time_to_complete_s = round(event_time(done) - self._connected_wall, 6)
         for event in dest.client.events[self._events_since:]:
             if event.get("event") == "RESUME":
-                self.stats.time_to_running_s = round(_event_time(event) - self._connected_wall, 6)
+                self.stats.time_to_running_s = round(event_time(event) - self._connected_wall, 6)
                 break
 
     def running_after(self, timeout: float) -> Optional[float]:
@@ -938,7 +809,7 @@ class Resume:
                                                  timeout=timeout)
         except (TimeoutError, ConnectionError):
             return None
-        return _event_time(event) - self._connected_wall
+        return event_time(event) - self._connected_wall
 
     def abort(self) -> None:
         """Drop the connection at once, as a crashed source would (the destination pauses)."""
@@ -997,25 +868,3 @@ class Resume:
 
 class _Hangup(Exception):
     """The destination closed the connection."""
-
-
-def _event_time(event: Dict[str, Any]) -> float:
-    ts = event.get("timestamp", {})
-    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-
-
-# ------------------------------------------------------------------ a QEMU of our own
-
-class QemuProcess(Qemu):
-    """A destination QEMU that uffdpy starts: ``argv -incoming defer`` and a private QMP socket.
-
-    It runs in its own session with its output in ``log_path``, so it
-    outlives uffdpy; :meth:`kill` ends exactly this process group.
-    Raises: DestinationError when QEMU cannot start.
-    """
-
-    def __init__(self, argv: Sequence[str], *, paused: bool, timeout: float = 30.0) -> None:
-        try:
-            super().__init__(argv, incoming="defer", paused=paused, timeout=timeout)
-        except QemuError as e:
-            raise DestinationError(e.message, e.reason) from None

@@ -1,0 +1,229 @@
+"""The destination's side of a resume: addresses, QMP set-up, errors, a QEMU of our own.
+
+Both ways to resume (the postcopy stream of :mod:`.postcopy` and the mapped
+restore of :mod:`.mapped`) reach a QEMU started with ``-incoming defer``
+through :class:`QemuDestination` (every QMP call bounded by a timeout) and
+send their stream over a connection from :func:`connect`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from ..errors import UffdpyError
+from ..qemu import Qemu, QemuError
+from ..qmp import QmpClient, QmpError
+
+__all__ = ["ResumeError", "DestinationError", "QemuDestination", "QemuProcess",
+           "parse_address", "connect", "event_time"]
+
+class ResumeError(UffdpyError, RuntimeError):
+    """The resume could not be done; the message says what and where, in one line."""
+
+
+class DestinationError(ResumeError):
+    """The destination refused the stream or went away; ``reason`` is QEMU's own, if known."""
+
+    def __init__(self, message: str, reason: Optional[str] = None) -> None:
+        super().__init__(message if not reason else f"{message}: {reason}")
+        self.message = message
+        self.reason = reason
+
+
+
+
+def parse_address(address: str) -> Tuple[str, Any]:
+    """``unix:PATH``, ``tcp:HOST:PORT`` or ``fd:N`` -> ``(kind, value)``.
+
+    Raises: ValueError naming the address for any other form.
+    """
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return kind, rest
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return kind, (host.strip("[]"), int(port))
+    if kind == "fd" and rest.isdigit():
+        return kind, int(rest)
+    raise ValueError(f"bad migration address {address!r}: use unix:PATH, tcp:HOST:PORT or fd:N")
+
+
+def connect(address: str, timeout: float) -> socket.socket:
+    kind, value = parse_address(address)
+    if kind == "fd":
+        sock = socket.socket(fileno=os.dup(value))
+    else:
+        family = socket.AF_UNIX if kind == "unix" else socket.AF_INET6 if ":" in value[0] \
+            else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(value)
+        except OSError as e:
+            sock.close()
+            raise DestinationError(f"cannot connect to the destination at {address}",
+                                   os.strerror(e.errno) if e.errno else str(e)) from None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
+
+# ------------------------------------------------------------------ the destination's side
+
+_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s*(KiB|MiB|GiB)\s+0x", re.M)
+
+
+class QemuDestination:
+    """The QMP side of a destination: capabilities, ``migrate-incoming``, events, reasons.
+
+    ``qmp`` is the path of the destination's QMP socket.  Every call is
+    bounded by ``timeout`` seconds.  Raises: DestinationError (with QEMU's
+    message) for a refusal; TimeoutError, ConnectionError from QMP.
+    """
+
+    def __init__(self, qmp: str, *, timeout: float = 30.0) -> None:
+        self.path = qmp
+        self.client = QmpClient(qmp, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def status(self) -> Dict[str, Any]:
+        return dict(self.client.call("query-migrate"))
+
+    def host_page_sizes(self) -> Dict[str, int]:
+        """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
+        text = self.client.call("human-monitor-command", **{"command-line": "info ramblock"})
+        unit = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+        return {m.group(1): int(m.group(2)) * unit[m.group(3)]
+                for m in _RAMBLOCK_ROW.finditer(str(text))}
+
+    def prepare(self, *, preempt: bool) -> None:
+        """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""
+        caps = {"mapped-ram": False, "postcopy-ram": True, "events": True,
+                "postcopy-preempt": preempt}
+        try:
+            self.client.call("migrate-set-capabilities", capabilities=[
+                {"capability": name, "state": state} for name, state in caps.items()])
+        except QmpError as e:
+            raise DestinationError(f"QMP {self.path}: the destination refuses postcopy",
+                                   e.desc) from None
+
+    def listen(self, uri: str) -> None:
+        try:
+            self.client.call("migrate-incoming", uri=uri, **{"exit-on-error": False})
+        except QmpError as e:
+            raise DestinationError(f"QMP {self.path}: migrate-incoming {uri} refused",
+                                   e.desc) from None
+
+    def listen_private(self, transport: str, directory: str) -> Tuple[str, Optional[socket.socket]]:
+        """Start ``migrate-incoming`` on a private address; return ``(address, our_socket)``.
+
+        ``transport`` ``unix`` listens on a socket in ``directory``, ``tcp``
+        on 127.0.0.1 with a free port, ``fd`` on one end of a socketpair
+        passed with ``getfd`` (its other end, ours, is returned: keep it
+        open until the connect).
+        """
+        if transport == "tcp":
+            self.listen("tcp:127.0.0.1:0")
+            return f"tcp:127.0.0.1:{self.tcp_port()}", None
+        if transport == "fd":
+            ours, theirs = socket.socketpair()
+            try:
+                self.client.send_fd(theirs.fileno(), "uffdpy-migration")
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            try:
+                self.listen("fd:uffdpy-migration")
+            except BaseException:
+                ours.close()
+                raise
+            return f"fd:{ours.fileno()}", ours
+        path = os.path.join(directory, "migration.sock")
+        self.listen(f"unix:{path}")
+        return f"unix:{path}", None
+
+    def memory_backends(self) -> Dict[str, Dict[str, Any]]:
+        """Every memory backend under ``/objects``: ``{id: {"type": ..., property: value}}``.
+
+        A file backend has ``mem-path``, ``offset``, ``share`` and
+        ``readonly``; every other kind ``share``.  (QMP ``qom-list`` and
+        ``qom-get``: a backend's id is also its RAMBlock's name.)
+        """
+        out: Dict[str, Dict[str, Any]] = {}
+        for child in self.client.call("qom-list", path="/objects"):
+            kind = str(child.get("type", ""))
+            if not (kind.startswith("child<memory-backend-") and kind.endswith(">")):
+                continue
+            name = str(child["name"])
+            info: Dict[str, Any] = {"type": kind[len("child<"):-1]}
+            props = ("mem-path", "offset", "share", "readonly") \
+                if info["type"] == "memory-backend-file" else ("share",)
+            for prop in props:
+                info[prop] = self.client.call("qom-get", path=f"/objects/{name}", property=prop)
+            out[name] = info
+        return out
+
+    def refuse_private_file_backends(self) -> None:
+        """Refuse a postcopy destination whose RAM is a private mapping of a file.
+
+        On POSTCOPY_ADVISE QEMU discards every RAMBlock; with a private
+        mapping of a file opened writable that *punches holes in the file*
+        (QEMU only warns), so a snapshot mapped this way would be destroyed.
+        QEMU itself refuses postcopy for a file on a disk file system, but
+        accepts it on tmpfs.  Raises: DestinationError naming the backend.
+        """
+        for name, info in self.memory_backends().items():
+            if info["type"] == "memory-backend-file" and not info.get("share"):
+                raise DestinationError(
+                    f"QMP {self.path}: the destination's RAM {name!r} is a private (share=off) "
+                    f"mapping of {info.get('mem-path')}; a postcopy stream would make QEMU "
+                    "discard it and punch holes in that file: resume it with --map, or back "
+                    "the RAM with memory-backend-ram")
+
+    def tcp_port(self) -> int:
+        for address in self.status().get("socket-address", []):
+            if address.get("type") in ("inet", "tcp") and address.get("port"):
+                return int(address["port"])
+        raise DestinationError(f"QMP {self.path}: query-migrate names no listening TCP port")
+
+    def failure_reason(self) -> Optional[str]:
+        """QEMU's ``error-desc`` for a failed incoming migration, if it can still tell."""
+        try:
+            info = self.client.execute("query-migrate", timeout=2.0)
+        except (QmpError, OSError):
+            return None
+        if info.get("status") == "failed":
+            return str(info.get("error-desc") or "migration failed")
+        return None
+
+
+
+def event_time(event: Dict[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+
+# ------------------------------------------------------------------ a QEMU of our own
+
+class QemuProcess(Qemu):
+    """A destination QEMU that uffdpy starts: ``argv -incoming defer`` and a private QMP socket.
+
+    It runs in its own session with its output in ``log_path``, so it
+    outlives uffdpy; :meth:`kill` ends exactly this process group.
+    Raises: DestinationError when QEMU cannot start.
+    """
+
+    def __init__(self, argv: Sequence[str], *, paused: bool, timeout: float = 30.0) -> None:
+        try:
+            super().__init__(argv, incoming="defer", paused=paused, timeout=timeout)
+        except QemuError as e:
+            raise DestinationError(e.message, e.reason) from None
