@@ -501,12 +501,16 @@ def _resume_table(stats: Dict[str, Any]) -> str:
 
 
 def cmd_resume(args: argparse.Namespace) -> Outcome:
-    from .resume import DestinationError, QemuProcess, Resume
     qemu_cmd = list(args.qemu)
     forms = sum(x is not None and x != [] for x in (args.qmp, args.connect, qemu_cmd or None))
     if forms != 1:
         raise ValueError("give one of --qmp SOCK, --connect ADDR, or -- QEMU ARGS...")
-    if args.paused and not qemu_cmd:
+    if args.map:
+        return _resume_mapped(args, qemu_cmd)
+    if args.warm is not None:
+        raise ValueError("--warm applies to --map only (it warms the page cache of a mapped file)")
+    from .resume import DestinationError, QemuProcess, Resume
+    if args.paused and not qemu_cmd and not args.map:
         raise ValueError("--paused applies to the '-- QEMU ARGS' form; with --qmp the "
                          "destination's own -S decides")
     if args.recover and args.qmp is None:
@@ -568,6 +572,102 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         state = "paused (-S)" if args.paused else "running"
         text += f"\nthe VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}"
     return Outcome(text, info)
+
+
+#: resume options that only the postcopy stream has: (option, dest, default)
+_STREAM_ONLY = (("--preempt", "preempt", False), ("--recover", "recover", False),
+                ("--no-background", "no_background", False),
+                ("--background-delay", "background_delay", 0.0),
+                ("--batch-pages", "batch_pages", 32), ("--fault-around", "fault_around", 32),
+                ("--demand-yield-ms", "demand_yield_ms", 2.0), ("--record-ws", "record_ws", None),
+                ("--ws-placement", "ws_placement", "after-run"), ("--trace", "trace", False))
+
+
+def _map_table(stats: Dict[str, Any]) -> str:
+    rows = [
+        ("guest running after", "-" if stats["time_to_running_s"] is None
+         else f"{stats['time_to_running_s'] * 1e3:.1f} ms"),
+        ("device state loaded after", "-" if stats["time_to_complete_s"] is None
+         else f"{stats['time_to_complete_s'] * 1e3:.1f} ms"),
+        ("set-up before the connect", f"{stats['prepare_s'] * 1e3:.1f} ms"),
+        ("blocks mapped", f"{', '.join(stats['blocks_mapped'])} "
+                          f"({_human(stats['mapped_bytes'])}, copy-on-write)"),
+        ("blocks streamed", len(stats["blocks_streamed"])),
+        ("pages sent", stats["pages_sent"]),
+        ("stale pages zeroed", stats["stale_zero_pages"]),
+        ("bytes sent", stats["bytes_sent"]),
+    ]
+    if stats.get("warm_pages") or stats.get("warm_error"):
+        rows.append(("pages warmed", stats["warm_pages"]))
+    if stats.get("warm_error"):
+        rows.append(("warm-up stopped", stats["warm_error"]))
+    return tabulate(rows, tablefmt="plain")
+
+
+def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
+    """``resume --map``: QEMU maps the snapshot as guest RAM; uffdpy sends the device state."""
+    if args.connect is not None:
+        raise ValueError("--map needs --qmp SOCK or -- QEMU ARGS: through --connect uffdpy "
+                         "cannot see whether the destination's RAM maps this snapshot")
+    given = [opt for opt, dest, default in _STREAM_ONLY if getattr(args, dest) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to the postcopy stream, not to --map")
+    if args.warm == "ws" and not args.working_set:
+        raise ValueError("--warm ws needs --working-set FILE.ws")
+    from .mappedram import Snapshot
+    from .resume import DestinationError, QemuProcess
+    from .resume.mapped import MapResume, map_qemu_command
+    from .workingset import load_for
+    with Snapshot.open(args.snapshot) as snap:       # refused before QEMU starts
+        load_for(args.working_set, snap)             # a working set of another snapshot too
+        proc: Optional[Any] = None
+        if qemu_cmd:
+            proc = QemuProcess(map_qemu_command(qemu_cmd, snap), paused=True,
+                               timeout=args.timeout)
+        qmp = proc.qmp_path if proc is not None else args.qmp
+        finished = False
+        resume: Optional[Any] = None
+        try:
+            resume = MapResume(snap, qmp=qmp, paused=args.paused, transport=args.transport,
+                               working_set=args.working_set, warm=args.warm,
+                               timeout=args.timeout)
+            progress = _Progress("warming", not args.json)
+            while not resume.wait_warm(0.1):
+                progress.update(*resume.progress())
+            progress.finish()
+            finished = True
+        except DestinationError as e:
+            if proc is not None:
+                time.sleep(0.05)                     # let QEMU finish writing its error
+                said = proc.last_error()
+                proc.kill()
+                proc = None
+                if said:
+                    raise DestinationError(e.message, said) from None
+            raise
+        finally:
+            if resume is not None:
+                resume.close()
+            if proc is not None and not finished:
+                proc.kill()                          # a mapped VM half set up is of no use
+        info = resume.report()
+    if proc is not None:
+        info["qemu_pid"] = proc.proc.pid
+        info["qmp_socket"] = proc.qmp_path
+    text = _map_table(info)
+    if proc is not None:
+        state = "paused" if args.paused else "running"
+        text += f"\nthe VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}"
+    return Outcome(text, info)
+
+
+def cmd_qemu_args(args: argparse.Namespace) -> Outcome:
+    import shlex
+    from .mappedram import Snapshot
+    from .resume.mapped import map_arguments
+    with Snapshot.open(args.snapshot) as snap:
+        words = map_arguments(snap)
+    return Outcome(" ".join(shlex.quote(w) for w in words), {"args": words})
 
 
 def cmd_bench(args: argparse.Namespace) -> Outcome:
@@ -762,8 +862,19 @@ def _resume_arguments(sp: argparse.ArgumentParser) -> None:
                          "tcp:HOST:PORT or fd:N (its postcopy-ram capability must be on)")
     sp.add_argument("--transport", choices=("unix", "tcp", "fd"), default="unix",
                     help="with --qmp or --: how to reach the destination (default unix)")
+    sp.add_argument("--map", action="store_true",
+                    help="QEMU maps the snapshot file itself as guest RAM, copy-on-write, and "
+                         "uffdpy sends only the device state and the firmware's pages: the "
+                         "guest runs at full speed in milliseconds and clones share every page "
+                         "none of them wrote (a local file that stays unchanged while any "
+                         "clone runs; with --: the mapping arguments are added)")
+    sp.add_argument("--warm", choices=("ws", "all"), default=None,
+                    help="with --map: read the --working-set's pages (ws, the default with "
+                         "--working-set) or them and then the whole file (all) into the page "
+                         "cache, in the background, while the guest runs")
     sp.add_argument("--paused", action="store_true",
-                    help="with --: start QEMU with -S, so the VM stays paused after resume")
+                    help="with --: start QEMU with -S, so the VM stays paused after resume; "
+                         "with --map (any form): leave the VM paused after the load")
     sp.add_argument("--no-background", action="store_true",
                     help="serve page requests only, never stream (the load completes only "
                          "when the guest has asked for every data page; Ctrl-C leaves the "
@@ -787,13 +898,22 @@ def _resume_arguments(sp: argparse.ArgumentParser) -> None:
                     help="write the pages the guest requested, in order of first request "
                          "(record with --no-background to see the whole working set)")
     sp.add_argument("--working-set", metavar="FILE.ws", default=None,
-                    help="send these recorded pages first, then the rest in file order")
+                    help="send these recorded pages first, then the rest in file order "
+                         "(with --map: read them into the page cache first)")
     sp.add_argument("--ws-placement", choices=("after-run", "before-run"), default="after-run",
                     help="send the working set right after RUN (default) or as precopy "
                          "pages before it")
     sp.add_argument("--trace", action="store_true",
                     help="with --json: keep when each page was sent and why (for uffdpy plot)")
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+
+def _qemu_args_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
+    sp.add_argument("--map", action="store_true", required=True,
+                    help="the arguments that map the snapshot's RAM copy-on-write (required: "
+                         "the only kind there is today)")
+    sp.add_argument("--json", action="store_true", help="print the arguments as a JSON list")
 
 
 def _bench_arguments(sp: argparse.ArgumentParser) -> None:
@@ -875,6 +995,16 @@ COMMANDS: Tuple[Command, ...] = (
                     "command after -- (uffdpy starts it and leaves it running).",
         epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
                "-accel tcg -serial null")),
+    Command("qemu-args", _qemu_args_arguments, cmd_qemu_args, dict(
+        help="print the QEMU arguments a destination of SNAP needs (--map: its RAM mapped)",
+        description="Print, shell-quoted on one line, what a destination for SNAP needs "
+                    "besides the VM's own arguments. With --map: a memory-backend-file "
+                    "object mapping each RAM block of the snapshot private and read-only, "
+                    "and -machine memory-backend= for the machine's RAM, so that "
+                    "'qemu-system-x86_64 ... $(uffdpy qemu-args vm.img --map) -incoming "
+                    "defer -qmp unix:q.sock,server=on,wait=off' then 'uffdpy resume vm.img "
+                    "--map --qmp q.sock' works. A NUMA guest's -numa node,memdev=ID names "
+                    "these objects in place of its own memory-backend-ram ones.")),
     Command("bench", _bench_arguments, cmd_bench, dict(
         help="eager vs lazy vs QEMU's own load, side by side")),
     Command("convert", _convert_arguments, cmd_convert, dict(

@@ -224,11 +224,14 @@ if /bin/uffdpy-fill > /fill/pattern; then
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
     exec 3<>/dev/ttyS1
     echo "{READY_MARKER} bytes=$5 $(grep -E '^(MemTotal|MemFree|Shmem):' /proc/meminfo | tr -s ' ' | tr '\\n' ' ')"
-    # the request server: "GET A N" -> "OK A N <md5 of MiB A..A+N of the pattern>"
+    # the request server: "GET A N" -> "OK A N <md5 of MiB A..A+N of the pattern>";
+    # "ZAP A N" overwrites those MiB with zeros (a write to guest RAM) -> "ZAPPED A N"
     while read -r cmd a n <&3; do
         case "$cmd" in
         GET) set -- $(dd if=/fill/pattern bs=1M skip="$a" count="$n" 2>/dev/null | md5sum)
              echo "OK $a $n $1" >&3 ;;
+        ZAP) dd if=/dev/zero of=/fill/pattern bs=1M seek="$a" count="$n" conv=notrunc \
+                2>/dev/null && echo "ZAPPED $a $n" >&3 || echo "ERR ZAP" >&3 ;;
         *)   echo "ERR $cmd" >&3 ;;
         esac
     done
@@ -425,18 +428,25 @@ def expected_answer(seed: int, first_mib: int, count_mib: int) -> str:
     return f"OK {first_mib} {count_mib} {digest.hexdigest()}"
 
 
-def ask(socket_path: str, first_mib: int, count_mib: int, *, timeout: float) -> str:
-    """Send ``GET first_mib count_mib`` to the guest's request port; return its answer line.
+def zeroed_answer(first_mib: int, count_mib: int) -> str:
+    """What the guest answers to ``GET first_mib count_mib`` after ``ZAP`` of those MiB."""
+    return f"OK {first_mib} {count_mib} {hashlib.md5(bytes(count_mib << 20)).hexdigest()}"
 
-    The guest reads that part of its tmpfs file and answers with its md5 (see
-    :func:`expected_answer`).  Raises: TimeoutError if no whole line came
-    within ``timeout`` seconds; OSError if the port cannot be reached.
+
+def ask(socket_path: str, first_mib: int, count_mib: int, *, timeout: float,
+        verb: str = "GET") -> str:
+    """Send ``VERB first_mib count_mib`` to the guest's request port; return its answer line.
+
+    ``GET``: the guest reads that part of its tmpfs file and answers with its
+    md5 (see :func:`expected_answer`); ``ZAP``: it overwrites that part with
+    zeros and answers ``ZAPPED A N``.  Raises: TimeoutError if no whole line
+    came within ``timeout`` seconds; OSError if the port cannot be reached.
     """
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(socket_path)
-        sock.sendall(f"GET {first_mib} {count_mib}\n".encode())
+        sock.sendall(f"{verb} {first_mib} {count_mib}\n".encode())
         buf = b""
         while b"\n" not in buf:
             left = deadline - time.monotonic()

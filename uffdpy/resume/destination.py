@@ -17,7 +17,7 @@ from ..qemu import Qemu, QemuError
 from ..qmp import QmpClient, QmpError
 
 __all__ = ["ResumeError", "DestinationError", "QemuDestination", "QemuProcess",
-           "parse_address", "connect", "event_time"]
+           "parse_address", "open_connection", "event_time"]
 
 class ResumeError(UffdpyError, RuntimeError):
     """The resume could not be done; the message says what and where, in one line."""
@@ -51,7 +51,7 @@ def parse_address(address: str) -> Tuple[str, Any]:
     raise ValueError(f"bad migration address {address!r}: use unix:PATH, tcp:HOST:PORT or fd:N")
 
 
-def connect(address: str, timeout: float) -> socket.socket:
+def open_connection(address: str, timeout: float) -> socket.socket:
     kind, value = parse_address(address)
     if kind == "fd":
         sock = socket.socket(fileno=os.dup(value))

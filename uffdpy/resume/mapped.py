@@ -68,8 +68,8 @@ from ..mappedram import RamBlock, Snapshot, TARGET_PAGE_SIZE
 from ..pagesource import PathLike
 from ..qmp import QmpError
 from ..workingset import load_for
-from .destination import (DestinationError, QemuDestination, ResumeError, connect,
-                          event_time)
+from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
+                          open_connection)
 
 __all__ = ["MapResume", "MapStats", "mappable_blocks", "backend_object", "map_arguments",
            "map_qemu_command", "stale_pages", "WARM_MODES"]
@@ -541,7 +541,7 @@ class MapResume:
                                    "capabilities of a precopy load", e.desc) from None
 
     def _send(self, address: str, stream: List[bytes]) -> None:
-        sock = connect(address, self._timeout)
+        sock = open_connection(address, self._timeout)
         self._connected_wall = time.time()
         try:
             sock.setblocking(True)

@@ -68,8 +68,8 @@ from ..mappedram import Snapshot, TARGET_PAGE_SIZE
 from ..pagesource import PathLike
 from ..qmp import QmpError
 from ..workingset import WorkingSet, load_for, snapshot_identity
-from .destination import (DestinationError, QemuDestination, ResumeError, connect,
-                          event_time)
+from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
+                          open_connection)
 
 __all__ = ["Resume", "ResumeStats"]
 
@@ -311,7 +311,7 @@ class Resume:
             assert address is not None
             self._build_blocks()                  # before the connect: the clock runs from it
             self._address = address
-            self._main = _Channel(connect(address, timeout), "main")
+            self._main = _Channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
             self._connected = time.monotonic()
             self._thread = threading.Thread(target=self._serve, name="uffdpy-resume",
@@ -579,7 +579,7 @@ class Resume:
                                           f"{type(msg).__name__} in phase {phase}")
             # 4. phase changes that wait on the return path
             if phase == "await-pong2" and 2 in pongs:
-                self._urgent = _Channel(connect(self._address, self._timeout), "preempt")
+                self._urgent = _Channel(open_connection(self._address, self._timeout), "preempt")
                 main.queue(self._package())
                 phase = "package"
             if phase == "package":
