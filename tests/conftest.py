@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
+import time
 from pathlib import Path
+from typing import Any, Dict, Iterator, List, Sequence
 
 import pytest
+
+from uffdpy.mappedram import Snapshot
+from uffdpy.qemu import Qemu
+from uffdpy.qmp import QmpClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +123,82 @@ def hugetlb_pool():
     if grown:
         with open(path, "w") as f:
             f.write(f"{original}\n")
+
+
+# ------------------------------------------------------------------ destination QEMUs
+
+class Destination:
+    """QEMU ``ARGS -incoming defer`` with a test QMP socket and one for uffdpy; killed by pid."""
+
+    def __init__(self, qemu: str, args: Sequence[str], *, paused: bool) -> None:
+        self.qemu = Qemu([qemu, *args], incoming="defer", paused=paused, qmp_sockets=2)
+        self.proc = self.qemu.proc
+        self.uffdpy_sock, self.test_sock = self.qemu.qmp_paths
+        self.qmp = QmpClient(self.test_sock, timeout=30)
+
+    def output(self) -> str:
+        return self.qemu.output()
+
+    def status(self) -> str:
+        return str(self.qmp.call("query-migrate").get("status", "none"))
+
+    def wait_status(self, status: str, timeout: float = 30) -> Dict[str, Any]:
+        return self.qmp.wait_event("MIGRATION", timeout=timeout,
+                                   match=lambda e: e["data"]["status"] == status)
+
+    def resave(self, path: Path) -> Snapshot:
+        """Save the (paused) destination again with mapped-ram; QEMU writes the file."""
+        self.qmp.call("migrate-set-capabilities", capabilities=[
+            {"capability": "postcopy-preempt", "state": False},
+            {"capability": "postcopy-ram", "state": False},
+            {"capability": "mapped-ram", "state": True}])
+        self.qmp.call("migrate", uri=f"file:{path}")
+        deadline = time.monotonic() + 60
+        while True:
+            info = self.qmp.call("query-migrate")
+            if info.get("status") == "completed":
+                return Snapshot.open(path)
+            assert info.get("status") not in ("failed", "cancelled"), info
+            assert time.monotonic() < deadline, info
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.qmp.close()
+        self.qemu.kill()
+
+
+@pytest.fixture
+def destination(qemu_binary: str) -> Iterator[Any]:
+    made: List[Destination] = []
+
+    def start(args: Sequence[str], *, paused: bool = False) -> Destination:
+        d = Destination(qemu_binary, args, paused=paused)
+        made.append(d)
+        return d
+    yield start
+    for d in made:
+        d.close()
+
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="uffdpy-rt-")
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+
+@pytest.fixture(scope="session")
+def firmware(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    """pc (with VGA and known bytes at 2 MiB) and q35 snapshots that QEMU saved after 0.3 s."""
+    from uffdpy.qemu import VmConfig, random_region, save_snapshot
+    d = tmp_path_factory.mktemp("fw")
+    out = {}
+    for machine, extra in (("pc", ("-device", "VGA")), ("q35", ())):
+        cfg = VmConfig(machine=machine, mem="64M", args=extra, qemu=qemu_binary)
+        region = random_region(str(d), addr=0x200000, size=0x80000, seed=11)
+        path = d / f"{machine}.img"
+        save_snapshot(cfg, str(path), regions=[region], run_seconds=0.3, timeout=60)
+        out[machine] = (str(path), cfg.argv()[1:] + region.args())
+    return out

@@ -26,8 +26,7 @@ from uffdpy.resume.mapped import (MapResume, backend_object, map_arguments, map_
                                   stale_pages)
 
 from conftest import LINUX_GUEST_SEED  # noqa: E402
-from test_resume import (assert_ram_equals, destination, firmware, guest_args,  # noqa: F401
-                         one_line_error, run_uffdpy, short_tmp)
+from test_resume import assert_ram_equals, guest_args, one_line_error, run_uffdpy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -278,19 +277,18 @@ def _backend(snapshot: str, **change: str) -> List[str]:
 def test_wrong_destination_refused_before_anything_is_sent(firmware: Dict[str, Any],
                                                            destination: Any, tmp_path: Path,
                                                            case: str) -> None:
-    snapshot, args = firmware["q35"]
-    other = str(tmp_path / "other.img")
-    shutil.copyfile(snapshot, other)
+    """Each case resumes a copy of the snapshot (a shared or writable mapping of it is risky)."""
+    original, args = firmware["q35"]
+    snapshot = str(tmp_path / "copy.img")
+    shutil.copyfile(original, snapshot)
     with Snapshot.open(snapshot) as snap:
         offset = snap.block("pc.ram").pages_offset
     extra = {"not-mapped": [],
-             "other-file": _backend(snapshot, mem_path=other),
+             "other-file": _backend(snapshot, mem_path=original),
              "offset": _backend(snapshot, offset=str(offset + (1 << 20)), size=str(64 << 20)),
              "shared": _backend(snapshot, share="on", readonly="off"),
-             "writable": _backend(other, readonly="off")}[case]
-    if case == "writable":                     # the same file, opened writable
-        extra = _backend(snapshot, readonly="off")
-    before = sha256(snapshot)
+             "writable": _backend(snapshot, readonly="off")}[case]
+    before = sha256(snapshot), sha256(original)
     dst = destination(args + extra, paused=True)
     line = one_line_error(run_uffdpy("resume", snapshot, "--map", "--qmp", dst.uffdpy_sock))
     want = {"not-mapped": "memory-backend-ram", "other-file": "another file",
@@ -298,7 +296,7 @@ def test_wrong_destination_refused_before_anything_is_sent(firmware: Dict[str, A
     assert want in line, line
     assert "memory-backend-file,id=pc.ram" in line            # the arguments to use
     assert dst.status() == "none"                             # nothing set up or sent
-    assert sha256(snapshot) == before
+    assert (sha256(snapshot), sha256(original)) == before
 
 
 def test_map_argument_errors(tmp_path: Path) -> None:
@@ -358,3 +356,62 @@ def test_postcopy_into_a_shared_tmpfs_backend_still_works(firmware: Dict[str, An
     finally:
         if os.path.exists(shm):
             os.unlink(shm)
+
+
+# ------------------------------------------------------------------ warming a cold page cache
+
+def resident_pages(path: str, offset: int, length: int) -> int:
+    """How many of the file's pages in ``[offset, offset+length)`` are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    try:
+        vec = ctypes.create_string_buffer(length // 4096)
+        assert libc.mincore(addr, length, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(b & 1 for b in vec.raw[:length // 4096])
+    finally:
+        libc.munmap(addr, length)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("warm", ["ws", "all"])
+def test_warm_up_reads_the_working_set_into_a_cold_page_cache(firmware: Dict[str, Any],
+                                                              destination: Any, tmp_path: Path,
+                                                              warm: str) -> None:
+    from uffdpy.bench_resume import evict
+    from uffdpy.workingset import WorkingSet, snapshot_identity
+    original, args = firmware["q35"]
+    snapshot = str(tmp_path / "cold.img")              # a file of its own: evictable
+    shutil.copyfile(original, snapshot)
+    with Snapshot.open(snapshot) as snap:
+        block = snap.block("pc.ram")
+        data = [i for f, n, present in block.runs() if present for i in range(f, f + n)]
+        chosen = data[100:140] + data[10:20]            # two runs, recorded out of file order
+        ws = WorkingSet(snapshot=snapshot_identity(snap),
+                        pages=[("pc.ram", p, 0.001 * k, True) for k, p in enumerate(chosen)]
+                        + [("pc.ram", 0x3f00, 0.5, False)])         # a zero page: not read
+        offset, length = block.pages_offset, block.length
+    ws_path = str(tmp_path / "rec.ws")
+    ws.save(ws_path)
+    evict(snapshot)
+    assert resident_pages(snapshot, offset, length) < len(chosen)
+    dst = destination(args + mapped_args(snapshot), paused=True)
+    with MapResume(snapshot, qmp=dst.uffdpy_sock, paused=True, working_set=ws_path,
+                   warm=warm) as r:
+        assert r.wait_warm(60)
+        stats = r.wait()
+    want = len(chosen) + (length // 4096 if warm == "all" else 0)
+    assert stats.warm_pages == want and stats.warm_error is None
+    resident = resident_pages(snapshot, offset, length)
+    assert resident >= (length // 4096 if warm == "all" else len(chosen)) * 0.9, resident

@@ -15,17 +15,15 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from uffdpy import linuxguest
 from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
-from uffdpy.qemu import Qemu
 from uffdpy.qmp import QmpClient
 from uffdpy.resume import Resume
 
@@ -115,59 +113,6 @@ def test_return_path_refuses_malformed_messages(wire: bytes, message: str) -> No
 
 # ------------------------------------------------------------------ a destination QEMU
 
-class Destination:
-    """QEMU ``ARGS -incoming defer`` with a test QMP socket and one for uffdpy; killed by pid."""
-
-    def __init__(self, qemu: str, args: Sequence[str], *, paused: bool) -> None:
-        self.qemu = Qemu([qemu, *args], incoming="defer", paused=paused, qmp_sockets=2)
-        self.proc = self.qemu.proc
-        self.uffdpy_sock, self.test_sock = self.qemu.qmp_paths
-        self.qmp = QmpClient(self.test_sock, timeout=30)
-
-    def output(self) -> str:
-        return self.qemu.output()
-
-    def status(self) -> str:
-        return str(self.qmp.call("query-migrate").get("status", "none"))
-
-    def wait_status(self, status: str, timeout: float = 30) -> Dict[str, Any]:
-        return self.qmp.wait_event("MIGRATION", timeout=timeout,
-                                   match=lambda e: e["data"]["status"] == status)
-
-    def resave(self, path: Path) -> Snapshot:
-        """Save the (paused) destination again with mapped-ram; QEMU writes the file."""
-        self.qmp.call("migrate-set-capabilities", capabilities=[
-            {"capability": "postcopy-preempt", "state": False},
-            {"capability": "postcopy-ram", "state": False},
-            {"capability": "mapped-ram", "state": True}])
-        self.qmp.call("migrate", uri=f"file:{path}")
-        deadline = time.monotonic() + 60
-        while True:
-            info = self.qmp.call("query-migrate")
-            if info.get("status") == "completed":
-                return Snapshot.open(path)
-            assert info.get("status") not in ("failed", "cancelled"), info
-            assert time.monotonic() < deadline, info
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.qmp.close()
-        self.qemu.kill()
-
-
-@pytest.fixture
-def destination(qemu_binary: str) -> Iterator[Any]:
-    made: List[Destination] = []
-
-    def start(args: Sequence[str], *, paused: bool = False) -> Destination:
-        d = Destination(qemu_binary, args, paused=paused)
-        made.append(d)
-        return d
-    yield start
-    for d in made:
-        d.close()
-
-
 def assert_ram_equals(snapshot: str, resaved: Snapshot) -> None:
     """Every page of every RAMBlock of the destination equals the snapshot's."""
     with Snapshot.open(snapshot) as want:
@@ -190,13 +135,6 @@ def assert_ram_equals(snapshot: str, resaved: Snapshot) -> None:
 def guest_args(info: Dict[str, Any], tmp: str) -> Tuple[List[str], str]:
     req = os.path.join(tmp, "req.sock")
     return linuxguest.destination_args(info, req), req
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="uffdpy-rt-")
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
 
 
 def uffdpy_cmd(*args: object) -> List[str]:
@@ -281,20 +219,6 @@ def test_guest_ram_byte_exact_after_resume(guest: Dict[str, Any], destination: A
 
 
 # ------------------------------------------------------------------ firmware-only machines
-
-@pytest.fixture(scope="module")
-def firmware(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
-    """pc (with VGA and known bytes at 2 MiB) and q35 snapshots that QEMU saved after 0.3 s."""
-    from uffdpy.qemu import VmConfig, random_region, save_snapshot
-    d = tmp_path_factory.mktemp("fw")
-    out = {}
-    for machine, extra in (("pc", ("-device", "VGA")), ("q35", ())):
-        cfg = VmConfig(machine=machine, mem="64M", args=extra, qemu=qemu_binary)
-        region = random_region(str(d), addr=0x200000, size=0x80000, seed=11)
-        path = d / f"{machine}.img"
-        save_snapshot(cfg, str(path), regions=[region], run_seconds=0.3, timeout=60)
-        out[machine] = (str(path), cfg.argv()[1:] + region.args())
-    return out
 
 
 @pytest.mark.qemu
@@ -488,7 +412,7 @@ def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
                       "--qemu-args", "-machine none -m 16M -nodefaults -display none")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
-    assert set(rows) == {"qemu", "resume", "resume-preempt"}
+    assert set(rows) == {"qemu", "resume", "resume-preempt", "map"}
     assert all(r["completed"] and r["completed"] > 0 for r in rows.values())
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import pytest
 
@@ -94,13 +93,6 @@ def test_truncated_recording_is_refused(synth: Tuple[Path, Path], tmp_path: Path
 
 # ------------------------------------------------------------------ on the real guest
 
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="uffdpy-ws-")
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
-
-
 def _resume_and_ask(guest: Dict[str, Any], tmp: str, *, qemu: str, paused: bool = False,
                     **options: Any) -> Tuple[Dict[str, Any], QemuProcess]:
     """Resume into a fresh QEMU, ask the guest once; returns figures and the live QEMU."""
@@ -160,7 +152,8 @@ def test_record_is_stable_and_replay_cuts_requests(guest: Dict[str, Any], qemu_b
 def test_replay_keeps_ram_byte_exact(guest: Dict[str, Any], qemu_binary: str, short_tmp: str,
                                      tmp_path: Path, placement: str) -> None:
     """With -S: the working set's pages (precopy, or streamed first) and the rest, each once."""
-    from test_resume import Destination, assert_ram_equals
+    from conftest import Destination
+    from test_resume import assert_ram_equals
     with Snapshot.open(guest["snapshot"]) as snap:
         block = snap.block("pc.ram")
         pages = [("pc.ram", i, i / 1e4, bool(block.is_present(i)))
@@ -257,8 +250,8 @@ def test_plot_refuses_a_run_without_trace(tmp_path: Path) -> None:
 def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: str,
                                             short_tmp: str, tmp_path: Path) -> None:
     """resume --record-ws --trace, inspect FILE.ws, plot, resume --working-set: one sitting."""
-    from test_resume import (Destination, data_pages_sent, guest_args, popen_uffdpy,
-                             run_uffdpy)
+    from conftest import Destination
+    from test_resume import data_pages_sent, guest_args, popen_uffdpy, run_uffdpy
     args, req = guest_args(guest, short_tmp)
     rec, run, png = tmp_path / "rec.ws", tmp_path / "run.json", tmp_path / "run.png"
     dst = Destination(qemu_binary, args, paused=False)

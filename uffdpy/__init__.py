@@ -13,7 +13,8 @@ Modules:
     convert    an ELF guest memory dump as a mapped-ram snapshot (no kernel calls)
     loader     ``LazyLoader`` (fault loop + prefetcher + claim map), ``LoadOptions``, ``EagerLoader``
     workingset the pages a load or a resume demanded first: record, check, merge, replay
-    resume     ``Resume``: a snapshot served as the postcopy source of a real QEMU
+    resume     ``Resume``: a snapshot served as the postcopy source of a real QEMU;
+               ``MapResume``: guest RAM mapped copy-on-write from the snapshot file
     qmp        ``QmpClient``: a synchronous face on qemu.qmp, QEMU's QMP library
     qemu       ``Qemu``, the one QEMU launcher, and real snapshots and dumps made with it
     linuxguest a real Linux guest snapshot that answers requests on a serial port
@@ -66,6 +67,8 @@ _EXPORTS = {
     "ResumeStats": "resume",
     "ResumeError": "resume",
     "DestinationError": "resume",
+    "MapResume": "resume",
+    "MapStats": "resume",
     "QmpClient": "qmp",
 }
 

@@ -676,9 +676,24 @@ def cmd_bench(args: argparse.Namespace) -> Outcome:
         from .bench_resume import run_resume_bench
         if not args.qemu_args:
             raise ValueError("bench --resume needs --qemu-args recreating the saved machine")
+        if args.clones:
+            from .bench_resume import run_clone_bench
+            out = run_clone_bench(args.snapshot, shlex.split(args.qemu_args),
+                                  clones=args.clones, rounds=args.rounds,
+                                  request=args.request or None)
+            return Outcome(out["table"], {"rows": out["rows"], "rounds": out["rounds"]})
+        from .bench_resume import CONTENDERS
+        contenders = [c for c in (args.contenders or ",".join(CONTENDERS)).split(",") if c]
+        unknown = [c for c in contenders if c not in CONTENDERS]
+        if unknown:
+            raise ValueError(f"--contenders: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(CONTENDERS)}")
         out = run_resume_bench(args.snapshot, shlex.split(args.qemu_args), rounds=args.rounds,
-                               request=args.request or None)
+                               request=args.request or None, contenders=contenders,
+                               cold=args.cold)
         return Outcome(out["table"], {"rows": out["rows"], "rounds": out["rounds"]})
+    if args.clones or args.cold or args.contenders:
+        raise ValueError("--clones, --cold and --contenders apply with --resume only")
     if args.hot is not None:
         from .bench_ws import run_ws_bench
         out = run_ws_bench(args.snapshot, fraction=args.hot, touches=args.touch,
@@ -933,7 +948,20 @@ def _bench_arguments(sp: argparse.ArgumentParser) -> None:
                          "a fresh QEMU (needs --qemu-args; see scripts/bench_resume.py)")
     sp.add_argument("--request", default="GET 0 4", metavar="TEXT",
                     help="with --resume: the request sent on the guest's second serial port "
-                         "as soon as it runs ('' for none; default 'GET 0 4')")
+                         "as soon as it runs ('' for none; default 'GET 0 4'). The bench adds "
+                         "that port itself (-chardev socket + -serial, after your "
+                         "--qemu-args): give the console's -serial only")
+    sp.add_argument("--contenders", default=None, metavar="LIST",
+                    help="with --resume: a comma-separated subset of qemu, resume, "
+                         "resume-preempt, resume-ws, resume-ws-before, map, map-ws "
+                         "(default all)")
+    sp.add_argument("--cold", action="store_true",
+                    help="with --resume: evict the snapshot from the page cache before "
+                         "every contender (posix_fadvise DONTNEED)")
+    sp.add_argument("--clones", type=_positive_int, default=None, metavar="N",
+                    help="with --resume: instead, N guests started at once from the snapshot, "
+                         "mapped (--map) against loaded by QEMU: time until all answered, "
+                         "their summed Pss")
     sp.add_argument("--hot", type=_hot_fraction, default=None, metavar="F",
                     help="instead: the working-set benchmark: --touch accesses within a "
                          "fraction F of the pages, eager vs lazy vs lazy replaying a "
@@ -988,13 +1016,23 @@ COMMANDS: Tuple[Command, ...] = (
     Command("resume", _resume_arguments, cmd_resume, dict(
         help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
         usage="uffdpy resume SNAP (--qmp SOCK | --connect ADDR | -- QEMU ARGS...) [options]",
-        description="Resume a mapped-ram snapshot into an unmodified QEMU 10: uffdpy plays the "
-                    "source of a postcopy migration, the guest runs at once and its RAM "
-                    "streams in behind it. Give --qmp (a destination you started with "
-                    "-incoming defer), --connect (one that already listens), or the QEMU "
-                    "command after -- (uffdpy starts it and leaves it running).",
-        epilog="example: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
-               "-accel tcg -serial null")),
+        description="Resume a mapped-ram snapshot into an unmodified QEMU 10, one of two "
+                    "ways. The stream (default): uffdpy plays the source of a postcopy "
+                    "migration, the guest runs at once and its RAM streams in behind it; "
+                    "afterwards the VM owns all its RAM and no longer needs the file (use it "
+                    "when the snapshot lives on another host or may change). --map: QEMU "
+                    "maps the snapshot file itself as guest RAM, copy-on-write, and uffdpy "
+                    "sends only the device state: the guest runs at full speed in "
+                    "milliseconds and clones of one snapshot share every page none of them "
+                    "wrote (use it for a local file and many clones; the file must stay "
+                    "unchanged while any of them runs). Give --qmp (a destination you "
+                    "started with -incoming defer; with --map also with the arguments of "
+                    "'uffdpy qemu-args SNAP --map'), --connect (one that already listens; "
+                    "the stream only), or the QEMU command after -- (uffdpy starts it, adds "
+                    "what --map needs, and leaves it running).",
+        epilog="examples: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
+               "-accel tcg -nodefaults -display none -serial null; the same with "
+               "'resume vm.img --map --' maps the file instead")),
     Command("qemu-args", _qemu_args_arguments, cmd_qemu_args, dict(
         help="print the QEMU arguments a destination of SNAP needs (--map: its RAM mapped)",
         description="Print, shell-quoted on one line, what a destination for SNAP needs "

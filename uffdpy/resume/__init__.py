@@ -17,7 +17,8 @@ destination, the errors, and a QEMU of our own (:class:`QemuProcess`).
 """
 from .destination import (DestinationError, QemuDestination, QemuProcess, ResumeError,
                           parse_address)
+from .mapped import MapResume, MapStats
 from .postcopy import Resume, ResumeStats
 
-__all__ = ["Resume", "ResumeStats", "ResumeError", "DestinationError", "QemuDestination",
-           "QemuProcess", "parse_address"]
+__all__ = ["Resume", "ResumeStats", "MapResume", "MapStats", "ResumeError", "DestinationError",
+           "QemuDestination", "QemuProcess", "parse_address"]
