@@ -46,7 +46,7 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tabulate import tabulate
 
@@ -398,7 +398,7 @@ def run_clone_bench(snapshot: str, qemu_args: Sequence[str], *, clones: int, rou
     """
     modes = ("map", "qemu")
     results: Dict[str, List[Dict[str, Any]]] = {m: [] for m in modes}
-    answers = set()
+    answers: Set[str] = set()
     for rnd in range(rounds):
         for mode in (modes if rnd % 2 == 0 else modes[::-1]):
             res = _clone_round(snapshot, mode, qemu, qemu_args, clones, request, timeout)
