@@ -415,3 +415,19 @@ def test_warm_up_reads_the_working_set_into_a_cold_page_cache(firmware: Dict[str
     assert stats.warm_pages == want and stats.warm_error is None
     resident = resident_pages(snapshot, offset, length)
     assert resident >= (length // 4096 if warm == "all" else len(chosen)) * 0.9, resident
+
+
+@pytest.mark.qemu
+def test_cli_bench_clones_one_round(qemu_binary: str, tmp_path: Path) -> None:
+    """``bench --resume --clones 2``: both kinds of guest started, their Pss summed."""
+    from uffdpy.mappedram import make_synthetic
+    snap = tmp_path / "s.img"
+    make_synthetic(snap, size=16 << 20, fill=0.5, seed=4)
+    proc = run_uffdpy("bench", snap, "--resume", "--clones", "2", "--rounds", "1", "--request",
+                      "", "--json", "--qemu-args", "-machine none -m 16M -nodefaults -display none")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert set(rows) == {"map", "qemu"}
+    # QEMU's own load copies the 8 MiB of data into each guest; a mapped guest holds none
+    assert rows["qemu"]["anon"] - rows["map"]["anon"] > 2 * (6 << 20), rows
+    assert all(r["pss"] > 0 and r["all_answered"] > 0 for r in rows.values())

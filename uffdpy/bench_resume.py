@@ -354,7 +354,8 @@ def _clone_round(snapshot: str, mode: str, qemu: str, qemu_args: Sequence[str], 
                 else:
                     with QmpClient(procs[i].qmp_path, timeout=timeout) as qmp:
                         qmp.call("migrate-set-capabilities", capabilities=[
-                            {"capability": "mapped-ram", "state": True}])
+                            {"capability": "mapped-ram", "state": True},
+                            {"capability": "events", "state": True}])
                         qmp.call("migrate-incoming", uri=f"file:{os.path.abspath(snapshot)}")
                         qmp.wait_event("MIGRATION", timeout=timeout,
                                        match=lambda e: e["data"]["status"] == "completed")

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import mmap
 import os
 import shlex
 import shutil
@@ -64,7 +63,9 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .. import migstream as ms
+from ..ioctl import MADV_POPULATE_READ
 from ..mappedram import RamBlock, Snapshot, TARGET_PAGE_SIZE
+from ..memory import Mapping
 from ..pagesource import PathLike
 from ..qmp import QmpError
 from ..workingset import load_for
@@ -82,7 +83,6 @@ WARM_MODES = (None, "ws", "all")
 MACHINE_RAM_IDS = ("pc.ram", "ram")
 #: blocks with no slash that QEMU allocates itself: a user cannot give them a backend
 _FIRMWARE_BLOCKS = ("pc.bios", "pc.rom", "isa-bios")
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 #: bytes per MADV_POPULATE_READ call: small enough that close() stops the warmer soon
 _WARM_CHUNK = 2 << 20
 #: pages per PART section of a streamed block
@@ -338,17 +338,18 @@ class _Warmer:
     def _run(self) -> None:
         try:
             size = os.fstat(self._fd).st_size
-            with mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            # ctypes releases the GIL for the call: a cold read never stalls the caller
+            with Mapping.of_file(self._fd, size) as m:
                 populate = True
                 for start, length in self._runs:
-                    pos, end = start, start + length
+                    pos, end = start, min(start + length, size)
                     while pos < end and not self._stop:
                         n = min(end - pos, _WARM_CHUNK)
                         if populate:
                             try:
-                                m.madvise(_MADV_POPULATE_READ, pos, n)
+                                m.madvise(MADV_POPULATE_READ, pos, n)
                             except OSError as e:
-                                if e.errno != errno.EINVAL:
+                                if e.errno != errno.EINVAL:      # before Linux 5.14
                                     raise
                                 populate = False
                         if not populate:
