@@ -68,11 +68,18 @@ def test_readme_example_runs(index: int, workdir: Path, guest: Dict[str, Any],
     if 'server="interpreter"' in block and "interpreter" not in LAZY_SERVERS:
         pytest.skip("server='interpreter' needs Python 3.13+ (.ci/run runs it under one)")
     destination = None
-    if "/run/vm/qmp.sock" in block:
+    for placeholder in ("/run/vm/qmp.sock", "/run/vm/map-qmp.sock"):
+        if placeholder not in block:
+            continue
+        from uffdpy.mappedram import Snapshot
         from uffdpy.qemu import Qemu
+        from uffdpy.resume.mapped import map_arguments
         args = linuxguest.destination_args(guest, os.path.join(short_tmp, "req.sock"))
+        if placeholder == "/run/vm/map-qmp.sock":         # as `uffdpy qemu-args vm.img --map`
+            with Snapshot.open(workdir / "vm.img") as snap:
+                args += map_arguments(snap)
         destination = Qemu([qemu_binary, *args], incoming="defer")
-        block = block.replace("/run/vm/qmp.sock", destination.qmp_paths[0])
+        block = block.replace(placeholder, destination.qmp_paths[0])
     try:
         proc = _run(block, workdir)
     finally:
