@@ -218,8 +218,8 @@ class Server(abc.ABC):
     One instance per load, made before anything is mapped, started once with
     a ``Job``.  It hands one ``Report`` to ``on_end`` when the workers have
     ended on their own (complete or failed) or were stopped, from a thread
-    of its own (never from ``start``); a server whose workers never started
-    reports nothing.
+    of its own (never from ``start``).  When ``start`` raises, a report may
+    have come or may never come: nothing should wait for one.
     """
 
     #: the ``LazyLoader(server=...)`` value
