@@ -769,11 +769,13 @@ def test_page_size_other_than_4096_is_refused_everywhere(tmp_path: Path) -> None
 
 
 def test_load_options_validate_round_trip_and_agree_with_the_servers():
-    """LoadOptions: one value, validated when made, the CLI's flags and back, JSON-ready."""
+    """LoadOptions: one value, validated when made, the CLI's flags and back; the
+    workers' share of it typed, frozen, and through JSON and back."""
+    import dataclasses
     import json
     from uffdpy import cli
     from uffdpy.loader import SERVERS, LoadOptions
-    from uffdpy.loader.options import SERVER_NAMES
+    from uffdpy.loader.options import SERVER_NAMES, WorkerOptions
     assert SERVER_NAMES == SERVERS
     for bad in ({"server": "fiber"}, {"prefetch_chunk_bytes": 100}, {"prefetch_threads": 0},
                 {"fault_around_pages": -1}, {"server_cpu": -2}):
@@ -784,7 +786,15 @@ def test_load_options_validate_round_trip_and_agree_with_the_servers():
     args = cli.build_parser().parse_args(["load", "x.img", *opts.cli_args()])
     assert LoadOptions.from_cli(args) == opts
     assert LoadOptions.from_cli(cli.build_parser().parse_args(["load", "x.img"])) == LoadOptions()
-    assert json.loads(json.dumps(opts.worker_options())) == opts.worker_options()
+    workers = opts.worker_options()
+    assert WorkerOptions.from_dict(json.loads(json.dumps(workers.as_dict()))) == workers
+    assert (workers.prefetch, workers.chunk_bytes, workers.prefetch_threads) == (False, 1 << 16, 1)
+    with pytest.raises(ValueError, match="not worker options: huge_pages"):
+        WorkerOptions.from_dict({**workers.as_dict(), "huge_pages": True})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        workers.prefetch = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.server = "thread"  # type: ignore[misc]
     assert LoadOptions().resolved().prefetch_threads in (1, 2)
 
 

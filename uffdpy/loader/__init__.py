@@ -16,7 +16,7 @@ A load, step by step, and the module that does each step:
    ``address()`` (shared with ``eager.EagerLoader``).
 3. ``lazy``: register every mapping with one uffd, map the image file
    read-only, build the regions and the claim map, make the wake fd.
-4. ``placement``: ``_Region``, a region as the workers see it (addresses,
+4. ``placement``: ``Region``, a region as the workers see it (addresses,
    unit of placement, page kinds ZERO / DIRECT / BOUNCE), and
    ``Placer.place``, which copies a run of one kind into the registered
    memory with as few ioctls as possible: the one placement path.
@@ -31,18 +31,23 @@ A load, step by step, and the module that does each step:
    populator (its essay: how they race, and why faults win).
 7. ``server`` and ``server_thread`` / ``server_process`` /
    ``server_interpreter``: where the workers run, threads here, a forked
-   process, or an own-GIL subinterpreter (its essay: servers and the GIL);
-   ``hosting`` forks the child or runs the subinterpreter (a pool of them)
-   and carries the one report both send back.
-8. ``lazy``: the last page placed, the loader unregisters, closes the uffd
-   and the file mapping (``_finish``); a failed load fences what nobody
-   placed (``placement._fence``); ``close()`` follows the numbered shutdown
-   order of the ``lazy`` essay.
+   process, or an own-GIL subinterpreter (its essay: servers and the GIL).
+   A server gets a ``Job`` (data: the uffd, the regions, the claim map, the
+   wake fd, the image file, the ``options.WorkerOptions``) and hands one
+   ``Report`` back; it knows nothing of the loader.  ``hosting`` forks the
+   child or runs the subinterpreter (a pool of them) and carries the one
+   report line both send back.
+8. ``lazy``: acts on the report.  The last page placed, the loader
+   unregisters, closes the uffd and the file mapping (``_finish``); a failed
+   load fences what nobody placed (``placement.fence``); ``close()``
+   follows the numbered shutdown order of the ``lazy`` essay.
 9. ``stats``: what a load did (``Stats``), from every worker's tallies.
 
 ``errors`` holds ``LoaderError`` and ``ServerDiedError``.  Dependencies go
-one way: ``errors``, ``stats``, ``claims`` -> ``placement`` -> ``workers``
--> ``server``, ``hosting`` -> ``server_*`` -> ``lazy``; ``base`` -> ``eager``, ``lazy``.
+one way: ``errors``, ``stats``, ``claims``, ``options`` -> ``placement`` ->
+``workers`` -> ``server``, ``hosting`` -> ``server_*`` -> ``lazy``; ``base`` ->
+``eager``, ``lazy``.  No server module imports ``lazy`` (``tests/test_structure.py``
+counts every import, those for annotations too).
 """
 from __future__ import annotations
 

@@ -4,13 +4,15 @@ A load, in the order ``_setup`` follows: validate the arguments and the
 server (``Server.check_available``) before anything is mapped; map
 anonymous memory for every region (``base._LoaderBase``); register all of
 it with one userfaultfd in MISSING mode; map the image file read-only;
-build the regions (``placement._Region``) and the claim map
+build the regions (``placement.Region``) and the claim map
 (``claims.ClaimMap``, shared when the server is not a thread of this
 process); make the wake fd; hand all of it to the server
-(``SERVER_KINDS[server]``), which starts the workers (``workers.Workers``).
-Then the loader reports itself ready.  When the last page is placed, every
-block is unregistered, the uffd and the file mapping are closed, and the
-memory is ordinary anonymous memory.
+(``SERVER_KINDS[server]``) as one ``server.Job``, which starts the workers
+(``workers.Workers``).  Then the loader reports itself ready.  The server
+tells the loader how the workers ended with one ``server.Report``
+(``_ended``), and the loader acts on it.  When the last page is placed,
+every block is unregistered, the uffd and the file mapping are closed, and
+the memory is ordinary anonymous memory; a failed load is fenced (below).
 
 Shutdown order (``close()``, any time, mid-load included): stop the workers
 (set the stop flag, write the wake fd, join them with a timeout; a process
@@ -28,19 +30,21 @@ the pages that were placed stay readable for a post-mortem.
 from __future__ import annotations
 
 import bisect
-import os
+import dataclasses
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple, Type
+import weakref
+from typing import Dict, List, Optional, Tuple, Type
 
-from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from ..uffd import RegisterMode, Userfaultfd
 from .base import SnapshotLike, _LoaderBase, _open_source, _round_up
 from .claims import ClaimMap
 from .errors import LoaderError
-from .options import DEFAULT_CHUNK_BYTES, LoadOptions
-from .placement import _fence, _protect_none, _Region
-from .server import Server
+from .hosting import before_exit
+from .options import DEFAULT_CHUNK_BYTES, LoadOptions, WorkerOptions
+from .placement import Region, fence, protect_none
+from .server import STOP_TIMEOUT, Job, MappedFile, Report, Server
 from .server_interpreter import InterpreterServer
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
@@ -144,16 +148,13 @@ class LazyLoader(_LoaderBase):
         kind = SERVER_KINDS[opts.server]
         kind.check_available()                 # before anything is mapped
         t0 = time.perf_counter()
-        self._server_mode = opts.server
         #: runs the workers (the ``SERVER_KINDS`` entry for ``server``)
-        self._kind: Server = kind(self)
+        self._server: Server = kind()
         self._huge_pages = opts.huge_pages
         self._uffd: Optional[Userfaultfd] = None
-        self._file_map: Optional[Mapping] = None
-        self._file_fd = -1
+        self._file: Optional[MappedFile] = None
         self._wake: Optional[WakeFd] = None
-        self._workers: Optional[Workers] = None
-        self._regions: List[_Region] = []
+        self._regions: List[Region] = []
         self._claims: Optional[ClaimMap] = None
         self._error: Optional[BaseException] = None
         self._error_reported = False
@@ -173,8 +174,7 @@ class LazyLoader(_LoaderBase):
                 working_set.check(self.source)
             elif working_set is not None:           # a bad file: refused before any mapping
                 self._replay = load_for(working_set, self.source)
-            self._setup(**opts.worker_options(),
-                        record_demand=record_ws is not None,
+            self._setup(opts.worker_options(), record_demand=record_ws is not None,
                         t0_ns=int(t0 * 1e9) if record_ws is not None else 0)
         except BaseException:
             self._record_path = None            # a loader that never ran records nothing
@@ -188,11 +188,10 @@ class LazyLoader(_LoaderBase):
         complete = stats.time_to_complete_s
         if complete is not None and complete < stats.time_to_ready_s:
             stats.time_to_complete_s = stats.time_to_ready_s
-        if self._workers is not None:
-            self._workers.go.set()
+        self._server.ready()
 
     # -- setup, in the order the package essay gives
-    def _setup(self, **options: Any) -> None:
+    def _setup(self, options: WorkerOptions, *, record_demand: bool, t0_ns: int) -> None:
         source = self.source
         if self._huge_pages:
             self._map_huge_blocks()
@@ -203,45 +202,65 @@ class LazyLoader(_LoaderBase):
             m = self._mappings[name]
             self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
         self._registered = True
-        # The fd stays open for the workers' reads into bounce buffers: a
-        # duplicate of the source's own (close-on-exec), so the load reads the
-        # file that was validated even if another now has its name (a writer
-        # that renames over it, as uffdpy's own do).
-        self._file_fd = os.dup(source.fileno())
-        self._file_map = Mapping.of_file(self._file_fd, _round_up(source.file_size, PAGE_SIZE))
+        self._file = MappedFile(source.fileno(), _round_up(source.file_size, PAGE_SIZE),
+                                source.path)
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
-        regions = [_Region(i, r, self._mappings[r.name].address, self._file_map.address, unit)
+        regions = [Region(i, r, self._mappings[r.name].address, self._file.address, unit)
                    for i, r in enumerate(source.regions)]
-        claims = ClaimMap([r.units for r in regions], shared=self._kind.claims_shared)
+        claims = ClaimMap([r.units for r in regions], shared=self._server.claims_shared)
         self._regions, self._claims = regions, claims
+        working_set: Tuple[Tuple[int, int], ...] = ()
         if self._replay is not None:
-            # [region index, 4 KiB page]: the prefetcher makes runs of them
+            # (region index, 4 KiB page): the prefetcher makes runs of them
             # itself, after ready (nothing it needs later is waited for here)
             index = {r.name: r.index for r in regions}
-            options["working_set"] = [[index[b], p] for b, p, _, _ in self._replay.pages
-                                      if b in index]
+            working_set = tuple((index[b], p) for b, p, _, _ in self._replay.pages
+                                if b in index)
         self._wake = WakeFd()
-        self._kind.start(unit, options)
+        job = Job(uffd=self._uffd, memory=tuple(self._mappings[r.name] for r in source.regions),
+                  regions=tuple(regions), claims=claims, wake=self._wake, file=self._file,
+                  unit=unit, options=options, working_set=working_set,
+                  record_demand=record_demand, t0_ns=t0_ns)
+        if self._server.stop_before_exit:
+            _close_at_exit.add(self)
+        self._server.start(job, self._ended)
 
     @property
     def server_pid(self) -> int:
         """The server process's pid while it runs (``server="process"``), else 0."""
-        return self._kind.pid
+        return self._server.pid
 
     @property
     def workers(self) -> Optional[Workers]:
         """The fault loop and prefetcher (``workers.Workers``) when they run in this
         interpreter (``server="thread"``), else None: their regions, claim map and
         ``place``, for experiments and tests of the race between them."""
-        return self._workers if self._kind.name == "thread" else None
+        return self._server.workers
 
     # -- endings
+    def _ended(self, report: Report) -> None:
+        """The workers have ended (``on_end``, in a thread of the server): act on the report."""
+        try:
+            stats = self._stats
+            for field in dataclasses.fields(stats):    # what the workers did
+                if field.name not in ("time_to_ready_s", "time_to_complete_s"):
+                    setattr(stats, field.name, getattr(report.stats, field.name))
+            if report.demanded is not None:            # record_ws: the faults, in order
+                self._demanded = list(report.demanded)
+            if report.error is not None:
+                self._fail(report.error)
+                self._fence_unplaced()
+            elif report.complete:
+                self._finish()
+        finally:
+            self._done.set()
+
     def _finish(self) -> None:
         """Every page is placed: unregister, close the uffd and the file mapping."""
         if self._stats.time_to_complete_s is None:
             self._stats.time_to_complete_s = time.perf_counter() - self._t0
         self._teardown_uffd()
-        self._kind.finished()
+        self._server.finished()
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -260,7 +279,7 @@ class LazyLoader(_LoaderBase):
         claims, uffd = self._claims, self._uffd
         if claims is None or uffd is None or uffd.closed:
             return
-        _fence(self._regions, claims, uffd)
+        fence(self._regions, claims, uffd)
 
     def _teardown_uffd(self) -> None:
         uffd = self._uffd
@@ -270,13 +289,8 @@ class LazyLoader(_LoaderBase):
                     uffd.unregister(m.address, m.length)
                 self._registered = False
             uffd.close()
-        if self._file_map is not None:
-            self._file_map.close()
-        if self._file_fd >= 0:
-            os.close(self._file_fd)
-            self._file_fd = -1
-        if self._workers is not None:
-            self._workers.close_buffers()
+        if self._file is not None:
+            self._file.close()
         if self._wake is not None:
             self._wake.close()
 
@@ -284,7 +298,7 @@ class LazyLoader(_LoaderBase):
     @property
     def server(self) -> str:
         """``"thread"``, ``"process"`` or ``"interpreter"``."""
-        return self._server_mode
+        return self.options.server
 
     @property
     def finished(self) -> bool:
@@ -295,8 +309,7 @@ class LazyLoader(_LoaderBase):
     def file_mapping_address(self) -> int:
         """Where the read-only mapping of the image file (what the copies read from) is,
         or 0 when there is none (the load ended, or the process server has it)."""
-        m = self._file_map
-        return 0 if m is None or m.closed else m.address
+        return 0 if self._file is None else self._file.address
 
     @property
     def complete(self) -> bool:
@@ -308,7 +321,9 @@ class LazyLoader(_LoaderBase):
         claims = self._claims
         if claims is None:
             return (0, 0)
-        return (self._kind.placed(claims), claims.total_pages)
+        if self._done.is_set() or self._closed:       # the workers' final figure
+            return (self._stats.placed_pages, claims.total_pages)
+        return (self._server.placed(), claims.total_pages)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait until every page is placed and the uffd is closed.
@@ -338,7 +353,8 @@ class LazyLoader(_LoaderBase):
     @property
     def stats(self) -> Stats:
         """Load statistics so far (see ``Stats``)."""
-        self._kind.stats_into(self._stats)
+        if not (self._done.is_set() or self._closed):
+            self._server.stats_into(self._stats)      # once ended, the report's figures
         return self._stats
 
     def recorded(self) -> WorkingSet:
@@ -349,10 +365,10 @@ class LazyLoader(_LoaderBase):
         """
         if self._record_path is None:
             raise ValueError("recorded() needs LazyLoader(..., record_ws=PATH)")
-        server = self._workers
         raw = self._demanded
-        if raw is None and server is not None and server.demanded is not None:
-            raw = list(server.demanded)          # the thread server: this interpreter's
+        if raw is None:                          # the thread server's, as they come
+            live = self._server.demanded()
+            raw = None if live is None else list(live)
         spans = sorted((self._mappings[name].address, self._mappings[name].length, region)
                        for name, region in zip(self._order, self.source.regions))
         starts = [a for a, _, _ in spans]
@@ -398,7 +414,13 @@ class LazyLoader(_LoaderBase):
         if self._closed:
             return
         self._closed = True
-        if not self._kind.stop():                              # 1
+        stopped = self._server.stop()                          # 1
+        _close_at_exit.discard(self)
+        if not stopped:
+            # Stuck: it may still use the uffd, the file mapping, the
+            # claims and the memory.  Leak them rather than pull them away.
+            self._fail(LoaderError(f"the {self._server.name} server did not stop within "
+                                   f"{STOP_TIMEOUT:.0f} s"))
             if _raise:
                 self._raise_error()
             return
@@ -406,10 +428,10 @@ class LazyLoader(_LoaderBase):
             # Unregistering wakes the waiters, which would then fault in zero
             # pages: nothing may read a page that was never served as zeros.
             for m in self._mappings.values():
-                _protect_none(m.address, m.length)
+                protect_none(m.address, m.length)
             self._registered = False
         self._teardown_uffd()                                  # 3
-        self._kind.close()                                     # 4
+        self._server.close()                                   # 4
         recording = None
         if self._record_path is not None:                      # 4b: the recording
             recording, path = self.recorded(), self._record_path
@@ -424,3 +446,22 @@ class LazyLoader(_LoaderBase):
         if _raise and not self._error_reported:                # 8
             self._raise_error()
 
+
+
+#: loaders whose server must be stopped before the interpreter exits
+#: (``Server.stop_before_exit``), while it may run
+_close_at_exit: "weakref.WeakSet[LazyLoader]" = weakref.WeakSet()
+
+
+def _close_unclosed_loaders() -> None:
+    """At exit: close every loader in ``_close_at_exit`` (one never closed).
+
+    Without this the interpreter hangs at exit: CPython will not finalize a
+    subinterpreter that a thread is still running.  Runs before the idle
+    interpreters are destroyed (``hosting.before_exit``).
+    """
+    for loader in list(_close_at_exit):
+        loader.close(_raise=False)
+
+
+before_exit(_close_unclosed_loaders)

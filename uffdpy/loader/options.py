@@ -3,24 +3,61 @@
 One frozen value carries every knob of a lazy load: ``LazyLoader`` takes
 it (or the same names as keywords), the command line builds it from its
 flags (:meth:`LoadOptions.from_cli`) and can print it back as flags
-(:meth:`LoadOptions.cli_args`), and the servers get the workers' share of it
-as plain data (:meth:`LoadOptions.worker_options`: a dict that goes through
-JSON to a subinterpreter unchanged).  A bad value is a ``ValueError`` when
-the value is made, before anything is mapped.
+(:meth:`LoadOptions.cli_args`), and the workers get their share of it as a
+second frozen value (:meth:`LoadOptions.worker_options`: a ``WorkerOptions``,
+whose dict form, :meth:`WorkerOptions.as_dict`, goes through JSON to a
+subinterpreter and comes back with :meth:`WorkerOptions.from_dict`).  A bad
+value is a ``ValueError`` when the value is made, before anything is mapped;
+neither value changes after that.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..memory import PAGE_SIZE
 
-__all__ = ["LoadOptions", "SERVER_NAMES", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["LoadOptions", "WorkerOptions", "SERVER_NAMES", "DEFAULT_CHUNK_BYTES"]
 
 #: the server kinds (``LazyLoader``'s registry has the classes)
 SERVER_NAMES = ("thread", "process", "interpreter")
 DEFAULT_CHUNK_BYTES = 2 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """What the workers of one load (``workers.Workers``) are told: their share of a
+    ``LoadOptions``, with the machine's defaults resolved.
+
+    Made by ``LoadOptions.worker_options`` (whose checks the values passed) or
+    back from its dict form, never changed.
+    """
+
+    prefetch: bool = True
+    #: the most bytes the prefetcher places per ioctl
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    fault_around_pages: int = 0
+    server_cpu: Optional[int] = None
+    busy_poll: bool = False
+    prefetch_threads: int = 1
+    populate_source: bool = False
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The options as JSON-ready data (what an interpreter server is sent)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "WorkerOptions":
+        """The options back from :meth:`as_dict`.
+
+        Raises:
+            ValueError: a key that is no option.
+        """
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"not worker options: {', '.join(sorted(unknown))}")
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +94,15 @@ class LoadOptions:
             return self
         return dataclasses.replace(self, prefetch_threads=min(2, len(os.sched_getaffinity(0))))
 
-    def worker_options(self) -> Dict[str, Any]:
-        """The workers' keywords (``Workers``), as JSON-ready data."""
+    def worker_options(self) -> WorkerOptions:
+        """The workers' share of these options (``prefetch_threads`` resolved)."""
         opts = self.resolved()
-        return {"prefetch": opts.prefetch, "chunk_bytes": opts.prefetch_chunk_bytes,
-                "fault_around_pages": opts.fault_around_pages, "server_cpu": opts.server_cpu,
-                "busy_poll": opts.busy_poll, "prefetch_threads": opts.prefetch_threads,
-                "populate_source": opts.populate_source}
+        assert opts.prefetch_threads is not None           # resolved() fills it in
+        return WorkerOptions(prefetch=opts.prefetch, chunk_bytes=opts.prefetch_chunk_bytes,
+                             fault_around_pages=opts.fault_around_pages,
+                             server_cpu=opts.server_cpu, busy_poll=opts.busy_poll,
+                             prefetch_threads=opts.prefetch_threads,
+                             populate_source=opts.populate_source)
 
     def cli_args(self) -> List[str]:
         """The ``uffdpy load`` flags that make these options (defaults left out)."""

@@ -12,9 +12,9 @@ hugetlbfs and the unit of placement is a 2 MiB page: one kind per unit
 (all from the file, all zero, or mixed and assembled), and zero units are
 copied from never-written memory because hugetlbfs has no ZEROPAGE.
 
-Here: the page kinds, ``_Region`` (a region as the workers see it), the
+Here: the page kinds, ``Region`` (a region as the workers see it), the
 ``Placer`` half of a worker (``place``: a run of one kind with as few
-ioctls as possible), and the fail-closed helpers (``_fence``: ``PROT_NONE``
+ioctls as possible), and the fail-closed helpers (``fence``: ``PROT_NONE``
 over what nobody placed, then ``UFFDIO_WAKE``).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .claims import ClaimMap
 from .errors import LoaderError
 from .stats import WorkerCounters
 
-__all__ = ["ZERO", "DIRECT", "BOUNCE"]
+__all__ = ["ZERO", "DIRECT", "BOUNCE", "Placer", "Region", "SharedRegion", "fence", "protect_none"]
 
 #: How a page is placed: ZEROPAGE, COPY straight from the file mapping, or
 #: COPY from a bounce buffer (the bytes are not page-aligned in the file, or
@@ -45,7 +45,7 @@ ZERO, DIRECT, BOUNCE = 0, 1, 2
 _KIND_RUN = re.compile(rb"\x00+|\x01+|\x02+")
 
 
-class _Region:
+class Region:
     """One region as the workers see it: guest address, where its bytes are, page kinds.
 
     Placement works in *units*: the source's pages (4 KiB), or 2 MiB huge
@@ -60,7 +60,7 @@ class _Region:
                  "units", "src", "file_offset", "source", "bitmap", "direct_pages", "kinds",
                  "needs_bounce", "one_page_fast")
 
-    def __init__(self, index: int, region: Union[PageRegion, "_SharedRegion"], start: int,
+    def __init__(self, index: int, region: Union[PageRegion, "SharedRegion"], start: int,
                  file_base: int, unit: int) -> None:
         self.index = index
         self.source = region
@@ -178,7 +178,7 @@ def _unreadable(path: str, name: str, offset: int, detail: str) -> LoaderError:
 
 
 
-class _SharedRegion:
+class SharedRegion:
     """A region as an interpreter server receives it: the numbers and the bitmap."""
 
     def __init__(self, fields: Dict[str, Any], bitmap: bytes) -> None:
@@ -207,7 +207,7 @@ class Placer:
     file_fd: int
     path: str
 
-    def place(self, region: _Region, first: int, end: int, kind: int,
+    def place(self, region: Region, first: int, end: int, kind: int,
                counters: WorkerCounters, bounce: Optional[Mapping],
                uffd: Union[Userfaultfd, Filler]) -> Optional[int]:
         """Place pages ``[first, end)`` of one kind with as few ioctls as possible.
@@ -275,7 +275,7 @@ class Placer:
             counters.bytes_copied += installed
         return installed // ps
 
-    def _copy_failed(self, region: _Region, unit: int, kind: int,
+    def _copy_failed(self, region: Region, unit: int, kind: int,
                      exc: UffdError) -> BaseException:
         """What a failed ``UFFDIO_COPY`` of ``unit`` means: EFAULT from the file is a LoaderError.
 
@@ -289,18 +289,22 @@ class Placer:
                            f"{exc.call}: [Errno {exc.errno}] {exc.strerror}")
 
 
-def _protect_none(start: int, length: int) -> None:
+def protect_none(start: int, length: int) -> None:
     """Replace ``[start, start+length)`` by inaccessible memory (no longer registered)."""
     ioctl.libc.mmap(start, length, ioctl.PROT_NONE,
                     ioctl.MAP_PRIVATE | ioctl.MAP_ANONYMOUS | ioctl.MAP_FIXED
                     | ioctl.MAP_NORESERVE, -1, 0)
 
 
-def _fence(regions: Sequence[_Region], claims: ClaimMap, uffd: Userfaultfd) -> None:
+def fence(regions: Sequence[Region], claims: ClaimMap, uffd: Userfaultfd) -> None:
     """Make every unplaced page inaccessible, then wake its waiters (see ``_fence_unplaced``)."""
     for region in regions:
         for first, end in claims.unplaced_runs(region.index):
             start = region.start + first * region.unit
             length = (end - first) * region.unit
-            _protect_none(start, length)
+            protect_none(start, length)
             uffd.wake(start, length)
+
+
+# the names these had when the loader was one module (re-exported by the package)
+_Region, _SharedRegion, _fence, _protect_none = Region, SharedRegion, fence, protect_none

@@ -12,21 +12,19 @@ import os
 import select
 import threading
 import time
-import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..uffd import Userfaultfd
 from .claims import ClaimMap
 from .errors import LoaderError
-from .placement import _fence, _Region, _SharedRegion
-from .hosting import (HAVE_INTERPRETERS, Interpreter, before_exit, destroy_idle_interpreters,
+from .hosting import (HAVE_INTERPRETERS, Interpreter, destroy_idle_interpreters,
                       error_report, interpreters_module, prepare_interpreters, read_report,
                       serve_until_ended, write_report)
-from .server import Server
-from .workers import _eventfd, WakeFd, Workers, _signal_fd, _start_thread
-
-if TYPE_CHECKING:                      # for annotations only: lazy imports this module
-    from .lazy import LazyLoader
+from .options import WorkerOptions
+from .placement import Region, SharedRegion, fence
+from .server import STOP_TIMEOUT, Job, Report, Server
+from .threads import start_thread
+from .workers import WakeFd, Workers, eventfd, signal_fd
 
 __all__ = ["HAVE_INTERPRETERS", "InterpreterServer", "prepare_interpreter_servers",
            "release_interpreter_servers"]
@@ -39,30 +37,34 @@ class InterpreterServer(Server):
     """Run both workers in a subinterpreter with its own GIL, from a host thread here."""
 
     name = "interpreter"
+    stop_before_exit = True
 
-    def __init__(self, loader: "LazyLoader") -> None:
-        super().__init__(loader)
+    def __init__(self) -> None:
+        super().__init__()
         self.host: Optional[threading.Thread] = None
         self.host_done = threading.Event()
+        #: what the subinterpreter reported, once the host thread has it
+        self.report: Optional[Report] = None
 
     @classmethod
     def check_available(cls) -> None:
         interpreters_module()
 
-    def start(self, unit: int, options: Dict[str, Any]) -> None:
+    def start(self, job: Job, on_end: Callable[[Report], None]) -> None:
         """Start the workers in a subinterpreter with its own GIL; return once they run.
 
         The spec carries numbers only (fds, addresses): the subinterpreter
         shares this address space and fd table, so it serves from this
         process's file mapping, into these mappings, through a dup of this
         uffd, with a second view of the claim map's memfd.
+
+        Raises:
+            LoaderError: it did not start within ``INTERPRETER_START_TIMEOUT``,
+                or it failed before it started (the failure says why).
         """
-        loader = self.loader
-        assert loader._uffd is not None and loader._file_map is not None
-        assert loader._claims is not None and loader._wake is not None
-        source = loader.source
+        self.job = job
         interp = Interpreter.take()
-        started_fd = _eventfd()
+        started_fd = eventfd()
         try:
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
@@ -70,29 +72,29 @@ class InterpreterServer(Server):
             interp.give_back()
             raise
         spec = {
-            "uffd": loader._uffd.fileno(), "wake": loader._wake.fd, "started": started_fd,
-            "report": report_w, "claims": loader._claims.fd,
-            "file_map": loader._file_map.address,
-            "file_fd": loader._file_fd, "path": source.path,
-            "unit": unit, "options": options,
-            "regions": [{"name": r.name, "length": r.length, "page_size": r.page_size,
+            "uffd": job.uffd.fileno(), "wake": job.wake.fd, "started": started_fd,
+            "report": report_w, "claims": job.claims.fd, "file_map": job.file.address,
+            "file_fd": job.file.fd, "path": job.file.path,
+            "unit": job.unit, "options": job.options.as_dict(),
+            "working_set": job.working_set, "record_demand": job.record_demand,
+            "t0_ns": job.t0_ns,
+            "regions": [{"name": r.name, "length": r.source.length, "page_size": r.page_size,
                          "pages": r.pages, "file_offset": r.file_offset,
-                         "file_bytes": r.file_bytes,
-                         "start": loader._mappings[r.name].address} for r in source.regions],
+                         "file_bytes": r.source.file_bytes, "start": r.start}
+                        for r in job.regions],
         }
-        bitmaps = tuple(bytes(r.bitmap) for r in source.regions)
+        bitmaps = tuple(bytes(r.bitmap) for r in job.regions)
         host = threading.Thread(
             target=self._host_interpreter, name="uffdpy-interpreter-host", daemon=True,
-            args=(interp, json.dumps(spec), bitmaps, report_r, report_w))
+            args=(interp, json.dumps(spec), bitmaps, report_r, report_w, on_end))
         try:
-            _start_thread(host)
+            start_thread(host)
         except BaseException:
             for fd in (started_fd, report_r, report_w):
                 os.close(fd)
             interp.give_back()
             raise
         self.host = host
-        _live_interpreter_loaders.add(loader)
         # The subinterpreter signals started_fd once, when its workers run;
         # once it has, or once it has ended, nobody writes it again and it
         # can be closed.  After a timeout it might still: it stays open.
@@ -111,58 +113,56 @@ class InterpreterServer(Server):
             self._stop_interpreter_server()
             raise LoaderError(f"the interpreter server did not start within "
                               f"{INTERPRETER_START_TIMEOUT:.0f} s")
-        self.host.join()
-        loader._error_reported = True
-        loader._raise_error()
+        self.host.join()                    # on_end has run
+        error = self.report.error if self.report is not None else None
+        if isinstance(error, LoaderError):
+            raise error
         raise LoaderError("the interpreter server ended before it started")
 
     def _host_interpreter(self, interp: Interpreter, spec: str, bitmaps: Tuple[bytes, ...],
-                          report_r: int, report_w: int) -> None:
-        """The host thread: run the server in the subinterpreter, then act on its report.
+                          report_r: int, report_w: int,
+                          on_end: Callable[[Report], None]) -> None:
+        """The host thread: run the server in the subinterpreter, then hand on its report.
 
         ``Interpreter.run`` switches this thread to the subinterpreter's own
         GIL, so this process's GIL is free for the whole load.
         """
+        assert self.job is not None
         failure = interp.run("uffdpy.loader.server_interpreter:_interpreter_main",
                              {"spec": spec, "bitmaps": bitmaps})
         os.close(report_w)
         try:
-            report = read_report(report_r)
+            line = read_report(report_r)
         finally:
             os.close(report_r)
-        if not report:
-            report = {"error": failure or "the interpreter server ended without a report"}
-        clean = failure is None and not report.get("error")
+        if not line:
+            line = {"error": failure or "the interpreter server ended without a report"}
+        clean = failure is None and not line.get("error")
         try:
-            self._act_on_report(report)
+            report = self.report = Report.from_line(line, self.job.claims)
         finally:
             if clean:
                 interp.give_back()
             else:                          # it may have left a thread behind
                 interp.destroy()
             self.host_done.set()
-            self.loader._done.set()
+        on_end(report)                     # the interpreter is free by now
 
-    def _stop_interpreter_server(self, timeout: float = 30.0) -> None:
+    def _stop_interpreter_server(self, timeout: float = STOP_TIMEOUT) -> None:
         host = self.host
         if host is None:
             return
-        if self.loader._wake is not None:
-            self.loader._wake.signal()
+        if self.job is not None:
+            self.job.wake.signal()
         host.join(timeout)
 
     def stop(self) -> bool:
         if self.host is None:
             return True
-        loader = self.loader
         self._stop_interpreter_server()
-        _live_interpreter_loaders.discard(loader)
-        if self.host.is_alive():
-            # Stuck: it may still use the uffd, the file mapping, the
-            # claims and the memory.  Leak them rather than pull them away.
-            loader._fail(LoaderError("the interpreter server did not stop within 30 s"))
-            return False
-        return True
+        # Alive: stuck, it may still use the uffd, the file mapping, the
+        # claims and the memory.  The loader leaks them rather than pull them away.
+        return not self.host.is_alive()
 
 
 def prepare_interpreter_servers(count: int = 1) -> None:
@@ -188,22 +188,6 @@ def release_interpreter_servers() -> None:
     destroy_idle_interpreters()
 
 
-def _close_interpreter_loaders() -> None:
-    """At exit: stop every interpreter server still loading (a loader never closed).
-
-    Without this the interpreter hangs at exit: CPython will not finalize a
-    subinterpreter that a thread is still running.  Runs before the idle
-    ones are destroyed (``hosting.before_exit``).
-    """
-    for loader in list(_live_interpreter_loaders):
-        loader.close(_raise=False)
-
-
-#: LazyLoaders whose interpreter server may still be running
-_live_interpreter_loaders: "weakref.WeakSet[LazyLoader]" = weakref.WeakSet()
-before_exit(_close_interpreter_loaders)
-
-
 def _interpreter_main(spec: str, bitmaps: Sequence[bytes]) -> None:
     """Body of an interpreter server (runs inside the subinterpreter): serve, report.
 
@@ -216,24 +200,27 @@ def _interpreter_main(spec: str, bitmaps: Sequence[bytes]) -> None:
     uffd: Optional[Userfaultfd] = None
     claims: Optional[ClaimMap] = None
     server: Optional[Workers] = None
-    regions: List[_Region] = []
+    regions: List[Region] = []
     report: Dict[str, Any]
     try:
         uffd = Userfaultfd.from_fd(os.dup(job["uffd"]), created_via="interpreter")
-        regions = [_Region(i, _SharedRegion(fields, bitmaps[i]), fields["start"],
+        regions = [Region(i, SharedRegion(fields, bitmaps[i]), fields["start"],
                            job["file_map"], job["unit"])
                    for i, fields in enumerate(job["regions"])]
         claims = ClaimMap.attach(job["claims"], [r.units for r in regions])
-        server = Workers(uffd, regions, claims, WakeFd(job["wake"]), daemon_threads=False,
-                         file_fd=job["file_fd"], path=job["path"], **job["options"])
-        report = serve_until_ended(server, started=lambda: _signal_fd(job["started"]))
+        server = Workers(uffd, regions, claims, WakeFd(job["wake"]),
+                         WorkerOptions.from_dict(job["options"]), daemon_threads=False,
+                         file_fd=job["file_fd"], path=job["path"],
+                         working_set=job["working_set"], record_demand=job["record_demand"],
+                         t0_ns=job["t0_ns"])
+        report = serve_until_ended(server, started=lambda: signal_fd(job["started"]))
     except BaseException as exc:  # noqa: BLE001 - reported to the loading interpreter
         report = error_report(exc)
         if server is not None:
             server.stop()
             server.join(30.0)
         if uffd is not None and claims is not None:
-            _fence(regions, claims, uffd)
+            fence(regions, claims, uffd)
     finally:
         if server is not None:
             server.close_buffers()

@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Callable, Optional
 
 from .. import ioctl
 from .errors import ServerDiedError
 from .hosting import ForkedChild, check_fork_allowed, serve_until_ended
-from .server import Server
-from .workers import _start_thread
-
-if TYPE_CHECKING:                      # for annotations only: lazy imports this module
-    from .lazy import LazyLoader
+from .server import STOP_TIMEOUT, Job, Report, Server, live_stats
+from .threads import start_thread
+from .workers import Workers
 
 __all__ = ["ProcessServer"]
 
@@ -31,32 +29,31 @@ class ProcessServer(Server):
 
     name = "process"
 
-    def __init__(self, loader: "LazyLoader") -> None:
-        super().__init__(loader)
+    def __init__(self) -> None:
+        super().__init__()
         self.child: Optional[ForkedChild] = None
         self.monitor: Optional[threading.Thread] = None
+        #: this process's copy of the workers the child runs (their buffers are freed here)
+        self.forked: Optional[Workers] = None
 
     @classmethod
     def check_available(cls) -> None:
         check_fork_allowed()
 
-    def start(self, unit: int, options: Dict[str, Any]) -> None:
-        loader = self.loader
-        workers = loader._workers = self._workers(options)
-        assert loader._file_map is not None
+    def start(self, job: Job, on_end: Callable[[Report], None]) -> None:
+        self.job = job
+        workers = self.forked = job.workers()
         # Keep the guest memory out of the child: it must never own a copy.
-        for m in loader._mappings.values():
+        for m in job.memory:
             m.madvise(ioctl.MADV_DONTFORK)
         child = self.child = ForkedChild(lambda: serve_until_ended(workers))
         self.pid = child.pid
         # The parent needs no file mapping: the child serves from its own copy.
-        loader._file_map.close()
-        os.close(loader._file_fd)
-        loader._file_fd = -1
-        monitor = threading.Thread(target=self._watch_child, name="uffdpy-server-watch",
-                                   daemon=True)
+        job.file.close()
+        monitor = threading.Thread(target=self._watch_child, args=(child, job, on_end),
+                                   name="uffdpy-server-watch", daemon=True)
         try:
-            _start_thread(monitor)
+            start_thread(monitor)
         except BaseException:
             # Nobody would watch the server: end it now (it has served
             # nothing: ready is not reported yet) and reap it.
@@ -66,40 +63,36 @@ class ProcessServer(Server):
             raise
         self.monitor = monitor
 
-    def _watch_child(self) -> None:
-        """The monitor thread: act on the server's one-line report, then reap it.
+    def _watch_child(self, child: ForkedChild, job: Job,
+                     on_end: Callable[[Report], None]) -> None:
+        """The monitor thread: hand on the server's one-line report, then reap it.
 
-        The report is acted on as soon as its line arrives, before the child
+        The report is handed on as soon as its line arrives, before the child
         has exited (tearing down a forked address space takes milliseconds
         that the load need not wait for).  No report by EOF means it died.
         """
-        loader = self.loader
-        child = self.child
-        assert child is not None
-        report = child.read_report()
-        if report:
-            self._act_on_report(report)
-            loader._done.set()
+        line = child.read_report()
+        if line:
+            on_end(Report.from_line(line, job.claims))
         pid = child.pid
         status = child.wait()
         self.pid = 0
-        if not report:
-            self._read_live(loader._stats)         # what it did before it died
-            loader._fail(_server_died(pid, status))
-            loader._fence_unplaced()
-            loader._done.set()
+        if not line:                                 # with what it did before it died
+            on_end(Report(complete=False, stats=live_stats(job.claims),
+                          error=_server_died(pid, status)))
 
     def finished(self) -> None:
-        for m in self.loader._mappings.values():
+        assert self.job is not None
+        for m in self.job.memory:
             m.madvise(ioctl.MADV_DOFORK)
+        self._free_buffers()
 
     def stop(self) -> bool:
-        workers = self.loader._workers
-        if workers is not None and self.pid:
-            workers.stop()                     # the wake fd: the child sees it too
+        if self.job is not None and self.pid:
+            self.job.wake.signal()             # the wake fd: the child sees it too
             self._reap_child(timeout=5.0)
         if self.monitor is not None:
-            self.monitor.join(timeout=30.0)
+            self.monitor.join(timeout=STOP_TIMEOUT)
         return True
 
     def _reap_child(self, timeout: float) -> None:
@@ -109,7 +102,12 @@ class ProcessServer(Server):
         if self.monitor.is_alive():
             self.child.kill()
 
+    def _free_buffers(self) -> None:
+        if self.forked is not None:
+            self.forked.close_buffers()
+
     def close(self) -> None:
+        self._free_buffers()
         if self.child is not None:
             self.child.close()
 

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict
+from typing import Callable, List, Optional, Tuple
 
-from .claims import ClaimMap
-from .server import Server
+from .server import STOP_TIMEOUT, Job, Report, Server
 from .stats import Stats
 
 __all__ = ["ThreadServer"]
@@ -17,43 +16,60 @@ class ThreadServer(Server):
     name = "thread"
     claims_shared = False
 
-    def start(self, unit: int, options: Dict[str, Any]) -> None:
-        server = self.loader._workers = self._workers(options)
-        server.start(on_end=self._ended)
+    def __init__(self) -> None:
+        super().__init__()
+        #: set once ``on_end`` has returned
+        self.reported = threading.Event()
+        self._on_end: Optional[Callable[[Report], None]] = None
+
+    def start(self, job: Job, on_end: Callable[[Report], None]) -> None:
+        self.job = job
+        self._on_end = on_end
+        workers = self.workers = job.workers()
+        workers.start(on_end=self._ended)
 
     def _ended(self) -> None:
         """Runs in the fault-loop thread once both workers have ended."""
-        loader = self.loader
-        server = loader._workers
-        assert server is not None
-        if server.error is not None:
-            loader._fail(server.error)
-            loader._fence_unplaced()
-        elif server.claims.complete.is_set():
-            loader._finish()
-        loader._done.set()
+        assert self.workers is not None and self._on_end is not None
+        try:
+            self._on_end(Report.of_workers(self.workers))
+        finally:
+            self.reported.set()
 
-    def placed(self, claims: ClaimMap) -> int:
+    def ready(self) -> None:
+        if self.workers is not None:
+            self.workers.go.set()
+
+    def placed(self) -> int:
         """The thread server's own count, kept as it places."""
-        return claims.placed_pages
+        assert self.job is not None
+        return self.job.claims.placed_pages
 
     def stats_into(self, stats: Stats) -> None:
-        server = self.loader._workers
-        if server is not None:
-            server.merged_stats(stats)
+        if self.workers is not None:
+            self.workers.merged_stats(stats)
+
+    def demanded(self) -> Optional[List[Tuple[int, int]]]:
+        return None if self.workers is None else self.workers.demanded
+
+    def finished(self) -> None:
+        if self.workers is not None:
+            self.workers.close_buffers()
 
     def stop(self) -> bool:
-        loader = self.loader
-        server = loader._workers
-        if server is not None:
-            if not server.ended.is_set():
-                server.stop()
-            if server.running:            # else nothing will ever set _done
-                loader._done.wait(30.0)
+        workers = self.workers
+        if workers is not None:
+            if not workers.ended.is_set():
+                workers.stop()
+            if workers.running:            # else nothing will ever report
+                self.reported.wait(STOP_TIMEOUT)
             # join: a thread never joined keeps its stack mapped until its
             # handle is collected (Python 3.13)
-            for t in server.threads:
+            for t in workers.threads:
                 if t is not threading.current_thread() and t.ident is not None:
-                    t.join(30.0)
-            server.merged_stats(loader._stats)
+                    t.join(STOP_TIMEOUT)
         return True
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close_buffers()

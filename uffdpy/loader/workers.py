@@ -55,7 +55,8 @@ from ..uffd import Filler, UffdError, Userfaultfd
 from ..workload import latency_summary
 from .claims import CLAIMED, PLACED, ClaimMap
 from .errors import LoaderError
-from .placement import DIRECT, Placer, _Region
+from .options import WorkerOptions
+from .placement import DIRECT, Placer, Region
 from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool, run_pooled, start_thread
 
@@ -78,15 +79,16 @@ _WORDS_PER_MSG = _MSG_SIZE // 8
 class Workers(Placer):
     """The fault loop and the prefetcher over one uffd; runs in-process or in the child."""
 
-    def __init__(self, uffd: Userfaultfd, regions: List[_Region], claims: ClaimMap,
-                 wake: "WakeFd", *, prefetch: bool, chunk_bytes: int,
-                 fault_around_pages: int, server_cpu: Optional[int],
-                 busy_poll: bool, prefetch_threads: int = 1,
-                 populate_source: bool = False, daemon_threads: bool = True,
+    def __init__(self, uffd: Userfaultfd, regions: List[Region], claims: ClaimMap,
+                 wake: "WakeFd", options: WorkerOptions, *, daemon_threads: bool = True,
                  file_fd: int = -1, path: str = "",
                  working_set: Sequence[Sequence[int]] = (), record_demand: bool = False,
                  t0_ns: int = 0) -> None:
         self.uffd = uffd
+        #: how they work (prefetch or not, chunk size, fault-around...): never changed
+        self.options = options
+        prefetch, chunk_bytes = options.prefetch, options.chunk_bytes
+        fault_around_pages, prefetch_threads = options.fault_around_pages, options.prefetch_threads
         #: ``[region index, 4 KiB page]`` pages the prefetcher places first,
         #: in this order (a replayed working set), before the rest
         self.working_set = working_set
@@ -97,7 +99,7 @@ class Workers(Placer):
         self.demanded: Optional[List[Tuple[int, int]]] = [] if record_demand else None
         self.t0_ns = t0_ns
         #: the image file, read into the bounce buffers with preadv (never
-        #: through the mapping: see ``_Region.fill_bounce``); the caller's fd
+        #: through the mapping: see ``Region.fill_bounce``); the caller's fd
         self.file_fd = file_fd
         self.path = path
         # an isolated subinterpreter may not start daemon threads
@@ -106,17 +108,17 @@ class Workers(Placer):
         # mmap hands out addresses top-down: bisect needs them sorted
         self.by_address = sorted(regions, key=lambda r: r.start)
         self.starts = [r.start for r in self.by_address]
-        self._last_region: Optional[_Region] = self.by_address[0] if regions else None
+        self._last_region: Optional[Region] = self.by_address[0] if regions else None
         self.claims = claims
         #: wakes the fault loop out of ``poll`` (``stop``); the loader owns and closes it
         self.wake = wake
         self.prefetch_enabled = prefetch
         self.chunk_bytes = chunk_bytes
         self.fault_around_pages = fault_around_pages
-        self.server_cpu = server_cpu
-        self.busy_poll = busy_poll
+        self.server_cpu = options.server_cpu
+        self.busy_poll = options.busy_poll
         self.prefetch_threads = prefetch_threads
-        self.populate_source = populate_source
+        self.populate_source = options.populate_source
         self.stopping = False
         self.error: Optional[BaseException] = None
         self.fault_counters = WorkerCounters()
@@ -306,7 +308,7 @@ class Workers(Placer):
                     deferred.append(address)
                 service_ns.append(clock() - t_read)
 
-    def _region_of(self, address: int) -> _Region:
+    def _region_of(self, address: int) -> Region:
         i = bisect.bisect_right(self.starts, address) - 1
         if i < 0 or address >= self.by_address[i].end:
             raise LoaderError(f"fault at 0x{address:x} outside every registered block")
@@ -461,7 +463,7 @@ class Workers(Placer):
                 self._ws_runs = _runs_of(self.working_set, self.regions)
             return self._ws_runs
 
-    def _place_all(self, region: _Region, lo: int, hi: int, kind: int, counters: WorkerCounters,
+    def _place_all(self, region: Region, lo: int, hi: int, kind: int, counters: WorkerCounters,
                    bounce: Optional[Mapping], uffd: Userfaultfd) -> bool:
         """Claim and place what is unclaimed of ``[lo, hi)`` (one kind); False when stopping."""
         claims = self.claims
@@ -477,7 +479,7 @@ class Workers(Placer):
         return True
 
 
-def _runs_of(pages: Sequence[Sequence[int]], regions: List[_Region]) -> List[Tuple[int, int, int]]:
+def _runs_of(pages: Sequence[Sequence[int]], regions: List[Region]) -> List[Tuple[int, int, int]]:
     """``[region index, 4 KiB page]`` pages as ``(region, first unit, end unit)`` runs, in order.
 
     Consecutive pages of one region and one kind (data, zero) become one run;
@@ -526,13 +528,13 @@ class WakeFd:
     """
 
     def __init__(self, fd: Optional[int] = None) -> None:
-        self.fd = _eventfd() if fd is None else fd
+        self.fd = eventfd() if fd is None else fd
         self._lock = threading.Lock()
 
     def signal(self) -> None:
         with self._lock:
             if self.fd >= 0:
-                _signal_fd(self.fd)
+                signal_fd(self.fd)
 
     def close(self) -> None:
         """Close the eventfd (idempotent): after this, signals are dropped."""
@@ -542,14 +544,14 @@ class WakeFd:
                 self.fd = -1
 
 
-def _signal_fd(fd: int) -> None:
+def signal_fd(fd: int) -> None:
     try:
         os.write(fd, struct.pack("=Q", 1))
     except (BlockingIOError, OSError):
         pass  # already signalled (counter full) or closed during shutdown
 
 
-def _eventfd() -> int:
+def eventfd() -> int:
     if hasattr(os, "eventfd"):
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     return ioctl.libc.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)  # Python < 3.10
