@@ -224,6 +224,42 @@ def test_silent_server_times_out_naming_the_greeting(short_dir: str) -> None:
         fake.close()
 
 
+def test_greeting_without_an_answer_says_qemu_is_stuck(short_dir: str) -> None:
+    """A QEMU whose main loop is stuck greets (the monitor I/O thread) but never negotiates."""
+    done = threading.Event()
+
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _send(conn, {"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2},
+                                         "package": ""}, "capabilities": ["oob"]}})
+        done.wait(10)
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script)
+    try:
+        with pytest.raises(TimeoutError, match="did not answer qmp_capabilities.*big lock"):
+            QmpClient(os.path.join(short_dir, "q.sock"), timeout=0.5)
+    finally:
+        done.set()
+        fake.close()
+
+
+@pytest.mark.parametrize("kind", ["missing", "regular-file", "directory", "dead-socket"])
+def test_unreachable_socket_says_why(short_dir: str, kind: str) -> None:
+    path = os.path.join(short_dir, "q.sock")
+    if kind == "regular-file":
+        open(path, "w").close()
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "dead-socket":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.close()                                 # the file stays, nobody listens
+    want = {"missing": "no such socket", "regular-file": "a regular file, not a QMP socket",
+            "directory": "a directory, not a QMP socket",
+            "dead-socket": "nothing accepts connections"}[kind]
+    with pytest.raises(TimeoutError) as info:
+        QmpClient(path, timeout=0.3)
+    assert want in str(info.value) and "greeting" not in str(info.value)
+
+
 def test_server_that_hangs_up_gives_connection_error(short_dir: str) -> None:
     """A QEMU that closes every session during the negotiation: tried 3 times, then one error."""
     fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: None,

@@ -30,6 +30,8 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
+import stat
 import threading
 import time
 import weakref
@@ -68,6 +70,24 @@ def _close_all() -> None:
 
 #: connections a QEMU may close during the QMP negotiation before it is an error
 _GREETING_TRIES = 3
+
+
+def _unreachable(path: str, cause: Optional[BaseException]) -> str:
+    """Why nothing answered at ``path``: no such file, not a socket, or nobody listening."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return ("no such socket (start QEMU with -qmp unix:PATH,server=on,wait=off, or "
+                "check the path)")
+    except OSError as e:
+        return f"cannot reach it ({e.strerror})"
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" \
+            if stat.S_ISREG(mode) else "not a socket"
+        return f"this is {kind}, not a QMP socket"
+    if isinstance(cause, ConnectionRefusedError):
+        return "nothing accepts connections on this socket (the QEMU that made it has exited?)"
+    return f"did not accept a connection ({cause})"
 
 
 class QmpError(UffdpyError, RuntimeError):
@@ -139,9 +159,21 @@ class QmpClient:
                 self._run(asyncio.wait_for(client.connect(self.path), left),
                           left + 1.0, "the QMP greeting")
             except (asyncio.TimeoutError, TimeoutError):
+                greeted = getattr(client, "_greeting", None) is not None
                 self._discard(client)
+                if last is not None and not greeted:      # refused until the time ran out
+                    raise TimeoutError(f"QMP {self.path}: {_unreachable(self.path, last)} "
+                                       f"(waited {self.timeout:g}s)") from None
+                if greeted:
+                    raise TimeoutError(
+                        f"QMP {self.path}: QEMU sent its greeting but did not answer "
+                        f"qmp_capabilities within {self.timeout:g}s: its main loop is stuck "
+                        "(a guest blocked on a missing page holds QEMU's big lock); only a "
+                        "QMP session negotiated before can still act (out of band), or "
+                        "kill QEMU") from None
                 raise TimeoutError(f"QMP {self.path}: accepted the connection but sent no "
-                                   f"QMP greeting within {self.timeout:g}s") from None
+                                   f"QMP greeting within {self.timeout:g}s (another client "
+                                   "holds this monitor, or it is not QEMU's)") from None
             except ConnectError as e:
                 self._discard(client)
                 cause = e.exc
@@ -159,8 +191,8 @@ class QmpClient:
                 last = cause
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"QMP socket {self.path} did not accept a connection "
-                                       f"within {self.timeout:g}s ({last})") from None
+                    raise TimeoutError(f"QMP {self.path}: {_unreachable(self.path, last)} "
+                                       f"(waited {self.timeout:g}s)") from None
                 time.sleep(min(0.02, left))
                 continue
             except BaseException:
