@@ -142,8 +142,9 @@ class Destination:
     def status(self) -> str:
         return str(self.qmp.call("query-migrate").get("status", "none"))
 
-    def wait_status(self, status: str, timeout: float = 30) -> Dict[str, Any]:
-        return self.qmp.wait_event("MIGRATION", timeout=timeout,
+    def wait_status(self, status: str, timeout: float = 30, since: int = 0) -> Dict[str, Any]:
+        """The MIGRATION event of ``status``, the first at index ``since`` of the events or later."""
+        return self.qmp.wait_event("MIGRATION", timeout=timeout, since=since,
                                    match=lambda e: e["data"]["status"] == status)
 
     def resave(self, path: Path) -> Snapshot:

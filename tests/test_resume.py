@@ -270,32 +270,75 @@ def test_source_dies_mid_load_then_recover_is_byte_exact(guest: Dict[str, Any],
     assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
 
 
+def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30) -> int:
+    """The pid of the stream's server, the child ``uffdpy resume`` forks once connected."""
+    deadline = time.monotonic() + timeout
+    path = f"/proc/{supervisor.pid}/task/{supervisor.pid}/children"
+    while True:
+        with open(path) as f:
+            children = f.read().split()
+        if children:
+            return int(children[0])
+        assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.poll()
+        time.sleep(0.005)
+
+
 @pytest.mark.qemu
-def test_killed_source_then_recover_a_running_guest(guest: Dict[str, Any], destination: Any,
+def test_killed_command_leaves_its_server_to_finish(guest: Dict[str, Any], destination: Any,
                                                     short_tmp: str) -> None:
-    """SIGKILL of ``uffdpy resume`` after RUN: postcopy-paused; ``--recover``: it answers again."""
+    """SIGKILL of ``uffdpy resume`` (the process a user sees) after RUN: the load completes."""
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
     source = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock,
+                          "--background-delay", "2")
+    try:
+        dst.qmp.wait_event("RESUME", timeout=30)
+        server = server_of(source)
+        source.kill()
+        source.communicate(timeout=30)
+        dst.wait_status("completed", timeout=60)       # the server served on
+        assert linuxguest.ask(req, 4, 4, timeout=30) == linuxguest.expected_answer(
+            LINUX_GUEST_SEED, 4, 4)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{server}") and \
+                open(f"/proc/{server}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the server did not exit after the load"
+            time.sleep(0.02)
+    finally:
+        if source.poll() is None:
+            source.kill()
+            source.communicate(timeout=30)
+
+
+@pytest.mark.qemu
+def test_killed_server_is_recovered_at_once(guest: Dict[str, Any], destination: Any,
+                                            short_tmp: str) -> None:
+    """SIGKILL of the stream's server after RUN: the command recovers with a new one itself."""
+    args, req = guest_args(guest, short_tmp)
+    dst = destination(args)
+    source = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json",
                           "--background-delay", "60")
     try:
         dst.qmp.wait_event("RESUME", timeout=30)
         assert linuxguest.ask(req, 0, 2, timeout=30) == linuxguest.expected_answer(
             LINUX_GUEST_SEED, 0, 2)
-        source.kill()
-        source.wait(timeout=30)
-        dst.wait_status("postcopy-paused")
+        mark = len(dst.qmp.events)
+        os.kill(server_of(source), signal.SIGKILL)
+        dst.wait_status("postcopy-paused", since=mark)
+        dst.wait_status("postcopy-active", timeout=30, since=mark)   # recovered
+        assert linuxguest.ask(req, 4, 4, timeout=30) == linuxguest.expected_answer(
+            LINUX_GUEST_SEED, 4, 4)
+        out, err = source.communicate(timeout=120)
     finally:
         if source.poll() is None:
             source.kill()
-        source.communicate(timeout=30)
-    proc = run_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--recover",
-                      "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["recovered"]
+            source.communicate(timeout=30)
+    assert source.returncode == 0, err
+    stats = json.loads(out)
+    assert stats["auto_recoveries"] == 1 and stats["recovered"], stats
     assert dst.status() == "completed"
-    assert linuxguest.ask(req, 4, 4, timeout=30) == linuxguest.expected_answer(
-        LINUX_GUEST_SEED, 4, 4)
+    assert linuxguest.ask(req, 8, 4, timeout=30) == linuxguest.expected_answer(
+        LINUX_GUEST_SEED, 8, 4)
 
 
 @pytest.mark.qemu

@@ -500,6 +500,17 @@ def _resume_table(stats: Dict[str, Any]) -> str:
     return tabulate(rows, tablefmt="plain")
 
 
+def _check_writable(path: str) -> None:
+    """Refuse, before anything starts, an output file that could not be written at the end."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a file to write")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {directory} (permission denied)")
+
+
 def cmd_resume(args: argparse.Namespace) -> Outcome:
     qemu_cmd = list(args.qemu)
     forms = sum(x is not None and x != [] for x in (args.qmp, args.connect, qemu_cmd or None))
@@ -515,35 +526,45 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                          "destination's own -S decides")
     if args.recover and args.qmp is None:
         raise ValueError("--recover needs --qmp SOCK (migrate-recover is a QMP command)")
+    if args.recover and args.working_set:
+        raise ValueError("a working set applies to a fresh resume, not to --recover")
     if args.trace and not args.json:
         raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
     from .mappedram import Snapshot
-    Snapshot.open(args.snapshot).close()          # a bad snapshot is refused before QEMU starts
+    from .resume.supervise import SupervisedResume
+    from .workingset import load_for
+    with Snapshot.open(args.snapshot) as snap:    # refused before QEMU starts
+        load_for(args.working_set, snap)           # a working set of another snapshot too
+    if args.record_ws:
+        _check_writable(args.record_ws)
+    options = dict(background=not args.no_background, background_delay=args.background_delay,
+                   preempt=args.preempt, batch_pages=args.batch_pages,
+                   fault_around_pages=args.fault_around, demand_yield_ms=args.demand_yield_ms,
+                   record_ws=args.record_ws, working_set=args.working_set,
+                   ws_placement=args.ws_placement, trace=args.trace)
     proc: Optional[Any] = None
     if qemu_cmd:
         proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
     qmp = proc.qmp_path if proc is not None else args.qmp
-    resume: Optional[Any] = None
     finished = False
+    progress = _Progress("resuming", not args.json)
     try:
-        resume = Resume(args.snapshot, qmp=qmp, connect=args.connect, transport=args.transport,
-                        background=not args.no_background,
-                        background_delay=args.background_delay, preempt=args.preempt,
-                        recover=args.recover, batch_pages=args.batch_pages,
-                        fault_around_pages=args.fault_around,
-                        demand_yield_ms=args.demand_yield_ms,
-                        record_ws=args.record_ws, working_set=args.working_set,
-                        ws_placement=args.ws_placement, trace=args.trace,
-                        timeout=args.timeout)
-        progress = _Progress("resuming", not args.json)
-        while True:
-            try:
-                stats = resume.wait(0.1)
-                break
-            except TimeoutError:
-                progress.update(*resume.progress())
+        if args.connect is not None:             # no QMP: nothing to recover with, one process
+            with Resume(args.snapshot, connect=args.connect, transport=args.transport,
+                        timeout=args.timeout, **options) as resume:
+                while True:
+                    try:
+                        resume.wait(0.1)
+                        break
+                    except TimeoutError:
+                        progress.update(*resume.progress())
+                info = resume.report()
+        else:
+            info = SupervisedResume(args.snapshot, qmp=qmp, transport=args.transport,
+                                    recover=args.recover, timeout=args.timeout,
+                                    progress=progress.update, **options).run()
         progress.finish()
         finished = True
     except DestinationError as e:
@@ -555,13 +576,21 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
             if said:                               # QEMU's own words are the most precise
                 raise DestinationError(e.message, said) from None
         raise
+    except KeyboardInterrupt as e:
+        if proc is not None:
+            if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
+                e.args = (f"{e.args[0]}; the destination QEMU (pid {proc.proc.pid}) runs on: "
+                          f"to end it instead, kill -9 {proc.proc.pid}",)
+            else:                                             # nothing was sent: stop it
+                proc.kill()
+                e.args = ("interrupted before the stream began; the destination QEMU "
+                          "was stopped",)
+            proc = None
+        raise
     finally:
-        if resume is not None:
-            resume.close()
         if proc is not None and not finished:
             print(f"uffdpy: the destination QEMU (pid {proc.proc.pid}) is left as it is; "
                   f"QMP socket {proc.qmp_path}", file=sys.stderr)
-    info = resume.report() if resume is not None else stats.as_dict()
     if args.record_ws:
         info["working_set_recorded"] = args.record_ws
     if proc is not None:
@@ -1132,10 +1161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + signal.SIGPIPE
-    except _Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:      # Ctrl-C, and SIGTERM as _Terminated
+        if exc.args and isinstance(exc.args[0], str):
+            print(f"uffdpy: {_printable(exc.args[0])}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
     except MemoryError:
         if args.debug:
             traceback.print_exc()

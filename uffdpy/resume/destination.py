@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..errors import UffdpyError
@@ -194,15 +195,23 @@ class QemuDestination:
                 return int(address["port"])
         raise DestinationError(f"QMP {self.path}: query-migrate names no listening TCP port")
 
-    def failure_reason(self) -> Optional[str]:
-        """QEMU's ``error-desc`` for a failed incoming migration, if it can still tell."""
-        try:
-            info = self.client.execute("query-migrate", timeout=2.0)
-        except (QmpError, OSError):
-            return None
-        if info.get("status") == "failed":
-            return str(info.get("error-desc") or "migration failed")
-        return None
+    def failure_reason(self, *, wait: float = 0.0) -> Optional[str]:
+        """QEMU's ``error-desc`` for a failed incoming migration, if it can still tell.
+
+        ``wait``: seconds to keep asking (QEMU marks the load failed a moment
+        after it closed the connection).
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                info = self.client.execute("query-migrate", timeout=2.0)
+            except (QmpError, OSError):
+                return None
+            if info.get("status") == "failed":
+                return str(info.get("error-desc") or "migration failed")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import gc
 import itertools
 import mmap
 import os
@@ -61,6 +62,7 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .. import migstream as ms
@@ -245,7 +247,7 @@ class Resume:
                  page_sizes: Optional[Dict[str, int]] = None,
                  working_set: Optional[PathLike] = None, ws_placement: str = "after-run",
                  record_ws: Optional[PathLike] = None, trace: bool = False,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, stall_timeout: Optional[float] = None) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
         if transport not in ("unix", "tcp", "fd"):
@@ -262,8 +264,8 @@ class Resume:
             raise ValueError(f"batch_pages must be >= 1, not {batch_pages}")
         if background_delay < 0:
             raise ValueError(f"background_delay must be >= 0, not {background_delay}")
-        if recover and qmp is None:
-            raise ValueError("recover needs qmp= (migrate-recover is a QMP command)")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be > 0, not {stall_timeout}")
         if preempt and (transport == "fd" or (connect or "").startswith("fd:")):
             raise ValueError("preempt needs a second connection: use a unix or tcp transport")
         self.stats = ResumeStats()
@@ -287,6 +289,7 @@ class Resume:
         self._background_delay = background_delay
         self._preempt = preempt
         self._recover = recover
+        self._stall_s = stall_timeout if stall_timeout is not None else max(timeout, 1.0)
         self._transport = transport
         self._fd_socket: Optional[socket.socket] = None
         self._snap: Optional[Snapshot] = None
@@ -395,6 +398,15 @@ class Resume:
             self._loop()
         except BaseException as e:                          # re-raised from wait()
             self._error = self._explain(e)
+            # the frames of a kept traceback hold slices of the file's mapping
+            # (pieces being sent): clear them, or closing the mapping fails
+            seen = set()
+            err: Optional[BaseException] = e
+            while err is not None and id(err) not in seen:
+                seen.add(id(err))
+                if err.__traceback__ is not None:
+                    traceback.clear_frames(err.__traceback__)
+                err = err.__cause__ or err.__context__
         finally:
             self._done.set()
 
@@ -487,10 +499,20 @@ class Resume:
         def served(t: float) -> None:
             latencies.append(time.perf_counter() - t)
 
+        progress_at = time.monotonic()          # the last byte written or read
+        sent_before = self.stats.bytes_sent
         while not shut:
             if self._stop:
                 raise ResumeError("stopped before the migration completed")
             now = time.monotonic()
+            if self.stats.bytes_sent != sent_before:
+                sent_before, progress_at = self.stats.bytes_sent, now
+            waiting = _awaited(phase, stream_ok, ended, main, self._urgent)
+            if waiting is not None and now - progress_at > self._stall_s:
+                raise ResumeError(f"the load made no progress for {self._stall_s:g}s: "
+                                  f"waited for {waiting}")
+            elif waiting is None:
+                progress_at = now
             if stream_ok and background_at is None and self._background:
                 background_at = now + self._background_delay     # also after start_background()
             # 1. write what is queued
@@ -550,6 +572,7 @@ class Resume:
                     continue
                 if not data:
                     raise _Hangup()
+                progress_at = time.monotonic()
                 t_read = time.perf_counter()
                 rp.feed(data)
                 for msg in rp.messages():
@@ -586,6 +609,12 @@ class Resume:
                 phase = "serving"       # requests may come from now on; streaming waits for PONG 3
             if phase == "bitmaps" and len(bitmaps) == len(self._order):
                 self._apply_bitmaps(bitmaps)
+                if self._preempt:
+                    # QEMU's destination waits for a new preempt channel after RESUME
+                    # (loadvm_postcopy_handle_resume); its source opens it once the
+                    # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
+                    self._urgent = _Channel(open_connection(self._address, self._timeout),
+                                            "preempt")
                 main.queue(ms.postcopy_resume())
                 phase = "await-ack"
         self._flush_stats()
@@ -843,7 +872,16 @@ class Resume:
         for block in getattr(self, "_order", []):
             block.present = b""
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                # a slice still referenced somewhere (a frame being torn down):
+                # collect once more; failing that the mapping goes with its last view
+                gc.collect()
+                try:
+                    self._map.close()
+                except BufferError:
+                    pass
             self._map = None
         if self._snap is not None:
             self._snap.close()
@@ -864,6 +902,24 @@ class Resume:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _awaited(phase: str, stream_ok: bool, ended: bool, main: "_Channel",
+             urgent: Optional["_Channel"]) -> Optional[str]:
+    """What the loop waits for from the destination now, or None (serving demand is no wait)."""
+    if phase == "await-pong2":
+        return "the destination to accept the migration stream (PONG 2)"
+    if phase == "bitmaps":
+        return "the destination's received-page bitmaps (RECV_BITMAP)"
+    if phase == "await-ack":
+        return "the destination to resume the load (RESUME_ACK)"
+    if main.pending or (urgent is not None and urgent.pending):
+        return "the destination to read what was sent (the socket is full)"
+    if not stream_ok:
+        return "the destination to load the device state (PONG 3)"
+    if ended:
+        return "the destination to end the load (SHUT) after EOF"
+    return None
 
 
 class _Hangup(Exception):

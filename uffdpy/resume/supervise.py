@@ -1,0 +1,371 @@
+"""The command's postcopy resume: the stream in a child process, the QMP session kept here.
+
+Why two processes.  If the source of a postcopy load dies, the destination
+pauses (``postcopy-paused``) and can be finished by a new source after an
+out-of-band ``migrate-recover``.  But a source that dies in the first tens of
+milliseconds often leaves the guest's vCPU blocked on a missing page *while
+holding QEMU's big lock*: from then on in-band QMP never answers, not even the
+``qmp_capabilities`` that opens a new session, so nobody can run
+``migrate-recover`` any more, except through a session negotiated *before*
+(its out-of-band commands are answered by the monitor's own thread).  So the
+process a user sees (the *supervisor*) negotiates the QMP session, sets the
+destination up, and forks a *server* that connects and serves the stream
+(:class:`.postcopy.Resume`).  The session stays open here until the load has
+completed:
+
+* the server dies (a crash, SIGKILL, an OOM kill): the supervisor sees the
+  ``postcopy-paused`` event, runs ``migrate-recover`` out of band and forks a
+  new server in recovery mode, at once (``auto_recoveries`` in the stats);
+* the supervisor dies: the server, in a session of its own, serves on until
+  the load completes;
+* the load fails before RUN (nothing can be recovered), or the destination
+  refuses the stream or goes away: the server reports the one-line error and
+  the supervisor raises it with QEMU's reason.
+
+The server closes every inherited descriptor but the ones it needs (it keeps
+the numbers, pointing at ``/dev/null``, so the parent's Python objects it
+also inherited never close a descriptor of its own), so the QMP session ends
+when the supervisor does, and it ends with ``os._exit``.  Its report (the
+stats) and its progress come back on a pipe, one JSON line each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..qmp import QmpError
+from .destination import DestinationError, QemuDestination, ResumeError, event_time
+
+__all__ = ["SupervisedResume"]
+
+#: recoveries after server deaths before the supervisor gives up
+DEFAULT_MAX_RECOVERIES = 3
+#: how long to wait for the destination to pause after its server died
+_PAUSE_WAIT_S = 10.0
+
+
+class SupervisedResume:
+    """Resume ``snapshot`` into the destination at QMP socket ``qmp``, the stream in a child.
+
+    ``options`` are :class:`.postcopy.Resume`'s keyword arguments for the
+    stream (``preempt``, ``background``, ``batch_pages``, ``working_set``,
+    ``record_ws``, ``trace``...).  ``recover`` finishes a destination left
+    ``postcopy-paused`` by a source that died.  :meth:`run` returns the last
+    server's report (the stats) with ``auto_recoveries`` and the times read
+    from QEMU's events.  ``progress(sent, total)`` is called while it runs.
+
+    Raises (from :meth:`run`): DestinationError, ResumeError; KeyboardInterrupt
+    (the server is stopped first; once it had connected, the exception's
+    message says how to finish the load).
+    """
+
+    def __init__(self, snapshot: str, *, qmp: str, transport: str = "unix",
+                 recover: bool = False, timeout: float = 30.0,
+                 max_recoveries: int = DEFAULT_MAX_RECOVERIES,
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 **options: Any) -> None:
+        self.snapshot = snapshot
+        self.qmp = qmp
+        self.transport = transport
+        self.recover = recover
+        self.timeout = timeout
+        self.max_recoveries = max_recoveries
+        self.options = options
+        self.progress = progress or (lambda sent, total: None)
+        self.auto_recoveries = 0
+        self.server_pid: Optional[int] = None
+        self._dest: Optional[QemuDestination] = None
+        self._tmpdir: Optional[str] = None
+        self._keep: List[socket.socket] = []
+
+    # -- the supervisor
+
+    def run(self) -> Dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> Dict[str, Any]:
+        dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout)
+        since = len(dest.client.events)
+        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
+        preempt = bool(self.options.get("preempt"))
+        page_sizes: Dict[str, int] = {}
+        if self.recover:
+            preempt = self._preempt_capability(preempt)
+            address = self._migrate_recover()
+        else:
+            dest.refuse_private_file_backends()         # before anything can discard RAM
+            page_sizes = dest.host_page_sizes()
+            listening = self._listening_address(dest, preempt)
+            if listening is not None:
+                address = listening
+            else:
+                dest.prepare(preempt=preempt)
+                address, ours = dest.listen_private(self.transport, self._tmpdir)
+                if ours is not None:
+                    self._keep.append(ours)
+        recovering = self.recover
+        first_connect: Optional[float] = None
+        while True:
+            mark = len(dest.client.events)
+            pid, report_r = self._fork_server(address, recovering, preempt, page_sizes)
+            try:
+                report = self._watch(pid, report_r)
+            except KeyboardInterrupt as e:
+                self._stop_server(pid)
+                if first_connect is not None or recovering:
+                    e.args = (self._interrupted_message(),)
+                raise
+            finally:
+                os.close(report_r)
+            if first_connect is None:
+                first_connect = report.get("connected_at")
+            if "stats" in report:
+                return self._finish(report["stats"], since, first_connect)
+            if "error" in report:
+                if report.get("kind") == "destination":
+                    raise DestinationError(report["error"], dest.failure_reason(wait=0.5))
+                raise ResumeError(report["error"])
+            # the server died without a word: recover if the destination paused
+            why = report.get("died", "the server died")
+            status = self._await_end(mark)
+            if status == "completed":            # it died after the last byte: done
+                return self._finish({"recovered": recovering}, since, first_connect)
+            if status != "postcopy-paused":
+                raise DestinationError(f"{why} and the destination is {status}, not "
+                                       "postcopy-paused: nothing to recover",
+                                       dest.failure_reason(wait=0.5))
+            if self.auto_recoveries >= self.max_recoveries:
+                raise ResumeError(f"{why} again after {self.auto_recoveries} recoveries; "
+                                  "the destination is postcopy-paused: "
+                                  + self._recover_hint())
+            self.auto_recoveries += 1
+            address = self._migrate_recover()
+            recovering = True
+
+    def _listening_address(self, dest: QemuDestination, preempt: bool) -> Optional[str]:
+        """The address of an incoming migration an earlier resume started, if any.
+
+        A source killed between ``migrate-incoming`` and its connect leaves the
+        destination in ``setup``, listening; a new ``migrate-incoming`` is then
+        refused.  Connect to what it listens on, if postcopy is on there.
+        """
+        info = dest.status()
+        if info.get("status") != "setup":
+            return None
+        addresses = [a for a in info.get("socket-address", [])
+                     if a.get("type") in ("unix", "inet")]
+        if not addresses:
+            raise DestinationError(f"QMP {dest.path}: the destination already waits for an "
+                                   "incoming migration, on an address uffdpy cannot reach "
+                                   "(an fd); restart it")
+        caps = {c["capability"]: c["state"]
+                for c in dest.client.call("query-migrate-capabilities")}
+        if not caps.get("postcopy-ram") or bool(caps.get("postcopy-preempt")) != preempt:
+            raise DestinationError(
+                f"QMP {dest.path}: the destination already waits for an incoming migration "
+                f"with postcopy-ram {caps.get('postcopy-ram')} and postcopy-preempt "
+                f"{caps.get('postcopy-preempt')}; resume it with those, or restart it")
+        a = addresses[0]
+        if a["type"] == "unix":
+            return f"unix:{a['path']}"
+        return f"tcp:{a['host']}:{a['port']}"
+
+    def _preempt_capability(self, default: bool) -> bool:
+        """Whether the paused destination has postcopy-preempt on (in band: may not answer)."""
+        assert self._dest is not None
+        try:
+            caps = self._dest.client.execute("query-migrate-capabilities", timeout=2.0)
+        except (TimeoutError, QmpError, ConnectionError):
+            return default
+        return any(c["capability"] == "postcopy-preempt" and c["state"] for c in caps)
+
+    def _migrate_recover(self) -> str:
+        assert self._dest is not None and self._tmpdir is not None
+        path = os.path.join(self._tmpdir, f"recover{self.auto_recoveries}.sock")
+        try:
+            # out of band: with the guest blocked on a missing page the main loop is stuck
+            self._dest.client.call_oob("migrate-recover", uri=f"unix:{path}")
+        except QmpError as e:
+            raise DestinationError(f"QMP {self._dest.path}: migrate-recover refused "
+                                   "(is the destination postcopy-paused?)", e.desc) from None
+        return f"unix:{path}"
+
+    def _await_end(self, mark: int) -> str:
+        """The destination's state after its server died, from the events after ``mark``.
+
+        Events come from the monitor's own thread, so they arrive even when the
+        guest holds QEMU's big lock and in-band QMP is stuck.
+        """
+        assert self._dest is not None
+        ends = ("postcopy-paused", "failed", "completed", "cancelled")
+        try:
+            event = self._dest.client.wait_event(
+                "MIGRATION", since=mark, timeout=_PAUSE_WAIT_S,
+                match=lambda e: e.get("data", {}).get("status") in ends)
+        except TimeoutError:
+            return "not paused"
+        return str(event["data"]["status"])
+
+    def _watch(self, pid: int, report_r: int) -> Dict[str, Any]:
+        """Read the server's lines until it exits; its last report, or how it died."""
+        buf = b""
+        report: Dict[str, Any] = {}
+        while True:
+            ready, _, _ = select.select([report_r], [], [], 0.2)
+            if ready:
+                chunk = os.read(report_r, 1 << 16)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    msg = json.loads(line)
+                    if "progress" in msg:
+                        self.progress(*msg["progress"])
+                    else:
+                        report.update(msg)
+                if chunk:
+                    continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done and ready:                 # the pipe closed, the exit comes next
+                time.sleep(0.005)
+            if done:
+                self.server_pid = None
+                if "stats" not in report and "error" not in report:
+                    how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                           else f"exited with {os.WEXITSTATUS(status)}")
+                    report["died"] = f"the stream's server (pid {pid}) was {how}"
+                return report
+
+    def _stop_server(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        self.server_pid = None
+
+    def _recover_hint(self) -> str:
+        return (f"finish it with: uffdpy resume {self.snapshot} --qmp {self.qmp} --recover"
+                + (" --preempt" if self.options.get("preempt") else ""))
+
+    def _interrupted_message(self) -> str:
+        return ("interrupted: the stream is stopped and the destination is left postcopy-paused "
+                f"(its guest waits for its missing pages); {self._recover_hint()}")
+
+    def _finish(self, stats: Dict[str, Any], since: int,
+                connected_at: Optional[float]) -> Dict[str, Any]:
+        from .postcopy import ResumeStats
+        out: Dict[str, Any] = {**ResumeStats().as_dict(), **stats}
+        out["auto_recoveries"] = self.auto_recoveries
+        assert self._dest is not None
+        client = self._dest.client
+        if connected_at is not None:
+            try:
+                done = client.wait_event(
+                    "MIGRATION", since=since, timeout=self.timeout,
+                    match=lambda e: e.get("data", {}).get("status") == "completed")
+                out["time_to_complete_s"] = round(event_time(done) - connected_at, 6)
+            except (TimeoutError, ConnectionError):
+                pass
+            for event in client.events[since:]:
+                if event.get("event") == "RESUME":
+                    out["time_to_running_s"] = round(event_time(event) - connected_at, 6)
+                    break
+        return out
+
+    def _release(self) -> None:
+        for sock in self._keep:
+            sock.close()
+        self._keep = []
+        if self._dest is not None:
+            self._dest.close()
+            self._dest = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    # -- the server (the forked child)
+
+    def _fork_server(self, address: str, recover: bool, preempt: bool,
+                     page_sizes: Dict[str, int]) -> Tuple[int, int]:
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        keep = [report_w] + [s.fileno() for s in self._keep]
+        pid = os.fork()
+        if pid == 0:                                          # the server
+            code = 70
+            try:
+                _detach(keep)
+                code = self._serve(report_w, address, recover, preempt, page_sizes)
+            finally:
+                os._exit(code)
+        os.close(report_w)
+        self.server_pid = pid
+        return pid, report_r
+
+    def _serve(self, report_w: int, address: str, recover: bool, preempt: bool,
+               page_sizes: Dict[str, int]) -> int:
+        from .postcopy import Resume
+
+        def send(msg: Dict[str, Any]) -> None:
+            try:
+                os.write(report_w, json.dumps(msg).encode() + b"\n")
+            except OSError:               # the supervisor is gone: serve on regardless
+                pass
+
+        options = dict(self.options, preempt=preempt)
+        if recover:                    # what shaped the first moments is past
+            options.pop("working_set", None)
+            options.pop("ws_placement", None)
+            options.pop("background_delay", None)
+        try:
+            with Resume(self.snapshot, connect=address, recover=recover,
+                        page_sizes=page_sizes or None, timeout=self.timeout,
+                        **options) as r:
+                send({"connected_at": r.connected_at})
+                while True:
+                    try:
+                        r.wait(0.1)
+                        break
+                    except TimeoutError:
+                        send({"progress": list(r.progress())})
+                send({"stats": r.report()})
+            return 0
+        except DestinationError as e:
+            send({"error": e.message, "kind": "destination"})
+            return 2
+        except Exception as e:          # one line back to the supervisor, never a traceback
+            send({"error": str(e) or type(e).__name__, "kind": "resume"})
+            return 2
+
+
+def _detach(keep: List[int]) -> None:
+    """In the forked server: a session of its own, default signals, only ``keep`` fds open.
+
+    Every other inherited descriptor (the QMP session, the terminal's
+    stdin...) is pointed at /dev/null instead of closed: the numbers stay
+    taken, so no inherited Python object can close one of ours.
+    """
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep and fd != devnull:
+            try:
+                os.dup2(devnull, fd, inheritable=False)
+            except OSError:
+                pass
+    os.dup2(devnull, 0)
