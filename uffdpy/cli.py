@@ -533,7 +533,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
     from .mappedram import Snapshot
-    from .resume.supervise import SupervisedResume
+    from .resume.supervise import BeforeRun, SupervisedResume
     from .workingset import load_for
     with Snapshot.open(args.snapshot) as snap:    # refused before QEMU starts
         load_for(args.working_set, snap)           # a working set of another snapshot too
@@ -551,7 +551,20 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     finished = False
     progress = _Progress("resuming", not args.json)
     try:
-        if args.connect is not None:             # no QMP: nothing to recover with, one process
+        if proc is not None:
+            try:
+                info = SupervisedResume(args.snapshot, qmp=qmp, transport=args.transport,
+                                        timeout=args.timeout, progress=progress.update,
+                                        **options).run()
+            except BeforeRun:
+                # its server died before the guest ran: QEMU takes one incoming
+                # migration, and ours is the only one; start it again, once
+                proc.kill()
+                proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
+                info = SupervisedResume(args.snapshot, qmp=proc.qmp_path,
+                                        transport=args.transport, timeout=args.timeout,
+                                        progress=progress.update, **options).run()
+        elif args.connect is not None:           # no QMP: nothing to recover with, one process
             with Resume(args.snapshot, connect=args.connect, transport=args.transport,
                         timeout=args.timeout, **options) as resume:
                 while True:
@@ -579,8 +592,8 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     except KeyboardInterrupt as e:
         if proc is not None:
             if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
-                e.args = (f"{e.args[0]}; the destination QEMU (pid {proc.proc.pid}) runs on: "
-                          f"to end it instead, kill -9 {proc.proc.pid}",)
+                e.args = (f"{e.args[0]}; the destination QEMU (pid {proc.pid}) runs on: "
+                          f"to end it instead, kill -9 {proc.pid}",)
             else:                                             # nothing was sent: stop it
                 proc.kill()
                 e.args = ("interrupted before the stream began; the destination QEMU "
@@ -589,17 +602,17 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         raise
     finally:
         if proc is not None and not finished:
-            print(f"uffdpy: the destination QEMU (pid {proc.proc.pid}) is left as it is; "
+            print(f"uffdpy: the destination QEMU (pid {proc.pid}) is left as it is; "
                   f"QMP socket {proc.qmp_path}", file=sys.stderr)
     if args.record_ws:
         info["working_set_recorded"] = args.record_ws
     if proc is not None:
-        info["qemu_pid"] = proc.proc.pid
+        info["qemu_pid"] = proc.pid
         info["qmp_socket"] = proc.qmp_path
     text = _resume_table(info)
     if proc is not None:
         state = "paused (-S)" if args.paused else "running"
-        text += f"\nthe VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}"
+        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
     return Outcome(text, info)
 
 
@@ -681,12 +694,12 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
                 proc.kill()                          # a mapped VM half set up is of no use
         info = resume.report()
     if proc is not None:
-        info["qemu_pid"] = proc.proc.pid
+        info["qemu_pid"] = proc.pid
         info["qmp_socket"] = proc.qmp_path
     text = _map_table(info)
     if proc is not None:
         state = "paused" if args.paused else "running"
-        text += f"\nthe VM is {state}: QEMU pid {proc.proc.pid}, QMP socket {proc.qmp_path}"
+        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
     return Outcome(text, info)
 
 

@@ -43,7 +43,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..qmp import QmpError
 from .destination import DestinationError, QemuDestination, ResumeError, event_time
 
-__all__ = ["SupervisedResume"]
+__all__ = ["SupervisedResume", "BeforeRun"]
+
+class BeforeRun(DestinationError):
+    """The stream's server died before the guest ran: QEMU failed the load; start it again."""
+
 
 #: recoveries after server deaths before the supervisor gives up
 DEFAULT_MAX_RECOVERIES = 3
@@ -84,6 +88,7 @@ class SupervisedResume:
         self._dest: Optional[QemuDestination] = None
         self._tmpdir: Optional[str] = None
         self._keep: List[socket.socket] = []
+        self._connected = False                # a server has connected (the guest may run)
 
     # -- the supervisor
 
@@ -122,7 +127,7 @@ class SupervisedResume:
                 report = self._watch(pid, report_r)
             except KeyboardInterrupt as e:
                 self._stop_server(pid)
-                if first_connect is not None or recovering:
+                if self._connected or recovering:
                     e.args = (self._interrupted_message(),)
                 raise
             finally:
@@ -137,9 +142,21 @@ class SupervisedResume:
                 raise ResumeError(report["error"])
             # the server died without a word: recover if the destination paused
             why = report.get("died", "the server died")
-            status = self._await_end(mark)
+            status = "setup" if not recovering and self._still_listening(dest) \
+                else self._await_end(mark)
             if status == "completed":            # it died after the last byte: done
                 return self._finish({"recovered": recovering}, since, first_connect)
+            if status == "setup":
+                # it died before its connect: the destination still listens; again
+                if self.auto_recoveries >= self.max_recoveries:
+                    raise ResumeError(f"{why} before it connected, "
+                                      f"{self.auto_recoveries + 1} times")
+                self.auto_recoveries += 1
+                continue
+            if status == "failed" and not recovering:
+                raise BeforeRun(f"{why} before the guest ran, so QEMU failed the load; a "
+                                "destination takes one incoming migration: restart it",
+                                dest.failure_reason(wait=0.5))
             if status != "postcopy-paused":
                 raise DestinationError(f"{why} and the destination is {status}, not "
                                        "postcopy-paused: nothing to recover",
@@ -179,6 +196,13 @@ class SupervisedResume:
         if a["type"] == "unix":
             return f"unix:{a['path']}"
         return f"tcp:{a['host']}:{a['port']}"
+
+    @staticmethod
+    def _still_listening(dest: QemuDestination) -> bool:
+        try:            # in band, briefly: a destination stuck under its big lock is no "setup"
+            return dest.client.execute("query-migrate", timeout=0.5).get("status") == "setup"
+        except (TimeoutError, QmpError, ConnectionError):
+            return False
 
     def _preempt_capability(self, default: bool) -> bool:
         """Whether the paused destination has postcopy-preempt on (in band: may not answer)."""
@@ -231,6 +255,7 @@ class SupervisedResume:
                     if "progress" in msg:
                         self.progress(*msg["progress"])
                     else:
+                        self._connected = self._connected or "connected_at" in msg
                         report.update(msg)
                 if chunk:
                     continue
