@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from tabulate import tabulate
 
-from . import sizes
+from .cli_args import (Progress, chunk_size, cpu, fraction, hot_fraction, human, mib,
+                       non_negative_float, non_negative_int, page_size_multiple, parse_size,
+                       positive_float, positive_int, printable, qemu_size)
 from .errors import UffdpyError
 from .outcome import Outcome
 
@@ -39,159 +41,6 @@ __all__ = ["main"]
 #: ``LazyLoader(server=...)`` values (kept equal to ``uffdpy.loader.SERVERS``
 #: by a test; the loader is imported only by the commands that load)
 SERVERS = ("thread", "process", "interpreter")
-
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096``, ``0x1000`` -> bytes (:func:`uffdpy.sizes.parse_size`)."""
-    try:
-        return sizes.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _cpu(text: str) -> int:
-    """A CPU this process may run on (``os.sched_getaffinity``)."""
-    value = _non_negative_int(text)
-    allowed = sorted(os.sched_getaffinity(0))
-    if value not in allowed:
-        raise argparse.ArgumentTypeError(
-            f"CPU {value} does not exist or is not available to this process "
-            f"(CPUs {_ranges(allowed)})")
-    return value
-
-
-def _ranges(cpus: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
-    out: List[str] = []
-    for c in cpus:
-        if out and c - 1 == int(out[-1].rpartition("-")[2]):
-            out[-1] = f"{out[-1].partition('-')[0]}-{c}"
-        else:
-            out.append(str(c))
-    return ",".join(out)
-
-
-def _hot_fraction(text: str) -> float:
-    value = _non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
-
-
-def _page_size_multiple(text: str) -> int:
-    value = parse_size(text)
-    if value <= 0 or value % 4096:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4096, not {value}")
-    return value
-
-
-def _chunk_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 4096:
-        raise argparse.ArgumentTypeError(f"must be at least 4096 (one page), not {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
-
-
-def _qemu_size(n: int) -> str:
-    """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
-    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
-def _human(n: int) -> str:
-    """Bytes in the largest binary unit that keeps a number >= 1: 4.0 KiB, 1.5 GiB."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
-class _Progress:
-    """A one-line progress bar on stderr, shown only on a terminal after ~0.5 s."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.shown = False
-
-    def update(self, done: int, total: int) -> None:
-        if not self.enabled or time.monotonic() - self.start < 0.5 or total <= 0:
-            return
-        width = 30
-        filled = width * done // total
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{100 * done / total:5.1f}%")
-        sys.stderr.flush()
-        self.shown = True
-
-    def finish(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
-
-
-def _printable(text: object) -> str:
-    """``text`` with every non-printable character escaped (``\x1b``, ``\n``, ``\u202e``).
-
-    Names read from a file (blocks, sections, segments, notes) and errors that
-    quote its bytes go through this before reaching a terminal: an ESC from a
-    crafted file could otherwise reset or rewrite the screen, and a newline
-    would split an error line.
-    """
-    s = str(text)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in s)
-
 
 def _sniff(args: argparse.Namespace) -> Tuple[bytes, bool]:
     """The first bytes of the named file at ``--offset`` and whether it is a regular file.
@@ -255,15 +104,15 @@ def _inspect_elf_dict(image: Any) -> Dict[str, Any]:
 
 
 def _elf_text(info: Dict[str, Any]) -> str:
-    rows = [[_printable(r["name"]), _human(r["length"]), r["present_pages"], r["zero_pages"],
+    rows = [[printable(r["name"]), human(r["length"]), r["present_pages"], r["zero_pages"],
              f"0x{r['file_offset']:x}", "".join(c if r["flags"] & bit else "-" for c, bit
                                                 in (("r", 4), ("w", 2), ("x", 1)))]
             for r in info["regions"]]
-    notes = [[_printable(n["name"]), _printable(n["type_name"]), n["size"], f"0x{n['offset']:x}"]
+    notes = [[printable(n["name"]), printable(n["type_name"]), n["size"], f"0x{n['offset']:x}"]
              for n in info["notes"]]
     return "\n".join([
-        f"file:          {_printable(info['path'])}",
-        f"format:        ELF core ({_printable(info['machine'])}), "
+        f"file:          {printable(info['path'])}",
+        f"format:        ELF core ({printable(info['machine'])}), "
         f"{info['address_space']} addresses",
         tabulate(rows, headers=["region", "size", "in file", "zero", "file offset", "flags"]),
         "",
@@ -284,14 +133,14 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
 
 
 def _snapshot_text(info: Dict[str, Any]) -> str:
-    rows = [[_printable(b["name"]), _human(b["length"]), b["page_size"], b["present_pages"],
+    rows = [[printable(b["name"]), human(b["length"]), b["page_size"], b["present_pages"],
              b["zero_pages"], f"{100 * b['present_pages'] / b['pages']:.1f}" if b["pages"] else "-",
              f"0x{b['pages_offset']:x}"] for b in info["regions"]]
-    devices = [[_printable(d["name"]), d["instance"], d["version"]] for d in info["devices"]]
+    devices = [[printable(d["name"]), d["instance"], d["version"]] for d in info["devices"]]
     return "\n".join([
-        f"file:         {_printable(info['path'])}",
-        f"machine:      {_printable(info['machine'])}",
-        f"capabilities: {_printable(', '.join(info['capabilities'])) or '-'}",
+        f"file:         {printable(info['path'])}",
+        f"machine:      {printable(info['machine'])}",
+        f"capabilities: {printable(', '.join(info['capabilities'])) or '-'}",
         tabulate(rows, headers=["block", "size", "page size", "present", "zero",
                                 "% present", "pages offset"]),
         "",
@@ -306,10 +155,10 @@ def _inspect_regions_dict(image: Any) -> Dict[str, Any]:
 
 
 def _regions_text(info: Dict[str, Any]) -> str:
-    rows = [[_printable(r["name"]), _human(r["length"]), r["present_pages"], r["zero_pages"],
+    rows = [[printable(r["name"]), human(r["length"]), r["present_pages"], r["zero_pages"],
              f"0x{r['file_offset']:x}"] for r in info["regions"]]
-    return "\n".join([f"file:   {_printable(info['path'])}",
-                      f"format: {_printable(info['format'])}",
+    return "\n".join([f"file:   {printable(info['path'])}",
+                      f"format: {printable(info['format'])}",
                       tabulate(rows, headers=["region", "size", "in file", "zero",
                                               "file offset"])])
 
@@ -352,7 +201,7 @@ def _open_loader(args: argparse.Namespace, snap: Any) -> Any:
 
 
 def _wait_with_progress(loader: "_LoaderBase", enabled: bool, label: str = "loading") -> None:
-    bar = _Progress(label, enabled)
+    bar = Progress(label, enabled)
     try:
         while not loader.wait(0.1):
             bar.update(*loader.progress())
@@ -420,7 +269,7 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
         block = snap.region(args.block)
         ps = block.page_size
         buf = ctypes.create_string_buffer(256 * ps)
-        bar = _Progress(f"dumping {block.name}", True)
+        bar = Progress(f"dumping {block.name}", True)
         # A temporary renamed once the load and the copy both ended well: never a
         # partial output, and never the input (refused before anything loads).
         try:
@@ -449,12 +298,12 @@ def cmd_make(args: argparse.Namespace) -> Outcome:
     limit = memory_limit()
     if args.size > limit:
         where = memory_limit_origin() or "this machine's memory"
-        raise ValueError(f"--size {args.size}: more than {where} ({_human(limit)}), "
+        raise ValueError(f"--size {args.size}: more than {where} ({human(limit)}), "
                          "which a guest of this size must fit in to load")
     make_synthetic(args.output, size=args.size, fill=args.fill, seed=args.seed)
-    return Outcome(f"{args.output}: synthetic snapshot, block 'ram' of {_human(args.size)}, "
+    return Outcome(f"{args.output}: synthetic snapshot, block 'ram' of {human(args.size)}, "
                    f"~{args.fill:.0%} present; load with qemu-system-x86_64 -machine none "
-                   f"-m {_qemu_size(args.size)}")
+                   f"-m {qemu_size(args.size)}")
 
 
 # ----------------------------------------------------------------------- convert
@@ -467,11 +316,11 @@ def cmd_convert(args: argparse.Namespace) -> Outcome:
                              f"already a {image.format} file")
         blocks = to_mapped_ram(image, args.output, layout=args.layout,
                                ram_size=args.ram_size or 0)
-    lines = [f"{args.output}: block {_printable(repr(b.name))} of {_human(b.length)}, "
+    lines = [f"{args.output}: block {printable(repr(b.name))} of {human(b.length)}, "
              f"{b.data_pages} pages with data" for b in blocks]
     if args.layout == "ram":
         lines.append(f"load it with: qemu-system-x86_64 -machine none "
-                     f"-m {_qemu_size(blocks[0].length)} -incoming defer, then "
+                     f"-m {qemu_size(blocks[0].length)} -incoming defer, then "
                      f"migrate-incoming file:{args.output} with the mapped-ram capability on")
     return Outcome("\n".join(lines))
 
@@ -549,7 +398,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
     qmp = proc.qmp_path if proc is not None else args.qmp
     finished = False
-    progress = _Progress("resuming", not args.json)
+    progress = Progress("resuming", not args.json)
     try:
         if proc is not None:
             try:
@@ -633,7 +482,7 @@ def _map_table(stats: Dict[str, Any]) -> str:
          else f"{stats['time_to_complete_s'] * 1e3:.1f} ms"),
         ("set-up before the connect", f"{stats['prepare_s'] * 1e3:.1f} ms"),
         ("blocks mapped", f"{', '.join(stats['blocks_mapped'])} "
-                          f"({_human(stats['mapped_bytes'])}, copy-on-write)"),
+                          f"({human(stats['mapped_bytes'])}, copy-on-write)"),
         ("blocks streamed", len(stats["blocks_streamed"])),
         ("pages sent", stats["pages_sent"]),
         ("stale pages zeroed", stats["stale_zero_pages"]),
@@ -673,7 +522,7 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
             resume = MapResume(snap, qmp=qmp, paused=args.paused, transport=args.transport,
                                working_set=args.working_set, warm=args.warm,
                                timeout=args.timeout)
-            progress = _Progress("warming", not args.json)
+            progress = Progress("warming", not args.json)
             while not resume.wait_warm(0.1):
                 progress.update(*resume.progress())
             progress.finish()
@@ -772,7 +621,7 @@ def cmd_demo(args: argparse.Namespace) -> Outcome:
     size = args.size
     with tempfile.TemporaryDirectory(prefix="uffdpy-demo-") as tmp:
         path = os.path.join(tmp, "demo.img")
-        print(f"making a synthetic {_mib(size)} snapshot (40% of pages hold data) in {tmp} ...")
+        print(f"making a synthetic {mib(size)} snapshot (40% of pages hold data) in {tmp} ...")
         make_synthetic(path, size=size, fill=0.4, seed=7)
         with Snapshot.open(path) as snap:
             # As the benchmark measures: the file read once first (both loads
@@ -864,21 +713,21 @@ def _load_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--access", default="none",
                     help="the workload during the load: none (default), seq, random or "
                          "hot:FRACTION (random within that fraction of the pages)")
-    sp.add_argument("--touch", type=_non_negative_int, default=0, metavar="N",
+    sp.add_argument("--touch", type=non_negative_int, default=0, metavar="N",
                     help="accesses per thread (default: every page for seq, 10000 otherwise)")
-    sp.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    sp.add_argument("--threads", type=positive_int, default=1, metavar="N",
                     help="accessing threads (default 1)")
-    sp.add_argument("--server-cpu", type=_cpu, default=None, metavar="CPU",
+    sp.add_argument("--server-cpu", type=cpu, default=None, metavar="CPU",
                     help="pin the fault loop")
-    sp.add_argument("--access-cpu", type=_cpu, default=None, metavar="CPU",
+    sp.add_argument("--access-cpu", type=cpu, default=None, metavar="CPU",
                     help="pin the accessing threads")
     sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
     sp.add_argument("--populate-source", action="store_true",
                     help="map the file's data pages ahead of the copies (reads the whole "
                          "file's data even with --no-prefetch)")
-    sp.add_argument("--prefetch-threads", type=_positive_int, default=None, metavar="N",
+    sp.add_argument("--prefetch-threads", type=positive_int, default=None, metavar="N",
                     help="parallel prefetch threads (default: 2 on 2+ CPUs)")
-    sp.add_argument("--prefetch-chunk", type=_chunk_size, default=None, metavar="SIZE",
+    sp.add_argument("--prefetch-chunk", type=chunk_size, default=None, metavar="SIZE",
                     help="bytes per prefetch ioctl (default 2M; smaller: a fault on a page "
                          "being prefetched waits less, the load takes longer)")
     sp.add_argument("--huge-pages", action="store_true",
@@ -936,20 +785,20 @@ def _resume_arguments(sp: argparse.ArgumentParser) -> None:
                     help="serve page requests only, never stream (the load completes only "
                          "when the guest has asked for every data page; Ctrl-C leaves the "
                          "destination postcopy-paused, for --recover)")
-    sp.add_argument("--background-delay", type=_non_negative_float, default=0.0, metavar="S",
+    sp.add_argument("--background-delay", type=non_negative_float, default=0.0, metavar="S",
                     help="serve requests only for the first S seconds, then stream")
     sp.add_argument("--preempt", action="store_true",
                     help="send requested pages on QEMU's postcopy-preempt channel")
     sp.add_argument("--recover", action="store_true",
                     help="with --qmp: finish a load whose source died (postcopy-paused)")
-    sp.add_argument("--batch-pages", type=_positive_int, default=32, metavar="N",
+    sp.add_argument("--batch-pages", type=positive_int, default=32, metavar="N",
                     help="data pages per background section (default 32)")
-    sp.add_argument("--fault-around", type=_non_negative_int, default=32, metavar="N",
+    sp.add_argument("--fault-around", type=non_negative_int, default=32, metavar="N",
                     help="data pages sent right behind each requested page (default 32)")
-    sp.add_argument("--demand-yield-ms", type=_non_negative_float, default=2.0, metavar="MS",
+    sp.add_argument("--demand-yield-ms", type=non_negative_float, default=2.0, metavar="MS",
                     help="the background stream pauses this long after each request "
                          "(default 2; 0: never)")
-    sp.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+    sp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                     help="bound on each QMP call and connection (default 30)")
     sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
                     help="write the pages the guest requested, in order of first request "
@@ -975,9 +824,9 @@ def _qemu_args_arguments(sp: argparse.ArgumentParser) -> None:
 
 def _bench_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("snapshot", metavar="SNAP", help="a mapped-ram snapshot or an ELF core")
-    sp.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
+    sp.add_argument("--rounds", type=positive_int, default=3, metavar="N",
                     help="rounds of each load, interleaved; medians are shown (default 3)")
-    sp.add_argument("--touch", type=_non_negative_int, default=2000, metavar="N",
+    sp.add_argument("--touch", type=non_negative_int, default=2000, metavar="N",
                     help="random accesses during each lazy load (default 2000)")
     sp.add_argument("--no-qemu", action="store_true",
                     help="leave out QEMU's own load (no qemu-system-x86_64 needed)")
@@ -1000,11 +849,11 @@ def _bench_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--cold", action="store_true",
                     help="with --resume: evict the snapshot from the page cache before "
                          "every contender (posix_fadvise DONTNEED)")
-    sp.add_argument("--clones", type=_positive_int, default=None, metavar="N",
+    sp.add_argument("--clones", type=positive_int, default=None, metavar="N",
                     help="with --resume: instead, N guests started at once from the snapshot, "
                          "mapped (--map) against loaded by QEMU: time until all answered, "
                          "their summed Pss")
-    sp.add_argument("--hot", type=_hot_fraction, default=None, metavar="F",
+    sp.add_argument("--hot", type=hot_fraction, default=None, metavar="F",
                     help="instead: the working-set benchmark: --touch accesses within a "
                          "fraction F of the pages, eager vs lazy vs lazy replaying a "
                          "recording of the same workload")
@@ -1025,15 +874,15 @@ def _convert_arguments(sp: argparse.ArgumentParser) -> None:
 
 def _make_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("output", metavar="OUT", help="the snapshot file to write")
-    sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
+    sp.add_argument("--size", type=page_size_multiple, default=256 << 20, metavar="SIZE",
                     help="RAM size, a multiple of 4 KiB (default 256M)")
-    sp.add_argument("--fill", type=_fraction, default=0.4, metavar="F",
+    sp.add_argument("--fill", type=fraction, default=0.4, metavar="F",
                     help="fraction of pages that hold data, 0 to 1 (default 0.4)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the contents (default 0)")
 
 
 def _demo_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--size", type=_page_size_multiple, default=256 << 20, metavar="SIZE",
+    sp.add_argument("--size", type=page_size_multiple, default=256 << 20, metavar="SIZE",
                     help="the synthetic guest's RAM (default 256M)")
 
 
@@ -1176,7 +1025,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt as exc:      # Ctrl-C, and SIGTERM as _Terminated
         if exc.args and isinstance(exc.args[0], str):
-            print(f"uffdpy: {_printable(exc.args[0])}", file=sys.stderr)
+            print(f"uffdpy: {printable(exc.args[0])}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
     except MemoryError:
         if args.debug:
@@ -1190,7 +1039,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             traceback.print_exc()
         msg = _one_line(exc)
-        print(f"uffdpy: error: {_printable(msg)}", file=sys.stderr)
+        print(f"uffdpy: error: {printable(msg)}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,171 @@
+"""What the ``uffdpy`` commands share: argument types, sizes for people, the progress bar.
+
+Each argument type raises ``argparse.ArgumentTypeError`` with the reason, so
+a bad value is argparse's one-line usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Sequence
+
+from . import sizes
+
+__all__ = ["parse_size", "integer", "positive_int", "non_negative_int", "non_negative_float",
+           "positive_float", "cpu", "ranges", "hot_fraction", "page_size_multiple",
+           "chunk_size", "fraction", "qemu_size", "mib", "human", "Progress", "printable"]
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``4096``, ``0x1000`` -> bytes (:func:`uffdpy.sizes.parse_size`)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def cpu(text: str) -> int:
+    """A CPU this process may run on (``os.sched_getaffinity``)."""
+    value = non_negative_int(text)
+    allowed = sorted(os.sched_getaffinity(0))
+    if value not in allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPU {value} does not exist or is not available to this process "
+            f"(CPUs {ranges(allowed)})")
+    return value
+
+
+def ranges(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    out: List[str] = []
+    for c in cpus:
+        if out and c - 1 == int(out[-1].rpartition("-")[2]):
+            out[-1] = f"{out[-1].partition('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def hot_fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def page_size_multiple(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0 or value % 4096:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4096, not {value}")
+    return value
+
+
+def chunk_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 4096:
+        raise argparse.ArgumentTypeError(f"must be at least 4096 (one page), not {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def qemu_size(n: int) -> str:
+    """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def human(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1: 4.0 KiB, 1.5 GiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal after ~0.5 s."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled or time.monotonic() - self.start < 0.5 or total <= 0:
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{100 * done / total:5.1f}%")
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def printable(text: object) -> str:
+    """``text`` with every non-printable character escaped (``\x1b``, ``\n``, ``\u202e``).
+
+    Names read from a file (blocks, sections, segments, notes) and errors that
+    quote its bytes go through this before reaching a terminal: an ESC from a
+    crafted file could otherwise reset or rewrite the screen, and a newline
+    would split an error line.
+    """
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in s)
