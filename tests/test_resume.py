@@ -487,3 +487,26 @@ def test_connect_to_a_destination_that_already_listens(firmware: Dict[str, Any],
     finally:
         qemu.kill()
         qemu.wait(timeout=30)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("change", ["machine", "memory"])
+@pytest.mark.parametrize("mode", ["stream", "map"])
+def test_qmp_form_names_what_differs(firmware: Dict[str, Any], destination: Any,
+                                     change: str, mode: str) -> None:
+    """--qmp: a destination unlike the saved machine is refused before anything is sent,
+    naming both sides (QEMU's own load says only "Invalid argument")."""
+    snapshot, args = firmware["q35"]
+    args = list(args)
+    if change == "machine":
+        args[args.index("q35,accel=tcg")] = "pc,accel=tcg"
+    else:
+        args[args.index("-m") + 1] = "128M"
+    dst = destination(args, paused=True)
+    extra = ["--map"] if mode == "map" else []
+    line = one_line_error(run_uffdpy("resume", snapshot, *extra, "--qmp", dst.uffdpy_sock))
+    if change == "machine":
+        assert "pc-i440fx-10.0" in line and "pc-q35-10.0" in line, line
+    else:
+        assert "'pc.ram'" in line and str(128 << 20) in line and str(64 << 20) in line, line
+    assert dst.status() == "none"

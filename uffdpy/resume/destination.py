@@ -75,7 +75,9 @@ def open_connection(address: str, timeout: float) -> socket.socket:
 
 # ------------------------------------------------------------------ the destination's side
 
-_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s*(KiB|MiB|GiB)\s+0x", re.M)
+#: a row of HMP ``info ramblock``: name, page size, offset, used and total length
+_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s*(KiB|MiB|GiB)\s+0x([0-9a-f]+)"
+                           r"\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)", re.M)
 
 
 class QemuDestination:
@@ -96,12 +98,49 @@ class QemuDestination:
     def status(self) -> Dict[str, Any]:
         return dict(self.client.call("query-migrate"))
 
-    def host_page_sizes(self) -> Dict[str, int]:
-        """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
+    def ram_blocks(self) -> Dict[str, Tuple[int, int, int]]:
+        """Each RAMBlock's ``(host page size, used length, max length)`` in bytes (HMP
+        ``info ramblock``; a block whose used length is below its maximum is resizable)."""
         text = self.client.call("human-monitor-command", **{"command-line": "info ramblock"})
         unit = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-        return {m.group(1): int(m.group(2)) * unit[m.group(3)]
+        return {m.group(1): (int(m.group(2)) * unit[m.group(3)], int(m.group(5), 16),
+                             int(m.group(6), 16))
                 for m in _RAMBLOCK_ROW.finditer(str(text))}
+
+    def host_page_sizes(self) -> Dict[str, int]:
+        """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
+        return {name: page for name, (page, _, _) in self.ram_blocks().items()}
+
+    def check_matches(self, snap: Any) -> None:
+        """Refuse, before anything is sent, a destination made unlike the snapshot's machine.
+
+        The machine type and every RAMBlock's length are compared with what
+        the snapshot holds (QEMU itself would fail the load with only
+        "Invalid argument" in ``query-migrate``).  Raises: DestinationError
+        naming both sides and the option to change.
+        """
+        kind = str(self.client.call("qom-get", path="/machine", property="type"))
+        kind = kind[:-len("-machine")] if kind.endswith("-machine") else kind
+        if snap.machine and kind != snap.machine:
+            raise DestinationError(f"QMP {self.path}: the destination's machine is {kind}, "
+                                   f"the snapshot's {snap.machine}: start it with "
+                                   f"-machine {snap.machine}")
+        have = self.ram_blocks()
+        for block in snap.blocks:
+            if block.name not in have:
+                raise DestinationError(
+                    f"QMP {self.path}: the destination has no RAM block {block.name!r} "
+                    f"({block.length} bytes in the snapshot): a device or memory backend "
+                    "the saved VM had is missing from its arguments")
+            _, used, total = have[block.name]
+            fits = block.length == used or (used < total and block.length <= total)
+            if not fits:
+                hint = (f" (-m {block.length >> 20}M)" if block.name in ("pc.ram", "ram")
+                        and block.length % (1 << 20) == 0 else "")
+                raise DestinationError(
+                    f"QMP {self.path}: RAM block {block.name!r} is {used} bytes at the "
+                    f"destination and {block.length} in the snapshot: start the destination "
+                    f"with the saved VM's size{hint}")
 
     def prepare(self, *, preempt: bool) -> None:
         """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""

@@ -454,6 +454,7 @@ class MapResume:
             ws = load_for(working_set, snap)            # refused before anything is sent
             dest = self._dest = QemuDestination(qmp, timeout=timeout)
             self._events_since = len(dest.client.events)
+            dest.check_matches(snap)
             mapped, streamed = _check_backends(snap, dest.memory_backends(), f"QMP {qmp}")
             self.stats.blocks_mapped = [b.name for b in mapped]
             self.stats.blocks_streamed = [b.name for b in streamed]

@@ -40,6 +40,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..mappedram import Snapshot
 from ..qmp import QmpError
 from .destination import DestinationError, QemuDestination, ResumeError, event_time
 
@@ -109,6 +110,8 @@ class SupervisedResume:
             address = self._migrate_recover()
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
+            with Snapshot.open(self.snapshot) as snap:
+                dest.check_matches(snap)
             page_sizes = dest.host_page_sizes()
             listening = self._listening_address(dest, preempt)
             if listening is not None:
