@@ -84,6 +84,7 @@ DEFAULT_FAULT_AROUND = 32
 #: CPUs the guest's demand (its vCPU, QEMU's placing thread, our answers) is not
 #: slowed by streaming (measured on 2 CPUs: the answer to a request 0.45 -> 0.29 s)
 DEFAULT_DEMAND_YIELD_MS = 2.0
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)     # Linux's value
 _IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
 _RECV_BYTES = 1 << 16
 
@@ -499,6 +500,7 @@ class Resume:
         def served(t: float) -> None:
             latencies.append(time.perf_counter() - t)
 
+        quickack = main.sock.family in (socket.AF_INET, socket.AF_INET6)
         progress_at = time.monotonic()          # the last byte written or read
         sent_before = self.stats.bytes_sent
         while not shut:
@@ -572,6 +574,11 @@ class Resume:
                     continue
                 if not data:
                     raise _Hangup()
+                if quickack:
+                    # ACK the return path now: with preempt our answers go on the other
+                    # socket, so no data carries the ACK, the kernel delays it ~40 ms, and
+                    # QEMU's next small write (a page request) waits for it (Nagle)
+                    main.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
                 progress_at = time.monotonic()
                 t_read = time.perf_counter()
                 rp.feed(data)
