@@ -17,17 +17,12 @@ import dataclasses
 import os
 import signal
 import stat
-import statistics
 import sys
-import tempfile
-import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from tabulate import tabulate
-
-from .cli_args import (Progress, chunk_size, cpu, fraction, hot_fraction, human, mib,
+from .cli_args import (Progress, tabulate, chunk_size, cpu, fraction, hot_fraction, human, mib,
                        non_negative_float, non_negative_int, page_size_multiple, parse_size,
                        positive_float, positive_int, printable, qemu_size)
 from .errors import UffdpyError
@@ -369,7 +364,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         return _resume_mapped(args, qemu_cmd)
     if args.warm is not None:
         raise ValueError("--warm applies to --map only (it warms the page cache of a mapped file)")
-    from .resume import DestinationError, QemuProcess, Resume
+    from .resume.destination import DestinationError
     if args.paused and not qemu_cmd and not args.map:
         raise ValueError("--paused applies to the '-- QEMU ARGS' form; with --qmp the "
                          "destination's own -S decides")
@@ -395,6 +390,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                    ws_placement=args.ws_placement, trace=args.trace)
     proc: Optional[Any] = None
     if qemu_cmd:
+        from .resume.process import QemuProcess
         proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
     qmp = proc.qmp_path if proc is not None else args.qmp
     finished = False
@@ -414,6 +410,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                                         transport=args.transport, timeout=args.timeout,
                                         progress=progress.update, **options).run()
         elif args.connect is not None:           # no QMP: nothing to recover with, one process
+            from .resume.postcopy import Resume
             with Resume(args.snapshot, connect=args.connect, transport=args.transport,
                         timeout=args.timeout, **options) as resume:
                 while True:
@@ -618,6 +615,9 @@ def cmd_demo(args: argparse.Namespace) -> Outcome:
     from .loader import EagerLoader, LazyLoader
     from .mappedram import Snapshot, make_synthetic
     from .workload import latency_summary, run_access, verify
+    import statistics
+    import tempfile
+    import threading
     size = args.size
     with tempfile.TemporaryDirectory(prefix="uffdpy-demo-") as tmp:
         path = os.path.join(tmp, "demo.img")

@@ -9,13 +9,19 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 from . import sizes
 
-__all__ = ["parse_size", "integer", "positive_int", "non_negative_int", "non_negative_float",
-           "positive_float", "cpu", "ranges", "hot_fraction", "page_size_multiple",
+__all__ = ["tabulate", "parse_size", "integer", "positive_int", "non_negative_int",
+           "non_negative_float", "positive_float", "cpu", "ranges", "hot_fraction", "page_size_multiple",
            "chunk_size", "fraction", "qemu_size", "mib", "human", "Progress", "printable"]
+
+
+def tabulate(rows: Any, **options: Any) -> str:
+    """``tabulate.tabulate``, imported on first use (it and wcwidth cost ~25 ms at start-up)."""
+    from tabulate import tabulate as table
+    return str(table(rows, **options))
 
 
 def parse_size(text: str) -> int:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List
 
-from tabulate import tabulate
-
+from .cli_args import tabulate
 from .outcome import Outcome
 
 __all__ = ["add_parsers", "inspect_file"]

@@ -4,7 +4,9 @@
   migration.  The guest runs a few milliseconds after the connect and its
   RAM streams in behind it; afterwards the VM owns a private copy of all its
   RAM and no longer depends on the file.  The way for a snapshot on another
-  host, or a VM that must outlive its file.
+  host, or a VM that must outlive its file.  The command runs it through
+  :mod:`.supervise` (the stream in a child, the QMP session kept, recovery
+  when the stream's process dies).
 * :class:`MapResume` (:mod:`.mapped`): QEMU maps the snapshot file itself as
   guest RAM, private (copy-on-write); uffdpy sends a precopy stream with the
   device state and the pages of the few blocks that cannot be mapped.  The
@@ -13,12 +15,33 @@
   file must stay unchanged for as long as any clone runs.
 
 :mod:`.destination` holds what both share: addresses, the QMP side of a
-destination, the errors, and a QEMU of our own (:class:`QemuProcess`).
+destination and the errors; :mod:`.process` a QEMU of our own.  Names are
+imported on first use, so a command pays only for the way it takes.
 """
-from .destination import (DestinationError, QemuDestination, QemuProcess, ResumeError,
-                          parse_address)
-from .mapped import MapResume, MapStats
-from .postcopy import Resume, ResumeStats
+from __future__ import annotations
 
-__all__ = ["Resume", "ResumeStats", "MapResume", "MapStats", "ResumeError", "DestinationError",
-           "QemuDestination", "QemuProcess", "parse_address"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Resume": "postcopy", "ResumeStats": "postcopy",
+    "MapResume": "mapped", "MapStats": "mapped",
+    "ResumeError": "destination", "DestinationError": "destination",
+    "QemuDestination": "destination", "parse_address": "destination",
+    "QemuProcess": "process",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uffdpy.resume' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__

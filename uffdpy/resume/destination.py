@@ -11,13 +11,12 @@ import os
 import re
 import socket
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import UffdpyError
-from ..qemu import Qemu, QemuError
 from ..qmp import QmpClient, QmpError
 
-__all__ = ["ResumeError", "DestinationError", "QemuDestination", "QemuProcess",
+__all__ = ["ResumeError", "DestinationError", "QemuDestination",
            "parse_address", "open_connection", "event_time"]
 
 class ResumeError(UffdpyError, RuntimeError):
@@ -257,21 +256,3 @@ class QemuDestination:
 def event_time(event: Dict[str, Any]) -> float:
     ts = event.get("timestamp", {})
     return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-
-
-
-# ------------------------------------------------------------------ a QEMU of our own
-
-class QemuProcess(Qemu):
-    """A destination QEMU that uffdpy starts: ``argv -incoming defer`` and a private QMP socket.
-
-    It runs in its own session with its output in ``log_path``, so it
-    outlives uffdpy; :meth:`kill` ends exactly this process group.
-    Raises: DestinationError when QEMU cannot start.
-    """
-
-    def __init__(self, argv: Sequence[str], *, paused: bool, timeout: float = 30.0) -> None:
-        try:
-            super().__init__(argv, incoming="defer", paused=paused, timeout=timeout)
-        except QemuError as e:
-            raise DestinationError(e.message, e.reason) from None

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..mappedram import Snapshot
 from ..qmp import QmpError
 from .destination import DestinationError, QemuDestination, ResumeError, event_time
+from .postcopy import Resume, ResumeStats
 
 __all__ = ["SupervisedResume", "BeforeRun"]
 
@@ -294,9 +295,9 @@ class SupervisedResume:
 
     def _finish(self, stats: Dict[str, Any], since: int,
                 connected_at: Optional[float]) -> Dict[str, Any]:
-        from .postcopy import ResumeStats
         out: Dict[str, Any] = {**ResumeStats().as_dict(), **stats}
         out["auto_recoveries"] = self.auto_recoveries
+        out["connected_at"] = connected_at
         assert self._dest is not None
         client = self._dest.client
         if connected_at is not None:
@@ -344,8 +345,6 @@ class SupervisedResume:
 
     def _serve(self, report_w: int, address: str, recover: bool, preempt: bool,
                page_sizes: Dict[str, int]) -> int:
-        from .postcopy import Resume
-
         def send(msg: Dict[str, Any]) -> None:
             try:
                 os.write(report_w, json.dumps(msg).encode() + b"\n")
