@@ -383,11 +383,22 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         load_for(args.working_set, snap)           # a working set of another snapshot too
     if args.record_ws:
         _check_writable(args.record_ws)
-    options = dict(background=not args.no_background, background_delay=args.background_delay,
-                   preempt=args.preempt, batch_pages=args.batch_pages,
-                   fault_around_pages=args.fault_around, demand_yield_ms=args.demand_yield_ms,
-                   record_ws=args.record_ws, working_set=args.working_set,
-                   ws_placement=args.ws_placement, trace=args.trace)
+    fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
+    background_delay = args.background_delay or 0.0
+    background_idle: Optional[float] = None
+    if args.record_ws and args.fault_around is None and args.background_delay is None \
+            and not args.no_background:
+        # a recording is of the guest's own demand: nothing sent ahead of it
+        fault_around, background_idle = 0, RECORD_IDLE_S
+        print(f"uffdpy: recording the guest's whole demand: no fault-around, and the stream "
+              f"waits until the guest asked for nothing for {RECORD_IDLE_S:g} s (give "
+              "--fault-around or --background-delay to choose otherwise)", file=sys.stderr)
+    options = dict(background=not args.no_background, background_delay=background_delay,
+                   background_idle=background_idle, preempt=args.preempt,
+                   batch_pages=args.batch_pages, fault_around_pages=fault_around,
+                   demand_yield_ms=args.demand_yield_ms, record_ws=args.record_ws,
+                   working_set=args.working_set, ws_placement=args.ws_placement,
+                   trace=args.trace)
     proc: Optional[Any] = None
     if qemu_cmd:
         from .resume.process import QemuProcess
@@ -462,11 +473,16 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     return Outcome(text, info)
 
 
+#: data pages sent right behind a requested one, unless recording (postcopy.DEFAULT_FAULT_AROUND)
+DEFAULT_FAULT_AROUND = 32
+#: with --record-ws alone the stream starts once the guest asked for nothing this long
+RECORD_IDLE_S = 1.0
+
 #: resume options that only the postcopy stream has: (option, dest, default)
 _STREAM_ONLY = (("--preempt", "preempt", False), ("--recover", "recover", False),
                 ("--no-background", "no_background", False),
-                ("--background-delay", "background_delay", 0.0),
-                ("--batch-pages", "batch_pages", 32), ("--fault-around", "fault_around", 32),
+                ("--background-delay", "background_delay", None),
+                ("--batch-pages", "batch_pages", 32), ("--fault-around", "fault_around", None),
                 ("--demand-yield-ms", "demand_yield_ms", 2.0), ("--record-ws", "record_ws", None),
                 ("--ws-placement", "ws_placement", "after-run"), ("--trace", "trace", False))
 
@@ -785,24 +801,28 @@ def _resume_arguments(sp: argparse.ArgumentParser) -> None:
                     help="serve page requests only, never stream (the load completes only "
                          "when the guest has asked for every data page; Ctrl-C leaves the "
                          "destination postcopy-paused, for --recover)")
-    sp.add_argument("--background-delay", type=non_negative_float, default=0.0, metavar="S",
-                    help="serve requests only for the first S seconds, then stream")
+    sp.add_argument("--background-delay", type=non_negative_float, default=None, metavar="S",
+                    help="serve requests only for the first S seconds, then stream (default 0; "
+                         "with --record-ws alone: until the guest has been idle 1 s)")
     sp.add_argument("--preempt", action="store_true",
                     help="send requested pages on QEMU's postcopy-preempt channel")
     sp.add_argument("--recover", action="store_true",
                     help="with --qmp: finish a load whose source died (postcopy-paused)")
     sp.add_argument("--batch-pages", type=positive_int, default=32, metavar="N",
                     help="data pages per background section (default 32)")
-    sp.add_argument("--fault-around", type=non_negative_int, default=32, metavar="N",
-                    help="data pages sent right behind each requested page (default 32)")
+    sp.add_argument("--fault-around", type=non_negative_int, default=None, metavar="N",
+                    help="data pages sent right behind each requested page (default 32; "
+                         "0 with --record-ws alone)")
     sp.add_argument("--demand-yield-ms", type=non_negative_float, default=2.0, metavar="MS",
                     help="the background stream pauses this long after each request "
                          "(default 2; 0: never)")
     sp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                     help="bound on each QMP call and connection (default 30)")
     sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
-                    help="write the pages the guest requested, in order of first request "
-                         "(record with --no-background to see the whole working set)")
+                    help="write the pages the guest requested, in order of first request; "
+                         "alone, it records the guest's whole demand: no fault-around, and "
+                         "the stream held back until the guest has been idle 1 s (it says so "
+                         "on stderr)")
     sp.add_argument("--working-set", metavar="FILE.ws", default=None,
                     help="send these recorded pages first, then the rest in file order "
                          "(with --map: read them into the page cache first)")

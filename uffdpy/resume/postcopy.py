@@ -220,7 +220,9 @@ class Resume:
 
     ``background`` off serves requests only (the load then never completes
     unless :meth:`start_background` is called); ``background_delay`` seconds
-    of pure demand paging come first; ``preempt`` sends requested pages on
+    of pure demand paging come first; ``background_idle``: the stream starts
+    once no page has been requested for that many seconds (for recording a
+    guest's whole demand); ``preempt`` sends requested pages on
     QEMU's postcopy-preempt channel; ``recover`` resumes a destination left
     ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
     data pages per background section; ``fault_around_pages``: the next
@@ -248,7 +250,8 @@ class Resume:
                  page_sizes: Optional[Dict[str, int]] = None,
                  working_set: Optional[PathLike] = None, ws_placement: str = "after-run",
                  record_ws: Optional[PathLike] = None, trace: bool = False,
-                 timeout: float = 30.0, stall_timeout: Optional[float] = None) -> None:
+                 timeout: float = 30.0, stall_timeout: Optional[float] = None,
+                 background_idle: Optional[float] = None) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
         if transport not in ("unix", "tcp", "fd"):
@@ -265,6 +268,8 @@ class Resume:
             raise ValueError(f"batch_pages must be >= 1, not {batch_pages}")
         if background_delay < 0:
             raise ValueError(f"background_delay must be >= 0, not {background_delay}")
+        if background_idle is not None and (background_idle < 0 or background_delay):
+            raise ValueError("background_idle is >= 0 seconds, and not with background_delay")
         if stall_timeout is not None and stall_timeout <= 0:
             raise ValueError(f"stall_timeout must be > 0, not {stall_timeout}")
         if preempt and (transport == "fd" or (connect or "").startswith("fd:")):
@@ -288,6 +293,7 @@ class Resume:
         self._last_request = 0.0
         self._background = background
         self._background_delay = background_delay
+        self._background_idle = background_idle
         self._preempt = preempt
         self._recover = recover
         self._stall_s = stall_timeout if stall_timeout is not None else max(timeout, 1.0)
@@ -315,9 +321,15 @@ class Resume:
             assert address is not None
             self._build_blocks()                  # before the connect: the clock runs from it
             self._address = address
+            opening = self._opening()             # built before the connect
             self._main = _Channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
             self._connected = time.monotonic()
+            # everything up to RUN (~15 KB) goes into the socket at once: a source
+            # that dies from here on has delivered RUN, and its destination can be
+            # recovered; between the connect and RUN it could not
+            self._main.queue(opening)
+            self.stats.bytes_sent += self._main.flush(lambda t: None)
             self._thread = threading.Thread(target=self._serve, name="uffdpy-resume",
                                             daemon=True)
             self._thread.start()
@@ -424,14 +436,27 @@ class Resume:
                                "(the file was truncated or changed during the resume)")
         return e
 
-    def _queue_preamble(self, main: _Channel, sid: int) -> None:
-        """Everything before the package; with a working set placed before RUN, its pages too.
+    def _opening(self) -> bytes:
+        """What is sent at the connect: the recovery's bitmap requests, or the preamble and,
+        without preempt and a working set before RUN, the package with RUN."""
+        if self._recover:
+            return b"".join(ms.recv_bitmap(b.name) for b in self._order)
+        out = self._preamble()
+        if self._ws_placement != "before-run":
+            out += ms.ping(2)
+            if not self._preempt:
+                out += self._package()
+        return out
 
-        Pages sent before LISTEN are precopy pages: the destination copies them
-        into RAM at once and marks them received, so the guest starts with them.
-        They go after the one mandatory DISCARD, which turns transparent huge
-        pages off in guest RAM: before it, one 4 KiB write would make a whole
-        2 MiB page present, and a later page of it would be refused (EEXIST).
+    def _preamble(self) -> bytes:
+        """Everything before the package but PING 2: header to the one mandatory DISCARD.
+
+        A working set placed before RUN goes right after it, as precopy pages:
+        the destination copies them into RAM at once and marks them received,
+        so the guest starts with them.  They must follow the DISCARD, which
+        turns transparent huge pages off in guest RAM: before it, one 4 KiB
+        write would make a whole 2 MiB page present, and a later page of it
+        would be refused (EEXIST).
         """
         assert self._snap is not None
         snap = self._snap
@@ -439,17 +464,13 @@ class Resume:
         summary = 0
         for b in self._order:
             summary |= b.host_page
-        main.queue(b"".join([
+        return b"".join([
             ms.header(), ms.configuration(snap.machine, uuid=snap.uuid),
             ms.open_return_path(), ms.ping(1), ms.postcopy_advise(summary, PAGE),
             self._early,
             ms.ram_start(snap.ram_section_id, [(b.name, b.length) for b in self._order]),
             ms.switchover_start(),
-            ms.postcopy_ram_discard(first.name, [(0, first.host_page)])]))
-        if self._ws_placement == "before-run":
-            while self._ws_queue:
-                self._queue_ws_batch(main, sid)
-        main.queue(ms.ping(2))
+            ms.postcopy_ram_discard(first.name, [(0, first.host_page)])])
 
     def _queue_ws_batch(self, main: _Channel, sid: int) -> None:
         pieces: List[Tuple[Any, Optional[float]]] = []
@@ -476,19 +497,19 @@ class Resume:
         rp = ms.ReturnPath()
         sid = self._snap.ram_section_id if self._snap else 1
         pongs: set = set()
+        bitmaps: Dict[str, ms.RecvBitmap] = {}
         if self._recover:
-            for b in self._order:
-                main.queue(ms.recv_bitmap(b.name))
-            phase = "bitmaps"
-            bitmaps: Dict[str, ms.RecvBitmap] = {}
+            phase = "bitmaps"                  # the RECV_BITMAP commands went in the opening
         else:
-            self._queue_preamble(main, sid)
-            if self._preempt:
-                phase = "await-pong2"
-            else:
-                main.queue(self._package())
-                phase = "package"
+            if self._ws_placement == "before-run":
+                while self._ws_queue:          # precopy pages, then PING 2 (the preamble's end)
+                    self._queue_ws_batch(main, sid)
+                main.queue(ms.ping(2))
+                if not self._preempt:
+                    main.queue(self._package())
+            phase = "await-pong2" if self._preempt else "package"
         background_at: Optional[float] = None
+        stream_ok_at = 0.0         # when PONG 3 came (the idle clock of background_idle starts)
         stream_ok = False        # the stream starts once the devices are loaded (PONG 3)
         ended = False
         shut = False
@@ -516,7 +537,12 @@ class Resume:
             elif waiting is None:
                 progress_at = now
             if stream_ok and background_at is None and self._background:
-                background_at = now + self._background_delay     # also after start_background()
+                if self._background_idle is None:
+                    background_at = now + self._background_delay  # also after start_background()
+                elif now - max(self._last_request, stream_ok_at) >= self._background_idle:
+                    background_at = now                            # the guest went quiet
+            if stream_ok and stream_ok_at == 0.0:
+                stream_ok_at = now
             # 1. write what is queued
             for ch in (self._urgent, main):
                 if ch is not None and ch.pending:
@@ -546,6 +572,8 @@ class Resume:
                 wait_ms = 0
             elif background_at is not None and now < background_at and self._remaining:
                 wait_ms = max(1, int((background_at - now) * 1000))
+            elif background_at is None and self._background_idle is not None and stream_ok:
+                wait_ms = 50                   # look again whether the guest is idle
             elif self._remaining and background_at is not None and self._yield_s:
                 wait_ms = max(1, int(self._yield_s * 1000))
             else:
@@ -767,6 +795,7 @@ class Resume:
         """Start the background stream now (after ``background=False``)."""
         self._background = True
         self._background_delay = 0.0
+        self._background_idle = None
         self._wake()
 
     def _wake(self) -> None:

@@ -356,6 +356,7 @@ class SupervisedResume:
             options.pop("working_set", None)
             options.pop("ws_placement", None)
             options.pop("background_delay", None)
+            options.pop("background_idle", None)
         try:
             with Resume(self.snapshot, connect=address, recover=recover,
                         page_sizes=page_sizes or None, timeout=self.timeout,
