@@ -208,6 +208,7 @@ def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, ti
             "page_requests": stats.page_requests,
             "p50_us": stats.request_service_us["p50"],
             "p99_us": stats.request_service_us["p99"],
+            "source_cpu_s": stats.source_cpu_s,
         })
         return out
     finally:
@@ -285,7 +286,7 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
     rows = {name: {key: med(name, key) for key in
                    ("running", "answer", "completed", "page_requests",
                     "requests_before_answer", "p50_us", "p99_us", "time_to_running_s",
-                    "private", "anon")}
+                    "private", "anon", "source_cpu_s")}
             for name in contenders}
     base = rows.get("qemu", {})
 
@@ -310,12 +311,13 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
           "-" if r["requests_before_answer"] is None else f"{r['requests_before_answer']:.0f}",
           "-" if r["p50_us"] is None else f"{r['p50_us']:.0f}",
           "-" if r["p99_us"] is None else f"{r['p99_us']:.0f}",
-          mb(r["private"]), mb(r["anon"])]
+          mb(r["private"]), mb(r["anon"]),
+          "-" if r["source_cpu_s"] is None else f"{r['source_cpu_s']:.3f}"]
          for n, r in rows.items()],
         headers=["contender", "running ms", "vs QEMU", "running from start ms", "answer ms",
                  "vs QEMU", "answer after running ms", "completed ms", "vs QEMU", "page requests",
                  "requests before answer", "service p50 us", "service p99 us",
-                 "private MB", "anon MB"])
+                 "private MB", "anon MB", "source CPU s"])
     if cold:
         table += "\n(cold: the snapshot evicted from the page cache before every contender)"
     return {"rows": rows, "table": table, "rounds": results, "answers": sorted(answers)}

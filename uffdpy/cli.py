@@ -338,7 +338,11 @@ def _resume_table(stats: Dict[str, Any]) -> str:
         ("bytes sent", stats["bytes_sent"]),
         ("request service p50/p99/max", "-" if lat["p50"] is None
          else f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} us"),
+        ("source CPU", "-" if stats.get("source_cpu_s") is None
+         else f"{stats['source_cpu_s']:.3f} s"),
     ]
+    if stats.get("auto_recoveries"):
+        rows.append(("automatic recoveries", stats["auto_recoveries"]))
     if stats["recovered"]:
         rows.append(("pages already received", stats["pages_already_received"]))
     return tabulate(rows, tablefmt="plain")

@@ -105,6 +105,7 @@ class ResumeStats:
     requested or in the working set).  ``data_pages_sent`` equals
     ``data_pages`` (the snapshot's) once the migration completed.  ``request_service_us`` summarises, in microseconds, the
     time from reading a request to writing the last byte of its page.
+    ``source_cpu_s``: CPU seconds (user + system) the serving thread used.
     """
     time_to_running_s: Optional[float] = None
     time_to_complete_s: Optional[float] = None
@@ -122,6 +123,7 @@ class ResumeStats:
         default_factory=lambda: dict(p50=None, p90=None, p99=None, max=None))
     recovered: bool = False
     pages_already_received: int = 0
+    source_cpu_s: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,20 +141,33 @@ def _percentiles(samples_s: Sequence[float]) -> Dict[str, Optional[float]]:
 
 
 class _Channel:
-    """One connection's output queue: pieces (memoryviews) sent with non-blocking sendmsg."""
+    """One connection's output queue, sent with non-blocking ``sendmsg``.
+
+    An entry is ``[buffers, bytes, t_request]``: the buffers (bytes or
+    memoryviews of the file's mapping) of one piece of the stream, often a
+    whole run of pages (a header and a page each); ``t_request`` is set on
+    the entry that ends the answer to a request.  ``flush`` hands the kernel
+    up to ``_IOV_MAX`` buffers per call, so its Python work is per entry, not
+    per page.
+    """
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
         self.name = name
-        self.pending: Deque[List[Any]] = collections.deque()   # [view, request_time or None]
+        self.pending: Deque[List[Any]] = collections.deque()
         self.last_block: Optional[str] = None                   # for the CONTINUE flag
 
     def queue(self, piece: Any, t_request: Optional[float] = None) -> None:
-        """Queue ``piece`` (bytes or a memoryview); ``t_request``: the request it answers."""
-        self.pending.append([piece, t_request])
+        """Queue one buffer; ``t_request``: the request it answers (timed when written)."""
+        self.pending.append([[piece], len(piece), t_request])
+
+    def queue_many(self, pieces: List[Any], nbytes: int,
+                   t_request: Optional[float] = None) -> None:
+        """Queue ``pieces`` (``nbytes`` in all) as one entry."""
+        self.pending.append([pieces, nbytes, t_request])
 
     def flush(self, done: Callable[[float], None]) -> int:
-        """Send what the socket takes now; call ``done(t)`` for each request page written.
+        """Send what the socket takes now; call ``done(t)`` for each request entry written.
 
         Returns the bytes sent.  Raises: OSError (EPIPE, ECONNRESET: the
         destination went away; EFAULT: the file's mapping cannot be read).
@@ -160,23 +175,41 @@ class _Channel:
         total = 0
         pending = self.pending
         while pending:
-            views = [entry[0] for entry in itertools.islice(pending, _IOV_MAX)]
+            iov: List[Any] = []
+            size = 0
+            for entry in pending:
+                bufs = entry[0]
+                room = _IOV_MAX - len(iov)
+                if len(bufs) > room:
+                    if not iov:                       # one entry larger than a call takes
+                        iov = bufs[:room]
+                        size = sum(map(len, iov))
+                    break
+                iov += bufs
+                size += entry[1]
+                if len(iov) == _IOV_MAX:
+                    break
             try:
-                n = self.sock.sendmsg(views)
+                n = self.sock.sendmsg(iov)
             except (BlockingIOError, InterruptedError):
                 break
             total += n
-            full = n < sum(map(len, views))
+            full = n < size
             while n:
                 entry = pending[0]
-                size = len(entry[0])
-                if n < size:
-                    entry[0] = memoryview(entry[0])[n:]
-                    break
-                n -= size
-                pending.popleft()
-                if entry[1] is not None:
-                    done(entry[1])
+                if n >= entry[1]:
+                    n -= entry[1]
+                    pending.popleft()
+                    if entry[2] is not None:
+                        done(entry[2])
+                    continue
+                bufs, i = entry[0], 0                 # a part of this entry went out
+                while n >= len(bufs[i]):
+                    n -= len(bufs[i])
+                    i += 1
+                rest = [memoryview(bufs[i])[n:], *bufs[i + 1:]]
+                entry[0], entry[1] = rest, entry[1] - sum(map(len, bufs[:i])) - n
+                n = 0
             if full:
                 break
         return total
@@ -203,7 +236,11 @@ class _Block:
         else:
             self.data_units = [u for u in range(units)
                                if any(self.present[u * self.sub:(u + 1) * self.sub])]
+        #: the runs of data pages, ``(first, end)``, and the stream's place in them:
+        #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
+        self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
         self.cursor = 0                           # the background stream's position
+        self.run_pos = 0
 
 
 class Resume:
@@ -407,6 +444,7 @@ class Resume:
     # -- the serving loop (its own thread; owns the sockets and the sent map)
 
     def _serve(self) -> None:
+        cpu0 = time.thread_time()
         try:
             self._loop()
         except BaseException as e:                          # re-raised from wait()
@@ -421,6 +459,7 @@ class Resume:
                     traceback.clear_frames(err.__traceback__)
                 err = err.__cause__ or err.__context__
         finally:
+            self.stats.source_cpu_s = round(time.thread_time() - cpu0, 4)
             self._done.set()
 
     def _explain(self, e: BaseException) -> BaseException:
@@ -472,21 +511,6 @@ class Resume:
             ms.switchover_start(),
             ms.postcopy_ram_discard(first.name, [(0, first.host_page)])])
 
-    def _queue_ws_batch(self, main: _Channel, sid: int) -> None:
-        pieces: List[Tuple[Any, Optional[float]]] = []
-        count = 0
-        while self._ws_queue and count < self._batch:
-            block, unit = self._ws_queue.popleft()
-            if block.sent[unit]:
-                continue
-            pieces += self._claim(block, unit, main, None, why="ws")
-            count += 1
-        if pieces:
-            main.queue(ms.part_start(sid))
-            for piece, _ in pieces:
-                main.queue(piece)
-            main.queue(ms.part_end(sid))
-
     def _package(self) -> bytes:
         blob = ms.postcopy_listen() + self._devices + ms.ping(3) + ms.postcopy_run()
         return ms.packaged(blob) + ms.ping(4)
@@ -520,6 +544,7 @@ class Resume:
 
         def served(t: float) -> None:
             latencies.append(time.perf_counter() - t)
+        self._served = served
 
         quickack = main.sock.family in (socket.AF_INET, socket.AF_INET6)
         progress_at = time.monotonic()          # the last byte written or read
@@ -610,9 +635,15 @@ class Resume:
                 progress_at = time.monotonic()
                 t_read = time.perf_counter()
                 rp.feed(data)
+                around: List[Tuple[_Block, int, _Channel]] = []
                 for msg in rp.messages():
                     if isinstance(msg, ms.ReqPages):
-                        self._answer(msg, t_read, sid)
+                        # answer first: the requested page leaves before any fault-around
+                        # is built, and a second request in the same read does not wait
+                        # behind the first one's
+                        after = self._answer(msg, t_read, sid)
+                        if after is not None:
+                            around.append(after)
                     elif isinstance(msg, ms.Pong):
                         pongs.add(msg.value)
                         if msg.value == 3:
@@ -635,6 +666,8 @@ class Resume:
                     else:
                         raise ResumeError(f"the destination sent an unexpected "
                                           f"{type(msg).__name__} in phase {phase}")
+                for block, next_unit, ch in around:
+                    self._fault_around(block, next_unit, ch, sid)
             # 4. phase changes that wait on the return path
             if phase == "await-pong2" and 2 in pongs:
                 self._urgent = _Channel(open_connection(self._address, self._timeout), "preempt")
@@ -654,7 +687,9 @@ class Resume:
                 phase = "await-ack"
         self._flush_stats()
 
-    def _answer(self, req: ms.ReqPages, t_read: float, sid: int) -> None:
+    def _answer(self, req: ms.ReqPages, t_read: float,
+                sid: int) -> Optional[Tuple["_Block", int, "_Channel"]]:
+        """Send the requested host pages now; return where fault-around would start, if any."""
         block = self._blocks.get(req.block)
         if block is None:
             raise ResumeError(f"the destination asked for pages of block {req.block!r}, "
@@ -668,38 +703,50 @@ class Resume:
         assert ch is not None
         first = req.start // block.host_page
         last = (req.start + req.length - 1) // block.host_page
-        records: List[Tuple[Any, Optional[float]]] = []
         if self._record_path is not None:
             t_demand = time.monotonic() - self._connected
             for page in range(req.start // PAGE, (req.start + req.length - 1) // PAGE + 1):
                 if (block.name, page) not in self._recorded:
                     self._recorded[(block.name, page)] = (t_demand, bool(block.present[page]))
+        records: List[Any] = []
         for unit in range(first, last + 1):
             if block.sent[unit]:
                 self.stats.duplicate_requests += 1
                 continue
-            records += self._claim(block, unit, ch, t_read, why="request")
+            records += self._claim(block, unit, ch, why="request")
         if not records:
-            return
-        # fault-around: guests read forward; the next data pages go right behind
-        # the requested one (it is placed, and its waiter woken, first)
-        sent, present = block.sent, block.present
-        for unit in range(last + 1, min(last + 1 + self._around, len(sent))):
-            if not sent[unit] and (block.sub > 1 or present[unit]):
-                records += self._claim(block, unit, ch, None, why="around")
+            return None
         if ch is self._main:
-            ch.queue(ms.part_start(sid))
-        for piece, t in records:
-            ch.queue(piece, t)
-        if ch is self._main:
-            ch.queue(ms.part_end(sid))
+            records = [ms.part_start(sid), *records, ms.part_end(sid)]
+        ch.queue_many(records, sum(map(len, records)), t_read)
+        self.stats.bytes_sent += ch.flush(self._served)
+        return (block, last + 1, ch) if self._around else None
 
-    def _claim(self, block: _Block, unit: int, ch: _Channel, t_request: Optional[float],
-               *, why: str) -> List[Tuple[Any, Optional[float]]]:
-        """Mark host page ``unit`` sent and return its records for channel ``ch``."""
+    def _fault_around(self, block: "_Block", start: int, ch: "_Channel", sid: int) -> None:
+        """The next data pages after a requested one (guests read forward), as runs."""
+        end = min(start + self._around, len(block.sent))
+        if block.sub > 1:
+            records: List[Any] = []
+            for unit in range(start, end):
+                if not block.sent[unit]:
+                    records += self._claim(block, unit, ch, why="around")
+        else:
+            records = self._claim_runs(block, _unsent_data(block, start, end), ch, "around")
+        if records:
+            if ch is self._main:
+                records = [ms.part_start(sid), *records, ms.part_end(sid)]
+            ch.queue_many(records, sum(map(len, records)))
+
+    def _claim(self, block: _Block, unit: int, ch: _Channel, *, why: str) -> List[Any]:
+        """Mark host page ``unit`` sent and return its records for channel ``ch``.
+
+        One host page, data or zero: the request path, hugetlb blocks, and the
+        zero pages a working set names.  Runs of 4 KiB data pages go through
+        :meth:`_claim_runs`.
+        """
         assert self._view is not None
         block.sent[unit] = 1
-        out: List[Tuple[Any, Optional[float]]] = []
+        out: List[Any] = []
         has_data = False
         if self.trace is not None:
             t_now = time.monotonic() - self._connected
@@ -713,50 +760,127 @@ class Resume:
                 has_data = True
                 self.stats.data_pages_sent += 1
                 at = block.pages_offset + offset
-                out.append((ms.page_header(offset, name), None))
-                out.append((self._view[at:at + PAGE], None))
-                if why == "request":
-                    self.stats.pages_requested += 1
-                elif why == "around":
-                    self.stats.pages_around += 1
-                elif why == "ws":
-                    self.stats.pages_working_set += 1
-                else:
-                    self.stats.pages_streamed += 1
+                out.append(ms.page_header(offset, name))
+                out.append(self._view[at:at + PAGE])
+                self._count(why, 1)
             else:
-                out.append((ms.zero_record(offset, name), None))
+                out.append(ms.zero_record(offset, name))
                 self.stats.zero_pages_sent += 1
-                if why == "request":
-                    self.stats.pages_requested += 1
-                elif why == "ws":
-                    self.stats.pages_working_set += 1
+                if why in ("request", "ws"):
+                    self._count(why, 1)
         if has_data:
             self._remaining -= 1
-        if t_request is not None and out:
-            out[-1] = (out[-1][0], t_request)
         return out
 
+    def _claim_runs(self, block: _Block, runs: List[Tuple[int, int]], ch: _Channel,
+                    why: str) -> List[Any]:
+        """Mark 4 KiB data pages ``[a, b)`` of each run sent; their records, built per run.
+
+        The headers of a run are one ``struct.pack``; each page is a slice of
+        the file's mapping (no copy).  Only for blocks of 4 KiB host pages and
+        runs of data pages (see :func:`_unsent_data`).
+        """
+        view = self._view
+        assert view is not None
+        sent = block.sent
+        out: List[Any] = []
+        for a, b in runs:
+            n = b - a
+            sent[a:b] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
+            headers = memoryview(ms.page_headers(a * PAGE, n, block.name
+                                                 if ch.last_block != block.name else None))
+            ch.last_block = block.name
+            first_len = len(headers) - 8 * (n - 1)
+            pieces: List[Any] = [None] * (2 * n)
+            pieces[0] = headers[:first_len]
+            pieces[2::2] = [headers[i:i + 8] for i in range(first_len, len(headers), 8)]
+            base = block.pages_offset + a * PAGE
+            pieces[1::2] = [view[o:o + PAGE] for o in range(base, base + n * PAGE, PAGE)]
+            out += pieces
+            self._remaining -= n
+            self.stats.data_pages_sent += n
+            self._count(why, n)
+            if self.trace is not None:
+                t_now = time.monotonic() - self._connected
+                self.trace.extend((t_now, block.name, page, why) for page in range(a, b))
+        return out
+
+    def _count(self, why: str, n: int) -> None:
+        stats = self.stats
+        if why == "request":
+            stats.pages_requested += n
+        elif why == "around":
+            stats.pages_around += n
+        elif why == "ws":
+            stats.pages_working_set += n
+        else:
+            stats.pages_streamed += n
+
+    def _queue_ws_batch(self, main: _Channel, sid: int) -> None:
+        """Up to a batch of the working set's pages, in recorded order, as runs."""
+        records: List[Any] = []
+        count = 0
+        while self._ws_queue and count < self._batch:
+            block, unit = self._ws_queue[0]
+            if block.sub == 1 and block.present[unit]:
+                # the recorded run of consecutive data pages that starts here
+                end = unit + 1
+                queue = self._ws_queue
+                while len(queue) > end - unit and count + (end - unit) < self._batch:
+                    nb, nu = queue[end - unit]
+                    if nb is not block or nu != end or not block.present[nu]:
+                        break
+                    end += 1
+                for _ in range(end - unit):
+                    queue.popleft()
+                records += self._claim_runs(block, _unsent_runs(block, unit, end), main, "ws")
+                count += end - unit
+                continue
+            self._ws_queue.popleft()
+            if not block.sent[unit]:
+                records += self._claim(block, unit, main, why="ws")
+            count += 1
+        if records:
+            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
+                            sum(map(len, records)) + len(ms.part_start(sid))
+                            + len(ms.part_end(sid)))
+
     def _queue_batch(self, main: _Channel, sid: int) -> None:
-        pieces: List[Tuple[Any, Optional[float]]] = []
-        sent = 0
+        """The background stream's next batch: unsent data pages in file order, as runs."""
+        records: List[Any] = []
+        budget = self._batch
         for block in self._order:
-            units = block.data_units
-            cursor = block.cursor
-            while cursor < len(units) and sent < self._batch:
-                unit = units[cursor]
-                cursor += 1
-                if block.sent[unit]:
-                    continue
-                pieces += self._claim(block, unit, main, None, why="stream")
-                sent += 1
-            block.cursor = cursor
-            if sent >= self._batch:
+            if budget <= 0:
                 break
-        if pieces:
-            main.queue(ms.part_start(sid))
-            for piece, _ in pieces:
-                main.queue(piece)
-            main.queue(ms.part_end(sid))
+            if block.sub > 1:
+                units = block.data_units
+                cursor = block.cursor
+                while cursor < len(units) and budget > 0:
+                    unit = units[cursor]
+                    cursor += 1
+                    if not block.sent[unit]:
+                        records += self._claim(block, unit, main, why="stream")
+                        budget -= 1
+                block.cursor = cursor
+                continue
+            runs = block.data_runs
+            while block.cursor < len(runs) and budget > 0:
+                first, end = runs[block.cursor]
+                a = max(first, block.run_pos)
+                stretches = _unsent_runs(block, a, min(end, a + budget))
+                taken = sum(b - x for x, b in stretches)
+                if stretches:
+                    records += self._claim_runs(block, stretches, main, "stream")
+                    budget -= taken
+                    block.run_pos = stretches[-1][1]
+                else:
+                    block.run_pos = min(end, a + budget)
+                if block.run_pos >= end:
+                    block.cursor += 1
+        if records:
+            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
+                            sum(map(len, records)) + len(ms.part_start(sid))
+                            + len(ms.part_end(sid)))
 
     def _apply_bitmaps(self, bitmaps: Dict[str, ms.RecvBitmap]) -> None:
         received = 0
@@ -938,6 +1062,37 @@ class Resume:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ONES = b"\x01" * 4096
+
+
+def _unsent_runs(block: "_Block", start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
+    sent = block.sent
+    out: List[Tuple[int, int]] = []
+    a = sent.find(0, start, end)
+    while a >= 0:
+        b = sent.find(1, a, end)
+        if b < 0:
+            b = end
+        out.append((a, b))
+        a = sent.find(0, b, end) if b < end else -1
+    return out
+
+
+def _unsent_data(block: "_Block", start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
+    present = block.present
+    out: List[Tuple[int, int]] = []
+    a = present.find(1, start, end)
+    while a >= 0:
+        b = present.find(0, a, end)
+        if b < 0:
+            b = end
+        out += _unsent_runs(block, a, b)
+        a = present.find(1, b, end) if b < end else -1
+    return out
 
 
 def _awaited(phase: str, stream_ok: bool, ended: bool, main: "_Channel",

@@ -1,0 +1,181 @@
+"""The postcopy source against a fake destination (tests/fakedest.py): no QEMU, no kernel.
+
+Byte-for-byte checks of what :class:`uffdpy.resume.Resume` sends over a
+``socketpair``: every data page exactly once with the file's bytes, zero
+pages only when asked for, CONTINUE records, requests answered before their
+fault-around, batches and runs of every size, the working set's order,
+recovery bitmaps, and a truncated file giving an error, never zeros.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import pytest
+
+from uffdpy import migstream as ms
+from uffdpy.mappedram import Snapshot, make_synthetic
+from uffdpy.resume import Resume, ResumeError
+from uffdpy.workingset import WorkingSet, snapshot_identity
+
+from fakedest import FakeDestination
+
+pytestmark = pytest.mark.timeout(120)
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("stream") / "s.img"
+    make_synthetic(path, size=8 << 20, fill=0.4, seed=11)
+    return str(path)
+
+
+def data_pages(path: str) -> Dict[Tuple[str, int], bytes]:
+    out: Dict[Tuple[str, int], bytes] = {}
+    with Snapshot.open(path) as s:
+        for b in s.blocks:
+            for first, count, present in b.runs():
+                if present:
+                    data = b.read_pages(first, count)
+                    for k in range(count):
+                        out[(b.name, first + k)] = data[k * PAGE:(k + 1) * PAGE]
+    return out
+
+
+def zero_page(path: str) -> int:
+    with Snapshot.open(path) as s:
+        return next(f for f, n, present in s.block("ram").runs() if not present)
+
+
+@contextlib.contextmanager
+def serve(path: str, fake_options: Dict = {}, **options) -> Iterator[Tuple[Resume, FakeDestination]]:
+    ours, theirs = socket.socketpair()
+    fake = FakeDestination(theirs, **fake_options)
+    try:
+        r = Resume(path, connect=f"fd:{ours.fileno()}", timeout=10, **options)
+    finally:
+        ours.close()
+    try:
+        yield r, fake
+    finally:
+        r.close()
+        theirs.close()
+
+
+def run(path: str, fake_options: Dict = {}, **options) -> Tuple[Dict, FakeDestination]:
+    with serve(path, fake_options, **options) as (r, fake):
+        stats = r.wait(30).as_dict()
+        fake.join()
+        return stats, fake
+
+
+# ------------------------------------------------------------------ the bytes
+
+def test_page_headers_are_one_pack_of_the_single_records() -> None:
+    for offset, count, block in ((0, 1, "ram"), (0x5000, 7, None), (0x1000, 300, "pc.ram")):
+        single = b"".join(ms.page_header(offset + k * PAGE, block if k == 0 else None)
+                          for k in range(count))
+        assert ms.page_headers(offset, count, block) == single
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32, 500])
+@pytest.mark.parametrize("around", [0, 3])
+def test_every_data_page_once_with_its_bytes(snap: str, batch: int, around: int) -> None:
+    stats, fake = run(snap, batch_pages=batch, fault_around_pages=around)
+    want = data_pages(snap)
+    assert {k: v for k, v in fake.pages.items()} == want     # no zero page, nothing twice
+    assert stats["data_pages_sent"] == stats["data_pages"] == len(want)
+    assert stats["pages_streamed"] == len(want) and stats["zero_pages_sent"] == 0
+    assert fake.commands.count(ms.MigCmd.PACKAGED) == 1
+
+
+def test_requests_are_answered_first_then_their_fault_around(snap: str) -> None:
+    want = data_pages(snap)
+    pages = sorted(p for _, p in want)
+    p1 = pages[10]
+    p2 = pages[200]
+    zero = zero_page(snap)
+    with serve(snap, background=False, fault_around_pages=4) as (r, fake):
+        deadline = time.monotonic() + 10
+        while ms.MigCmd.PACKAGED not in fake.commands:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        # two requests in one write: the source reads both in one recv
+        raw = b"ram"
+        wire = (struct.pack(">HHQI", 3, 12 + 1 + len(raw), p1 * PAGE, PAGE) + bytes([len(raw)])
+                + raw + struct.pack(">HHQI", 4, 12, p2 * PAGE, PAGE))
+        fake.sock.sendall(wire)
+        while len(fake.order) < 10:
+            assert time.monotonic() < deadline, fake.order
+            time.sleep(0.001)
+        order = [p for _, p in fake.order]
+        assert order[:2] == [p1, p2], order          # both answers before any fault-around
+        after1 = [p for p in pages if p > p1][:4]
+        after2 = [p for p in pages if p > p2][:4]
+        assert order[2:10] == after1 + after2, order
+        fake.request("ram", zero)                    # a zero page: a ZERO record
+        fake.request("ram", p1)                      # already sent: dropped, counted
+        while ("ram", zero) not in fake.pages:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        r.start_background()
+        stats = r.wait(30).as_dict()
+        fake.join()
+    assert fake.pages[("ram", zero)] is None
+    assert stats["zero_pages_sent"] == 1 and stats["duplicate_requests"] >= 1
+    assert stats["pages_requested"] == 3 and stats["pages_around"] == 8
+    assert {k: v for k, v in fake.pages.items() if v is not None} == want
+
+
+def test_working_set_first_in_recorded_order(snap: str, tmp_path: Path) -> None:
+    want = data_pages(snap)
+    pages = sorted(p for _, p in want)
+    chosen = pages[50:60] + pages[5:8] + [zero_page(snap)] + pages[300:301]
+    with Snapshot.open(snap) as s:
+        ws = WorkingSet(snapshot=snapshot_identity(s),
+                        pages=[("ram", p, 0.0, ("ram", p) in want) for p in chosen])
+    ws.save(tmp_path / "w.ws")
+    stats, fake = run(snap, working_set=str(tmp_path / "w.ws"), batch_pages=4)
+    assert [p for _, p in fake.order[:len(chosen)]] == chosen
+    assert stats["pages_working_set"] == len(chosen) and stats["zero_pages_sent"] == 1
+
+
+def test_recovery_sends_only_what_the_destination_lacks(snap: str) -> None:
+    want = data_pages(snap)
+    pages = sorted(p for _, p in want)
+    held = set(pages[::2])
+    with Snapshot.open(snap) as s:
+        blocks = {b.name: b.length for b in s.blocks}
+    stats, fake = run(snap, fake_options={"received": {"ram": held}, "blocks": blocks},
+                      recover=True)
+    assert set(p for _, p in fake.pages) == set(pages) - held
+    assert stats["recovered"] and stats["pages_already_received"] == len(held)
+    assert ms.MigCmd.RECV_BITMAP in fake.commands and ms.MigCmd.POSTCOPY_RESUME in fake.commands
+
+
+def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> None:
+    copy = tmp_path / "t.img"
+    shutil.copyfile(snap, copy)
+    with serve(str(copy), background=False) as (r, fake):
+        deadline = time.monotonic() + 10
+        while ms.MigCmd.PACKAGED not in fake.commands:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with Snapshot.open(copy) as s:
+            cut = s.block("ram").pages_offset + (1 << 20)
+        os.truncate(copy, cut)
+        r.start_background()
+        with pytest.raises(ResumeError, match="cannot be read"):
+            r.wait(30)
+    with Snapshot.open(snap) as s:
+        first = s.block("ram").pages_offset
+    beyond = {p: v for (_, p), v in fake.pages.items() if first + p * PAGE >= cut}
+    assert not beyond, sorted(beyond)[:5]            # nothing past the cut was sent as data
