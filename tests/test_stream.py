@@ -179,3 +179,17 @@ def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> No
         first = s.block("ram").pages_offset
     beyond = {p: v for (_, p), v in fake.pages.items() if first + p * PAGE >= cut}
     assert not beyond, sorted(beyond)[:5]            # nothing past the cut was sent as data
+
+
+def test_a_file_renamed_over_the_snapshot_is_never_served(snap: str, tmp_path: Path) -> None:
+    """Resume(Snapshot) serves the file that was validated, not what has its name now."""
+    path = tmp_path / "v.img"
+    shutil.copyfile(snap, path)
+    other = tmp_path / "other.img"
+    make_synthetic(other, size=8 << 20, fill=0.6, seed=99)     # same shape, other bytes
+    with Snapshot.open(path) as checked:
+        os.replace(other, path)
+        with serve(checked) as (r, fake):
+            r.wait(30)
+            fake.join()
+    assert fake.pages == data_pages(snap)

@@ -368,7 +368,6 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         return _resume_mapped(args, qemu_cmd)
     if args.warm is not None:
         raise ValueError("--warm applies to --map only (it warms the page cache of a mapped file)")
-    from .resume.destination import DestinationError
     if args.paused and not qemu_cmd and not args.map:
         raise ValueError("--paused applies to the '-- QEMU ARGS' form; with --qmp the "
                          "destination's own -S decides")
@@ -381,12 +380,22 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
     from .mappedram import Snapshot
-    from .resume.supervise import BeforeRun, SupervisedResume
     from .workingset import load_for
-    with Snapshot.open(args.snapshot) as snap:    # refused before QEMU starts
+    # refused before QEMU starts, and kept open: the file checked is the file served
+    snap = Snapshot.open(args.snapshot)
+    try:
         load_for(args.working_set, snap)           # a working set of another snapshot too
-    if args.record_ws:
-        _check_writable(args.record_ws)
+        if args.record_ws:
+            _check_writable(args.record_ws)
+        return _resume_stream(args, qemu_cmd, snap)
+    finally:
+        snap.close()
+
+
+def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> Outcome:
+    """``resume`` without ``--map``: the postcopy stream, supervised unless ``--connect``."""
+    from .resume.destination import DestinationError
+    from .resume.supervise import BeforeRun, SupervisedResume
     fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
     background_delay = args.background_delay or 0.0
     background_idle: Optional[float] = None
@@ -413,7 +422,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     try:
         if proc is not None:
             try:
-                info = SupervisedResume(args.snapshot, qmp=qmp, transport=args.transport,
+                info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
                                         timeout=args.timeout, progress=progress.update,
                                         **options).run()
             except BeforeRun:
@@ -421,12 +430,12 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                 # migration, and ours is the only one; start it again, once
                 proc.kill()
                 proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
-                info = SupervisedResume(args.snapshot, qmp=proc.qmp_path,
+                info = SupervisedResume(snap, qmp=proc.qmp_path,
                                         transport=args.transport, timeout=args.timeout,
                                         progress=progress.update, **options).run()
         elif args.connect is not None:           # no QMP: nothing to recover with, one process
             from .resume.postcopy import Resume
-            with Resume(args.snapshot, connect=args.connect, transport=args.transport,
+            with Resume(snap, connect=args.connect, transport=args.transport,
                         timeout=args.timeout, **options) as resume:
                 while True:
                     try:
@@ -436,7 +445,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                         progress.update(*resume.progress())
                 info = resume.report()
         else:
-            info = SupervisedResume(args.snapshot, qmp=qmp, transport=args.transport,
+            info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
                                     recover=args.recover, timeout=args.timeout,
                                     progress=progress.update, **options).run()
         progress.finish()

@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import migstream as ms
 from ..mappedram import Snapshot, TARGET_PAGE_SIZE
@@ -250,6 +250,9 @@ class Resume:
     and starts ``migrate-incoming`` on a private address of ``transport``
     ``unix``, ``tcp`` or ``fd``) or ``connect`` (an address the destination
     already listens on, ``unix:PATH``, ``tcp:HOST:PORT``, ``fd:N``) is given.
+    ``snapshot`` is a path or an open :class:`~uffdpy.mappedram.Snapshot`
+    (then its file, the one it validated, is the one served, whatever has
+    its name by now; the caller closes it).
     The constructor validates, connects and starts the serving thread; the
     guest runs (unless the destination has ``-S``) a few milliseconds later.
     :meth:`wait` returns the :class:`ResumeStats` when the migration has
@@ -277,7 +280,7 @@ class Resume:
     arguments.
     """
 
-    def __init__(self, snapshot: PathLike, *, qmp: Optional[str] = None,
+    def __init__(self, snapshot: Union[PathLike, Snapshot], *, qmp: Optional[str] = None,
                  connect: Optional[str] = None, transport: str = "unix",
                  background: bool = True, background_delay: float = 0.0,
                  preempt: bool = False, recover: bool = False,
@@ -312,7 +315,9 @@ class Resume:
         if preempt and (transport == "fd" or (connect or "").startswith("fd:")):
             raise ValueError("preempt needs a second connection: use a unix or tcp transport")
         self.stats = ResumeStats()
-        self._snapshot_path = os.fspath(snapshot)
+        self._given = snapshot if isinstance(snapshot, Snapshot) else None
+        self._snapshot_path = snapshot.path if isinstance(snapshot, Snapshot) \
+            else os.fspath(snapshot)
         self._timeout = timeout
         self._batch = batch_pages
         self._around = fault_around_pages
@@ -377,7 +382,7 @@ class Resume:
     # -- setup
 
     def _open(self, page_sizes: Optional[Dict[str, int]]) -> None:
-        snap = self._snap = Snapshot.open(self._snapshot_path)
+        snap = self._snap = self._given or Snapshot.open(self._snapshot_path)
         if snap.target_page_bits != 12:
             raise ResumeError(f"{snap.path}: target page bits {snap.target_page_bits}; "
                               "only 4 KiB target pages (x86) are supported")
@@ -386,11 +391,8 @@ class Resume:
         else:
             self._early = b""
         self._devices = snap.read_range(snap.device_state_range[0], snap.eof_offset)
-        fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        # the file the snapshot validated, not whatever has its name now
+        self._map = mmap.mmap(snap.fileno(), 0, prot=mmap.PROT_READ)
         self._view = memoryview(self._map)
         self._page_sizes = dict(page_sizes or {})
         self._ws = load_for(self._ws_path, snap)      # refused before anything is sent
@@ -1043,9 +1045,9 @@ class Resume:
                 except BufferError:
                     pass
             self._map = None
-        if self._snap is not None:
+        if self._snap is not None and self._snap is not self._given:
             self._snap.close()
-            self._snap = None
+        self._snap = None
         if self._dest is not None:
             self._dest.close()
             self._dest = None

@@ -38,7 +38,7 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ..mappedram import Snapshot
 from ..qmp import QmpError
@@ -72,12 +72,13 @@ class SupervisedResume:
     message says how to finish the load).
     """
 
-    def __init__(self, snapshot: str, *, qmp: str, transport: str = "unix",
+    def __init__(self, snapshot: Union[str, Snapshot], *, qmp: str, transport: str = "unix",
                  recover: bool = False, timeout: float = 30.0,
                  max_recoveries: int = DEFAULT_MAX_RECOVERIES,
                  progress: Optional[Callable[[int, int], None]] = None,
                  **options: Any) -> None:
-        self.snapshot = snapshot
+        self.snapshot = snapshot                # the server, forked, serves this very file
+        self.path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
         self.qmp = qmp
         self.transport = transport
         self.recover = recover
@@ -111,8 +112,11 @@ class SupervisedResume:
             address = self._migrate_recover()
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
-            with Snapshot.open(self.snapshot) as snap:
-                dest.check_matches(snap)
+            if isinstance(self.snapshot, Snapshot):
+                dest.check_matches(self.snapshot)
+            else:
+                with Snapshot.open(self.snapshot) as snap:
+                    dest.check_matches(snap)
             page_sizes = dest.host_page_sizes()
             listening = self._listening_address(dest, preempt)
             if listening is not None:
@@ -286,7 +290,7 @@ class SupervisedResume:
         self.server_pid = None
 
     def _recover_hint(self) -> str:
-        return (f"finish it with: uffdpy resume {self.snapshot} --qmp {self.qmp} --recover"
+        return (f"finish it with: uffdpy resume {self.path} --qmp {self.qmp} --recover"
                 + (" --preempt" if self.options.get("preempt") else ""))
 
     def _interrupted_message(self) -> str:
