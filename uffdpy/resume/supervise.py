@@ -335,6 +335,8 @@ class SupervisedResume:
                      page_sizes: Dict[str, int]) -> Tuple[int, int]:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         keep = [report_w] + [s.fileno() for s in self._keep]
+        if isinstance(self.snapshot, Snapshot):
+            keep.append(self.snapshot.fileno())              # the server reads this file
         pid = os.fork()
         if pid == 0:                                          # the server
             code = 70
