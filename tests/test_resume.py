@@ -510,3 +510,43 @@ def test_qmp_form_names_what_differs(firmware: Dict[str, Any], destination: Any,
     else:
         assert "'pc.ram'" in line and str(128 << 20) in line and str(64 << 20) in line, line
     assert dst.status() == "none"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", ["stream", "map"])
+def test_qemu_that_exits_at_start_up_fails_fast_with_its_reason(guest: Dict[str, Any],
+                                                                qemu_binary: str,
+                                                                short_tmp: str,
+                                                                mode: str) -> None:
+    """QEMU dies after making its QMP socket (no display here): seen at once, its words shown."""
+    args, _ = guest_args(guest, short_tmp)
+    args[args.index("-display") + 1] = "gtk"           # no display on this machine: QEMU exits
+    tmp = os.path.join(short_tmp, "tmp")
+    os.mkdir(tmp)
+    t0 = time.monotonic()
+    extra = ["--map"] if mode == "map" else []
+    proc = subprocess.run(uffdpy_cmd("resume", guest["snapshot"], *extra, "--", qemu_binary,
+                                     *args), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=tmp),
+                          stdin=subprocess.DEVNULL)
+    line = one_line_error(proc)
+    assert time.monotonic() - t0 < 15, line            # not the 30 s QMP timeout
+    assert "QEMU exited" in line or "gtk" in line.lower() or "display" in line.lower(), line
+    assert os.listdir(tmp) == []                        # nothing left behind
+
+
+@pytest.mark.qemu
+def test_qemu_left_running_takes_its_directory_when_it_exits(guest: Dict[str, Any],
+                                                             qemu_binary: str,
+                                                             short_tmp: str) -> None:
+    args, _ = guest_args(guest, short_tmp)
+    proc = run_uffdpy("resume", guest["snapshot"], "--json", "--", qemu_binary, *args)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    directory = os.path.dirname(stats["qmp_socket"])
+    assert os.path.isdir(directory)                     # QEMU runs: its socket is there
+    os.kill(stats["qemu_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(directory):
+        assert time.monotonic() < deadline, os.listdir(directory)
+        time.sleep(0.02)

@@ -424,7 +424,7 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
             try:
                 info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
                                         timeout=args.timeout, progress=progress.update,
-                                        **options).run()
+                                        alive=proc.alive, **options).run()
             except BeforeRun:
                 # its server died before the guest ran: QEMU takes one incoming
                 # migration, and ours is the only one; start it again, once
@@ -432,7 +432,8 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
                 proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
                 info = SupervisedResume(snap, qmp=proc.qmp_path,
                                         transport=args.transport, timeout=args.timeout,
-                                        progress=progress.update, **options).run()
+                                        progress=progress.update, alive=proc.alive,
+                                        **options).run()
         elif args.connect is not None:           # no QMP: nothing to recover with, one process
             from .resume.postcopy import Resume
             with Resume(snap, connect=args.connect, transport=args.transport,
@@ -450,20 +451,17 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
                                     progress=progress.update, **options).run()
         progress.finish()
         finished = True
-    except DestinationError as e:
+    except (DestinationError, ConnectionError, TimeoutError) as e:
         if proc is not None:
-            time.sleep(0.05)                       # let QEMU finish writing its error
-            said = proc.last_error()
-            proc.kill()
-            proc = None
-            if said:                               # QEMU's own words are the most precise
-                raise DestinationError(e.message, said) from None
+            failed, proc = proc, None
+            raise _own_qemu_failed(failed, e) from None
         raise
     except KeyboardInterrupt as e:
         if proc is not None:
             if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
                 e.args = (f"{e.args[0]}; the destination QEMU (pid {proc.pid}) runs on: "
                           f"to end it instead, kill -9 {proc.pid}",)
+                proc.leave_running()
             else:                                             # nothing was sent: stop it
                 proc.kill()
                 e.args = ("interrupted before the stream began; the destination QEMU "
@@ -472,8 +470,9 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
         raise
     finally:
         if proc is not None and not finished:
-            print(f"uffdpy: the destination QEMU (pid {proc.pid}) is left as it is; "
-                  f"QMP socket {proc.qmp_path}", file=sys.stderr)
+            _left_as_it_is(proc)
+    if proc is not None:
+        proc.leave_running()
     if args.record_ws:
         info["working_set_recorded"] = args.record_ws
     if proc is not None:
@@ -484,6 +483,38 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
         state = "paused (-S)" if args.paused else "running"
         text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
     return Outcome(text, info)
+
+
+def _own_qemu_failed(proc: Any, error: BaseException) -> BaseException:
+    """The one-line error for a resume into a QEMU uffdpy started; that QEMU is stopped.
+
+    QEMU's own last error line is the most precise reason there is: after a
+    refused stream, or when QEMU exited during start-up (a missing
+    ``-display none``, a bad option) and nothing answered on its QMP socket.
+    """
+    from .resume.destination import DestinationError
+    time.sleep(0.05)                               # let QEMU finish writing its error
+    exited = not proc.alive()
+    said = proc.last_error()
+    proc.kill()                                    # and its directory goes with it
+    if exited and not isinstance(error, DestinationError):
+        return DestinationError(f"the destination QEMU exited ({proc.proc.returncode})",
+                                said or "it said nothing")
+    message = error.message if isinstance(error, DestinationError) else str(error)
+    if said:
+        return DestinationError(message, said)
+    return error
+
+
+def _left_as_it_is(proc: Any) -> None:
+    """After a failure: a live QEMU is left (its directory goes when it exits), a dead one
+    is cleaned up."""
+    if proc.alive():
+        print(f"uffdpy: the destination QEMU (pid {proc.pid}) is left as it is; "
+              f"QMP socket {proc.qmp_path}", file=sys.stderr)
+        proc.leave_running()
+    else:
+        proc.kill()
 
 
 #: data pages sent right behind a requested one, unless recording (postcopy.DEFAULT_FAULT_AROUND)
@@ -532,8 +563,9 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
     if args.warm == "ws" and not args.working_set:
         raise ValueError("--warm ws needs --working-set FILE.ws")
     from .mappedram import Snapshot
-    from .resume import DestinationError, QemuProcess
+    from .resume.destination import DestinationError
     from .resume.mapped import MapResume, map_qemu_command
+    from .resume.process import QemuProcess
     from .workingset import load_for
     with Snapshot.open(args.snapshot) as snap:       # refused before QEMU starts
         load_for(args.working_set, snap)             # a working set of another snapshot too
@@ -547,20 +579,17 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
         try:
             resume = MapResume(snap, qmp=qmp, paused=args.paused, transport=args.transport,
                                working_set=args.working_set, warm=args.warm,
-                               timeout=args.timeout)
+                               timeout=args.timeout,
+                               alive=proc.alive if proc is not None else None)
             progress = Progress("warming", not args.json)
             while not resume.wait_warm(0.1):
                 progress.update(*resume.progress())
             progress.finish()
             finished = True
-        except DestinationError as e:
+        except (DestinationError, ConnectionError, TimeoutError) as e:
             if proc is not None:
-                time.sleep(0.05)                     # let QEMU finish writing its error
-                said = proc.last_error()
-                proc.kill()
-                proc = None
-                if said:
-                    raise DestinationError(e.message, said) from None
+                failed, proc = proc, None
+                raise _own_qemu_failed(failed, e) from None
             raise
         finally:
             if resume is not None:
@@ -568,6 +597,8 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
             if proc is not None and not finished:
                 proc.kill()                          # a mapped VM half set up is of no use
         info = resume.report()
+        if proc is not None:
+            proc.leave_running()
     if proc is not None:
         info["qemu_pid"] = proc.pid
         info["qmp_socket"] = proc.qmp_path

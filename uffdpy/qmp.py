@@ -109,7 +109,8 @@ class QmpClient:
     """One QMP connection to the UNIX socket ``path``.  A context manager.
 
     ``QmpClient(path, timeout=30.0)`` connects, retrying while the socket does
-    not exist or refuses connections, for at most ``timeout`` seconds, and
+    not exist or refuses connections, for at most ``timeout`` seconds (or
+    until ``alive()``, if given, says the QEMU behind it is gone), and
     negotiates capabilities (out-of-band on when QEMU offers it).
     ``timeout`` (an attribute; change it at will) bounds each later wait.
 
@@ -120,9 +121,11 @@ class QmpClient:
         ConnectionError: QEMU closed the connection.
     """
 
-    def __init__(self, path: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, *, timeout: float = 30.0,
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         self.path = path
         self.timeout = timeout
+        self._alive = alive
         self.events: List[Dict[str, Any]] = []
         self.greeting: Dict[str, Any] = {}
         self._events_changed = threading.Condition()
@@ -189,6 +192,9 @@ class QmpClient:
                     time.sleep(0.05)
                     continue
                 last = cause
+                if self._alive is not None and not self._alive():
+                    raise ConnectionError(f"QMP {self.path}: the QEMU that made this socket "
+                                          "has exited") from None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"QMP {self.path}: {_unreachable(self.path, last)} "

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import UffdpyError
 from ..qmp import QmpClient, QmpError
@@ -87,9 +87,10 @@ class QemuDestination:
     message) for a refusal; TimeoutError, ConnectionError from QMP.
     """
 
-    def __init__(self, qmp: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, qmp: str, *, timeout: float = 30.0,
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         self.path = qmp
-        self.client = QmpClient(qmp, timeout=timeout)
+        self.client = QmpClient(qmp, timeout=timeout, alive=alive)
 
     def close(self) -> None:
         self.client.close()

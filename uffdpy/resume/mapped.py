@@ -60,7 +60,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .. import migstream as ms
 from ..ioctl import MADV_POPULATE_READ
@@ -425,7 +425,7 @@ class MapResume:
     def __init__(self, snapshot: Union[PathLike, Snapshot], *, qmp: str,
                  paused: bool = False, transport: str = "unix",
                  working_set: Optional[PathLike] = None, warm: Optional[str] = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, alive: Optional[Callable[[], bool]] = None) -> None:
         if transport not in ("unix", "tcp", "fd"):
             raise ValueError(f"transport must be unix, tcp or fd, not {transport!r}")
         if warm is None and working_set is not None:
@@ -452,7 +452,7 @@ class MapResume:
                 raise ResumeError(f"{snap.path}: target page bits {snap.target_page_bits}; "
                                   "only 4 KiB target pages (x86) are supported")
             ws = load_for(working_set, snap)            # refused before anything is sent
-            dest = self._dest = QemuDestination(qmp, timeout=timeout)
+            dest = self._dest = QemuDestination(qmp, timeout=timeout, alive=alive)
             self._events_since = len(dest.client.events)
             dest.check_matches(snap)
             mapped, streamed = _check_backends(snap, dest.memory_backends(), f"QMP {qmp}")

@@ -76,7 +76,7 @@ class SupervisedResume:
                  recover: bool = False, timeout: float = 30.0,
                  max_recoveries: int = DEFAULT_MAX_RECOVERIES,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 **options: Any) -> None:
+                 alive: Optional[Callable[[], bool]] = None, **options: Any) -> None:
         self.snapshot = snapshot                # the server, forked, serves this very file
         self.path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
         self.qmp = qmp
@@ -86,6 +86,7 @@ class SupervisedResume:
         self.max_recoveries = max_recoveries
         self.options = options
         self.progress = progress or (lambda sent, total: None)
+        self.alive = alive                     # the destination QEMU we started, if any
         self.auto_recoveries = 0
         self.server_pid: Optional[int] = None
         self._dest: Optional[QemuDestination] = None
@@ -102,7 +103,7 @@ class SupervisedResume:
             self._release()
 
     def _run(self) -> Dict[str, Any]:
-        dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout)
+        dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive)
         since = len(dest.client.events)
         self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
         preempt = bool(self.options.get("preempt"))
