@@ -417,6 +417,9 @@ def test_machine_mismatch_exits_2_with_qemus_reason(guest: Dict[str, Any], qemu_
     # QEMU's own words: the RAM block length, or the section it could not find
     assert ("Length mismatch" in line or "pc.ram" in line or "serial" in line
             or "Unknown" in line or "section" in line), line
+    if change == "missing-device":          # QEMU names the section; we add what is needed
+        assert "Unknown savevm section" in line and "the snapshot needs: " in line, line
+        assert line.count("-serial null") == 2, line
 
 
 @pytest.mark.qemu
@@ -550,3 +553,22 @@ def test_qemu_left_running_takes_its_directory_when_it_exits(guest: Dict[str, An
     while os.path.exists(directory):
         assert time.monotonic() < deadline, os.listdir(directory)
         time.sleep(0.02)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("which", ["guest", "pc-vga", "q35"])
+def test_what_inspect_says_a_destination_needs_is_enough(guest: Dict[str, Any],
+                                                        firmware: Dict[str, Any],
+                                                        destination: Any, tmp_path: Path,
+                                                        which: str) -> None:
+    """``inspect``'s arguments (plus the display, which no snapshot tells) resume it byte-exact;
+    a refused stream names them."""
+    snapshot = guest["snapshot"] if which == "guest" else firmware[which.split("-")[0]][0]
+    proc = run_uffdpy("inspect", snapshot, "--json")
+    assert proc.returncode == 0, proc.stderr
+    needs = json.loads(proc.stdout)["destination"]
+    assert "the CPU model (-cpu)" in needs["unknown"]
+    dst = destination(needs["args"] + ["-display", "none", "-accel", "tcg"], paused=True)
+    with Resume(snapshot, qmp=dst.uffdpy_sock) as r:
+        r.wait(60)
+    assert_ram_equals(snapshot, dst.resave(tmp_path / "again.img"))

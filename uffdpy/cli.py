@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -26,6 +28,7 @@ from .cli_args import (Progress, tabulate, chunk_size, cpu, fraction, hot_fracti
                        non_negative_float, non_negative_int, page_size_multiple, parse_size,
                        positive_float, positive_int, printable, qemu_size)
 from .errors import UffdpyError
+from .needs import destination_needs, needs_line
 from .outcome import Outcome
 
 if TYPE_CHECKING:
@@ -124,6 +127,7 @@ def _inspect_dict(snap: Any) -> Dict[str, Any]:
                      "pages_offset": b.pages_offset} for b in snap.blocks],
         "devices": [{"name": d.name, "instance": d.instance, "version": d.version}
                     for d in snap.devices],
+        "destination": destination_needs(snap),
     }
 
 
@@ -139,7 +143,12 @@ def _snapshot_text(info: Dict[str, Any]) -> str:
         tabulate(rows, headers=["block", "size", "page size", "present", "zero",
                                 "% present", "pages offset"]),
         "",
-        tabulate(devices, headers=["device section", "instance", "version"])])
+        tabulate(devices, headers=["device section", "instance", "version"]),
+        "",
+        "a destination needs (as far as the snapshot tells):",
+        "  " + " ".join(shlex.quote(printable(a)) for a in info["destination"]["args"]),
+        *(f"  ({printable(n)})" for n in info["destination"]["notes"]),
+        f"  and what it cannot tell: {', '.join(info['destination']['unknown'])}"])
 
 
 def _inspect_regions_dict(image: Any) -> Dict[str, Any]:
@@ -454,8 +463,8 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
     except (DestinationError, ConnectionError, TimeoutError) as e:
         if proc is not None:
             failed, proc = proc, None
-            raise _own_qemu_failed(failed, e) from None
-        raise
+            raise _with_needs(_own_qemu_failed(failed, e), snap) from None
+        raise _with_needs(e, snap) from None
     except KeyboardInterrupt as e:
         if proc is not None:
             if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
@@ -483,6 +492,21 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
         state = "paused (-S)" if args.paused else "running"
         text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
     return Outcome(text, info)
+
+
+#: QEMU's words for a destination made unlike the saved machine
+_MISMATCH = re.compile(r"Unknown savevm section|[Ll]ength mismatch|[Ss]ize mismatch|"
+                       r"Machine type received|Unknown ramblock|doesn't match")
+
+
+def _with_needs(error: BaseException, snap: Any) -> BaseException:
+    """A refusal that says the destination differs gets what the snapshot needs added."""
+    from .resume.destination import DestinationError
+    if isinstance(error, DestinationError) and _MISMATCH.search(str(error)):
+        return DestinationError(error.message, f"{error.reason}; the snapshot needs: "
+                                f"{needs_line(snap)} (uffdpy inspect shows what it cannot "
+                                "tell)" if error.reason else None)
+    return error
 
 
 def _own_qemu_failed(proc: Any, error: BaseException) -> BaseException:
@@ -589,8 +613,8 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
         except (DestinationError, ConnectionError, TimeoutError) as e:
             if proc is not None:
                 failed, proc = proc, None
-                raise _own_qemu_failed(failed, e) from None
-            raise
+                raise _with_needs(_own_qemu_failed(failed, e), snap) from None
+            raise _with_needs(e, snap) from None
         finally:
             if resume is not None:
                 resume.close()
