@@ -9,6 +9,11 @@ JSON summary (timings, paths, kernel version)::
 
     python3 scripts/linux_guest.py OUT.img [--mem 256M] [--fill-mib 64]
         [--seed N] [--pmemsave OUT.pmem] [--cache DIR] [--timeout S]
+
+and on stderr the ``uffdpy resume`` command that runs it (its request port a
+socket next to OUT) and the command that asks it a question::
+
+    python3 scripts/linux_guest.py --ask SOCK 'GET 0 4'
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)    # run from a checkout without installing
 
-from uffdpy.linuxguest import DEFAULT_CACHE, DEFAULT_TIMEOUT, GuestError, make_linux_guest_snapshot  # noqa: E402
+from uffdpy.linuxguest import (DEFAULT_CACHE, DEFAULT_TIMEOUT, GuestError,  # noqa: E402
+                               ask_line, make_linux_guest_snapshot, resume_command)
 from uffdpy.sizes import parse_size  # noqa: E402
 
 
@@ -37,12 +43,25 @@ def _mem_mib(text: str) -> int:
     return size >> 20
 
 
+def _me() -> str:
+    """This script's path as the user would type it: relative to the working directory."""
+    here = Path(__file__).resolve()
+    try:
+        return str(here.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(here)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         description="Boot a small Linux guest under QEMU (TCG), fill part of its RAM with a "
                     "known pattern and save a mapped-ram migration snapshot.",
         epilog="Prints a JSON summary on stdout.")
-    ap.add_argument("out", help="snapshot file to write (QEMU mapped-ram migration stream)")
+    ap.add_argument("out", nargs="?",
+                    help="snapshot file to write (QEMU mapped-ram migration stream)")
+    ap.add_argument("--ask", nargs=2, metavar=("SOCK", "REQUEST"),
+                    help="instead: send REQUEST (e.g. 'GET 0 4') to a resumed guest's request "
+                         "port SOCK and print its answer")
     ap.add_argument("--mem", type=_mem_mib, default=256, metavar="SIZE",
                     help="guest RAM, e.g. 256M or 1G (default 256M)")
     ap.add_argument("--fill-mib", type=int, default=64, help="MiB of pattern to put in guest RAM")
@@ -56,6 +75,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--busybox", help="use this static busybox instead of the Debian package")
     ap.add_argument("--machine", default="pc", choices=["pc", "q35"], help="QEMU machine type")
     args = ap.parse_args(argv)
+    if args.ask:
+        try:
+            print(ask_line(args.ask[0], args.ask[1], timeout=args.timeout))
+        except (OSError, TimeoutError) as e:
+            print(f"linux_guest: {args.ask[0]}: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.out is None:
+        ap.error("give the snapshot file to write (or --ask SOCK REQUEST)")
     try:
         info = make_linux_guest_snapshot(
             args.out, mem_mib=args.mem, fill_mib=args.fill_mib, seed=args.seed,
@@ -65,8 +93,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"linux_guest: {e}", file=sys.stderr)
         return 1
     info.pop("console", None)
+    request = str(Path(info["snapshot"]).with_suffix("")) + "-req.sock"
+    info["request_socket"] = request
+    info["resume_command"] = resume_command(info, request)
+    info["ask_command"] = f"python3 {_me()} --ask {request} 'GET 0 4'"
     json.dump(info, sys.stdout, indent=2)
     print()
+    print(f"resume it with:\n  {info['resume_command']}\nthen ask it:\n  "
+          f"{info['ask_command']}", file=sys.stderr)
     return 0
 
 

@@ -86,3 +86,36 @@ def test_readme_example_runs(index: int, workdir: Path, guest: Dict[str, Any],
         if destination is not None:
             destination.kill()
     assert proc.returncode == 0, f"README example failed:\n{block}\n{proc.stdout}{proc.stderr}"
+
+
+RECIPE = re.search(r"^## A real guest in five minutes\n.*?^```sh\n(.*?)^```$", README,
+                   flags=re.S | re.M)
+
+
+@pytest.mark.qemu
+def test_the_recipe_runs_as_written(qemu_binary: str, guest: Dict[str, Any]) -> None:
+    """The README's recipe, every line as written (its directory moved to a fresh one)."""
+    assert RECIPE is not None, "the README lost its recipe"
+    work = tempfile.mkdtemp(prefix="uffdpy-recipe-")
+    script = RECIPE.group(1).replace("/tmp/uffdpy-demo", work)
+    bindir = os.path.dirname(sys.executable)       # the uffdpy and python3 of this install
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            out, err = proc.communicate()
+        for pid in re.findall(r"QEMU pid (\d+)", out):
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["rm", "-rf", work], check=False)
+    assert proc.returncode == 0, f"the recipe failed:\n{out}\n{err}"
+    answers = [line for line in out.splitlines() if line.startswith("OK ")]
+    assert answers == [linuxguest.expected_answer(0, 0, 4)] * 4, out
+    assert len(re.findall(r"QEMU pid \d+", out)) == 4

@@ -413,6 +413,15 @@ def request_port_args(socket_path: str) -> List[str]:
             "-serial", "chardev:uffdpy-req"]
 
 
+def resume_command(info: Dict[str, Any], request_socket: str, *, mapped: bool = False) -> str:
+    """The ``uffdpy resume`` command line that runs the snapshot ``info`` describes."""
+    import shlex
+    words = ["uffdpy", "resume", info["snapshot"], *(["--map"] if mapped else []), "--",
+             os.path.basename(info.get("qemu") or "qemu-system-x86_64"),
+             *destination_args(info, request_socket)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def destination_args(info: Dict[str, Any], request_socket: str,
                      console: str = "null") -> List[str]:
     """The arguments (after the binary) of a QEMU that loads the snapshot ``info`` describes."""
@@ -442,11 +451,20 @@ def ask(socket_path: str, first_mib: int, count_mib: int, *, timeout: float,
     zeros and answers ``ZAPPED A N``.  Raises: TimeoutError if no whole line
     came within ``timeout`` seconds; OSError if the port cannot be reached.
     """
+    return ask_line(socket_path, f"{verb} {first_mib} {count_mib}", timeout=timeout)
+
+
+def ask_line(socket_path: str, request: str, *, timeout: float) -> str:
+    """Send one request line to the guest's request port; return its answer line.
+
+    Raises: TimeoutError if no whole line came within ``timeout`` seconds;
+    OSError if the port cannot be reached.
+    """
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(socket_path)
-        sock.sendall(f"{verb} {first_mib} {count_mib}\n".encode())
+        sock.sendall(request.encode() + b"\n")
         buf = b""
         while b"\n" not in buf:
             left = deadline - time.monotonic()
