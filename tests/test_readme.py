@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -119,3 +119,43 @@ def test_the_recipe_runs_as_written(qemu_binary: str, guest: Dict[str, Any]) -> 
     answers = [line for line in out.splitlines() if line.startswith("OK ")]
     assert answers == [linuxguest.expected_answer(0, 0, 4)] * 4, out
     assert len(re.findall(r"QEMU pid \d+", out)) == 4
+
+
+def _leaf_parsers(name: str, parser: Any) -> Iterator[Tuple[str, Any]]:
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield name.strip(), parser
+        return
+    for sub_name, sub in subs[0].choices.items():
+        yield from _leaf_parsers(f"{name} {sub_name}", sub)
+
+
+def test_the_command_table_names_every_option() -> None:
+    """Every command and every option its parser has is in the README's command table."""
+    from uffdpy.cli import build_parser
+    table = README[README.index("## The `uffdpy` command"):]
+    table = table[:table.index("\n## ")]
+    rows = [line for line in table.splitlines() if line.startswith("| `uffdpy ")]
+    missing = []
+    for name, parser in _leaf_parsers("", build_parser()):
+        text = " ".join(r for r in rows if r.startswith((f"| `uffdpy {name} ",
+                                                         f"| `uffdpy {name}`")))
+        if not text:
+            missing.append(name)
+        for action in parser._actions:
+            opts = [o for o in action.option_strings if o not in ("-h", "--help", "--debug")]
+            if opts and not any(o in text for o in opts):
+                missing.append(f"{name} {opts[-1]}")
+    assert not missing, missing
+
+
+def test_links_lead_to_files_of_the_repository() -> None:
+    """No README or docs/ link to a file the repository does not have; no private notes."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            if "://" in target:
+                continue
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}"
+        assert "reference/" not in text and "STYLE.md" not in text, doc.name
