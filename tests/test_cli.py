@@ -432,7 +432,9 @@ def test_bench_hot_working_set(synth16: Path) -> None:
     assert report["rounds"] == 2 and report["recorded_pages"] > 50
     eager, lazy, replay = report["rows"]
     assert eager["contender"].startswith("eager") and "working set" in replay["contender"]
-    assert eager["faults"] == 0 and lazy["faults"] > 0
+    # the prefetcher may place a 16 MiB image before the workload touches it (seen in
+    # CI under load: lazy took 0 faults), so no count is promised, only their order
+    assert eager["faults"] == 0 and replay["faults"] <= lazy["faults"]
     for row in report["rows"]:
         assert 0 < row["ready_s"] <= row["complete_s"] + 1e-3, row
         assert row["answer_s"] > 0, row
