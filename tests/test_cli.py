@@ -535,3 +535,49 @@ def test_size_parser_names_what_is_not_a_size(text: str) -> None:
         sizes.parse_size(text)
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         cli.parse_size(text)
+
+
+# ---------------------------------------------------------------------- the first hour's words
+
+def test_first_hour_messages(synth16: Path, tmp_path: Path) -> None:
+    """Each of the frictions a newcomer met, in the words they now get."""
+    proc = uffdpy("resume", synth16, "qemu-system-x86_64", "-m", "16M")
+    assert proc.returncode == 2 and "uffdpy resume: error:" in proc.stderr
+    assert "a QEMU command goes after --" in proc.stderr and "usage: uffdpy resume" in proc.stderr
+    proc = uffdpy("load", synth16, "--mode", "eager", "--server", "process")
+    assert proc.returncode == 2 and "usage: uffdpy load" in proc.stderr
+    assert "uffdpy load: error: --server applies to --mode lazy only" in proc.stderr
+    # the bad-magic error is the same whichever command reads the file
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(b"x\n")
+    lines = {assert_one_line_error(uffdpy(*cmd), bad) for cmd in (
+        ("inspect", bad), ("resume", bad, "--qmp", "/nonexistent"),
+        ("qemu-args", bad, "--map"))}
+    assert len(lines) == 1 and "file magic" in lines.pop()
+    # an output in a directory that does not exist is named, not a temporary file of ours
+    proc = uffdpy("dump", synth16, "ram", "-o", tmp_path / "no" / "such" / "x.raw")
+    line = assert_one_line_error(proc, tmp_path / "no" / "such" / "x.raw")
+    assert ".tmp" not in line, line
+    # bench without QEMU or a C reference: no empty columns, no talk of a missing reference
+    out = ok("bench", synth16, "--rounds", "1", "--no-qemu", "--touch", "100")
+    assert "complete/QEMU" not in out and "reference given" not in out and "C COPY" not in out
+
+
+def test_output_modes_follow_what_the_file_holds(synth16: Path, tmp_path: Path) -> None:
+    """Guest memory (snapshots, dumps) 0600; recordings and pictures 0644 (less the umask)."""
+    old = os.umask(0o022)
+    try:
+        ok("make", tmp_path / "m.img", "--size", "1M")
+        ok("dump", synth16, "ram", "-o", tmp_path / "d.raw")
+        ok("load", synth16, "--record-ws", tmp_path / "r.ws", "--touch", "50")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"m.img": 0o600, "d.raw": 0o600, "r.ws": 0o644}, modes
+
+
+def test_ws_inspect_says_the_recording_belongs(synth16: Path, tmp_path: Path) -> None:
+    ok("load", synth16, "--record-ws", tmp_path / "r.ws", "--touch", "50")
+    out = ok("ws", "inspect", tmp_path / "r.ws", "--snapshot", synth16)
+    line = next(x for x in out.splitlines() if x.startswith("belongs to"))
+    assert line.split()[2:] == [str(synth16), "(its", "blocks", "and", "digest", "match)"], out

@@ -79,6 +79,25 @@ def _open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
     return fmt.cls().open(args.snapshot)
 
 
+def _open_snapshot(path: str) -> Any:
+    """A mapped-ram snapshot for ``resume`` and ``qemu-args``, refused in the words
+    ``inspect`` uses (a file of no known format, or an ELF core, named as such)."""
+    from .mappedram import Snapshot
+    from .pagesource import ImageError
+    args = argparse.Namespace(snapshot=path, offset=0)
+    head, _ = _sniff(args)
+    image = _open_source(args, head)
+    if image.format != "mapped-ram":
+        from .pagesource import FORMATS
+        description = next((f.description for f in FORMATS if f.name == image.format),
+                           image.format)
+        image.close()
+        raise ImageError(path, 0, f"this is {description}, not a QEMU mapped-ram snapshot",
+                         hint="uffdpy convert writes one from a guest memory dump")
+    image.close()
+    return Snapshot.open(path)
+
+
 # ------------------------------------------------------------------------ inspect
 
 def _page_counts(region: Any) -> Dict[str, int]:
@@ -277,7 +296,7 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
         # A temporary renamed once the load and the copy both ended well: never a
         # partial output, and never the input (refused before anything loads).
         try:
-            with replacing(args.output, mode=0o644, not_same_as=[args.snapshot]) as fd, \
+            with replacing(args.output, not_same_as=[args.snapshot]) as fd, \
                     _open_loader(args, snap) as loader:
                 base = loader.address(block.name)
                 for first, count, present in block.runs():
@@ -388,10 +407,9 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
-    from .mappedram import Snapshot
     from .workingset import load_for
     # refused before QEMU starts, and kept open: the file checked is the file served
-    snap = Snapshot.open(args.snapshot)
+    snap = _open_snapshot(args.snapshot)
     try:
         load_for(args.working_set, snap)           # a working set of another snapshot too
         if args.record_ws:
@@ -586,12 +604,11 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
         raise ValueError(f"{', '.join(given)} applies to the postcopy stream, not to --map")
     if args.warm == "ws" and not args.working_set:
         raise ValueError("--warm ws needs --working-set FILE.ws")
-    from .mappedram import Snapshot
     from .resume.destination import DestinationError
     from .resume.mapped import MapResume, map_qemu_command
     from .resume.process import QemuProcess
     from .workingset import load_for
-    with Snapshot.open(args.snapshot) as snap:       # refused before QEMU starts
+    with _open_snapshot(args.snapshot) as snap:      # refused before QEMU starts
         load_for(args.working_set, snap)             # a working set of another snapshot too
         proc: Optional[Any] = None
         if qemu_cmd:
@@ -635,9 +652,8 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
 
 def cmd_qemu_args(args: argparse.Namespace) -> Outcome:
     import shlex
-    from .mappedram import Snapshot
     from .resume.mapped import map_arguments
-    with Snapshot.open(args.snapshot) as snap:
+    with _open_snapshot(args.snapshot) as snap:
         words = map_arguments(snap)
     return Outcome(" ".join(shlex.quote(w) for w in words), {"args": words})
 
@@ -755,7 +771,8 @@ def cmd_demo(args: argparse.Namespace) -> Outcome:
     ]
     text = (tabulate(rows, headers=["fast snapshot load, measured just now", ""]) +
             f"\n(the first three: medians of {DEMO_ROUNDS} interleaved rounds, the file in the "
-            "page cache)\n"
+            "page cache;\n a fault on a page the prefetcher is placing just then waits for it, "
+            "so faults can\n outnumber the pages placed by fault)\n"
             f"\nThe guest could have started {eager_s / max(ready_s, 1e-9):.0f}x sooner: every "
             "page was usable at once, a touched page\narrived in one fault, and the "
             "prefetcher brought the rest in behind it.")
@@ -1045,8 +1062,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_parser = sub.add_parser
 
+    commands: Dict[str, argparse.ArgumentParser] = {}
+
     def add_command(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return add_parser(name, parents=[common], **kw)
+        commands[name] = add_parser(name, parents=[common], **kw)
+        return commands[name]
 
     sub.add_parser = add_command  # type: ignore[method-assign]
     for command in COMMANDS:
@@ -1056,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_ws import add_parsers
     add_parsers(sub)                    # ws inspect, ws merge, plot
+    p.set_defaults(_commands=commands)  # each command's own parser, for its usage errors
     return p
 
 
@@ -1085,16 +1106,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--" in words:
         cut = words.index("--")
         words, qemu_cmd = words[:cut], words[cut + 1:]
-    args = parser.parse_args(words)
+    args, extra = parser.parse_known_args(words)
+    own = args._commands.get(args.command, parser)     # errors with the command's own usage
+    if extra and args.command == "resume":
+        own.error(f"unexpected arguments {' '.join(extra)!r}: a QEMU command goes after --, "
+                  "as in: uffdpy resume SNAP -- qemu-system-x86_64 ARGS...")
+    if extra:
+        own.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "qemu"):
         args.qemu = qemu_cmd
     elif qemu_cmd:
-        parser.error(f"{args.command}: unexpected arguments after --")
+        own.error("unexpected arguments after -- (only resume takes a QEMU command)")
     if getattr(args, "mode", None) == "eager":
         given = [opt for opt, dest, default in _LAZY_ONLY
                  if getattr(args, dest, default) not in (default, None)]
         if given:
-            parser.error(f"{args.command}: {', '.join(given)} applies to --mode lazy only")
+            own.error(f"{', '.join(given)} applies to --mode lazy only")
     if hasattr(args, "server") and args.server is None:
         args.server = "thread"
     previous = signal.signal(signal.SIGTERM, _terminated)

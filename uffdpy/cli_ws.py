@@ -34,6 +34,8 @@ def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any
     }
     for other in against:
         out["jaccard"][other] = round(jaccard(ws, WorkingSet.load(other)), 4)
+    if snapshot:                       # ws.check refused a recording of another snapshot
+        out["belongs_to"] = snapshot
     return out
 
 
@@ -58,6 +60,8 @@ def _text(info: Dict[str, Any]) -> str:
             ("snapshot digest", str(info["snapshot_digest"])[:16])]
     rows += [(f"pages in {name!r}", n) for name, n in info["pages_by_block"].items()]
     rows += [(f"Jaccard with {other}", j) for other, j in info["jaccard"].items()]
+    if info.get("belongs_to"):
+        rows.append(("belongs to", f"{info['belongs_to']} (its blocks and digest match)"))
     return tabulate(rows, tablefmt="plain")
 
 

@@ -52,7 +52,8 @@ def replacing(path: PathLike, *, keep_prefix: int = 0, mode: int = 0o600,
     (``write_snapshot``'s ``offset``); a symlink is written through (its
     target is replaced); an existing file's permission bits are kept, a new
     file gets ``mode`` less the umask (the default ``0o600``: a snapshot holds
-    a guest's memory).
+    a guest's memory; working sets and pictures, which hold none, pass
+    ``0o644``).
 
     Raises:
         ValueError: ``path`` is one of ``not_same_as`` (the same inode: an
@@ -76,7 +77,11 @@ def replacing(path: PathLike, *, keep_prefix: int = 0, mode: int = 0o600,
         if not stat.S_ISREG(old.st_mode):
             raise ValueError(f"{os.fspath(path)}: not a regular file; refusing to replace it")
     directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    except OSError as e:                 # say the file asked for, not the temporary's name
+        raise OSError(e.errno, f"{os.fspath(path)}: cannot write it here "
+                               f"({e.strerror or e})") from None
     try:
         if old is not None:
             os.fchmod(fd, stat.S_IMODE(old.st_mode))

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Optional
 
 from .errors import UffdpyError
+from .files import replacing
 from .pagesource import PathLike
 
 __all__ = ["plot_run", "PlotUnavailable", "load_run"]
@@ -97,15 +97,8 @@ def plot_run(run: Dict[str, Any], output: PathLike, *, width_px: int = 1200,
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         fig.tight_layout()
-        target = os.fspath(output)
-        fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png",
-                                   dir=os.path.dirname(os.path.abspath(target)))
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=dpi, format="png")
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with replacing(os.fspath(output), mode=0o644) as fd, \
+                os.fdopen(fd, "wb", closefd=False) as f:
+            fig.savefig(f, dpi=dpi, format="png")
     finally:
         plt.close(fig)

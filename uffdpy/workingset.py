@@ -28,11 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UffdpyError
+from .files import pwrite_all, replacing
 from .pagesource import PathLike
 
 __all__ = ["WorkingSet", "WorkingSetError", "snapshot_identity", "jaccard", "merge"]
@@ -85,19 +85,9 @@ class WorkingSet:
         target = os.fspath(path)
         doc = {"format": FORMAT, "version": VERSION, "snapshot": self.snapshot,
                "pages": [[b, p, round(t, 6), d] for b, p, t, d in self.pages]}
-        folder = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(prefix=".ws-", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        data = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+        with replacing(target, mode=0o644) as fd:        # no guest memory in it
+            pwrite_all(fd, data, 0)
 
     @classmethod
     def load(cls, path: PathLike) -> "WorkingSet":

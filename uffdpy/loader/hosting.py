@@ -254,8 +254,9 @@ def interpreters_module() -> Any:
         raise LoaderError(
             f"server='interpreter' needs Python 3.13 or newer (a subinterpreter with its "
             f"own GIL in which ctypes loads); this is Python "
-            f"{sys.version_info.major}.{sys.version_info.minor}: use server='process' "
-            f"for plain Python access during the load") from None
+            f"{sys.version_info.major}.{sys.version_info.minor}: use the process server "
+            f"(server='process', --server process) for plain Python access during the "
+            f"load") from None
     return _interpreters
 
 
