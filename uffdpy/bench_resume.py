@@ -41,7 +41,6 @@ page requests the resume had served by then.  QEMU's event timestamps
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -97,24 +96,14 @@ def _map_argv(snapshot: str, argv: List[str]) -> List[str]:
 
 
 def _request_args(path: str) -> List[str]:
-    return ["-chardev", f"socket,id=uffdpy-req,path={path},server=on,wait=off",
-            "-serial", "chardev:uffdpy-req"]
+    from .linuxguest import request_port_args
+    return request_port_args(path)
 
 
 def _ask(path: str, request: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(request.encode() + b"\n")
-        buf = b""
-        while b"\n" not in buf:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"{path} closed before the guest answered")
-            buf += chunk
-    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+    """The guest's answer to ``request`` on its request port (says what it waited for)."""
+    from .linuxguest import ask_line
+    return ask_line(path, request, timeout=timeout)
 
 
 def _event_time(event: Dict[str, Any]) -> float:
