@@ -479,10 +479,8 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
         progress.finish()
         finished = True
     except (DestinationError, ConnectionError, TimeoutError) as e:
-        if proc is not None:
-            failed, proc = proc, None
-            raise _with_needs(_own_qemu_failed(failed, e), snap) from None
-        raise _with_needs(e, snap) from None
+        failed, proc = proc, None
+        raise _resume_error(failed, e, snap) from None
     except KeyboardInterrupt as e:
         if proc is not None:
             if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
@@ -502,14 +500,7 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
         proc.leave_running()
     if args.record_ws:
         info["working_set_recorded"] = args.record_ws
-    if proc is not None:
-        info["qemu_pid"] = proc.pid
-        info["qmp_socket"] = proc.qmp_path
-    text = _resume_table(info)
-    if proc is not None:
-        state = "paused (-S)" if args.paused else "running"
-        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
-    return Outcome(text, info)
+    return _resumed(_resume_table, info, proc, "paused (-S)" if args.paused else "running")
 
 
 #: QEMU's words for a destination made unlike the saved machine
@@ -525,6 +516,24 @@ def _with_needs(error: BaseException, snap: Any) -> BaseException:
                                 f"{needs_line(snap)} (uffdpy inspect shows what it cannot "
                                 "tell)" if error.reason else None)
     return error
+
+
+def _resumed(table: Callable[[Dict[str, Any]], str], info: Dict[str, Any], proc: Any,
+             state: str) -> Outcome:
+    """A resume's outcome: its table, and where the QEMU uffdpy started runs."""
+    if proc is not None:
+        info["qemu_pid"] = proc.pid
+        info["qmp_socket"] = proc.qmp_path
+    text = table(info)
+    if proc is not None:
+        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
+    return Outcome(text, info)
+
+
+def _resume_error(proc: Optional[Any], error: BaseException, snap: Any) -> BaseException:
+    """A failed resume's one-line error: QEMU's words when uffdpy started it (it is then
+    stopped), and what the snapshot needs when the destination differs."""
+    return _with_needs(_own_qemu_failed(proc, error) if proc is not None else error, snap)
 
 
 def _own_qemu_failed(proc: Any, error: BaseException) -> BaseException:
@@ -628,10 +637,8 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
             progress.finish()
             finished = True
         except (DestinationError, ConnectionError, TimeoutError) as e:
-            if proc is not None:
-                failed, proc = proc, None
-                raise _with_needs(_own_qemu_failed(failed, e), snap) from None
-            raise _with_needs(e, snap) from None
+            failed, proc = proc, None
+            raise _resume_error(failed, e, snap) from None
         finally:
             if resume is not None:
                 resume.close()
@@ -640,14 +647,7 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
         info = resume.report()
         if proc is not None:
             proc.leave_running()
-    if proc is not None:
-        info["qemu_pid"] = proc.pid
-        info["qmp_socket"] = proc.qmp_path
-    text = _map_table(info)
-    if proc is not None:
-        state = "paused" if args.paused else "running"
-        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
-    return Outcome(text, info)
+    return _resumed(_map_table, info, proc, "paused" if args.paused else "running")
 
 
 def cmd_qemu_args(args: argparse.Namespace) -> Outcome:

@@ -144,13 +144,16 @@ class QemuDestination:
 
     def prepare(self, *, preempt: bool) -> None:
         """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""
-        caps = {"mapped-ram": False, "postcopy-ram": True, "events": True,
-                "postcopy-preempt": preempt}
+        self.set_capabilities({"mapped-ram": False, "postcopy-ram": True, "events": True,
+                               "postcopy-preempt": preempt}, "refuses postcopy")
+
+    def set_capabilities(self, caps: Dict[str, bool], refusal: str) -> None:
+        """``migrate-set-capabilities``; Raises: DestinationError "the destination REFUSAL"."""
         try:
             self.client.call("migrate-set-capabilities", capabilities=[
                 {"capability": name, "state": state} for name, state in caps.items()])
         except QmpError as e:
-            raise DestinationError(f"QMP {self.path}: the destination refuses postcopy",
+            raise DestinationError(f"QMP {self.path}: the destination {refusal}",
                                    e.desc) from None
 
     def listen(self, uri: str) -> None:

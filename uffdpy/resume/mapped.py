@@ -67,7 +67,6 @@ from ..ioctl import MADV_POPULATE_READ
 from ..mappedram import RamBlock, Snapshot, TARGET_PAGE_SIZE
 from ..memory import Mapping
 from ..pagesource import PathLike
-from ..qmp import QmpError
 from ..workingset import load_for
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
@@ -531,16 +530,12 @@ class MapResume:
         out.append(snap.read_range(snap.device_state_range[0], snap.device_state_range[1]))
         return out
 
-    def _prepare(self, dest: QemuDestination) -> None:
+    @staticmethod
+    def _prepare(dest: QemuDestination) -> None:
         """Capabilities for a plain precopy load: no mapped-ram, no postcopy."""
-        caps = {"mapped-ram": False, "postcopy-ram": False, "postcopy-preempt": False,
-                "events": True}
-        try:
-            dest.client.call("migrate-set-capabilities", capabilities=[
-                {"capability": name, "state": state} for name, state in caps.items()])
-        except QmpError as e:
-            raise DestinationError(f"QMP {dest.path}: the destination refuses the "
-                                   "capabilities of a precopy load", e.desc) from None
+        dest.set_capabilities({"mapped-ram": False, "postcopy-ram": False,
+                               "postcopy-preempt": False, "events": True},
+                              "refuses the capabilities of a precopy load")
 
     def _send(self, address: str, stream: List[bytes]) -> None:
         sock = open_connection(address, self._timeout)
