@@ -49,33 +49,7 @@ __all__ = [
     "synthetic_runs", "synthetic_run_data",
 ]
 
-# --- constants (names as in QEMU's migration/savevm.h and migration/ram.c) ---
-
-QEMU_VM_FILE_MAGIC = 0x5145564D
-QEMU_VM_FILE_VERSION = 0x00000003
-QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
-QEMU_VM_EOF = 0x00
-QEMU_VM_SECTION_START = 0x01
-QEMU_VM_SECTION_PART = 0x02
-QEMU_VM_SECTION_END = 0x03
-QEMU_VM_SECTION_FULL = 0x04
-QEMU_VM_SUBSECTION = 0x05
-QEMU_VM_VMDESCRIPTION = 0x06
-QEMU_VM_CONFIGURATION = 0x07
-QEMU_VM_COMMAND = 0x08
-QEMU_VM_SECTION_FOOTER = 0x7E
-
-MIG_CMD_SWITCHOVER_START = 11
-
-RAM_SAVE_FLAG_FULL = 0x01
-RAM_SAVE_FLAG_ZERO = 0x02
-RAM_SAVE_FLAG_MEM_SIZE = 0x04
-RAM_SAVE_FLAG_PAGE = 0x08
-RAM_SAVE_FLAG_EOS = 0x10
-RAM_SAVE_FLAG_CONTINUE = 0x20
-RAM_SAVE_FLAG_XBZRLE = 0x40
-RAM_SAVE_FLAG_HOOK = 0x80
-RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+# --- the stream's vocabulary is migstream's; mapped-ram's own constants follow ---
 
 MAPPED_RAM_HDR_VERSION = 1
 MAPPED_RAM_HEADER_SIZE = 28          # be32 version, be64 page_size, bitmap_offset, pages_offset
@@ -83,7 +57,6 @@ MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
 TARGET_PAGE_BITS_DEFAULT = 12        # x86
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS_DEFAULT   # MappedRamHeader.page_size, bytes per bit
 RAM_SECTION_IDSTR = "ram"
-RAM_SECTION_VERSION = 4
 
 _CONFIG_SUBSECTION_PREFIX = b"configuration"
 _MAX_TAIL_BYTES = 256 << 20          # device state + vmdesc larger than this is absurd
@@ -94,6 +67,15 @@ _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
 from .files import copy_range as _copy_range, pwrite_all as _pwrite_all, replacing
+from .migstream import (MigCmd, QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION, QEMU_VM_EOF,
+                        QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_END,
+                        QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
+                        QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION,
+                        RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
+                        RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE,
+                        RAM_SAVE_FLAG_ZERO, RAM_SECTION_VERSION, configuration, counted)
+
+MIG_CMD_SWITCHOVER_START = int(MigCmd.SWITCHOVER_START)
 from .pagesource import (POPCOUNT, ImageError, ImageFile, OpenImage, PathLike, RegionBase,
                          RegionNotFound, bitmap_runs, bitmap_runs_in, set_bits)
 
@@ -809,22 +791,8 @@ def _as_spec(arg: BlockArg) -> BlockSpec:
     return BlockSpec(name, memoryview(contents).nbytes, contents)
 
 
-def _counted(text: str) -> bytes:
-    raw = text.encode("ascii")
-    if not 0 < len(raw) < 256:
-        raise ValueError(f"name {text!r} must be 1..255 ASCII bytes")
-    return bytes([len(raw)]) + raw
-
-
 def _configuration_bytes(machine: str, capabilities: Sequence[str]) -> bytes:
-    raw = machine.encode("ascii")
-    out = bytearray([QEMU_VM_CONFIGURATION]) + _BE32.pack(len(raw)) + raw
-    if capabilities:
-        out += bytes([QEMU_VM_SUBSECTION]) + _counted("configuration/capabilities")
-        out += _BE32.pack(1) + _BE32.pack(len(capabilities))
-        for cap in capabilities:
-            out += _counted(cap)
-    return bytes(out)
+    return configuration(machine, capabilities=capabilities)
 
 
 def _round_up(value: int, align: int) -> int:
@@ -921,7 +889,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
     head = bytearray(_BE32.pack(QEMU_VM_FILE_MAGIC) + _BE32.pack(QEMU_VM_FILE_VERSION))
     head += _configuration_bytes(machine, capabilities)
     head += bytes(early_device_state)
-    head += bytes([QEMU_VM_SECTION_START]) + _BE32.pack(ram_section_id) + _counted(
+    head += bytes([QEMU_VM_SECTION_START]) + _BE32.pack(ram_section_id) + counted(
         RAM_SECTION_IDSTR) + _BE32.pack(0) + _BE32.pack(RAM_SECTION_VERSION)
     head += _BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE)
     pos = offset + len(head)
@@ -931,7 +899,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
         _pwrite_all(fd, head, offset)
         for spec in specs:
             pages = spec.length // page_size
-            record = _counted(spec.name) + _BE64.pack(spec.length)
+            record = counted(spec.name) + _BE64.pack(spec.length)
             hdr_at = pos + len(record)
             bitmap_offset = hdr_at + MAPPED_RAM_HEADER_SIZE
             bitmap = bytearray(_bitmap_size(pages))

@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from .errors import UffdpyError
 
 __all__ = [
-    "MigCmd", "RpType", "RamFlag", "StreamError",
+    "MigCmd", "RpType", "RamFlag", "StreamError", "counted",
     "header", "configuration", "command", "open_return_path", "ping", "postcopy_advise",
     "ram_start", "switchover_start", "postcopy_ram_discard", "packaged", "postcopy_listen",
     "postcopy_run", "recv_bitmap", "postcopy_resume", "part_start", "part_end",
@@ -50,17 +50,34 @@ __all__ = [
     "RpMessage", "Shut", "Pong", "ReqPages", "RecvBitmap", "ResumeAck", "ReturnPath",
 ]
 
+# The stream's vocabulary, under QEMU's own names (migration/savevm.c, migration/ram.c):
+# this module owns it; the mapped-ram reader and writer (uffdpy.mappedram) import it.
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 3
+QEMU_VM_FILE_VERSION_COMPAT = 2
 
 QEMU_VM_EOF = 0x00
 QEMU_VM_SECTION_START = 0x01
 QEMU_VM_SECTION_PART = 0x02
 QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
 QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
 QEMU_VM_CONFIGURATION = 0x07
 QEMU_VM_COMMAND = 0x08
 QEMU_VM_SECTION_FOOTER = 0x7E
+
+#: ``RAM_SAVE_FLAG_*`` as plain ints (the bits of :class:`RamFlag`, and those only a
+#: reader meets: FULL, XBZRLE, HOOK, MULTIFD_FLUSH)
+RAM_SAVE_FLAG_FULL = 0x01
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
 
 RAM_SECTION_VERSION = 4
 TARGET_PAGE_SIZE = 4096
@@ -115,11 +132,18 @@ class StreamError(UffdpyError, ValueError):
     """Bytes that are not what the protocol allows (a malformed return-path message)."""
 
 
-def _name(name: str) -> bytes:
+def counted(name: str) -> bytes:
+    """A counted string (u8 length, ASCII bytes): the stream's names of blocks and sections.
+
+    Raises: ValueError for a name that is not 1..255 ASCII bytes.
+    """
     raw = name.encode("ascii")
     if not 0 < len(raw) < 256:
         raise ValueError(f"a stream name is 1..255 ASCII bytes, not {name!r}")
     return bytes([len(raw)]) + raw
+
+
+_name = counted
 
 
 # ------------------------------------------------------------------ source -> destination
@@ -129,16 +153,22 @@ def header() -> bytes:
     return _BE32.pack(QEMU_VM_FILE_MAGIC) + _BE32.pack(QEMU_VM_FILE_VERSION)
 
 
-def configuration(machine: str, *, uuid: Optional[bytes] = None) -> bytes:
+def configuration(machine: str, *, uuid: Optional[bytes] = None,
+                  capabilities: Sequence[str] = ()) -> bytes:
     """The configuration section for machine type ``machine`` (e.g. ``pc-q35-10.0``).
 
-    No capabilities subsection: the destination validates the received
-    capability set against its own, and it runs without mapped-ram (10.0.2
-    refuses mapped-ram with postcopy).  ``uuid`` (16 bytes) adds the
-    ``configuration/uuid`` subsection the snapshot had.
+    ``capabilities`` adds the ``configuration/capabilities`` subsection (a
+    mapped-ram file has one); a stream to a live destination has none (the
+    destination validates the received set against its own, and it runs
+    without mapped-ram: 10.0.2 refuses mapped-ram with postcopy).  ``uuid``
+    (16 bytes) adds the ``configuration/uuid`` subsection the snapshot had.
     """
     raw = machine.encode("ascii")
     out = bytes([QEMU_VM_CONFIGURATION]) + _BE32.pack(len(raw)) + raw
+    if capabilities:
+        out += (bytes([QEMU_VM_SUBSECTION]) + counted("configuration/capabilities")
+                + _BE32.pack(1) + _BE32.pack(len(capabilities))
+                + b"".join(counted(cap) for cap in capabilities))
     if uuid is not None:
         if len(uuid) != 16:
             raise ValueError(f"a uuid is 16 bytes, not {len(uuid)}")
