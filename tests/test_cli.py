@@ -591,3 +591,14 @@ def test_ws_inspect_says_the_recording_belongs(synth16: Path, tmp_path: Path) ->
     out = ok("ws", "inspect", tmp_path / "r.ws", "--snapshot", synth16)
     line = next(x for x in out.splitlines() if x.startswith("belongs to"))
     assert line.split()[2:] == [str(synth16), "(its", "blocks", "and", "digest", "match)"], out
+
+
+@pytest.mark.kernel
+def test_a_load_without_faults_has_no_latency_figures(synth16: Path) -> None:
+    """No samples, no figures: None in the JSON, '-' in the table (never a made-up 0)."""
+    report = ok_json("load", synth16, "--access", "none")
+    if report["faults"] == 0:
+        assert set(report["fault_service_us"].values()) == {None}
+    out = ok("load", synth16, "--access", "none")
+    row = next(line for line in out.splitlines() if line.startswith("fault_service_us"))
+    assert ("p50 -" in row) == (report["faults"] == 0) or report["faults"] > 0, row

@@ -121,3 +121,25 @@ def test_imports_for_types_and_in_functions_count(tmp_path: Path) -> None:
                                    "if TYPE_CHECKING:\n    from .b import B\n"
                                    "def f():\n    from . import c\n")
     assert _imports("uffdpy.a", modules["uffdpy.a"], modules) == {"uffdpy.b", "uffdpy.c"}
+
+
+#: the harness: QEMU drivers, guests and cores for tests, workloads, benchmarks, pictures,
+#: the command line (and QemuProcess, the command's own QEMU)
+HARNESS = {"uffdpy.qemu", "uffdpy.linuxguest", "uffdpy.processcore", "uffdpy.workload",
+           "uffdpy.bench", "uffdpy.bench_ws", "uffdpy.bench_resume", "uffdpy.plot",
+           "uffdpy.cli", "uffdpy.cli_ws", "uffdpy.cli_args", "uffdpy.needs",
+           "uffdpy.resume.process", "uffdpy.__main__"}
+
+
+def test_engines_and_formats_import_no_harness() -> None:
+    """The kernel layer, the formats, the stream and the engines stand on their own."""
+    modules = _modules()
+    assert HARNESS <= set(modules), HARNESS - set(modules)
+    leaks = {}
+    for name, path in modules.items():
+        if name in HARNESS or name in ("uffdpy", "uffdpy.resume"):   # the lazy re-exports
+            continue
+        bad = _imports(name, path, modules) & HARNESS
+        if bad:
+            leaks[name] = sorted(bad)
+    assert leaks == {}, leaks

@@ -275,7 +275,8 @@ def cmd_load(args: argparse.Namespace) -> Outcome:
     rows = []
     for key, value in report.items():
         if isinstance(value, dict):
-            value = "  ".join(f"{k} {v:.1f}" for k, v in value.items())
+            value = "  ".join(f"{k} {'-' if v is None else f'{v:.1f}'}"
+                              for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.6f}"
         rows.append([key, value])

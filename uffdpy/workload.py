@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from .latency import percentiles
 from .pagesource import PageRegion
 
 __all__ = ["parse_access", "run_access", "page_at", "touch_pages", "verify", "latency_summary",
@@ -273,14 +274,9 @@ def _join_all(workers: Sequence[threading.Thread]) -> None:
         raise interrupted
 
 
-def latency_summary(samples_ns: Sequence[int]) -> Dict[str, float]:
-    """p50/p90/p99/max of ``samples_ns``, in microseconds."""
-    if not samples_ns:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    s = sorted(samples_ns)
-    n = len(s)
-    return {"p50": s[n // 2] / 1e3, "p90": s[min(n - 1, int(0.9 * n))] / 1e3,
-            "p99": s[min(n - 1, int(0.99 * n))] / 1e3, "max": s[-1] / 1e3}
+def latency_summary(samples_ns: Sequence[int]) -> Dict[str, Optional[float]]:
+    """p50/p90/p99/max of ``samples_ns``, in microseconds (:func:`uffdpy.latency.percentiles`)."""
+    return percentiles(samples_ns, unit=1e-3)
 
 
 def verify(regions: Sequence[Tuple[int, PageRegion]],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional
 
-from ..workload import latency_summary
+from ..latency import EMPTY
 
 __all__ = ["Stats"]
 
@@ -22,8 +22,8 @@ class Stats:
     time_to_ready_s: float = 0.0
     time_to_complete_s: Optional[float] = None
     faults: int = 0
-    fault_service_us: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: latency_summary(()))
+    fault_service_us: Dict[str, Optional[float]] = dataclasses.field(
+        default_factory=lambda: dict(EMPTY))
     pages_by_fault: int = 0
     pages_by_prefetch: int = 0
     #: of ``pages_by_prefetch``: placed first, as a replayed working set's

@@ -52,7 +52,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .. import ioctl
 from ..memory import PAGE_SIZE, Mapping
 from ..uffd import Filler, UffdError, Userfaultfd
-from ..workload import latency_summary
+from ..latency import percentiles
 from .claims import CLAIMED, PLACED, ClaimMap
 from .errors import LoaderError
 from .options import WorkerOptions
@@ -226,7 +226,7 @@ class Workers(Placer):
     def merged_stats(self, stats: Stats) -> Stats:
         f, ps = self.fault_counters, self.prefetch_counters
         stats.faults = f.faults
-        stats.fault_service_us = latency_summary(f.service_ns)
+        stats.fault_service_us = percentiles(f.service_ns, unit=1e-3)
         stats.pages_by_fault = f.pages
         stats.pages_by_prefetch = sum(p.pages for p in ps)
         stats.pages_by_working_set = sum(p.working_set for p in ps)

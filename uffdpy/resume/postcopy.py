@@ -63,9 +63,10 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .. import migstream as ms
+from ..latency import EMPTY, percentiles
 from ..mappedram import Snapshot, TARGET_PAGE_SIZE
 from ..pagesource import PathLike
 from ..qmp import QmpError
@@ -120,24 +121,13 @@ class ResumeStats:
     data_pages: int = 0
     data_pages_sent: int = 0
     request_service_us: Dict[str, Optional[float]] = dataclasses.field(
-        default_factory=lambda: dict(p50=None, p90=None, p99=None, max=None))
+        default_factory=lambda: dict(EMPTY))
     recovered: bool = False
     pages_already_received: int = 0
     source_cpu_s: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _percentiles(samples_s: Sequence[float]) -> Dict[str, Optional[float]]:
-    if not samples_s:
-        return dict(p50=None, p90=None, p99=None, max=None)
-    xs = sorted(samples_s)
-
-    def at(q: float) -> float:
-        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6, 1)
-    return dict(p50=at(0.50), p90=at(0.90), p99=at(0.99), max=round(xs[-1] * 1e6, 1))
-
 
 
 class _Channel:
@@ -903,7 +893,7 @@ class Resume:
         self.stats.pages_already_received = received
 
     def _flush_stats(self) -> None:
-        self.stats.request_service_us = _percentiles(self._latencies)
+        self.stats.request_service_us = percentiles(self._latencies, unit=1e6)
 
     # -- the caller's side
 
