@@ -697,14 +697,14 @@ def test_bad_arguments():
 def test_huge_pages_pool_too_small_says_how_many_to_reserve(small, monkeypatch):
     """ENOMEM from MAP_HUGETLB becomes a message with the number of pages to reserve."""
     import errno as _errno
-    from uffdpy import loader as loader_module
-    real = loader_module.Mapping.anonymous
+    from uffdpy.memory import Mapping
+    real = Mapping.anonymous
 
     def anonymous(length, **kw):
         if kw.get("huge_pages"):
             raise OSError(_errno.ENOMEM, "Cannot allocate memory")
         return real(length, **kw)
-    monkeypatch.setattr(loader_module.Mapping, "anonymous", staticmethod(anonymous))
+    monkeypatch.setattr(Mapping, "anonymous", staticmethod(anonymous))
     before = resources()
     with pytest.raises(OSError) as info:
         LazyLoader(small, huge_pages=True)
@@ -717,7 +717,7 @@ def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
     """A page claimed by the prefetcher but not placed yet: the fault loop copies it
     itself (no wait for the whole chunk); the prefetcher's later copy gets EEXIST,
     skips it, and nothing is counted twice."""
-    from uffdpy import loader as loader_module
+    from uffdpy.loader import claims as loader_module, stats as stats_module
     with Snapshot.open(small) as snap:
         block = snap.blocks[0]
         with LazyLoader(snap, server="thread", prefetch=False) as loader:
@@ -731,7 +731,7 @@ def test_fault_on_a_page_in_a_prefetch_chunk_in_flight_is_served_at_once(small):
             assert out == [block.read_page(i)]
             assert eventually(lambda: claims.state(0, i) == loader_module.PLACED)
             # now the "prefetcher" places its chunk: page i is EEXIST, the rest install
-            counters = loader_module.WorkerCounters()
+            counters = stats_module.WorkerCounters()
             region = workers.regions[0]
             placed = workers.place(region, i - 1, i + 3, region.kind(i - 1), counters, None,
                                     workers.uffd)

@@ -51,23 +51,15 @@ counts every import, those for annotations too).
 """
 from __future__ import annotations
 
-from .base import BLOCK_ALIGN, MiB, SnapshotLike, SourceLike, _LoaderBase, _open_source, _round_up
-from .claims import CLAIMED, PLACED, UNCLAIMED, ClaimMap
-from .eager import EAGER_READ_BYTES, EagerLoader
+from .claims import ClaimMap
+from .eager import EagerLoader
 from .errors import LoaderError, ServerDiedError
-from .lazy import SERVER_KINDS, SERVERS, LazyLoader
-from .options import DEFAULT_CHUNK_BYTES, LoadOptions
-from .placement import BOUNCE, DIRECT, ZERO, _fence, _protect_none, _Region, _SharedRegion
-from .server import Server
-from .server_interpreter import (HAVE_INTERPRETERS, INTERPRETER_START_TIMEOUT,
-                                 InterpreterServer, _interpreter_main,
-                                 prepare_interpreter_servers, release_interpreter_servers)
-from .server_process import ProcessServer
-from .server_thread import ThreadServer
-from .stats import Stats, WorkerCounters
+from .lazy import SERVERS, LazyLoader
+from .options import LoadOptions
+from .server_interpreter import (HAVE_INTERPRETERS, prepare_interpreter_servers,
+                                 release_interpreter_servers)
+from .stats import Stats
 from .threads import release_thread_pool
-from .workers import MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers
-from ..memory import Mapping  # noqa: F401  (tests patch uffdpy.loader.Mapping.anonymous)
 
 __all__ = [
     "ClaimMap",
@@ -83,11 +75,3 @@ __all__ = [
     "release_interpreter_servers",
     "release_thread_pool",
 ]
-
-# Names the single-module loader had, kept importable from here: the
-# constants, and the private ones tests and scripts reach for.
-_COMPAT = (BLOCK_ALIGN, MiB, SnapshotLike, SourceLike, _LoaderBase, _open_source, _round_up,
-           CLAIMED, PLACED, UNCLAIMED, EAGER_READ_BYTES, SERVER_KINDS, BOUNCE, DIRECT, ZERO,
-           _fence, _protect_none, _Region, _SharedRegion, Server, INTERPRETER_START_TIMEOUT,
-           InterpreterServer, _interpreter_main, ProcessServer, ThreadServer, WorkerCounters,
-           DEFAULT_CHUNK_BYTES, MSG_BATCH, POPULATE_BYTES, PREFETCH_NICE, Workers, Mapping)
