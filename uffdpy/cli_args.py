@@ -9,11 +9,12 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 from . import sizes
 
-__all__ = ["tabulate", "parse_size", "integer", "positive_int", "non_negative_int",
+__all__ = ["tabulate", "parse_size", "bounded", "integer", "number", "positive_int",
+           "non_negative_int",
            "non_negative_float", "positive_float", "cpu", "ranges", "hot_fraction", "page_size_multiple",
            "chunk_size", "fraction", "qemu_size", "mib", "human", "Progress", "printable"]
 
@@ -32,42 +33,41 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+def _number(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def read(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value != value:                                   # NaN: no number at all
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        return value
+    return read
 
 
-def positive_int(text: str) -> int:
-    value = integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def bounded(read: Callable[[str], Any], ok: Callable[[Any], bool],
+            rule: str) -> Callable[[str], Any]:
+    """An argument type: ``read`` the text, then refuse a value that is not ``ok``, saying
+    ``must be RULE, not TEXT``."""
+    def check(text: str) -> Any:
+        value = read(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text.strip()}")
+        return value
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
+integer = _number(int, "an integer")
+number = _number(float, "a number")
+positive_int = bounded(integer, lambda v: v >= 1, "at least 1")
+non_negative_int = bounded(integer, lambda v: v >= 0, ">= 0")
+non_negative_float = bounded(number, lambda v: v >= 0, ">= 0")
+positive_float = bounded(number, lambda v: v > 0, "> 0")
+hot_fraction = bounded(number, lambda v: 0 < v <= 1, "in (0, 1]")
+fraction = bounded(number, lambda v: 0 <= v <= 1, "between 0 and 1")
+page_size_multiple = bounded(parse_size, lambda v: v > 0 and v % 4096 == 0,
+                             "a positive multiple of 4096")
+chunk_size = bounded(parse_size, lambda v: v >= 4096, "at least 4096 (one page)")
 
 
 def cpu(text: str) -> int:
@@ -90,34 +90,6 @@ def ranges(cpus: Sequence[int]) -> str:
         else:
             out.append(str(c))
     return ",".join(out)
-
-
-def hot_fraction(text: str) -> float:
-    value = non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
-
-
-def page_size_multiple(text: str) -> int:
-    value = parse_size(text)
-    if value <= 0 or value % 4096:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4096, not {value}")
-    return value
-
-
-def chunk_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 4096:
-        raise argparse.ArgumentTypeError(f"must be at least 4096 (one page), not {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
 
 
 def qemu_size(n: int) -> str:
