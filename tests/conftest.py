@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence
 
@@ -154,14 +153,8 @@ class Destination:
             {"capability": "postcopy-ram", "state": False},
             {"capability": "mapped-ram", "state": True}])
         self.qmp.call("migrate", uri=f"file:{path}")
-        deadline = time.monotonic() + 60
-        while True:
-            info = self.qmp.call("query-migrate")
-            if info.get("status") == "completed":
-                return Snapshot.open(path)
-            assert info.get("status") not in ("failed", "cancelled"), info
-            assert time.monotonic() < deadline, info
-            time.sleep(0.02)
+        self.qmp.wait_migration(timeout=60, poll=0.02)
+        return Snapshot.open(path)
 
     def close(self) -> None:
         self.qmp.close()

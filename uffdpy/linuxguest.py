@@ -67,7 +67,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from .errors import UffdpyError
 from .qemu import Qemu, QemuError
-from .qmp import QmpClient, QmpError
+from .qmp import MigrationFailed, QmpClient, QmpError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -599,16 +599,11 @@ def make_linux_guest_snapshot(out: PathLike, *, mem_mib: int = 256, fill_mib: in
                      capabilities=[{"capability": "mapped-ram", "state": True}])
             t_mig0 = time.monotonic()
             qmp.call("migrate", uri=f"file:{out_path}")
-            while True:
-                info = qmp.call("query-migrate")
-                status = info.get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise fail(f"migration {status}: {info.get('error-desc', info)}")
-                if time.monotonic() > deadline:
-                    raise fail(f"migration not completed within the timeout (status {status})")
-                time.sleep(0.05)
+            try:
+                info = qmp.wait_migration(timeout=max(1.0, deadline - time.monotonic()),
+                                          poll=0.05)
+            except (MigrationFailed, TimeoutError) as e:
+                raise fail(str(e)) from None
             t_mig1 = time.monotonic()
             result["migrate_info"] = {k: info[k] for k in ("total-time", "ram") if k in info}
 

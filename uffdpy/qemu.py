@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UffdpyError
-from .qmp import QmpClient, QmpError
+from .qmp import MigrationFailed, QmpClient, QmpError
 from .sizes import parse_size
 
 __all__ = ["Qemu", "QemuError", "VmConfig", "QemuVM", "Region", "random_region",
@@ -292,16 +292,12 @@ class QemuVM:
 
     def wait_migration(self) -> Dict[str, Any]:
         """Poll query-migrate until completed. Raises: QemuError on failure or timeout."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            info = self.cmd("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                return dict(info)
-            if status in ("failed", "cancelled"):
-                raise QemuError(f"migration {status}: {info.get('error-desc', info)}\n{self.log()}")
-            time.sleep(0.01)
-        raise QemuError(f"migration did not complete within {self.timeout}s")
+        if self.qmp is None:
+            raise QemuError("QEMU is not running")
+        try:
+            return self.qmp.wait_migration(timeout=self.timeout)
+        except (MigrationFailed, TimeoutError) as e:
+            raise QemuError(f"{e}\n{self.log()}") from None
 
     def save(self, path: str, *, mapped_ram: bool = True, multifd_channels: Optional[int] = None,
              offset: int = 0) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteE
 
 from .errors import UffdpyError
 
-__all__ = ["QmpClient", "QmpError"]
+__all__ = ["QmpClient", "QmpError", "MigrationFailed"]
 
 # qemu.qmp logs dropped late replies and disconnects as warnings; they are
 # reported through our exceptions instead.
@@ -88,6 +88,15 @@ def _unreachable(path: str, cause: Optional[BaseException]) -> str:
     if isinstance(cause, ConnectionRefusedError):
         return "nothing accepts connections on this socket (the QEMU that made it has exited?)"
     return f"did not accept a connection ({cause})"
+
+
+class MigrationFailed(UffdpyError, RuntimeError):
+    """A migration ended ``failed`` or ``cancelled``; ``desc`` is QEMU's ``error-desc``."""
+
+    def __init__(self, status: str, desc: str) -> None:
+        super().__init__(f"migration {status}" + (f": {desc}" if desc else ""))
+        self.status = status
+        self.desc = desc
 
 
 class QmpError(UffdpyError, RuntimeError):
@@ -267,6 +276,28 @@ class QmpClient:
                 raise ConnectionError(f"QMP {self.path}: the connection is gone "
                                       f"({type(e).__name__}: {e})") from None
             raise
+
+    def wait_migration(self, *, timeout: Optional[float] = None,
+                       poll: float = 0.01) -> Dict[str, Any]:
+        """Poll ``query-migrate`` until the migration (out or in) has completed; its info.
+
+        Raises: MigrationFailed (status ``failed`` or ``cancelled``, with QEMU's
+        ``error-desc``); TimeoutError after ``timeout`` (default :attr:`timeout`)
+        seconds, naming the last status; as :meth:`call`.
+        """
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while True:
+            info = dict(self.call("query-migrate"))
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise MigrationFailed(str(status), str(info.get("error-desc") or ""))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QMP {self.path}: the migration did not complete within "
+                                   f"{wait:g}s (status {status})")
+            time.sleep(poll)
 
     def send_fd(self, fd: int, name: str) -> None:
         """Pass ``fd`` to QEMU (``SCM_RIGHTS``) and name it ``name`` with ``getfd``.
