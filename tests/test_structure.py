@@ -127,7 +127,8 @@ def test_imports_for_types_and_in_functions_count(tmp_path: Path) -> None:
 #: the command line (and QemuProcess, the command's own QEMU)
 HARNESS = {"uffdpy.qemu", "uffdpy.linuxguest", "uffdpy.processcore", "uffdpy.workload",
            "uffdpy.bench", "uffdpy.bench_ws", "uffdpy.bench_resume", "uffdpy.plot",
-           "uffdpy.cli", "uffdpy.cli_ws", "uffdpy.cli_args", "uffdpy.needs",
+           "uffdpy.cli", "uffdpy.cli_ws", "uffdpy.cli_args", "uffdpy.cli_resume",
+           "uffdpy.needs",
            "uffdpy.resume.process", "uffdpy.__main__"}
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import sizes
 
-__all__ = ["tabulate", "parse_size", "bounded", "integer", "number", "positive_int",
+__all__ = ["sniff", "open_source", "tabulate", "parse_size", "bounded", "integer", "number", "positive_int",
            "non_negative_int",
            "non_negative_float", "positive_float", "cpu", "ranges", "hot_fraction", "page_size_multiple",
            "chunk_size", "fraction", "qemu_size", "mib", "human", "Progress", "printable"]
@@ -147,3 +148,44 @@ def printable(text: object) -> str:
         return s
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                    for c in s)
+
+
+# ------------------------------------------------------------------ the image named
+
+def sniff(args: argparse.Namespace) -> Tuple[bytes, bool]:
+    """The first bytes of the named file at ``--offset`` and whether it is a regular file.
+
+    One open, with the checks every command makes: an image is a regular file
+    or a block device, and not an empty one.
+    """
+    from .pagesource import FORMATS, ImageError, open_for_reading
+    fd = open_for_reading(args.snapshot)
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        empty = regular and st.st_size == 0
+        head = os.pread(fd, 8, args.offset)
+    finally:
+        os.close(fd)
+    if empty:
+        raise ImageError(args.snapshot, None, "the file is empty", hint="an image holds at "
+                         "least the headers of " + " or ".join(f.description for f in FORMATS))
+    return head, regular
+
+
+def open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
+    """The image named on the command line, of whichever format its first bytes say."""
+    from .pagesource import FORMATS, ImageError, format_of
+    if head is None:
+        head, _ = sniff(args)
+    fmt = format_of(head)
+    if fmt is None:
+        raise ImageError(args.snapshot, args.offset, "file magic",
+                         " or ".join(f.describe() for f in FORMATS),
+                         head[:4].hex(" ") or "end of file")
+    if fmt.takes_offset:
+        return fmt.cls().open(args.snapshot, offset=args.offset)
+    if args.offset:
+        raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
+                         f"only, and this is {fmt.description}")
+    return fmt.cls().open(args.snapshot)

@@ -1,0 +1,421 @@
+"""The resume commands of ``uffdpy``: ``resume`` (the stream or ``--map``) and ``qemu-args``.
+
+Kept apart from :mod:`uffdpy.cli`, which lists them in its ``COMMANDS`` (the
+argument functions and the functions that run them live here, side by
+side).  A resume into a QEMU that uffdpy starts (the ``--`` form) ends with
+that QEMU running and its directory removed when it exits, or, on failure,
+with QEMU stopped and its own last error line in the one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from .cli_args import (Progress, human, non_negative_float, non_negative_int, open_source,
+                       positive_float, positive_int, sniff, tabulate)
+from .needs import needs_line
+from .outcome import Outcome
+
+__all__ = ["cmd_resume", "cmd_qemu_args", "resume_arguments", "qemu_args_arguments"]
+
+
+def _resume_table(stats: Dict[str, Any]) -> str:
+    lat = stats["request_service_us"]
+    rows = [
+        ("guest running after", "-" if stats["time_to_running_s"] is None
+         else f"{stats['time_to_running_s'] * 1e3:.1f} ms"),
+        ("migration completed after", "-" if stats["time_to_complete_s"] is None
+         else f"{stats['time_to_complete_s']:.3f} s"),
+        ("page requests", stats["page_requests"]),
+        ("pages sent on request", stats["pages_requested"]),
+        ("pages streamed", stats["pages_streamed"]),
+        ("pages sent around requests", stats["pages_around"]),
+        ("zero pages sent", stats["zero_pages_sent"]),
+        ("duplicate requests", stats["duplicate_requests"]),
+        ("bytes sent", stats["bytes_sent"]),
+        ("request service p50/p99/max", "-" if lat["p50"] is None
+         else f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} us"),
+        ("source CPU", "-" if stats.get("source_cpu_s") is None
+         else f"{stats['source_cpu_s']:.3f} s"),
+    ]
+    if stats.get("auto_recoveries"):
+        rows.append(("automatic recoveries", stats["auto_recoveries"]))
+    if stats["recovered"]:
+        rows.append(("pages already received", stats["pages_already_received"]))
+    return tabulate(rows, tablefmt="plain")
+
+
+def _check_writable(path: str) -> None:
+    """Refuse, before anything starts, an output file that could not be written at the end."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a file to write")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {directory} (permission denied)")
+
+
+def cmd_resume(args: argparse.Namespace) -> Outcome:
+    qemu_cmd = list(args.qemu)
+    forms = sum(x is not None and x != [] for x in (args.qmp, args.connect, qemu_cmd or None))
+    if forms != 1:
+        raise ValueError("give one of --qmp SOCK, --connect ADDR, or -- QEMU ARGS...")
+    if args.map:
+        return _resume_mapped(args, qemu_cmd)
+    if args.warm is not None:
+        raise ValueError("--warm applies to --map only (it warms the page cache of a mapped file)")
+    if args.paused and not qemu_cmd and not args.map:
+        raise ValueError("--paused applies to the '-- QEMU ARGS' form; with --qmp the "
+                         "destination's own -S decides")
+    if args.recover and args.qmp is None:
+        raise ValueError("--recover needs --qmp SOCK (migrate-recover is a QMP command)")
+    if args.recover and args.working_set:
+        raise ValueError("a working set applies to a fresh resume, not to --recover")
+    if args.trace and not args.json:
+        raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
+    if args.ws_placement != "after-run" and not args.working_set:
+        raise ValueError("--ws-placement applies with --working-set FILE only")
+    from .workingset import load_for
+    # refused before QEMU starts, and kept open: the file checked is the file served
+    snap = _open_snapshot(args.snapshot)
+    try:
+        load_for(args.working_set, snap)           # a working set of another snapshot too
+        if args.record_ws:
+            _check_writable(args.record_ws)
+        return _resume_stream(args, qemu_cmd, snap)
+    finally:
+        snap.close()
+
+
+def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> Outcome:
+    """``resume`` without ``--map``: the postcopy stream, supervised unless ``--connect``."""
+    from .resume.destination import DestinationError
+    from .resume.supervise import BeforeRun, SupervisedResume
+    fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
+    background_delay = args.background_delay or 0.0
+    background_idle: Optional[float] = None
+    if args.record_ws and args.fault_around is None and args.background_delay is None \
+            and not args.no_background:
+        # a recording is of the guest's own demand: nothing sent ahead of it
+        fault_around, background_idle = 0, RECORD_IDLE_S
+        print(f"uffdpy: recording the guest's whole demand: no fault-around, and the stream "
+              f"waits until the guest asked for nothing for {RECORD_IDLE_S:g} s (give "
+              "--fault-around or --background-delay to choose otherwise)", file=sys.stderr)
+    options = dict(background=not args.no_background, background_delay=background_delay,
+                   background_idle=background_idle, preempt=args.preempt,
+                   batch_pages=args.batch_pages, fault_around_pages=fault_around,
+                   demand_yield_ms=args.demand_yield_ms, record_ws=args.record_ws,
+                   working_set=args.working_set, ws_placement=args.ws_placement,
+                   trace=args.trace)
+    proc: Optional[Any] = None
+    if qemu_cmd:
+        from .resume.process import QemuProcess
+        proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
+    qmp = proc.qmp_path if proc is not None else args.qmp
+    finished = False
+    progress = Progress("resuming", not args.json)
+    try:
+        if proc is not None:
+            try:
+                info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
+                                        timeout=args.timeout, progress=progress.update,
+                                        alive=proc.alive, **options).run()
+            except BeforeRun:
+                # its server died before the guest ran: QEMU takes one incoming
+                # migration, and ours is the only one; start it again, once
+                proc.kill()
+                proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
+                info = SupervisedResume(snap, qmp=proc.qmp_path,
+                                        transport=args.transport, timeout=args.timeout,
+                                        progress=progress.update, alive=proc.alive,
+                                        **options).run()
+        elif args.connect is not None:           # no QMP: nothing to recover with, one process
+            from .resume.postcopy import Resume
+            with Resume(snap, connect=args.connect, transport=args.transport,
+                        timeout=args.timeout, **options) as resume:
+                while True:
+                    try:
+                        resume.wait(0.1)
+                        break
+                    except TimeoutError:
+                        progress.update(*resume.progress())
+                info = resume.report()
+        else:
+            info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
+                                    recover=args.recover, timeout=args.timeout,
+                                    progress=progress.update, **options).run()
+        progress.finish()
+        finished = True
+    except (DestinationError, ConnectionError, TimeoutError) as e:
+        failed, proc = proc, None
+        raise _resume_error(failed, e, snap) from None
+    except KeyboardInterrupt as e:
+        if proc is not None:
+            if e.args and isinstance(e.args[0], str):         # the guest ran: it can be saved
+                e.args = (f"{e.args[0]}; the destination QEMU (pid {proc.pid}) runs on: "
+                          f"to end it instead, kill -9 {proc.pid}",)
+                proc.leave_running()
+            else:                                             # nothing was sent: stop it
+                proc.kill()
+                e.args = ("interrupted before the stream began; the destination QEMU "
+                          "was stopped",)
+            proc = None
+        raise
+    finally:
+        if proc is not None and not finished:
+            _left_as_it_is(proc)
+    if proc is not None:
+        proc.leave_running()
+    if args.record_ws:
+        info["working_set_recorded"] = args.record_ws
+    return _resumed(_resume_table, info, proc, "paused (-S)" if args.paused else "running")
+
+
+#: QEMU's words for a destination made unlike the saved machine
+_MISMATCH = re.compile(r"Unknown savevm section|[Ll]ength mismatch|[Ss]ize mismatch|"
+                       r"Machine type received|Unknown ramblock|doesn't match")
+
+
+def _with_needs(error: BaseException, snap: Any) -> BaseException:
+    """A refusal that says the destination differs gets what the snapshot needs added."""
+    from .resume.destination import DestinationError
+    if isinstance(error, DestinationError) and _MISMATCH.search(str(error)):
+        return DestinationError(error.message, f"{error.reason}; the snapshot needs: "
+                                f"{needs_line(snap)} (uffdpy inspect shows what it cannot "
+                                "tell)" if error.reason else None)
+    return error
+
+
+def _resumed(table: Callable[[Dict[str, Any]], str], info: Dict[str, Any], proc: Any,
+             state: str) -> Outcome:
+    """A resume's outcome: its table, and where the QEMU uffdpy started runs."""
+    if proc is not None:
+        info["qemu_pid"] = proc.pid
+        info["qmp_socket"] = proc.qmp_path
+    text = table(info)
+    if proc is not None:
+        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
+    return Outcome(text, info)
+
+
+def _resume_error(proc: Optional[Any], error: BaseException, snap: Any) -> BaseException:
+    """A failed resume's one-line error: QEMU's words when uffdpy started it (it is then
+    stopped), and what the snapshot needs when the destination differs."""
+    return _with_needs(_own_qemu_failed(proc, error) if proc is not None else error, snap)
+
+
+def _own_qemu_failed(proc: Any, error: BaseException) -> BaseException:
+    """The one-line error for a resume into a QEMU uffdpy started; that QEMU is stopped.
+
+    QEMU's own last error line is the most precise reason there is: after a
+    refused stream, or when QEMU exited during start-up (a missing
+    ``-display none``, a bad option) and nothing answered on its QMP socket.
+    """
+    from .resume.destination import DestinationError
+    time.sleep(0.05)                               # let QEMU finish writing its error
+    exited = not proc.alive()
+    said = proc.last_error()
+    proc.kill()                                    # and its directory goes with it
+    if exited and not isinstance(error, DestinationError):
+        return DestinationError(f"the destination QEMU exited ({proc.proc.returncode})",
+                                said or "it said nothing")
+    message = error.message if isinstance(error, DestinationError) else str(error)
+    if said:
+        return DestinationError(message, said)
+    return error
+
+
+def _left_as_it_is(proc: Any) -> None:
+    """After a failure: a live QEMU is left (its directory goes when it exits), a dead one
+    is cleaned up."""
+    if proc.alive():
+        print(f"uffdpy: the destination QEMU (pid {proc.pid}) is left as it is; "
+              f"QMP socket {proc.qmp_path}", file=sys.stderr)
+        proc.leave_running()
+    else:
+        proc.kill()
+
+
+#: data pages sent right behind a requested one, unless recording (postcopy.DEFAULT_FAULT_AROUND)
+DEFAULT_FAULT_AROUND = 32
+
+
+#: with --record-ws alone the stream starts once the guest asked for nothing this long
+RECORD_IDLE_S = 1.0
+
+
+#: resume options that only the postcopy stream has: (option, dest, default)
+_STREAM_ONLY = (("--preempt", "preempt", False), ("--recover", "recover", False),
+                ("--no-background", "no_background", False),
+                ("--background-delay", "background_delay", None),
+                ("--batch-pages", "batch_pages", 32), ("--fault-around", "fault_around", None),
+                ("--demand-yield-ms", "demand_yield_ms", 2.0), ("--record-ws", "record_ws", None),
+                ("--ws-placement", "ws_placement", "after-run"), ("--trace", "trace", False))
+
+
+def _map_table(stats: Dict[str, Any]) -> str:
+    rows = [
+        ("guest running after", "-" if stats["time_to_running_s"] is None
+         else f"{stats['time_to_running_s'] * 1e3:.1f} ms"),
+        ("device state loaded after", "-" if stats["time_to_complete_s"] is None
+         else f"{stats['time_to_complete_s'] * 1e3:.1f} ms"),
+        ("set-up before the connect", f"{stats['prepare_s'] * 1e3:.1f} ms"),
+        ("blocks mapped", f"{', '.join(stats['blocks_mapped'])} "
+                          f"({human(stats['mapped_bytes'])}, copy-on-write)"),
+        ("blocks streamed", len(stats["blocks_streamed"])),
+        ("pages sent", stats["pages_sent"]),
+        ("stale pages zeroed", stats["stale_zero_pages"]),
+        ("bytes sent", stats["bytes_sent"]),
+    ]
+    if stats.get("warm_pages") or stats.get("warm_error"):
+        rows.append(("pages warmed", stats["warm_pages"]))
+    if stats.get("warm_error"):
+        rows.append(("warm-up stopped", stats["warm_error"]))
+    return tabulate(rows, tablefmt="plain")
+
+
+def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
+    """``resume --map``: QEMU maps the snapshot as guest RAM; uffdpy sends the device state."""
+    if args.connect is not None:
+        raise ValueError("--map needs --qmp SOCK or -- QEMU ARGS: through --connect uffdpy "
+                         "cannot see whether the destination's RAM maps this snapshot")
+    given = [opt for opt, dest, default in _STREAM_ONLY if getattr(args, dest) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to the postcopy stream, not to --map")
+    if args.warm == "ws" and not args.working_set:
+        raise ValueError("--warm ws needs --working-set FILE.ws")
+    from .resume.destination import DestinationError
+    from .resume.mapped import MapResume, map_qemu_command
+    from .resume.process import QemuProcess
+    from .workingset import load_for
+    with _open_snapshot(args.snapshot) as snap:      # refused before QEMU starts
+        load_for(args.working_set, snap)             # a working set of another snapshot too
+        proc: Optional[Any] = None
+        if qemu_cmd:
+            proc = QemuProcess(map_qemu_command(qemu_cmd, snap), paused=True,
+                               timeout=args.timeout)
+        qmp = proc.qmp_path if proc is not None else args.qmp
+        finished = False
+        resume: Optional[Any] = None
+        try:
+            resume = MapResume(snap, qmp=qmp, paused=args.paused, transport=args.transport,
+                               working_set=args.working_set, warm=args.warm,
+                               timeout=args.timeout,
+                               alive=proc.alive if proc is not None else None)
+            progress = Progress("warming", not args.json)
+            while not resume.wait_warm(0.1):
+                progress.update(*resume.progress())
+            progress.finish()
+            finished = True
+        except (DestinationError, ConnectionError, TimeoutError) as e:
+            failed, proc = proc, None
+            raise _resume_error(failed, e, snap) from None
+        finally:
+            if resume is not None:
+                resume.close()
+            if proc is not None and not finished:
+                proc.kill()                          # a mapped VM half set up is of no use
+        info = resume.report()
+        if proc is not None:
+            proc.leave_running()
+    return _resumed(_map_table, info, proc, "paused" if args.paused else "running")
+
+
+def cmd_qemu_args(args: argparse.Namespace) -> Outcome:
+    import shlex
+    from .resume.mapped import map_arguments
+    with _open_snapshot(args.snapshot) as snap:
+        words = map_arguments(snap)
+    return Outcome(" ".join(shlex.quote(w) for w in words), {"args": words})
+
+
+def _open_snapshot(path: str) -> Any:
+    """A mapped-ram snapshot for ``resume`` and ``qemu-args``, refused in the words
+    ``inspect`` uses (a file of no known format, or an ELF core, named as such)."""
+    from .mappedram import Snapshot
+    from .pagesource import ImageError
+    args = argparse.Namespace(snapshot=path, offset=0)
+    head, _ = sniff(args)
+    image = open_source(args, head)
+    if image.format != "mapped-ram":
+        from .pagesource import FORMATS
+        description = next((f.description for f in FORMATS if f.name == image.format),
+                           image.format)
+        image.close()
+        raise ImageError(path, 0, f"this is {description}, not a QEMU mapped-ram snapshot",
+                         hint="uffdpy convert writes one from a guest memory dump")
+    image.close()
+    return Snapshot.open(path)
+
+
+def resume_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
+    sp.set_defaults(qemu=[])     # filled by main() from the words after "--"
+    sp.add_argument("--qmp", metavar="SOCK",
+                    help="QMP socket of a destination started with -incoming defer")
+    sp.add_argument("--connect", metavar="ADDR",
+                    help="an address the destination already listens on: unix:PATH, "
+                         "tcp:HOST:PORT or fd:N (its postcopy-ram capability must be on)")
+    sp.add_argument("--transport", choices=("unix", "tcp", "fd"), default="unix",
+                    help="with --qmp or --: how to reach the destination (default unix)")
+    sp.add_argument("--map", action="store_true",
+                    help="QEMU maps the snapshot file itself as guest RAM, copy-on-write, and "
+                         "uffdpy sends only the device state and the firmware's pages: the "
+                         "guest runs at full speed in milliseconds and clones share every page "
+                         "none of them wrote (a local file that stays unchanged while any "
+                         "clone runs; with --: the mapping arguments are added)")
+    sp.add_argument("--warm", choices=("ws", "all"), default=None,
+                    help="with --map: read the --working-set's pages (ws, the default with "
+                         "--working-set) or them and then the whole file (all) into the page "
+                         "cache, in the background, while the guest runs")
+    sp.add_argument("--paused", action="store_true",
+                    help="with --: start QEMU with -S, so the VM stays paused after resume; "
+                         "with --map (any form): leave the VM paused after the load")
+    sp.add_argument("--no-background", action="store_true",
+                    help="serve page requests only, never stream (the load completes only "
+                         "when the guest has asked for every data page; Ctrl-C leaves the "
+                         "destination postcopy-paused, for --recover)")
+    sp.add_argument("--background-delay", type=non_negative_float, default=None, metavar="S",
+                    help="serve requests only for the first S seconds, then stream (default 0; "
+                         "with --record-ws alone: until the guest has been idle 1 s)")
+    sp.add_argument("--preempt", action="store_true",
+                    help="send requested pages on QEMU's postcopy-preempt channel")
+    sp.add_argument("--recover", action="store_true",
+                    help="with --qmp: finish a load whose source died (postcopy-paused)")
+    sp.add_argument("--batch-pages", type=positive_int, default=32, metavar="N",
+                    help="data pages per background section (default 32)")
+    sp.add_argument("--fault-around", type=non_negative_int, default=None, metavar="N",
+                    help="data pages sent right behind each requested page (default 32; "
+                         "0 with --record-ws alone)")
+    sp.add_argument("--demand-yield-ms", type=non_negative_float, default=2.0, metavar="MS",
+                    help="the background stream pauses this long after each request "
+                         "(default 2; 0: never)")
+    sp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
+                    help="bound on each QMP call and connection (default 30)")
+    sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
+                    help="write the pages the guest requested, in order of first request; "
+                         "alone, it records the guest's whole demand: no fault-around, and "
+                         "the stream held back until the guest has been idle 1 s (it says so "
+                         "on stderr)")
+    sp.add_argument("--working-set", metavar="FILE.ws", default=None,
+                    help="send these recorded pages first, then the rest in file order "
+                         "(with --map: read them into the page cache first)")
+    sp.add_argument("--ws-placement", choices=("after-run", "before-run"), default="after-run",
+                    help="send the working set right after RUN (default) or as precopy "
+                         "pages before it")
+    sp.add_argument("--trace", action="store_true",
+                    help="with --json: keep when each page was sent and why (for uffdpy plot)")
+    sp.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+
+def qemu_args_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("snapshot", metavar="SNAP", help="a QEMU mapped-ram snapshot")
+    sp.add_argument("--map", action="store_true", required=True,
+                    help="the arguments that map the snapshot's RAM copy-on-write (required: "
+                         "the only kind there is today)")
+    sp.add_argument("--json", action="store_true", help="print the arguments as a JSON list")
