@@ -549,6 +549,7 @@ def test_size_parser_names_what_is_not_a_size(text: str) -> None:
 
 # ---------------------------------------------------------------------- the first hour's words
 
+@pytest.mark.kernel
 def test_first_hour_messages(synth16: Path, tmp_path: Path) -> None:
     """Each of the frictions a newcomer met, in the words they now get."""
     proc = uffdpy("resume", synth16, "qemu-system-x86_64", "-m", "16M")
@@ -573,6 +574,7 @@ def test_first_hour_messages(synth16: Path, tmp_path: Path) -> None:
     assert "complete/QEMU" not in out and "reference given" not in out and "C COPY" not in out
 
 
+@pytest.mark.kernel
 def test_output_modes_follow_what_the_file_holds(synth16: Path, tmp_path: Path) -> None:
     """Guest memory (snapshots, dumps) 0600; recordings and pictures 0644 (less the umask)."""
     old = os.umask(0o022)
@@ -586,6 +588,7 @@ def test_output_modes_follow_what_the_file_holds(synth16: Path, tmp_path: Path) 
     assert modes == {"m.img": 0o600, "d.raw": 0o600, "r.ws": 0o644}, modes
 
 
+@pytest.mark.kernel
 def test_ws_inspect_says_the_recording_belongs(synth16: Path, tmp_path: Path) -> None:
     ok("load", synth16, "--record-ws", tmp_path / "r.ws", "--touch", "50")
     out = ok("ws", "inspect", tmp_path / "r.ws", "--snapshot", synth16)
