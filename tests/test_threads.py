@@ -38,7 +38,7 @@ def test_priority_and_cpus_come_back_after_a_task() -> None:
         tid = threading.get_native_id()
         before["nice"] = os.getpriority(os.PRIO_PROCESS, tid)
         before["cpus"] = os.sched_getaffinity(tid)
-        before["ident"] = threading.get_native_id()    # a TID: not reused soon, unlike a pthread_t
+        before["ident"] = threading.get_native_id()    # a TID: not soon reused
         os.setpriority(os.PRIO_PROCESS, tid, before["nice"] + 5)    # as a prefetcher does
         os.sched_setaffinity(tid, {min(before["cpus"])})             # as server_cpu does
 
