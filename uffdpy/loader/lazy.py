@@ -49,7 +49,8 @@ from .server_interpreter import InterpreterServer
 from .server_process import ProcessServer
 from .server_thread import ThreadServer
 from .stats import Stats
-from .workers import WakeFd, Workers
+from ..wake import WakeFd
+from .workers import Workers
 from ..pagesource import PathLike
 from ..workingset import WorkingSet, load_for, snapshot_identity
 

@@ -80,7 +80,8 @@ from .errors import LoaderError
 from .options import WorkerOptions
 from .placement import Region
 from .stats import LIVE_FIELDS, Stats
-from .workers import WakeFd, Workers
+from ..wake import WakeFd
+from .workers import Workers
 
 __all__ = ["Job", "MappedFile", "Report", "Server", "STOP_TIMEOUT"]
 

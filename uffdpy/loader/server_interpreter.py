@@ -24,7 +24,8 @@ from .options import WorkerOptions
 from .placement import Region, SharedRegion, fence
 from .server import STOP_TIMEOUT, Job, Report, Server
 from .threads import start_thread
-from .workers import WakeFd, Workers, eventfd, signal_fd
+from ..wake import WakeFd, eventfd, signal_fd
+from .workers import Workers
 
 __all__ = ["HAVE_INTERPRETERS", "InterpreterServer", "prepare_interpreter_servers",
            "release_interpreter_servers"]

@@ -44,7 +44,6 @@ import ctypes
 import functools
 import os
 import select
-import struct
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -59,6 +58,7 @@ from .options import WorkerOptions
 from .placement import DIRECT, Placer, Region
 from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool, run_pooled, start_thread
+from ..wake import WakeFd
 
 MiB = 1 << 20
 #: Prefetch threads run this much nicer than the fault loop (and the guest's
@@ -515,43 +515,3 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except OSError:
         pass
-
-
-class WakeFd:
-    """The eventfd that wakes a fault loop out of ``poll``: signalled from any
-    thread, closed once, and a signal after the close does nothing.
-
-    The loader makes it and closes it at teardown; the workers and the
-    servers only signal it.  ``WakeFd(fd)`` wraps one made elsewhere (a
-    subinterpreter's workers get the loader's fd number) and is never closed
-    by whoever holds it that way.
-    """
-
-    def __init__(self, fd: Optional[int] = None) -> None:
-        self.fd = eventfd() if fd is None else fd
-        self._lock = threading.Lock()
-
-    def signal(self) -> None:
-        with self._lock:
-            if self.fd >= 0:
-                signal_fd(self.fd)
-
-    def close(self) -> None:
-        """Close the eventfd (idempotent): after this, signals are dropped."""
-        with self._lock:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-
-
-def signal_fd(fd: int) -> None:
-    try:
-        os.write(fd, struct.pack("=Q", 1))
-    except (BlockingIOError, OSError):
-        pass  # already signalled (counter full) or closed during shutdown
-
-
-def eventfd() -> int:
-    if hasattr(os, "eventfd"):
-        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    return ioctl.libc.eventfd(0, ioctl.EFD_CLOEXEC | ioctl.EFD_NONBLOCK)  # Python < 3.10

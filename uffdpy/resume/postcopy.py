@@ -67,6 +67,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .. import migstream as ms
 from ..latency import EMPTY, percentiles
+from ..wake import WakeFd
 from ..mappedram import Snapshot, TARGET_PAGE_SIZE
 from ..pagesource import PathLike
 from ..qmp import QmpError
@@ -342,7 +343,7 @@ class Resume:
         self._error: Optional[BaseException] = None
         self._stop = False
         self._aborted = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_fd = WakeFd()
         self._latencies: List[float] = []
         self._done = threading.Event()
         self._connected_wall = 0.0
@@ -531,7 +532,7 @@ class Resume:
         shut = False
         poller = select.poll()
         main_fd = main.sock.fileno()
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake_fd.fd, select.POLLIN)
         latencies = self._latencies
 
         def served(t: float) -> None:
@@ -596,11 +597,8 @@ class Resume:
             else:
                 wait_ms = 200
             for fd, ev in poller.poll(min(wait_ms, 200)):
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        pass
+                if fd == self._wake_fd.fd:
+                    self._wake_fd.drain()
                     continue
                 if fd != main_fd:
                     # the preempt channel: the destination closes it when it is done
@@ -915,10 +913,7 @@ class Resume:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        self._wake_fd.signal()
 
     def wait(self, timeout: Optional[float] = None) -> ResumeStats:
         """Wait until the migration completed; return the stats.
@@ -1044,10 +1039,7 @@ class Resume:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        self._wake_fd.close()
 
     def __enter__(self) -> "Resume":
         return self
