@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench_fault's C 
 from bench_fault import Comparator  # noqa: E402
 from uffdpy.bench import run_bench  # noqa: E402
 from uffdpy.cli import parse_size  # noqa: E402
-from uffdpy.mappedram import make_synthetic  # noqa: E402
+from uffdpy.synthetic import make_synthetic  # noqa: E402
 
 QUICK_SIZE = 16 << 20
 

@@ -24,7 +24,8 @@ import pytest
 from uffdpy.loader import (EagerLoader, LazyLoader, LoaderError, ServerDiedError,
                            prepare_interpreter_servers, release_interpreter_servers,
                            release_thread_pool)
-from uffdpy.mappedram import MappedRamError, Snapshot, make_synthetic
+from uffdpy.mappedram import MappedRamError, Snapshot
+from uffdpy.synthetic import make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 

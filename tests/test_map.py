@@ -63,7 +63,7 @@ def kill(pid: int) -> None:
 
 def test_map_qemu_command_rewrites_user_backends(tmp_path: Path) -> None:
     """A NUMA guest's memory-backend-ram objects become file-backed; other words stay."""
-    from uffdpy.mappedram import make_synthetic
+    from uffdpy.synthetic import make_synthetic
     snap_path = tmp_path / "s,1.img"                 # a comma in the path: doubled for QEMU
     make_synthetic(snap_path, size=1 << 20, fill=0.5, seed=1)
     with Snapshot.open(snap_path) as snap:
@@ -300,7 +300,7 @@ def test_wrong_destination_refused_before_anything_is_sent(firmware: Dict[str, A
 
 
 def test_map_argument_errors(tmp_path: Path) -> None:
-    from uffdpy.mappedram import make_synthetic
+    from uffdpy.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=1 << 20, fill=0.5, seed=1)
     assert "--map needs --qmp" in one_line_error(
@@ -420,7 +420,7 @@ def test_warm_up_reads_the_working_set_into_a_cold_page_cache(firmware: Dict[str
 @pytest.mark.qemu
 def test_cli_bench_clones_one_round(qemu_binary: str, tmp_path: Path) -> None:
     """``bench --resume --clones 2``: both kinds of guest started, their Pss summed."""
-    from uffdpy.mappedram import make_synthetic
+    from uffdpy.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=16 << 20, fill=0.5, seed=4)
     proc = run_uffdpy("bench", snap, "--resume", "--clones", "2", "--rounds", "1", "--request",

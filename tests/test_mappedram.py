@@ -15,8 +15,8 @@ import pytest
 
 from uffdpy import mappedram, pagesource
 from uffdpy.mappedram import (BlockSpec, DeviceSection, MappedRamError, NotMappedRamError,
-                              RamBlock, Snapshot, make_synthetic, rewrite_snapshot,
-                              synthetic_run_data, synthetic_runs, write_snapshot)
+                              RamBlock, Snapshot, rewrite_snapshot, write_snapshot)
+from uffdpy.synthetic import make_synthetic, synthetic_run_data, synthetic_runs
 
 PAGE = 4096
 MiB = 1 << 20

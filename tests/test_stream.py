@@ -20,7 +20,8 @@ from typing import Dict, Iterator, Tuple
 import pytest
 
 from uffdpy import migstream as ms
-from uffdpy.mappedram import Snapshot, make_synthetic
+from uffdpy.mappedram import Snapshot
+from uffdpy.synthetic import make_synthetic
 from uffdpy.resume import Resume, ResumeError
 from uffdpy.workingset import WorkingSet, snapshot_identity
 

@@ -17,7 +17,8 @@ import pytest
 
 from uffdpy import linuxguest
 from helpers import LAZY_SERVERS, eventually
-from uffdpy.mappedram import Snapshot, make_synthetic
+from uffdpy.mappedram import Snapshot
+from uffdpy.synthetic import make_synthetic
 from uffdpy.resume import QemuProcess, Resume
 from uffdpy.workingset import WorkingSet, WorkingSetError, jaccard, merge, snapshot_identity
 

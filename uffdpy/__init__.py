@@ -43,7 +43,7 @@ _EXPORTS = {
     "NotMappedRamError": "mappedram",
     "write_snapshot": "mappedram",
     "rewrite_snapshot": "mappedram",
-    "make_synthetic": "mappedram",
+    "make_synthetic": "synthetic",
     "open_image": "pagesource",
     "ImageError": "pagesource",
     "PageSource": "pagesource",

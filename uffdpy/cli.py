@@ -258,7 +258,7 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
 # -------------------------------------------------------------------------- make
 
 def cmd_make(args: argparse.Namespace) -> Outcome:
-    from .mappedram import make_synthetic
+    from .synthetic import make_synthetic
     from .pagesource import memory_limit, memory_limit_origin
     limit = memory_limit()
     if args.size > limit:
@@ -348,7 +348,8 @@ def _read_through(path: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> Outcome:
     from .loader import EagerLoader, LazyLoader
-    from .mappedram import Snapshot, make_synthetic
+    from .mappedram import Snapshot
+    from .synthetic import make_synthetic
     from .workload import latency_summary, run_access, verify
     import statistics
     import tempfile
