@@ -1,11 +1,14 @@
 """Small helpers shared by test files: what this process holds right now, and more."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Type
+from typing import Dict, Iterator, List, Sequence, Tuple, Type
 
 from uffdpy.loader import HAVE_INTERPRETERS
 
@@ -83,3 +86,61 @@ def write_files(folder: Path, contents: Dict[str, bytes], suffix: str) -> List[P
         path.write_bytes(content)
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------ running the command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def uffdpy_cmd(*args: object) -> List[str]:
+    return [sys.executable, "-m", "uffdpy", *map(str, args)]
+
+
+def run_uffdpy(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(uffdpy_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def popen_uffdpy(*args: object) -> "subprocess.Popen[str]":
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(uffdpy_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uffdpy: error: "), proc.stderr
+    return lines[0]
+
+
+def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30) -> int:
+    """The pid of the stream's server, the child ``uffdpy resume`` forks to connect and serve
+    (not the QEMU it may have started, its other child)."""
+    deadline = time.monotonic() + timeout
+    path = f"/proc/{supervisor.pid}/task/{supervisor.pid}/children"
+    while True:
+        with open(path) as f:
+            children = f.read().split()
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as f:
+                    if not f.read().startswith("qemu"):
+                        return int(child)
+            except FileNotFoundError:
+                pass
+        assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.poll()
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def running(proc: "subprocess.Popen[str]") -> Iterator["subprocess.Popen[str]"]:
+    """``proc`` while the block runs; killed and reaped after it if it still runs."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)

@@ -26,7 +26,8 @@ from uffdpy.resume.mapped import (MapResume, backend_object, map_arguments, map_
                                   stale_pages)
 
 from conftest import LINUX_GUEST_SEED  # noqa: E402
-from test_resume import assert_ram_equals, guest_args, one_line_error, run_uffdpy
+from helpers import one_line_error, run_uffdpy  # noqa: E402
+from test_resume import assert_ram_equals, guest_args
 
 pytestmark = pytest.mark.timeout(300)
 

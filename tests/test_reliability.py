@@ -25,8 +25,8 @@ from uffdpy.resume import Resume
 from uffdpy.resume.destination import QemuDestination
 
 from conftest import LINUX_GUEST_SEED  # noqa: E402
-from test_resume import (assert_ram_equals, guest_args, one_line_error, popen_uffdpy,
-                         run_uffdpy, server_of)
+from helpers import one_line_error, popen_uffdpy, run_uffdpy, running, server_of  # noqa: E402
+from test_resume import assert_ram_equals, guest_args
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
 
@@ -87,17 +87,13 @@ def test_server_killed_early_is_recovered(guest: Dict[str, Any], destination: An
     the command's own QMP session can still run migrate-recover."""
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
-    source = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json")
-    try:
+    with running(popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock,
+                              "--json")) as source:
         server = server_of(source)
         dst.qmp.wait_event("RESUME", timeout=30)
         time.sleep(after_ms / 1000)
         os.kill(server, signal.SIGKILL)
         out, err = source.communicate(timeout=120)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate(timeout=30)
     assert source.returncode == 0, err
     assert json.loads(out)["auto_recoveries"] == 1
     assert status(dst) == "completed"
@@ -110,14 +106,10 @@ def test_server_killed_at_its_fork_the_command_still_runs_the_guest(
     or between its connect and the device state (QEMU fails that load: the -- form starts
     QEMU again and retries); either way the command ends with the guest running."""
     args, req = guest_args(guest, short_tmp)
-    source = popen_uffdpy("resume", guest["snapshot"], "--json", "--", qemu_binary, *args)
-    try:
+    with running(popen_uffdpy("resume", guest["snapshot"], "--json", "--", qemu_binary,
+                              *args)) as source:
         os.kill(server_of(source), signal.SIGKILL)
         out, err = source.communicate(timeout=180)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate(timeout=30)
     assert source.returncode == 0, err
     stats = json.loads(out)
     try:
@@ -133,17 +125,12 @@ def test_preempt_server_killed_is_recovered_with_its_preempt_channel(
     """With --preempt the recovery reopens the preempt channel (QEMU waits for it)."""
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
-    source = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json",
-                          "--preempt", "--background-delay", "1")
-    try:
+    with running(popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--json",
+                              "--preempt", "--background-delay", "1")) as source:
         dst.qmp.wait_event("RESUME", timeout=30)
         assert answers(req)
         os.kill(server_of(source), signal.SIGKILL)
         out, err = source.communicate(timeout=120)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate(timeout=30)
     assert source.returncode == 0, err
     assert json.loads(out)["auto_recoveries"] == 1
     assert status(dst) == "completed"
@@ -195,17 +182,12 @@ def test_interrupt_names_the_recover_command(guest: Dict[str, Any], destination:
                                              short_tmp: str, sig: int, code: int) -> None:
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
-    source = popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock,
-                          "--background-delay", "60")
-    try:
+    with running(popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock,
+                              "--background-delay", "60")) as source:
         dst.qmp.wait_event("RESUME", timeout=30)
         assert answers(req)
         source.send_signal(sig)
         _, err = source.communicate(timeout=60)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate(timeout=30)
     assert source.returncode == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "postcopy-paused" in lines[0], err

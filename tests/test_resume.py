@@ -14,7 +14,6 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -28,6 +27,8 @@ from uffdpy.qmp import QmpClient
 from uffdpy.resume import Resume
 
 from conftest import LINUX_GUEST_SEED  # noqa: E402
+from helpers import (one_line_error, popen_uffdpy, run_uffdpy, server_of,  # noqa: E402
+                     uffdpy_cmd)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -135,29 +136,6 @@ def assert_ram_equals(snapshot: str, resaved: Snapshot) -> None:
 def guest_args(info: Dict[str, Any], tmp: str) -> Tuple[List[str], str]:
     req = os.path.join(tmp, "req.sock")
     return linuxguest.destination_args(info, req), req
-
-
-def uffdpy_cmd(*args: object) -> List[str]:
-    return [sys.executable, "-m", "uffdpy", *map(str, args)]
-
-
-def run_uffdpy(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(uffdpy_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=env, stdin=subprocess.DEVNULL)
-
-
-def popen_uffdpy(*args: object) -> "subprocess.Popen[str]":
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(uffdpy_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, stdin=subprocess.DEVNULL)
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("uffdpy: error: "), proc.stderr
-    return lines[0]
 
 
 def data_pages_sent(stats: Dict[str, Any]) -> int:
@@ -270,25 +248,6 @@ def test_source_dies_mid_load_then_recover_is_byte_exact(guest: Dict[str, Any],
     assert stats["recovered"] and stats["pages_already_received"] >= 5000
     assert dst.status() == "completed"
     assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
-
-
-def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30) -> int:
-    """The pid of the stream's server, the child ``uffdpy resume`` forks to connect and serve
-    (not the QEMU it may have started, its other child)."""
-    deadline = time.monotonic() + timeout
-    path = f"/proc/{supervisor.pid}/task/{supervisor.pid}/children"
-    while True:
-        with open(path) as f:
-            children = f.read().split()
-        for child in children:
-            try:
-                with open(f"/proc/{child}/comm") as f:
-                    if not f.read().startswith("qemu"):
-                        return int(child)
-            except FileNotFoundError:
-                pass
-        assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.poll()
-        time.sleep(0.005)
 
 
 @pytest.mark.qemu

@@ -253,7 +253,8 @@ def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: 
                                             short_tmp: str, tmp_path: Path) -> None:
     """resume --record-ws --trace, inspect FILE.ws, plot, resume --working-set: one sitting."""
     from conftest import Destination
-    from test_resume import data_pages_sent, guest_args, popen_uffdpy, run_uffdpy
+    from helpers import popen_uffdpy, run_uffdpy
+    from test_resume import data_pages_sent, guest_args
     args, req = guest_args(guest, short_tmp)
     rec, run, png = tmp_path / "rec.ws", tmp_path / "run.json", tmp_path / "run.png"
     dst = Destination(qemu_binary, args, paused=False)
@@ -306,7 +307,7 @@ def test_cli_record_inspect_plot_and_replay(guest: Dict[str, Any], qemu_binary: 
 
 
 def test_cli_working_set_errors(synth: Tuple[Path, Path], tmp_path: Path) -> None:
-    from test_resume import one_line_error, run_uffdpy
+    from helpers import one_line_error, run_uffdpy
     a, b = synth
     with Snapshot.open(a) as snap:
         WorkingSet(snapshot_identity(snap), [("ram", 1, 0.0, True)]).save(tmp_path / "a.ws")
@@ -334,7 +335,7 @@ def test_cli_working_set_errors(synth: Tuple[Path, Path], tmp_path: Path) -> Non
 # ------------------------------------------------------------------ the loader's
 
 def _load_json(*args: object) -> Dict[str, Any]:
-    from test_resume import run_uffdpy
+    from helpers import run_uffdpy
     proc = run_uffdpy("load", *args, "--json", timeout=240)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
