@@ -183,12 +183,14 @@ def test_clones_survive_the_snapshot_replaced_by_uffdpy(guest: Dict[str, Any], d
 # ------------------------------------------------------------------ byte-exact machines
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("machine", ["pc", "q35"], ids=["pc-vga", "q35"])
+@pytest.mark.parametrize("machine, transport", [("pc", "unix"), ("q35", "tcp"), ("q35", "fd")],
+                         ids=["pc-vga-unix", "q35-tcp", "q35-fd"])
 def test_firmware_machines_mapped_byte_exact(firmware: Dict[str, Any], destination: Any,
-                                             tmp_path: Path, machine: str) -> None:
+                                             tmp_path: Path, machine: str,
+                                             transport: str) -> None:
     snapshot, args = firmware[machine]
     dst = destination(args + mapped_args(snapshot), paused=True)
-    with MapResume(snapshot, qmp=dst.uffdpy_sock, paused=True) as r:
+    with MapResume(snapshot, qmp=dst.uffdpy_sock, paused=True, transport=transport) as r:
         stats = r.wait()
     assert stats.time_to_running_s is None and stats.blocks_mapped == ["pc.ram"]
     assert dst.qmp.call("query-status")["status"] == "paused"
