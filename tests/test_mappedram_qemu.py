@@ -16,7 +16,8 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from uffdpy.mappedram import (BlockSpec, MappedRamError, NotMappedRamError, RamBlock, Snapshot,
-                              make_synthetic, rewrite_snapshot, write_snapshot)
+                              rewrite_snapshot, write_snapshot)
+from uffdpy.synthetic import make_synthetic
 
 from uffdpy import qemu  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
 VmConfig = qemu.VmConfig
