@@ -338,19 +338,17 @@ def _open_snapshot(path: str) -> Any:
     """A mapped-ram snapshot for ``resume`` and ``qemu-args``, refused in the words
     ``inspect`` uses (a file of no known format, or an ELF core, named as such)."""
     from .mappedram import Snapshot
-    from .pagesource import ImageError
+    from .pagesource import FORMATS, ImageError
     args = argparse.Namespace(snapshot=path, offset=0)
     head, _ = sniff(args)
-    image = open_source(args, head)
-    if image.format != "mapped-ram":
-        from .pagesource import FORMATS
+    image = open_source(args, head)            # parsed once: the Snapshot itself
+    if not isinstance(image, Snapshot):
         description = next((f.description for f in FORMATS if f.name == image.format),
                            image.format)
         image.close()
         raise ImageError(path, 0, f"this is {description}, not a QEMU mapped-ram snapshot",
                          hint="uffdpy convert writes one from a guest memory dump")
-    image.close()
-    return Snapshot.open(path)
+    return image
 
 
 def resume_arguments(sp: argparse.ArgumentParser) -> None:

@@ -111,12 +111,13 @@ class QemuDestination:
         """Each RAMBlock's host page size in bytes, from HMP ``info ramblock``."""
         return {name: page for name, (page, _, _) in self.ram_blocks().items()}
 
-    def check_matches(self, snap: Any) -> None:
+    def check_matches(self, snap: Any) -> Dict[str, int]:
         """Refuse, before anything is sent, a destination made unlike the snapshot's machine.
 
         The machine type and every RAMBlock's length are compared with what
         the snapshot holds (QEMU itself would fail the load with only
-        "Invalid argument" in ``query-migrate``).  Raises: DestinationError
+        "Invalid argument" in ``query-migrate``).  Returns each block's host
+        page size (what :meth:`host_page_sizes` gives).  Raises: DestinationError
         naming both sides and the option to change.
         """
         kind = str(self.client.call("qom-get", path="/machine", property="type"))
@@ -141,6 +142,8 @@ class QemuDestination:
                     f"QMP {self.path}: RAM block {block.name!r} is {used} bytes at the "
                     f"destination and {block.length} in the snapshot: start the destination "
                     f"with the saved VM's size{hint}")
+        return {name: page for name, (page, _, _) in have.items()}
+
 
     def prepare(self, *, preempt: bool) -> None:
         """Capabilities for a postcopy destination; ``mapped-ram`` off (10.0.2 refuses both)."""

@@ -418,7 +418,9 @@ class Resume:
             return self._start_recovery(dest)
         dest.refuse_private_file_backends()     # before anything can discard its RAM
         dest.prepare(preempt=self._preempt)
-        self._page_sizes = {**dest.host_page_sizes(), **self._page_sizes}
+        assert self._snap is not None
+        # machine and RAM lengths checked first; the blocks' host page sizes come with it
+        self._page_sizes = {**dest.check_matches(self._snap), **self._page_sizes}
         self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
         address, self._fd_socket = dest.listen_private(self._transport, self._tmpdir)
         return address

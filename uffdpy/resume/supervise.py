@@ -114,11 +114,10 @@ class SupervisedResume:
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
             if isinstance(self.snapshot, Snapshot):
-                dest.check_matches(self.snapshot)
+                page_sizes = dest.check_matches(self.snapshot)
             else:
                 with Snapshot.open(self.snapshot) as snap:
-                    dest.check_matches(snap)
-            page_sizes = dest.host_page_sizes()
+                    page_sizes = dest.check_matches(snap)
             listening = self._listening_address(dest, preempt)
             if listening is not None:
                 address = listening
