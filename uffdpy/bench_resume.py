@@ -51,6 +51,7 @@ from tabulate import tabulate
 
 from .qmp import QmpClient
 from .resume import QemuProcess, Resume
+from .resume.destination import event_time
 
 __all__ = ["run_resume_bench", "run_clone_bench", "CONTENDERS", "evict", "memory"]
 
@@ -106,11 +107,6 @@ def _ask(path: str, request: str, timeout: float) -> str:
     return ask_line(path, request, timeout=timeout)
 
 
-def _event_time(event: Dict[str, Any]) -> float:
-    ts = event["timestamp"]
-    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
-
-
 def _qemu_own(snapshot: str, argv: List[str], req: Optional[str], request: str,
               timeout: float) -> Dict[str, Any]:
     proc = QemuProcess(argv, paused=False, timeout=timeout)
@@ -131,9 +127,9 @@ def _qemu_own(snapshot: str, argv: List[str], req: Optional[str], request: str,
                 since_ = since
             else:                        # a snapshot without globalstate runs at once
                 since_ = 0
-            running = _event_time(qmp.wait_event("RESUME", since=since_, timeout=timeout)) - t0
+            running = event_time(qmp.wait_event("RESUME", since=since_, timeout=timeout)) - t0
             out: Dict[str, Any] = {"running": running, "time_to_running_s": running,
-                                   "completed": _event_time(done) - t0}
+                                   "completed": event_time(done) - t0}
             if req is not None:
                 answer = _ask(req, request, timeout)
                 out["answer"] = time.time() - t0

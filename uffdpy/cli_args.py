@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import sizes
+from .sizes import qemu_size
 
 __all__ = ["sniff", "open_source", "tabulate", "parse_size", "bounded", "integer", "number", "positive_int",
            "non_negative_int",
@@ -91,11 +92,6 @@ def ranges(cpus: Sequence[int]) -> str:
         else:
             out.append(str(c))
     return ",".join(out)
-
-
-def qemu_size(n: int) -> str:
-    """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
-    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
 
 
 def mib(n: int) -> str:

@@ -95,6 +95,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
 def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> Outcome:
     """``resume`` without ``--map``: the postcopy stream, supervised unless ``--connect``."""
     from .resume.destination import DestinationError
+    from .resume.postcopy import DEFAULT_FAULT_AROUND
     from .resume.supervise import BeforeRun, SupervisedResume
     fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
     background_delay = args.background_delay or 0.0
@@ -239,10 +240,6 @@ def _left_as_it_is(proc: Any) -> None:
         proc.leave_running()
     else:
         proc.kill()
-
-
-#: data pages sent right behind a requested one, unless recording (postcopy.DEFAULT_FAULT_AROUND)
-DEFAULT_FAULT_AROUND = 32
 
 
 #: with --record-ws alone the stream starts once the guest asked for nothing this long

@@ -265,6 +265,24 @@ class RamBlock(RegionBase):
         return bitmap_runs(self._bits, self.pages)
 
 
+#: the machine's own RAM block on x86 (``pc``/``q35``: pc.ram; ``-machine none``: ram)
+MACHINE_RAM_IDS = ("pc.ram", "ram")
+#: blocks with no slash that QEMU allocates itself: a user cannot give them a backend
+_FIRMWARE_BLOCKS = ("pc.bios", "pc.rom", "isa-bios")
+
+
+def backend_blocks(snap: "Snapshot") -> List[RamBlock]:
+    """The blocks that are memory backends: the machine's RAM and NUMA backends.
+
+    A user can give these a backend of their own (a file to map, a NUMA node's
+    memory); a block QEMU creates itself (firmware, option ROMs, VGA RAM, ACPI
+    tables: named with a ``/`` or one of ``pc.bios``/``pc.rom``) cannot.
+    """
+    return [b for b in snap.blocks
+            if "/" not in b.name and b.name not in _FIRMWARE_BLOCKS
+            and not b.name.endswith((".rom", ".bios"))]
+
+
 class Snapshot(OpenImage):
     """An open, validated mapped-ram snapshot file.
 

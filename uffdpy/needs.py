@@ -16,6 +16,8 @@ import re
 import shlex
 from typing import Any, Dict, List
 
+from .sizes import qemu_size
+
 __all__ = ["destination_needs", "needs_line"]
 
 #: PCI device sections ("0000:00:02.0/vga") whose device a user adds with -device
@@ -39,20 +41,19 @@ def destination_needs(snap: Any) -> Dict[str, Any]:
     if "kvmclock" in names:
         args += ["-accel", "kvm"]
         notes.append("saved under KVM (it has a kvmclock): load it with -accel kvm")
-    numa = [name for name in blocks if "/" not in name and name not in
-            ("pc.ram", "ram", "pc.bios", "pc.rom", "isa-bios")
-            and not name.endswith((".rom", ".bios"))]
+    from .mappedram import MACHINE_RAM_IDS, backend_blocks
+    numa = [b.name for b in backend_blocks(snap) if b.name not in MACHINE_RAM_IDS]
     ram = blocks.get("pc.ram", blocks.get("ram"))
     if numa:
         total = sum(blocks[n] for n in numa)
-        args += ["-m", _mib(total)]
+        args += ["-m", qemu_size(total)]
         for i, name in enumerate(numa):
-            args += ["-object", f"memory-backend-ram,id={name},size={_mib(blocks[name])}",
+            args += ["-object", f"memory-backend-ram,id={name},size={qemu_size(blocks[name])}",
                      "-numa", f"node,nodeid={i},memdev={name}"]
         notes.append("NUMA memory backends: their ids and sizes are the snapshot's, the "
                      "node ids a guess")
     elif ram is not None:
-        args += ["-m", _mib(ram)]
+        args += ["-m", qemu_size(ram)]
     cpus = names.count("cpu")
     if cpus:
         args += ["-smp", str(cpus)]
@@ -77,7 +78,3 @@ def destination_needs(snap: Any) -> Dict[str, Any]:
 def needs_line(snap: Any) -> str:
     """The arguments as one shell line."""
     return " ".join(shlex.quote(a) for a in destination_needs(snap)["args"])
-
-
-def _mib(n: int) -> str:
-    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size"]
+__all__ = ["parse_size", "qemu_size"]
 
 #: a number, then a unit (K, KB or KiB; ...) or a bare B, in any case
 _SIZE = re.compile(r"\s*(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|b)?\s*", re.IGNORECASE)
@@ -23,3 +23,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 64M, 1G)")
     unit = m.group(2)
     return int(m.group(1), 0) << (_SHIFT[unit.lower()] if unit else 0)
+
+
+def qemu_size(n: int) -> str:
+    """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import UffdpyError
+from ..mappedram import MACHINE_RAM_IDS
 from ..qmp import QmpClient, QmpError
 
 __all__ = ["ResumeError", "DestinationError", "QemuDestination",
@@ -136,7 +137,7 @@ class QemuDestination:
             _, used, total = have[block.name]
             fits = block.length == used or (used < total and block.length <= total)
             if not fits:
-                hint = (f" (-m {block.length >> 20}M)" if block.name in ("pc.ram", "ram")
+                hint = (f" (-m {block.length >> 20}M)" if block.name in MACHINE_RAM_IDS
                         and block.length % (1 << 20) == 0 else "")
                 raise DestinationError(
                     f"QMP {self.path}: RAM block {block.name!r} is {used} bytes at the "

@@ -64,24 +64,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .. import migstream as ms
 from ..ioctl import MADV_POPULATE_READ
-from ..mappedram import RamBlock, Snapshot, TARGET_PAGE_SIZE
+from ..mappedram import MACHINE_RAM_IDS, RamBlock, Snapshot, TARGET_PAGE_SIZE, backend_blocks
 from ..memory import Mapping
 from ..pagesource import PathLike
 from ..workingset import load_for
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
 
-__all__ = ["MapResume", "MapStats", "mappable_blocks", "backend_object", "map_arguments",
+__all__ = ["MapResume", "MapStats", "backend_object", "map_arguments",
            "map_qemu_command", "stale_pages", "WARM_MODES"]
 
 PAGE = TARGET_PAGE_SIZE
 ZERO_PAGE = bytes(PAGE)
 #: ``warm=`` values: None (no warm-up), "ws" (the working set's pages), "all" (them, then the rest)
 WARM_MODES = (None, "ws", "all")
-#: the machine's own RAM block on x86 (``pc``/``q35``: pc.ram; ``-machine none``: ram)
-MACHINE_RAM_IDS = ("pc.ram", "ram")
-#: blocks with no slash that QEMU allocates itself: a user cannot give them a backend
-_FIRMWARE_BLOCKS = ("pc.bios", "pc.rom", "isa-bios")
 #: bytes per MADV_POPULATE_READ call: small enough that close() stops the warmer soon
 _WARM_CHUNK = 2 << 20
 #: pages per PART section of a streamed block
@@ -89,18 +85,6 @@ _PART_PAGES = 256
 
 
 # ------------------------------------------------------------------ which blocks, which arguments
-
-def mappable_blocks(snap: Snapshot) -> List[RamBlock]:
-    """The blocks a user can back with a file: the machine's RAM and NUMA memory backends.
-
-    A block QEMU creates itself (firmware, option ROMs, VGA RAM, ACPI
-    tables: named with a ``/`` or one of ``pc.bios``/``pc.rom``) goes in the
-    stream instead.
-    """
-    return [b for b in snap.blocks
-            if "/" not in b.name and b.name not in _FIRMWARE_BLOCKS
-            and not b.name.endswith((".rom", ".bios"))]
-
 
 def _opt(value: str) -> str:
     """A QemuOpts value: commas are doubled."""
@@ -124,7 +108,7 @@ def map_arguments(snap: Snapshot) -> List[str]:
     guest's ``-numa node,memdev=ID`` names these objects instead of its own.
     Raises: ResumeError when the snapshot has no block that can be mapped.
     """
-    blocks = mappable_blocks(snap)
+    blocks = backend_blocks(snap)
     if not blocks:
         raise ResumeError(f"{snap.path}: no RAMBlock a memory backend can map "
                           f"(blocks: {', '.join(b.name for b in snap.blocks)})")
@@ -170,7 +154,7 @@ def map_qemu_command(argv: Sequence[str], snap: Snapshot) -> List[str]:
     and the machine's RAM its ``-machine memory-backend=`` unless the
     command names one already.
     """
-    blocks = {b.name: b for b in mappable_blocks(snap)}
+    blocks = {b.name: b for b in backend_blocks(snap)}
     out: List[str] = []
     replaced = set()
     machine_backend = False
@@ -559,14 +543,8 @@ class MapResume:
                 self._fd_socket = None
 
     def _reason(self) -> Optional[str]:
-        if self._dest is None:
-            return None
-        for _ in range(20):                  # QEMU marks the load failed a moment later
-            reason = self._dest.failure_reason()
-            if reason:
-                return reason
-            time.sleep(0.01)
-        return None
+        # QEMU marks the load failed a moment after it closed the connection
+        return self._dest.failure_reason(wait=0.2) if self._dest is not None else None
 
     def _finish(self, dest: QemuDestination) -> None:
         """Wait for the load; continue the VM unless paused; fill the times."""
