@@ -36,15 +36,11 @@ def answers(req: str, first: int = 0, count: int = 2) -> bool:
         LINUX_GUEST_SEED, first, count)
 
 
-def status(dst: Any) -> str:
-    return str(dst.qmp.execute("query-migrate", timeout=5).get("status", "none"))
-
-
 def settle(dst: Any, timeout: float = 60) -> str:
     """The destination's status once nothing more is moving (or the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
-        st = status(dst)
+        st = dst.status()
         if st in ("completed", "failed", "postcopy-paused", "none", "setup") \
                 or time.monotonic() > deadline:
             return st
@@ -96,7 +92,7 @@ def test_server_killed_early_is_recovered(guest: Dict[str, Any], destination: An
         out, err = source.communicate(timeout=120)
     assert source.returncode == 0, err
     assert json.loads(out)["auto_recoveries"] == 1
-    assert status(dst) == "completed"
+    assert dst.status() == "completed"
     assert answers(req)
 
 
@@ -133,7 +129,7 @@ def test_preempt_server_killed_is_recovered_with_its_preempt_channel(
         out, err = source.communicate(timeout=120)
     assert source.returncode == 0, err
     assert json.loads(out)["auto_recoveries"] == 1
-    assert status(dst) == "completed"
+    assert dst.status() == "completed"
     assert answers(req, 8, 4)
 
 
@@ -153,7 +149,7 @@ def test_preempt_source_died_then_recover_command(guest: Dict[str, Any], destina
                       "--json", timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["recovered"]
-    assert status(dst) == "completed"
+    assert dst.status() == "completed"
     assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
 
 
@@ -168,10 +164,10 @@ def test_destination_left_listening_is_resumed_through_its_address(
         setup.listen_private("unix", short_tmp)
     finally:
         setup.close()
-    assert status(dst) == "setup"
+    assert dst.status() == "setup"
     proc = run_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock)
     assert proc.returncode == 0, proc.stderr
-    assert status(dst) == "completed"
+    assert dst.status() == "completed"
     assert answers(req)
 
 
@@ -196,7 +192,7 @@ def test_interrupt_names_the_recover_command(guest: Dict[str, Any], destination:
     assert settle(dst) == "postcopy-paused"
     proc = run_uffdpy(*command[1:])
     assert proc.returncode == 0, proc.stderr
-    assert status(dst) == "completed"
+    assert dst.status() == "completed"
     assert answers(req, 4, 4)
 
 
@@ -245,7 +241,7 @@ def test_twenty_sequential_api_restores_leak_nothing(firmware: Dict[str, Any],
         dst = destination(args, paused=True)
         with Resume(snapshot, qmp=dst.uffdpy_sock) as r:
             r.wait(60)
-        assert status(dst) == "completed"
+        assert dst.status() == "completed"
         if i == 19:
             assert_ram_equals(snapshot, dst.resave(tmp_path / "last.img"))
         dst.close()
@@ -266,7 +262,7 @@ def test_three_concurrent_restores_are_byte_exact(firmware: Dict[str, Any], dest
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
     for i, d in enumerate(dsts):
-        assert status(d) == "completed"
+        assert d.status() == "completed"
         assert_ram_equals(snapshot, d.resave(tmp_path / f"again{i}.img"))
 
 
@@ -282,5 +278,5 @@ def test_unwritable_record_path_refused_before_anything(firmware: Dict[str, Any]
         line = one_line_error(run_uffdpy("resume", snapshot, "--qmp", dst.uffdpy_sock,
                                          "--record-ws", bad))
         assert why in line and str(bad) in line, line
-    assert status(dst) == "none"
+    assert dst.status() == "none"
 
