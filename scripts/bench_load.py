@@ -3,7 +3,7 @@
 
 What it measures
 ----------------
-A thin wrapper over :func:`uffdpy.bench.run_bench` (the same table as
+A thin wrapper over :func:`uffdpy.harness.bench.run_bench` (the same table as
 ``uffdpy bench``).  For one snapshot file, interleaved round by round so that
 a noisy machine hurts every contender the same, it times:
 
@@ -59,9 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench_fault's C comparator
 
 from bench_fault import Comparator  # noqa: E402
-from uffdpy.bench import run_bench  # noqa: E402
-from uffdpy.cli import parse_size  # noqa: E402
-from uffdpy.synthetic import make_synthetic  # noqa: E402
+from uffdpy.harness.bench import run_bench  # noqa: E402
+from uffdpy.cli.args import parse_size  # noqa: E402
+from uffdpy.harness.synthetic import make_synthetic  # noqa: E402
 
 QUICK_SIZE = 16 << 20
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark resuming a real guest: QEMU's own load against ``uffdpy resume``.
 
-A thin command line over :func:`uffdpy.bench_resume.run_resume_bench` (the
+A thin command line over :func:`uffdpy.harness.bench_resume.run_resume_bench` (the
 same table as ``uffdpy bench --resume``).  For one snapshot of the
 request-serving Linux guest, interleaved round by round, each contender with
 a fresh destination QEMU, it measures: time to running (QEMU's RESUME event),
@@ -32,7 +32,7 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from uffdpy.bench_resume import CONTENDERS, run_resume_bench  # noqa: E402
+from uffdpy.harness.bench_resume import CONTENDERS, run_resume_bench  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from uffdpy.loader import HAVE_INTERPRETERS, LazyLoader  # noqa: E402
 from uffdpy.mappedram import Snapshot
-from uffdpy.synthetic import make_synthetic  # noqa: E402
+from uffdpy.harness.synthetic import make_synthetic  # noqa: E402
 
 EXPERIMENTS = {
     "plain-thread": ("thread", "plain"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make a real Linux guest snapshot in QEMU's mapped-ram migration format.
 
-The command line of :mod:`uffdpy.linuxguest` (a Debian kernel and a busybox
+The command line of :mod:`uffdpy.harness.linuxguest` (a Debian kernel and a busybox
 initramfs booted under TCG, part of its RAM filled with a known pattern, a
 request port on its second serial line, saved with ``migrate file:`` and
 mapped-ram on); that module's docstring says what the guest does.  Prints a
@@ -27,7 +27,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)    # run from a checkout without installing
 
-from uffdpy.linuxguest import (DEFAULT_CACHE, DEFAULT_TIMEOUT, GuestError,  # noqa: E402
+from uffdpy.harness.linuxguest import (DEFAULT_CACHE, DEFAULT_TIMEOUT, GuestError,  # noqa: E402
                                ask_line, make_linux_guest_snapshot, resume_command)
 from uffdpy.sizes import parse_size  # noqa: E402
 

@@ -9,7 +9,7 @@
 Starts a fresh QEMU 10 destination with the request port as its second serial
 port, resumes the snapshot into it with ``Resume(trace=True)``, sends
 ``GET 0 4`` as soon as the guest runs, and draws ``r.report(answer_s=...)``
-with :func:`uffdpy.plot.plot_run` (guest memory against time, each page
+with :func:`uffdpy.harness.plot.plot_run` (guest memory against time, each page
 coloured by who sent it; running and answer marked).  ``--working-set FILE``
 replays a recording.  ``--json FILE`` keeps the run.  Needs matplotlib
 (``pip install 'uffdpy[plot]'``).
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from uffdpy.bench_resume import _ask, _request_args  # noqa: E402
-from uffdpy.plot import plot_run  # noqa: E402
+from uffdpy.harness.bench_resume import _ask, _request_args  # noqa: E402
+from uffdpy.harness.plot import plot_run  # noqa: E402
 from uffdpy.resume import QemuProcess, Resume  # noqa: E402
 
 

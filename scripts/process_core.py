@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make real Linux process core files holding known bytes at a known address.
 
-The command line of :mod:`uffdpy.processcore` (whose docstring says how: a
+The command line of :mod:`uffdpy.harness.processcore` (whose docstring says how: a
 child with a known buffer, dumped by gdb's ``gcore`` or by the kernel)::
 
     python3 scripts/process_core.py gcore OUTDIR [--size 65536] [--seed 1] [--verify]
@@ -22,7 +22,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)    # run from a checkout without installing
 
-from uffdpy.processcore import (DEFAULT_TIMEOUT, CoreUnavailable, gcore_core,  # noqa: E402
+from uffdpy.harness.processcore import (DEFAULT_TIMEOUT, CoreUnavailable, gcore_core,  # noqa: E402
                                 kernel_core, verify)
 
 

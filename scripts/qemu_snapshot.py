@@ -33,7 +33,7 @@ Command line::
 
 Both print a JSON summary (timings in seconds, paths, regions).  From Python::
 
-    from uffdpy.qemu import VmConfig, save_snapshot, load_snapshot, random_region
+    from uffdpy.harness.vm import VmConfig, save_snapshot, load_snapshot, random_region
     cfg = VmConfig(machine="none", mem="64M")
     region = random_region(tmpdir, addr=0x100000, size=0x10000, seed=1)
     info = save_snapshot(cfg, "vm.img", regions=[region], pmemsave="vm.pmem")
@@ -56,7 +56,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)    # run from a checkout without installing
 
-from uffdpy.qemu import (DEFAULT_QEMU, DEFAULT_TIMEOUT, Region, VmConfig,  # noqa: E402
+from uffdpy.harness.vm import (DEFAULT_QEMU, DEFAULT_TIMEOUT, Region, VmConfig,  # noqa: E402
                          dump_guest_memory, load_snapshot, parse_size, random_region,
                          save_snapshot)
 

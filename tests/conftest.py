@@ -57,7 +57,7 @@ def guest(qemu_binary, tmp_path_factory):
     busybox cannot be had (fails instead under ``UFFDPY_REQUIRE_QEMU=1``).
     """
     import time
-    from uffdpy import linuxguest
+    from uffdpy.harness import linuxguest
     cache = os.environ.get("UFFDPY_LINUX_GUEST_CACHE") or None
     try:
         linuxguest.ensure_guest_files(cache)
@@ -186,7 +186,7 @@ def short_tmp() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def firmware(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     """pc (with VGA and known bytes at 2 MiB) and q35 snapshots that QEMU saved after 0.3 s."""
-    from uffdpy.qemu import VmConfig, random_region, save_snapshot
+    from uffdpy.harness.vm import VmConfig, random_region, save_snapshot
     d = tmp_path_factory.mktemp("fw")
     out = {}
     for machine, extra in (("pc", ("-device", "VGA")), ("q35", ())):

@@ -113,7 +113,7 @@ def qemu_snap(qemu_binary: str, workdir: Path) -> Tuple[Path, Path, int]:
     Random bytes at 2 MiB make pc.ram hold more than firmware; pmemsave is
     taken after ``stop``, before the migration, so both see the same memory.
     """
-    from uffdpy.qemu import VmConfig, random_region, save_snapshot
+    from uffdpy.harness.vm import VmConfig, random_region, save_snapshot
     cfg = VmConfig(machine="pc", mem="64M", args=("-device", "VGA"), qemu=qemu_binary)
     region = random_region(str(workdir), addr=0x200000, size=0x100000, seed=5)
     path, pmem = workdir / "pc.img", workdir / "pc.pmem"
@@ -370,7 +370,7 @@ def test_dump_unknown_block(synth: Path, workdir: Path) -> None:
 
 @pytest.mark.qemu
 def test_make_loads_in_qemu(qemu_binary: str, workdir: Path) -> None:
-    from uffdpy.qemu import VmConfig, load_snapshot
+    from uffdpy.harness.vm import VmConfig, load_snapshot
     path, pmem = workdir / "made.img", workdir / "made.pmem"
     ok("make", path, "--size", "32M", "--fill", "0.5", "--seed", "9")
     cfg = VmConfig(machine="none", mem="32M", qemu=qemu_binary)
@@ -499,7 +499,7 @@ def test_bad_access_pattern_one_line(synth16: Path) -> None:
 
 @pytest.mark.qemu
 def test_not_mapped_ram_stream(qemu_binary: str, workdir: Path) -> None:
-    from uffdpy.qemu import VmConfig, save_snapshot
+    from uffdpy.harness.vm import VmConfig, save_snapshot
     path = workdir / "classic.img"
     save_snapshot(VmConfig(machine="none", mem="16M", qemu=qemu_binary), str(path),
                   mapped_ram=False, timeout=60)
@@ -528,8 +528,9 @@ def test_page_size_8k_refused_by_every_command(synth: Path, tmp_path: Path) -> N
     ("4KB", 4096), ("1T", 1 << 40), ("1P", 1 << 50), (" 8m ", 8 << 20)])
 def test_one_size_parser_reads_every_form(text: str, value: int) -> None:
     """The CLI, $UFFDPY_MAX_MEMORY and QEMU's -m values share uffdpy.sizes.parse_size."""
-    from uffdpy import cli, pagesource, qemu, sizes
-    assert sizes.parse_size(text) == cli.parse_size(text) == qemu.parse_size(text) == value
+    from uffdpy import pagesource, sizes
+    from uffdpy.cli import args
+    assert sizes.parse_size(text) == args.parse_size(text) == value
     os.environ["UFFDPY_MAX_MEMORY"] = text
     try:
         assert pagesource.memory_limit() == value
@@ -540,11 +541,12 @@ def test_one_size_parser_reads_every_form(text: str, value: int) -> None:
 @pytest.mark.parametrize("text", ["lots", "", "1X", "-1", "1.5G", "4096iB", "G"])
 def test_size_parser_names_what_is_not_a_size(text: str) -> None:
     import argparse
-    from uffdpy import cli, sizes
+    from uffdpy import sizes
+    from uffdpy.cli import args
     with pytest.raises(ValueError, match=f"not a size: {text!r}"):
         sizes.parse_size(text)
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
-        cli.parse_size(text)
+        args.parse_size(text)
 
 
 # ---------------------------------------------------------------------- the first hour's words

@@ -4,7 +4,7 @@ Real producers: QEMU's ``dump-guest-memory`` of a ``-machine pc`` guest with
 known random bytes at known guest-physical addresses (compared with QEMU's
 own ``pmemsave`` and ``info mtree -f``), and Linux process cores from ``gcore``
 and from the kernel, of a child holding a known buffer at a known virtual
-address (uffdpy.processcore).  Broken files are made by patching those
+address (uffdpy.harness.processcore).  Broken files are made by patching those
 cores' headers, or by a small hand-built core for fast fuzzing.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import pytest
 from uffdpy.elfcore import ElfImage, ElfImageError, ElfNote, ElfRegion
 from uffdpy.pagesource import ImageError, open_image
 
-from uffdpy import qemu  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
-from uffdpy import processcore
+from uffdpy.harness import vm  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
+from uffdpy.harness import processcore
 from helpers import LAZY_SERVERS, assert_loaders_refuse_without_leaks, open_fds, write_files  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(180)
@@ -124,27 +124,27 @@ class QemuDump:
     path: Path
     ram_ranges: List[Tuple[int, int, str]]
     pmem: Dict[int, Path]            # range start -> pmemsave of that range
-    regions: list                    # qemu.Region with the known bytes
+    regions: list                    # vm.Region with the known bytes
 
 
 @pytest.fixture(scope="module")
 def pc_dump(qemu_binary: str, workdir: Path) -> QemuDump:
     """``-machine pc -m 128M`` (TCG, firmware only) with random bytes, dumped and pmemsaved."""
-    regions = [qemu.random_region(str(workdir), addr=a, size=s, seed=seed)
+    regions = [vm.random_region(str(workdir), addr=a, size=s, seed=seed)
                for a, s, seed in PC_RANDOM]
-    cfg = qemu.VmConfig(machine="pc", mem="128M", qemu=qemu_binary)
+    cfg = vm.VmConfig(machine="pc", mem="128M", qemu=qemu_binary)
     extra: List[str] = []
     for r in regions:
         extra += r.args()
     path = workdir / "pc.elf"
     pmem: Dict[int, Path] = {}
     # paused from the start: the memory layout is the reset one, not wherever the firmware got to
-    with qemu.QemuVM(cfg, extra=extra, timeout=60, paused=True) as vm:
-        ranges = vm.ram_ranges()
+    with vm.QemuVM(cfg, extra=extra, timeout=60, paused=True) as machine:
+        ranges = machine.ram_ranges()
         for start, end, _ in ranges:
             pmem[start] = workdir / f"pc-{start:#x}.pmem"
-            vm.pmemsave(str(pmem[start]), addr=start, size=end - start)
-        info = vm.dump_guest_memory(str(path))
+            machine.pmemsave(str(pmem[start]), addr=start, size=end - start)
+        info = machine.dump_guest_memory(str(path))
     assert info["status"] == "completed"
     return QemuDump(path, ranges, pmem, regions)
 
@@ -236,8 +236,8 @@ def test_qemu_dump_opens_through_open_image(pc_dump: QemuDump) -> None:
 def test_qemu_machine_none_dump_is_elf32_and_refused(qemu_binary: str, workdir: Path) -> None:
     """-machine none has no CPU: QEMU writes an ELF32/EM_386 dump, which is refused clearly."""
     path = workdir / "none.elf"
-    cfg = qemu.VmConfig(machine="none", mem="16M", qemu=qemu_binary)
-    qemu.dump_guest_memory(cfg, str(path), timeout=60)
+    cfg = vm.VmConfig(machine="none", mem="16M", qemu=qemu_binary)
+    vm.dump_guest_memory(cfg, str(path), timeout=60)
     with pytest.raises(ElfImageError) as exc:
         ElfImage.open(path)
     assert exc.value.offset == 4 and "ELFCLASS32" in str(exc.value)
@@ -682,7 +682,7 @@ def _memmove_read(address: int, size: int) -> bytes:
 @pytest.mark.parametrize("server", LAZY_SERVERS)
 def test_lazy_load_of_qemu_dump_equals_pmemsave(pc_dump: QemuDump, server: str) -> None:
     from uffdpy.loader import LazyLoader
-    from uffdpy.workload import verify
+    from uffdpy.harness.workload import verify
     with ElfImage.open(pc_dump.path) as image, LazyLoader(image, server=server) as loader:
         # the known bytes, read while the load runs: served by faults or the prefetcher
         for r in pc_dump.regions:
@@ -737,16 +737,16 @@ def test_convert_qemu_dump_loads_in_qemu(pc_dump: QemuDump, qemu_binary: str,
         for start, e, _ in pc_dump.ram_ranges:       # the reader sees the dump's bytes
             first, count = start // PAGE, (e - start) // PAGE
             assert block.read_pages(first, count) == pc_dump.pmem[start].read_bytes()
-    cfg = qemu.VmConfig(machine="none", mem=f"{mem}M", qemu=qemu_binary)
-    with qemu.QemuVM(cfg, incoming=True, timeout=120) as vm:
-        vm.load(str(snap_path))
+    cfg = vm.VmConfig(machine="none", mem=f"{mem}M", qemu=qemu_binary)
+    with vm.QemuVM(cfg, incoming=True, timeout=120) as machine:
+        machine.load(str(snap_path))
         for r in pc_dump.regions:
             got = tmp_path / f"qemu-{r.addr:#x}.pmem"
-            vm.pmemsave(str(got), addr=r.addr, size=r.size)
+            machine.pmemsave(str(got), addr=r.addr, size=r.size)
             assert got.read_bytes() == r.data(), f"QEMU sees other bytes at {r.addr:#x}"
         for start, e, _ in pc_dump.ram_ranges:
             got = tmp_path / f"qemu-range-{start:#x}.pmem"
-            vm.pmemsave(str(got), addr=start, size=e - start)
+            machine.pmemsave(str(got), addr=start, size=e - start)
             assert got.read_bytes() == pc_dump.pmem[start].read_bytes()
 
 
@@ -757,7 +757,7 @@ def test_lazy_load_of_process_core(which: str, server: str,
                                    request: pytest.FixtureRequest) -> None:
     """Faults only (no prefetcher): the known buffer arrives through the fault loop."""
     from uffdpy.loader import LazyLoader
-    from uffdpy.workload import verify
+    from uffdpy.harness.workload import verify
     core: ProcessCore = request.getfixturevalue(which)
     with ElfImage.open(core.path) as image:
         region = image.region_at(core.address)
@@ -799,7 +799,7 @@ def test_inspect_shows_a_format_it_has_no_table_for(gcore: ProcessCore, monkeypa
     """A format registered in pagesource.FORMATS alone is shown by ``inspect``
     through the PageSource view (here: ELF with its own table taken away)."""
     from uffdpy import cli
-    monkeypatch.delitem(cli._INSPECTORS, "elf-core")
+    monkeypatch.delitem(cli.inspect._INSPECTORS, "elf-core")
     assert cli.main(["inspect", str(gcore.path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     with ElfImage.open(gcore.path) as image:

@@ -23,7 +23,7 @@ import pytest
 
 from uffdpy.loader import LazyLoader, LoaderError, release_thread_pool
 from uffdpy.mappedram import Snapshot
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy.pagesource import open_image
 

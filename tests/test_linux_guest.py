@@ -1,6 +1,6 @@
 """A real Linux guest, snapshotted by QEMU with mapped-ram, read back by uffdpy.
 
-uffdpy.linuxguest (scripts/linux_guest.py) boots a Debian kernel + busybox initramfs under TCG,
+uffdpy.harness.linuxguest (scripts/linux_guest.py) boots a Debian kernel + busybox initramfs under TCG,
 fills a tmpfs file with a seeded pattern, and saves the stopped guest with
 ``migrate file:...`` and the mapped-ram capability, plus a ``pmemsave`` dump
 of guest RAM.  These tests check that ``uffdpy.mappedram`` returns, page for
@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 
 pytestmark = pytest.mark.qemu
 

@@ -15,7 +15,7 @@ import pytest
 
 from uffdpy.loader import LazyLoader
 from uffdpy.mappedram import Snapshot
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.memory import PAGE_SIZE
 
 from helpers import LAZY_SERVERS, eventually  # noqa: E402  (tests/ is on sys.path)

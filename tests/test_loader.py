@@ -25,7 +25,7 @@ from uffdpy.loader import (EagerLoader, LazyLoader, LoaderError, ServerDiedError
                            prepare_interpreter_servers, release_interpreter_servers,
                            release_thread_pool)
 from uffdpy.mappedram import MappedRamError, Snapshot
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from uffdpy import ioctl
 
@@ -92,7 +92,7 @@ def small(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def qemu_pc(qemu_binary, tmp_path_factory) -> str:
     """A real QEMU snapshot with several RAMBlocks (pc.ram, vga.vram, ROMs) and known data."""
-    from uffdpy.qemu import VmConfig, random_region, save_snapshot
+    from uffdpy.harness.vm import VmConfig, random_region, save_snapshot
     d = tmp_path_factory.mktemp("qemu-pc")
     cfg = VmConfig(machine="pc", mem="64M", args=("-device", "VGA"), qemu=qemu_binary)
     regions = [random_region(str(d), addr=0x200000, size=0x40000, seed=11),
@@ -677,7 +677,8 @@ def test_two_interpreter_servers_at_once(small, synthetic):
 
 
 def test_cli_offers_every_server():
-    from uffdpy import cli, loader
+    from uffdpy import loader
+    from uffdpy.cli import load as cli
     assert cli.SERVERS == loader.SERVERS
 
 

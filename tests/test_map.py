@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 from uffdpy.mappedram import Snapshot
 from uffdpy.qmp import QmpClient
 from uffdpy.resume.mapped import (MapResume, backend_object, map_arguments, map_qemu_command,
@@ -64,7 +64,7 @@ def kill(pid: int) -> None:
 
 def test_map_qemu_command_rewrites_user_backends(tmp_path: Path) -> None:
     """A NUMA guest's memory-backend-ram objects become file-backed; other words stay."""
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap_path = tmp_path / "s,1.img"                 # a comma in the path: doubled for QEMU
     make_synthetic(snap_path, size=1 << 20, fill=0.5, seed=1)
     with Snapshot.open(snap_path) as snap:
@@ -201,7 +201,7 @@ def test_firmware_machines_mapped_byte_exact(firmware: Dict[str, Any], destinati
 @pytest.fixture(scope="module")
 def numa(qemu_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A two-node q35 (memory-backend-ram m0, m1) that QEMU saved, with known bytes in each node."""
-    from uffdpy.qemu import VmConfig, random_region, save_snapshot
+    from uffdpy.harness.vm import VmConfig, random_region, save_snapshot
     d = tmp_path_factory.mktemp("numa")
     user = ["-object", "memory-backend-ram,id=m0,size=64M",
             "-object", "memory-backend-ram,id=m1,size=64M",
@@ -303,7 +303,7 @@ def test_wrong_destination_refused_before_anything_is_sent(firmware: Dict[str, A
 
 
 def test_map_argument_errors(tmp_path: Path) -> None:
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=1 << 20, fill=0.5, seed=1)
     assert "--map needs --qmp" in one_line_error(
@@ -392,7 +392,7 @@ def resident_pages(path: str, offset: int, length: int) -> int:
 def test_warm_up_reads_the_working_set_into_a_cold_page_cache(firmware: Dict[str, Any],
                                                               destination: Any, tmp_path: Path,
                                                               warm: str) -> None:
-    from uffdpy.bench_resume import evict
+    from uffdpy.harness.bench_resume import evict
     from uffdpy.workingset import WorkingSet, snapshot_identity
     original, args = firmware["q35"]
     snapshot = str(tmp_path / "cold.img")              # a file of its own: evictable
@@ -423,7 +423,7 @@ def test_warm_up_reads_the_working_set_into_a_cold_page_cache(firmware: Dict[str
 @pytest.mark.qemu
 def test_cli_bench_clones_one_round(qemu_binary: str, tmp_path: Path) -> None:
     """``bench --resume --clones 2``: both kinds of guest started, their Pss summed."""
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=16 << 20, fill=0.5, seed=4)
     proc = run_uffdpy("bench", snap, "--resume", "--clones", "2", "--rounds", "1", "--request",

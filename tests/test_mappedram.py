@@ -16,7 +16,7 @@ import pytest
 from uffdpy import mappedram, pagesource
 from uffdpy.mappedram import (BlockSpec, DeviceSection, MappedRamError, NotMappedRamError,
                               RamBlock, Snapshot, rewrite_snapshot, write_snapshot)
-from uffdpy.synthetic import make_synthetic, synthetic_run_data, synthetic_runs
+from uffdpy.harness.synthetic import make_synthetic, synthetic_run_data, synthetic_runs
 
 PAGE = 4096
 MiB = 1 << 20

@@ -17,10 +17,10 @@ import pytest
 
 from uffdpy.mappedram import (BlockSpec, MappedRamError, NotMappedRamError, RamBlock, Snapshot,
                               rewrite_snapshot, write_snapshot)
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 
-from uffdpy import qemu  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
-VmConfig = qemu.VmConfig
+from uffdpy.harness import vm  # noqa: E402  (the snapshot-making library: VmConfig, save_snapshot, ...)
+VmConfig = vm.VmConfig
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
@@ -63,12 +63,12 @@ def make(qemu_binary: str, workdir: Path):  # type: ignore[no-untyped-def]
               offset: int = 0, prefix: bytes = b"", **kwargs: object) -> Made:
         if name not in cache:
             config = dataclasses.replace(config, qemu=qemu_binary)
-            regs = [qemu.random_region(str(workdir), addr=a, size=s, seed=seed)
+            regs = [vm.random_region(str(workdir), addr=a, size=s, seed=seed)
                     for a, s, seed in regions]
             image, pmem = workdir / f"{name}.img", workdir / f"{name}.pmem"
             if prefix:
                 image.write_bytes(prefix)
-            qemu.save_snapshot(config, str(image), regions=regs, offset=offset,
+            vm.save_snapshot(config, str(image), regions=regs, offset=offset,
                                         pmemsave=str(pmem), run_seconds=0.2, timeout=60,
                                         **kwargs)
             cache[name] = Made(config, image, pmem, regs, offset)
@@ -209,7 +209,7 @@ def test_stream_without_mapped_ram(make) -> None:  # type: ignore[no-untyped-def
 def test_qemu_loads_its_own_snapshot(make, workdir: Path) -> None:  # type: ignore[no-untyped-def]
     made = none64(make)
     out = workdir / "none64-loaded.pmem"
-    info = qemu.load_snapshot(made.config, str(made.image), pmemsave=str(out),
+    info = vm.load_snapshot(made.config, str(made.image), pmemsave=str(out),
                                        timeout=60)
     assert info["status"] == "paused" and info["seconds"] < 30
     assert out.read_bytes() == made.memory()
@@ -221,7 +221,7 @@ def test_synthetic_snapshot_loads_into_qemu(qemu_binary: str, workdir: Path) -> 
     image, pmem = workdir / "synthetic.img", workdir / "synthetic.pmem"
     make_synthetic(image, size=64 * MiB, fill=0.3, seed=11)
     config = VmConfig(machine="none", mem="64M", qemu=qemu_binary)
-    info = qemu.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
+    info = vm.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
     assert info["query-migrate"]["status"] == "completed"
     with Snapshot.open(image) as snap:
         blk = snap.block("ram")
@@ -236,7 +236,7 @@ def test_explicit_contents_load_into_qemu(qemu_binary: str, workdir: Path) -> No
     image, pmem = workdir / "explicit.img", workdir / "explicit.pmem"
     write_snapshot(image, [("ram", contents)])
     config = VmConfig(machine="none", mem="16M", qemu=qemu_binary)
-    qemu.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
+    vm.load_snapshot(config, str(image), pmemsave=str(pmem), timeout=60)
     assert pmem.read_bytes() == bytes(contents)
 
 
@@ -267,7 +267,7 @@ def test_pc_snapshot_rewritten_by_the_writer_loads(make, workdir: Path) -> None:
             shift = copy.device_state_range[0] - src.device_state_range[0]
             assert copy.devices == [dataclasses.replace(d, offset=d.offset + shift)
                                     for d in src.devices]
-    info = qemu.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
+    info = vm.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
     assert info["status"] == "paused"
     assert pmem.read_bytes() == made.memory()
 
@@ -285,7 +285,7 @@ def test_q35_snapshot_with_patched_pages_loads(make, workdir: Path) -> None:  # 
     with Snapshot.open(made.image) as src, Snapshot.open(dst) as copy:
         assert src.read_range(*src.device_state_range) == copy.read_range(*copy.device_state_range)
         assert copy.block("m0").is_present(zero_gpa // PAGE) is False
-    info = qemu.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
+    info = vm.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
     assert info["status"] == "paused"
     before, after = made.memory(), pmem.read_bytes()
     assert len(before) == len(after) == 128 * MiB

@@ -23,7 +23,7 @@ import pytest
 
 from uffdpy.loader import EagerLoader, LazyLoader
 from uffdpy.pagesource import PageSource, bitmap_runs, set_bits
-from uffdpy.workload import verify
+from uffdpy.harness.workload import verify
 
 from helpers import LAZY_SERVERS  # noqa: E402  (tests/ is on sys.path)
 

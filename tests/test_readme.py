@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 from helpers import LAZY_SERVERS
 
 pytestmark = pytest.mark.timeout(300)

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 from uffdpy.qmp import QmpClient
 from uffdpy.resume import Resume
 from uffdpy.resume.destination import QemuDestination

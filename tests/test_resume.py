@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
 from uffdpy.qmp import QmpClient
@@ -405,7 +405,7 @@ def test_bad_snapshot_refused_before_anything_is_sent(guest: Dict[str, Any], des
 
 
 def test_cli_argument_errors(tmp_path: Path) -> None:
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=1 << 20, fill=0.5, seed=1)
     assert "one of --qmp" in one_line_error(run_uffdpy("resume", snap))
@@ -418,7 +418,7 @@ def test_cli_argument_errors(tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=16 << 20, fill=0.3, seed=4)
     proc = run_uffdpy("bench", snap, "--resume", "--rounds", "1", "--request", "", "--json",

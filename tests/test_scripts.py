@@ -84,7 +84,7 @@ def test_bench_load_quick_no_qemu() -> None:
     assert "lazy, process server, prefetch only" in out
     assert "QEMU 10 migrate-incoming" not in out
     assert "fault service, prefetch off" in out
-    from uffdpy.bench import PLACEMENTS
+    from uffdpy.harness.bench import PLACEMENTS
     for _, label, server, *_ in PLACEMENTS:
         row = next(line for line in out.splitlines() if line.startswith(label))
         faults = int(row[len(label):].split()[0])
@@ -159,7 +159,7 @@ def test_linux_guest_help() -> None:
 @pytest.mark.qemu
 def test_bench_resume_one_round_synthetic(qemu_binary: str, tmp_path: Path) -> None:
     """One round of every contender on a -machine none snapshot (no guest, no request port)."""
-    from uffdpy.synthetic import make_synthetic
+    from uffdpy.harness.synthetic import make_synthetic
     snap = tmp_path / "s.img"
     make_synthetic(snap, size=16 << 20, fill=0.3, seed=4)
     out = run_script("bench_resume.py", [snap, "--rounds", "1", "--no-request", "--qemu",

@@ -21,7 +21,7 @@ import pytest
 
 from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.resume import Resume, ResumeError
 from uffdpy.workingset import WorkingSet, snapshot_identity
 

@@ -8,7 +8,7 @@ import pytest
 
 from uffdpy.loader import LazyLoader, release_thread_pool
 from uffdpy.loader.threads import run_pooled
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,10 +15,10 @@ from typing import Any, Dict, Tuple
 
 import pytest
 
-from uffdpy import linuxguest
+from uffdpy.harness import linuxguest
 from helpers import LAZY_SERVERS, eventually
 from uffdpy.mappedram import Snapshot
-from uffdpy.synthetic import make_synthetic
+from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.resume import QemuProcess, Resume
 from uffdpy.workingset import WorkingSet, WorkingSetError, jaccard, merge, snapshot_identity
 
@@ -205,7 +205,7 @@ def _png_size(path: Path) -> Tuple[int, int]:
 def test_plot_of_a_real_run(guest: Dict[str, Any], qemu_binary: str, short_tmp: str,
                             tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  (the test extra installs it: no skip)
-    from uffdpy.plot import load_run, plot_run
+    from uffdpy.harness.plot import load_run, plot_run
     req = os.path.join(short_tmp, "req.sock")
     proc = QemuProcess([qemu_binary, *linuxguest.destination_args(guest, req)], paused=False)
     try:
@@ -228,7 +228,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
     run = {"stats": {}, "trace": {"blocks": [["ram", 8192]], "rows": [[0.0, "ram", 0, "stream"]]}}
     (tmp_path / "run.json").write_text(json.dumps(run))
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from uffdpy.plot import plot_run, load_run, PlotUnavailable\n"
+            "from uffdpy.harness.plot import plot_run, load_run, PlotUnavailable\n"
             f"try:\n    plot_run(load_run({str(tmp_path / 'run.json')!r}), "
             f"{str(tmp_path / 'x.png')!r})\n"
             "except PlotUnavailable as e:\n    print(e)\n")
@@ -240,7 +240,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
 
 
 def test_plot_refuses_a_run_without_trace(tmp_path: Path) -> None:
-    from uffdpy.plot import load_run
+    from uffdpy.harness.plot import load_run
     (tmp_path / "run.json").write_text(json.dumps({"page_requests": 3}))
     with pytest.raises(ValueError, match="no per-page trace"):
         load_run(tmp_path / "run.json")
@@ -347,7 +347,7 @@ def test_load_record_and_replay_cut_faults(tmp_path: Path, server: str) -> None:
     """A hot-set workload recorded with pure demand paging; replayed, the same workload
     (same seed) finds its pages already placed by the prefetcher's first phase."""
     from uffdpy.loader import LazyLoader
-    from uffdpy.workload import run_access
+    from uffdpy.harness.workload import run_access
     image, ws = tmp_path / "hot.img", tmp_path / "hot.ws"
     make_synthetic(image, size=128 << 20, fill=0.5, seed=2)
     access = ["--access", "hot:0.02", "--touch", "2000", "--seed", "5", "--server", server]

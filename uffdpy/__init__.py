@@ -43,7 +43,7 @@ _EXPORTS = {
     "NotMappedRamError": "mappedram",
     "write_snapshot": "mappedram",
     "rewrite_snapshot": "mappedram",
-    "make_synthetic": "synthetic",
+    "make_synthetic": "harness.synthetic",
     "open_image": "pagesource",
     "ImageError": "pagesource",
     "PageSource": "pagesource",

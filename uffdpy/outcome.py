@@ -1,6 +1,6 @@
 """What a ``uffdpy`` command found, kept apart from how it is shown.
 
-Every command (``cli.py``, ``cli_ws.py``) computes an :class:`Outcome` and
+Every command (``cli.py``, ``cli/ws.py``) computes an :class:`Outcome` and
 returns it; :func:`uffdpy.cli.main` alone prints it: the data as JSON when the
 command was given ``--json``, the text otherwise, and exits with its status.
 A command prints nothing else on stdout but progress lines meant for a person

@@ -25,9 +25,9 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from tabulate import tabulate
 
-from .loader import EagerLoader, LazyLoader
-from .pagesource import open_image
-from .workingset import WorkingSet
+from ..loader import EagerLoader, LazyLoader
+from ..pagesource import open_image
+from ..workingset import WorkingSet
 from .workload import run_access
 
 __all__ = ["run_ws_bench"]

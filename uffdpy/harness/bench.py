@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from tabulate import tabulate
 
-from .loader import (HAVE_INTERPRETERS, EagerLoader, LazyLoader, prepare_interpreter_servers,
+from ..loader import (HAVE_INTERPRETERS, EagerLoader, LazyLoader, prepare_interpreter_servers,
                      release_interpreter_servers)
-from .pagesource import PageSource, open_image
-from .qemu import Qemu, QemuError
+from ..pagesource import PageSource, open_image
+from ..qemu import Qemu, QemuError
 from .workload import latency_summary, page_at, run_access, touch_pages
 
 __all__ = ["run_bench", "qemu_load_seconds", "fault_service", "FaultReference",

@@ -7,17 +7,17 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List
 
-from .cli_args import tabulate
-from .outcome import Outcome
+from .args import tabulate
+from ..outcome import Outcome
 
 __all__ = ["add_parsers", "inspect_file"]
 
 
 def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any]:
-    from .workingset import WorkingSet, jaccard
+    from ..workingset import WorkingSet, jaccard
     ws = WorkingSet.load(path)
     if snapshot:
-        from .mappedram import Snapshot
+        from ..mappedram import Snapshot
         with Snapshot.open(snapshot) as snap:
             ws.check(snap, path)
     times = [t for _, _, t, _ in ws.pages]
@@ -66,7 +66,7 @@ def _text(info: Dict[str, Any]) -> str:
 
 
 def cmd_ws_merge(args: argparse.Namespace) -> Outcome:
-    from .workingset import WorkingSet, merge
+    from ..workingset import WorkingSet, merge
     merged = merge(WorkingSet.load(p) for p in args.inputs)
     merged.save(args.output)
     return Outcome(f"{args.output}: {len(merged.pages)} pages ({merged.data_pages} data) from "
@@ -74,7 +74,7 @@ def cmd_ws_merge(args: argparse.Namespace) -> Outcome:
 
 
 def cmd_plot(args: argparse.Namespace) -> Outcome:
-    from .plot import load_run, plot_run
+    from ..harness.plot import load_run, plot_run
     plot_run(load_run(args.run), args.output, width_px=args.width, height_px=args.height,
              title=args.title)
     return Outcome(f"{args.output}: {args.width}x{args.height} PNG")

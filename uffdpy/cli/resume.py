@@ -1,8 +1,7 @@
 """The resume commands of ``uffdpy``: ``resume`` (the stream or ``--map``) and ``qemu-args``.
 
-Kept apart from :mod:`uffdpy.cli`, which lists them in its ``COMMANDS`` (the
-argument functions and the functions that run them live here, side by
-side).  A resume into a QEMU that uffdpy starts (the ``--`` form) ends with
+The argument functions and the functions that run them live here, side by
+side, and :data:`COMMANDS` names them for :mod:`.app`.  A resume into a QEMU that uffdpy starts (the ``--`` form) ends with
 that QEMU running and its directory removed when it exits, or, on failure,
 with QEMU stopped and its own last error line in the one-line message.
 """
@@ -13,14 +12,14 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .cli_args import (Progress, human, non_negative_float, non_negative_int, open_source,
-                       positive_float, positive_int, sniff, tabulate)
-from .needs import needs_line
-from .outcome import Outcome
+from .args import (Command, Progress, human, non_negative_float, non_negative_int, open_source,
+                   positive_float, positive_int, sniff, tabulate)
+from ..needs import needs_line
+from ..outcome import Outcome
 
-__all__ = ["cmd_resume", "cmd_qemu_args", "resume_arguments", "qemu_args_arguments"]
+__all__ = ["COMMANDS"]
 
 
 def _resume_table(stats: Dict[str, Any]) -> str:
@@ -80,7 +79,7 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
-    from .workingset import load_for
+    from ..workingset import load_for
     # refused before QEMU starts, and kept open: the file checked is the file served
     snap = _open_snapshot(args.snapshot)
     try:
@@ -94,9 +93,9 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
 
 def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> Outcome:
     """``resume`` without ``--map``: the postcopy stream, supervised unless ``--connect``."""
-    from .resume.destination import DestinationError
-    from .resume.postcopy import DEFAULT_FAULT_AROUND
-    from .resume.supervise import BeforeRun, SupervisedResume
+    from ..resume.destination import DestinationError
+    from ..resume.postcopy import DEFAULT_FAULT_AROUND
+    from ..resume.supervise import BeforeRun, SupervisedResume
     fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
     background_delay = args.background_delay or 0.0
     background_idle: Optional[float] = None
@@ -115,7 +114,7 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
                    trace=args.trace)
     proc: Optional[Any] = None
     if qemu_cmd:
-        from .resume.process import QemuProcess
+        from ..resume.process import QemuProcess
         proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
     qmp = proc.qmp_path if proc is not None else args.qmp
     finished = False
@@ -136,7 +135,7 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
                                         progress=progress.update, alive=proc.alive,
                                         **options).run()
         elif args.connect is not None:           # no QMP: nothing to recover with, one process
-            from .resume.postcopy import Resume
+            from ..resume.postcopy import Resume
             with Resume(snap, connect=args.connect, transport=args.transport,
                         timeout=args.timeout, **options) as resume:
                 while True:
@@ -184,7 +183,7 @@ _MISMATCH = re.compile(r"Unknown savevm section|[Ll]ength mismatch|[Ss]ize misma
 
 def _with_needs(error: BaseException, snap: Any) -> BaseException:
     """A refusal that says the destination differs gets what the snapshot needs added."""
-    from .resume.destination import DestinationError
+    from ..resume.destination import DestinationError
     if isinstance(error, DestinationError) and _MISMATCH.search(str(error)):
         return DestinationError(error.message, f"{error.reason}; the snapshot needs: "
                                 f"{needs_line(snap)} (uffdpy inspect shows what it cannot "
@@ -217,7 +216,7 @@ def _own_qemu_failed(proc: Any, error: BaseException) -> BaseException:
     refused stream, or when QEMU exited during start-up (a missing
     ``-display none``, a bad option) and nothing answered on its QMP socket.
     """
-    from .resume.destination import DestinationError
+    from ..resume.destination import DestinationError
     time.sleep(0.05)                               # let QEMU finish writing its error
     exited = not proc.alive()
     said = proc.last_error()
@@ -286,10 +285,10 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
         raise ValueError(f"{', '.join(given)} applies to the postcopy stream, not to --map")
     if args.warm == "ws" and not args.working_set:
         raise ValueError("--warm ws needs --working-set FILE.ws")
-    from .resume.destination import DestinationError
-    from .resume.mapped import MapResume, map_qemu_command
-    from .resume.process import QemuProcess
-    from .workingset import load_for
+    from ..resume.destination import DestinationError
+    from ..resume.mapped import MapResume, map_qemu_command
+    from ..resume.process import QemuProcess
+    from ..workingset import load_for
     with _open_snapshot(args.snapshot) as snap:      # refused before QEMU starts
         load_for(args.working_set, snap)             # a working set of another snapshot too
         proc: Optional[Any] = None
@@ -325,7 +324,7 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
 
 def cmd_qemu_args(args: argparse.Namespace) -> Outcome:
     import shlex
-    from .resume.mapped import map_arguments
+    from ..resume.mapped import map_arguments
     with _open_snapshot(args.snapshot) as snap:
         words = map_arguments(snap)
     return Outcome(" ".join(shlex.quote(w) for w in words), {"args": words})
@@ -334,8 +333,8 @@ def cmd_qemu_args(args: argparse.Namespace) -> Outcome:
 def _open_snapshot(path: str) -> Any:
     """A mapped-ram snapshot for ``resume`` and ``qemu-args``, refused in the words
     ``inspect`` uses (a file of no known format, or an ELF core, named as such)."""
-    from .mappedram import Snapshot
-    from .pagesource import FORMATS, ImageError
+    from ..mappedram import Snapshot
+    from ..pagesource import FORMATS, ImageError
     args = argparse.Namespace(snapshot=path, offset=0)
     head, _ = sniff(args)
     image = open_source(args, head)            # parsed once: the Snapshot itself
@@ -414,3 +413,38 @@ def qemu_args_arguments(sp: argparse.ArgumentParser) -> None:
                     help="the arguments that map the snapshot's RAM copy-on-write (required: "
                          "the only kind there is today)")
     sp.add_argument("--json", action="store_true", help="print the arguments as a JSON list")
+
+
+#: this module's commands, in ``uffdpy --help`` order
+COMMANDS: Tuple[Command, ...] = (
+    Command("resume", resume_arguments, cmd_resume, dict(
+        help="run a real guest at once: serve a snapshot as a postcopy source to QEMU",
+        usage="uffdpy resume SNAP (--qmp SOCK | --connect ADDR | -- QEMU ARGS...) [options]",
+        description="Resume a mapped-ram snapshot into an unmodified QEMU 10, one of two "
+                    "ways. The stream (default): uffdpy plays the source of a postcopy "
+                    "migration, the guest runs at once and its RAM streams in behind it; "
+                    "afterwards the VM owns all its RAM and no longer needs the file (use it "
+                    "when the snapshot lives on another host or may change). --map: QEMU "
+                    "maps the snapshot file itself as guest RAM, copy-on-write, and uffdpy "
+                    "sends only the device state: the guest runs at full speed in "
+                    "milliseconds and clones of one snapshot share every page none of them "
+                    "wrote (use it for a local file and many clones; the file must stay "
+                    "unchanged while any of them runs). Give --qmp (a destination you "
+                    "started with -incoming defer; with --map also with the arguments of "
+                    "'uffdpy qemu-args SNAP --map'), --connect (one that already listens; "
+                    "the stream only), or the QEMU command after -- (uffdpy starts it, adds "
+                    "what --map needs, and leaves it running).",
+        epilog="examples: uffdpy resume vm.img -- qemu-system-x86_64 -machine pc -m 1G "
+               "-accel tcg -nodefaults -display none -serial null; the same with "
+               "'resume vm.img --map --' maps the file instead")),
+    Command("qemu-args", qemu_args_arguments, cmd_qemu_args, dict(
+        help="print the QEMU arguments a destination of SNAP needs (--map: its RAM mapped)",
+        description="Print, shell-quoted on one line, what a destination for SNAP needs "
+                    "besides the VM's own arguments. With --map: a memory-backend-file "
+                    "object mapping each RAM block of the snapshot private and read-only, "
+                    "and -machine memory-backend= for the machine's RAM, so that "
+                    "'qemu-system-x86_64 ... $(uffdpy qemu-args vm.img --map) -incoming "
+                    "defer -qmp unix:q.sock,server=on,wait=off' then 'uffdpy resume vm.img "
+                    "--map --qmp q.sock' works. A NUMA guest's -numa node,memdev=ID names "
+                    "these objects in place of its own memory-backend-ram ones.")),
+)

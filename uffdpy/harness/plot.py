@@ -16,9 +16,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from .errors import UffdpyError
-from .files import replacing
-from .pagesource import PathLike
+from ..errors import UffdpyError
+from ..files import replacing
+from ..pagesource import PathLike
 
 __all__ = ["plot_run", "PlotUnavailable", "load_run"]
 

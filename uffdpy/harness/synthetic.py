@@ -12,8 +12,8 @@ import random
 import struct
 from typing import Iterator, List, Tuple
 
-from .mappedram import BlockSpec, write_snapshot
-from .pagesource import PathLike
+from ..mappedram import BlockSpec, write_snapshot
+from ..pagesource import PathLike
 
 __all__ = ["make_synthetic", "synthetic_runs", "synthetic_run_data"]
 

@@ -6,14 +6,18 @@ a bad value is argparse's one-line usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import stat
 import sys
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import sizes
-from .sizes import qemu_size
+from .. import sizes
+from ..sizes import qemu_size
+
+if TYPE_CHECKING:
+    from ..outcome import Outcome
 
 __all__ = ["sniff", "open_source", "tabulate", "parse_size", "bounded", "integer", "number", "positive_int",
            "non_negative_int",
@@ -154,7 +158,7 @@ def sniff(args: argparse.Namespace) -> Tuple[bytes, bool]:
     One open, with the checks every command makes: an image is a regular file
     or a block device, and not an empty one.
     """
-    from .pagesource import FORMATS, ImageError, open_for_reading
+    from ..pagesource import FORMATS, ImageError, open_for_reading
     fd = open_for_reading(args.snapshot)
     try:
         st = os.fstat(fd)
@@ -171,7 +175,7 @@ def sniff(args: argparse.Namespace) -> Tuple[bytes, bool]:
 
 def open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
     """The image named on the command line, of whichever format its first bytes say."""
-    from .pagesource import FORMATS, ImageError, format_of
+    from ..pagesource import FORMATS, ImageError, format_of
     if head is None:
         head, _ = sniff(args)
     fmt = format_of(head)
@@ -185,3 +189,27 @@ def open_source(args: argparse.Namespace, head: Optional[bytes] = None) -> Any:
         raise ValueError(f"{args.snapshot}: --offset applies to mapped-ram streams "
                          f"only, and this is {fmt.description}")
     return fmt.cls().open(args.snapshot)
+
+
+def snapshot_arg(sp: argparse.ArgumentParser, *, offset: bool = True) -> None:
+    """The IMAGE positional (and mapped-ram's ``--offset``, unless ``offset`` is false)."""
+    sp.add_argument("snapshot", metavar="IMAGE",
+                    help="a mapped-ram snapshot or an ELF core file")
+    if offset:
+        sp.add_argument("--offset", type=parse_size, default=0,
+                        help="mapped-ram: where the stream starts in the file "
+                             "(migrate file:PATH,offset=N)")
+    else:
+        sp.set_defaults(offset=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``uffdpy`` command: its name, ``add_parser``'s keywords, its arguments, what runs it."""
+
+    name: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], "Outcome"]
+    parser: Dict[str, Any]
+    #: checks of the parsed arguments that argparse cannot make (a usage error)
+    check: Optional[Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = None

@@ -37,7 +37,7 @@ Command line (``scripts/linux_guest.py``, a thin face on this module)::
 
 It prints a JSON summary (timings, paths, kernel version).  From Python::
 
-    from uffdpy.linuxguest import make_linux_guest_snapshot, fill_pattern_pages
+    from uffdpy.harness.linuxguest import make_linux_guest_snapshot, fill_pattern_pages
     info = make_linux_guest_snapshot("guest.img", mem_mib=256, fill_mib=64,
                                      seed=0, pmemsave="guest.pmem")
     expected = set(fill_pattern_pages(seed=0, fill_mib=64))  # 4 KiB pages
@@ -65,9 +65,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from .errors import UffdpyError
-from .qemu import Qemu, QemuError
-from .qmp import MigrationFailed, QmpClient, QmpError
+from ..errors import UffdpyError
+from ..qemu import Qemu, QemuError
+from ..qmp import MigrationFailed, QmpClient, QmpError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

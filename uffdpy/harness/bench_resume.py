@@ -49,9 +49,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tabulate import tabulate
 
-from .qmp import QmpClient
-from .resume import QemuProcess, Resume
-from .resume.destination import event_time
+from ..qmp import QmpClient
+from ..resume import QemuProcess, Resume
+from ..resume.destination import event_time
 
 __all__ = ["run_resume_bench", "run_clone_bench", "CONTENDERS", "evict", "memory"]
 
@@ -90,8 +90,8 @@ def memory(pid: int) -> Dict[str, int]:
 
 
 def _map_argv(snapshot: str, argv: List[str]) -> List[str]:
-    from .mappedram import Snapshot
-    from .resume.mapped import map_qemu_command
+    from ..mappedram import Snapshot
+    from ..resume.mapped import map_qemu_command
     with Snapshot.open(snapshot) as snap:
         return map_qemu_command(argv, snap)
 
@@ -142,7 +142,7 @@ def _qemu_own(snapshot: str, argv: List[str], req: Optional[str], request: str,
 
 def _map(snapshot: str, argv: List[str], req: Optional[str], request: str, timeout: float,
          working_set: Optional[str] = None) -> Dict[str, Any]:
-    from .resume.mapped import MapResume
+    from ..resume.mapped import MapResume
     proc = QemuProcess(_map_argv(snapshot, argv), paused=True, timeout=timeout)
     try:
         t0 = time.time()
@@ -326,7 +326,7 @@ def _start_clones(snapshot: str, mode: str, qemu: str, qemu_args: Sequence[str],
 def _clone_round(snapshot: str, mode: str, qemu: str, qemu_args: Sequence[str], n: int,
                  request: Optional[str], timeout: float) -> Dict[str, Any]:
     """N guests of one snapshot, started at once; when all answered; their Pss summed."""
-    from .resume.mapped import MapResume
+    from ..resume.mapped import MapResume
     tmp = tempfile.mkdtemp(prefix="uffdpy-clones-")
     procs: List[QemuProcess] = []
     try:

@@ -29,7 +29,7 @@ opens the core with ``uffdpy.elfcore`` and checks the buffer)::
 
 From Python::
 
-    from uffdpy.processcore import gcore_core, kernel_core
+    from uffdpy.harness.processcore import gcore_core, kernel_core
     path, address, data = gcore_core("/tmp/dir", size=0x10000, seed=1)
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import sys
 import tempfile
 from typing import List, Tuple
 
-from .errors import UffdpyError
+from ..errors import UffdpyError
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -182,7 +182,7 @@ def kernel_core(directory: str, *, size: int = 0x10000, seed: int = 1,
 
 def verify(path: str, address: int, data: bytes) -> str:
     """Check with uffdpy.elfcore that ``data`` is at ``address``; returns the region name."""
-    from .elfcore import ElfImage
+    from ..elfcore import ElfImage
     with ElfImage.open(path) as image:
         region = image.region_at(address)
         first = (address - region.address) // region.page_size

@@ -27,8 +27,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .latency import percentiles
-from .pagesource import PageRegion
+from ..latency import percentiles
+from ..pagesource import PageRegion
 
 __all__ = ["parse_access", "run_access", "page_at", "touch_pages", "verify", "latency_summary",
            "PageFenced", "READERS"]
