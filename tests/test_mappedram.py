@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 from uffdpy import mappedram, pagesource
+from uffdpy.migstream import configuration
 from uffdpy.mappedram import (BlockSpec, DeviceSection, MappedRamError, NotMappedRamError,
                               RamBlock, Snapshot, rewrite_snapshot, write_snapshot)
 from uffdpy.harness.synthetic import make_synthetic, synthetic_run_data, synthetic_runs
@@ -259,7 +260,7 @@ def test_make_synthetic_deterministic(tmp_path: Path) -> None:
 def test_runs_match_reference(pages: int) -> None:
     rng = random.Random(pages)
     for trial in range(30):
-        bits = bytearray(mappedram._bitmap_size(pages))
+        bits = bytearray(mappedram.model._bitmap_size(pages))
         style = trial % 3
         if style == 0:        # random bits
             for i in range(pages):
@@ -314,13 +315,13 @@ def test_open_never_reads_the_pages_region(small: Tuple[Path, bytes, bytes],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     path, _, _ = small
     reads: List[Tuple[int, int]] = []
-    real = mappedram._Source.read_exact
+    real = mappedram.model._Source.read_exact
 
-    def spy(self: mappedram._Source, offset: int, count: int, what: str) -> bytes:
+    def spy(self: mappedram.model._Source, offset: int, count: int, what: str) -> bytes:
         reads.append((offset, count))
         return real(self, offset, count, what)
 
-    monkeypatch.setattr(mappedram._Source, "read_exact", spy)
+    monkeypatch.setattr(mappedram.model._Source, "read_exact", spy)
     with Snapshot.open(path) as snap:
         regions = [(b.pages_offset, b.pages_offset + b.length) for b in snap.blocks]
         opened = list(reads)
@@ -360,7 +361,7 @@ def test_not_mapped_ram(tmp_path: Path) -> None:
     assert "mapped-ram" in str(info.value) and "migrate-set-capabilities" in str(info.value)
     assert isinstance(info.value, MappedRamError)
     # capabilities listed, but not mapped-ram
-    cfg = mappedram._configuration_bytes("none", ["x-ignore-shared"])
+    cfg = configuration("none", capabilities=["x-ignore-shared"])
     path.write_bytes(bytes.fromhex("5145564d00000003") + cfg + bytes(100))
     with pytest.raises(NotMappedRamError, match="x-ignore-shared"):
         Snapshot.open(path)
@@ -542,8 +543,8 @@ def _rewritten(tmp_path: Path, data: bytes) -> Path:
 def test_fuzz_random_bytes(tmp_path: Path) -> None:
     rng = random.Random(1234)
     p = tmp_path / "r.img"
-    prefix = bytes.fromhex("5145564d00000003") + mappedram._configuration_bytes(
-        "none", ["mapped-ram"]) + bytes.fromhex("0100000001036572616d0000000000000004")
+    prefix = bytes.fromhex("5145564d00000003") + configuration(
+        "none", capabilities=["mapped-ram"]) + bytes.fromhex("0100000001036572616d0000000000000004")
     for trial in range(600):
         n = rng.choice([1, 10, 100, 1000, 10000, 100000])
         body = rng.randbytes(n)

@@ -194,3 +194,54 @@ def test_a_file_renamed_over_the_snapshot_is_never_served(snap: str, tmp_path: P
             r.wait(30)
             fake.join()
     assert fake.pages == data_pages(snap)
+
+
+# ---------------------------------------------------------------------- typed options
+
+def test_options_are_checked_once_when_made() -> None:
+    from uffdpy.resume.options import ResumeOptions
+    for bad, words in [(dict(batch_pages=0), "batch_pages must be >= 1"),
+                       (dict(transport="udp"), "transport must be unix, tcp or fd"),
+                       (dict(working_set="x.ws", recover=True), "not to --recover"),
+                       (dict(background_idle=1.0, background_delay=2.0), "not with background"),
+                       (dict(stall_timeout=0.0), "stall_timeout must be > 0")]:
+        with pytest.raises(ValueError, match=words):
+            ResumeOptions(**bad)
+    opts = ResumeOptions(working_set="x.ws", ws_placement="before-run", background_delay=3.0)
+    again = opts.for_recovery()
+    assert (again.recover, again.working_set, again.ws_placement, again.background_delay) == \
+        (True, None, "after-run", 0.0)
+
+
+def test_options_and_keywords_make_one_resume(snap: str) -> None:
+    """Keywords override the options value; an unknown keyword is a TypeError, not ignored."""
+    from uffdpy.resume.options import ResumeOptions
+    base = ResumeOptions(batch_pages=7, fault_around_pages=0)
+    with serve(snap, options=base, batch_pages=3) as (r, fake):
+        assert (r.options.batch_pages, r.options.fault_around_pages) == (3, 0)
+        r.wait(30)
+        fake.join()
+    with pytest.raises(TypeError):
+        Resume(snap, connect="fd:0", batch_page=3)
+
+
+def test_the_command_line_reads_the_options_back_once() -> None:
+    """Each stream flag is registered from ResumeOptions and read back into one value;
+    --record-ws alone records the whole demand."""
+    from uffdpy.cli import build_parser
+    from uffdpy.resume.options import RECORD_IDLE_S, ResumeOptions
+    parse = build_parser().parse_args
+    default = ResumeOptions.from_args(parse(["resume", "s.img", "--qmp", "q"]))
+    assert default == ResumeOptions()
+    args = parse(["resume", "s.img", "--qmp", "q", "--batch-pages", "5", "--preempt",
+                  "--demand-yield-ms", "0", "--timeout", "9"])
+    assert ResumeOptions.from_args(args) == ResumeOptions(batch_pages=5, preempt=True,
+                                                          demand_yield_ms=0.0, timeout=9.0)
+    assert ResumeOptions.given_flags(args) == ("--preempt", "--batch-pages",
+                                               "--demand-yield-ms")
+    alone = ResumeOptions.from_args(parse(["resume", "s.img", "--qmp", "q",
+                                           "--record-ws", "w.ws"]))
+    assert (alone.fault_around_pages, alone.background_idle) == (0, RECORD_IDLE_S)
+    chosen = ResumeOptions.from_args(parse(["resume", "s.img", "--qmp", "q", "--record-ws",
+                                            "w.ws", "--fault-around", "4"]))
+    assert (chosen.fault_around_pages, chosen.background_idle) == (4, None)

@@ -14,9 +14,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .args import (Command, Progress, human, non_negative_float, non_negative_int, open_source,
-                   positive_float, positive_int, sniff, tabulate)
+from .args import Command, Progress, human, open_source, sniff, tabulate
 from ..needs import needs_line
+from ..resume.options import RECORD_IDLE_S, ResumeOptions
 from ..outcome import Outcome
 
 __all__ = ["COMMANDS"]
@@ -73,12 +73,11 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
                          "destination's own -S decides")
     if args.recover and args.qmp is None:
         raise ValueError("--recover needs --qmp SOCK (migrate-recover is a QMP command)")
-    if args.recover and args.working_set:
-        raise ValueError("a working set applies to a fresh resume, not to --recover")
     if args.trace and not args.json:
         raise ValueError("--trace keeps a per-page trace in the JSON: give --json too")
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
+    options = ResumeOptions.from_args(args)       # checked before QEMU starts
     from ..workingset import load_for
     # refused before QEMU starts, and kept open: the file checked is the file served
     snap = _open_snapshot(args.snapshot)
@@ -86,32 +85,20 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
         load_for(args.working_set, snap)           # a working set of another snapshot too
         if args.record_ws:
             _check_writable(args.record_ws)
-        return _resume_stream(args, qemu_cmd, snap)
+        return _resume_stream(args, options, qemu_cmd, snap)
     finally:
         snap.close()
 
 
-def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> Outcome:
+def _resume_stream(args: argparse.Namespace, options: ResumeOptions, qemu_cmd: List[str],
+                   snap: Any) -> Outcome:
     """``resume`` without ``--map``: the postcopy stream, supervised unless ``--connect``."""
     from ..resume.destination import DestinationError
-    from ..resume.postcopy import DEFAULT_FAULT_AROUND
     from ..resume.supervise import BeforeRun, SupervisedResume
-    fault_around = DEFAULT_FAULT_AROUND if args.fault_around is None else args.fault_around
-    background_delay = args.background_delay or 0.0
-    background_idle: Optional[float] = None
-    if args.record_ws and args.fault_around is None and args.background_delay is None \
-            and not args.no_background:
-        # a recording is of the guest's own demand: nothing sent ahead of it
-        fault_around, background_idle = 0, RECORD_IDLE_S
+    if ResumeOptions.records_whole_demand(args):
         print(f"uffdpy: recording the guest's whole demand: no fault-around, and the stream "
               f"waits until the guest asked for nothing for {RECORD_IDLE_S:g} s (give "
               "--fault-around or --background-delay to choose otherwise)", file=sys.stderr)
-    options = dict(background=not args.no_background, background_delay=background_delay,
-                   background_idle=background_idle, preempt=args.preempt,
-                   batch_pages=args.batch_pages, fault_around_pages=fault_around,
-                   demand_yield_ms=args.demand_yield_ms, record_ws=args.record_ws,
-                   working_set=args.working_set, ws_placement=args.ws_placement,
-                   trace=args.trace)
     proc: Optional[Any] = None
     if qemu_cmd:
         from ..resume.process import QemuProcess
@@ -122,22 +109,18 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
     try:
         if proc is not None:
             try:
-                info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
-                                        timeout=args.timeout, progress=progress.update,
-                                        alive=proc.alive, **options).run()
+                info = SupervisedResume(snap, qmp=qmp, options=options,
+                                        progress=progress.update, alive=proc.alive).run()
             except BeforeRun:
                 # its server died before the guest ran: QEMU takes one incoming
                 # migration, and ours is the only one; start it again, once
                 proc.kill()
                 proc = QemuProcess(qemu_cmd, paused=args.paused, timeout=args.timeout)
-                info = SupervisedResume(snap, qmp=proc.qmp_path,
-                                        transport=args.transport, timeout=args.timeout,
-                                        progress=progress.update, alive=proc.alive,
-                                        **options).run()
+                info = SupervisedResume(snap, qmp=proc.qmp_path, options=options,
+                                        progress=progress.update, alive=proc.alive).run()
         elif args.connect is not None:           # no QMP: nothing to recover with, one process
             from ..resume.postcopy import Resume
-            with Resume(snap, connect=args.connect, transport=args.transport,
-                        timeout=args.timeout, **options) as resume:
+            with Resume(snap, connect=args.connect, options=options) as resume:
                 while True:
                     try:
                         resume.wait(0.1)
@@ -146,9 +129,8 @@ def _resume_stream(args: argparse.Namespace, qemu_cmd: List[str], snap: Any) -> 
                         progress.update(*resume.progress())
                 info = resume.report()
         else:
-            info = SupervisedResume(snap, qmp=qmp, transport=args.transport,
-                                    recover=args.recover, timeout=args.timeout,
-                                    progress=progress.update, **options).run()
+            info = SupervisedResume(snap, qmp=qmp, options=options,
+                                    progress=progress.update).run()
         progress.finish()
         finished = True
     except (DestinationError, ConnectionError, TimeoutError) as e:
@@ -241,19 +223,6 @@ def _left_as_it_is(proc: Any) -> None:
         proc.kill()
 
 
-#: with --record-ws alone the stream starts once the guest asked for nothing this long
-RECORD_IDLE_S = 1.0
-
-
-#: resume options that only the postcopy stream has: (option, dest, default)
-_STREAM_ONLY = (("--preempt", "preempt", False), ("--recover", "recover", False),
-                ("--no-background", "no_background", False),
-                ("--background-delay", "background_delay", None),
-                ("--batch-pages", "batch_pages", 32), ("--fault-around", "fault_around", None),
-                ("--demand-yield-ms", "demand_yield_ms", 2.0), ("--record-ws", "record_ws", None),
-                ("--ws-placement", "ws_placement", "after-run"), ("--trace", "trace", False))
-
-
 def _map_table(stats: Dict[str, Any]) -> str:
     rows = [
         ("guest running after", "-" if stats["time_to_running_s"] is None
@@ -280,7 +249,7 @@ def _resume_mapped(args: argparse.Namespace, qemu_cmd: List[str]) -> Outcome:
     if args.connect is not None:
         raise ValueError("--map needs --qmp SOCK or -- QEMU ARGS: through --connect uffdpy "
                          "cannot see whether the destination's RAM maps this snapshot")
-    given = [opt for opt, dest, default in _STREAM_ONLY if getattr(args, dest) != default]
+    given = ResumeOptions.given_flags(args)
     if given:
         raise ValueError(f"{', '.join(given)} applies to the postcopy stream, not to --map")
     if args.warm == "ws" and not args.working_set:
@@ -370,40 +339,10 @@ def resume_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--paused", action="store_true",
                     help="with --: start QEMU with -S, so the VM stays paused after resume; "
                          "with --map (any form): leave the VM paused after the load")
-    sp.add_argument("--no-background", action="store_true",
-                    help="serve page requests only, never stream (the load completes only "
-                         "when the guest has asked for every data page; Ctrl-C leaves the "
-                         "destination postcopy-paused, for --recover)")
-    sp.add_argument("--background-delay", type=non_negative_float, default=None, metavar="S",
-                    help="serve requests only for the first S seconds, then stream (default 0; "
-                         "with --record-ws alone: until the guest has been idle 1 s)")
-    sp.add_argument("--preempt", action="store_true",
-                    help="send requested pages on QEMU's postcopy-preempt channel")
-    sp.add_argument("--recover", action="store_true",
-                    help="with --qmp: finish a load whose source died (postcopy-paused)")
-    sp.add_argument("--batch-pages", type=positive_int, default=32, metavar="N",
-                    help="data pages per background section (default 32)")
-    sp.add_argument("--fault-around", type=non_negative_int, default=None, metavar="N",
-                    help="data pages sent right behind each requested page (default 32; "
-                         "0 with --record-ws alone)")
-    sp.add_argument("--demand-yield-ms", type=non_negative_float, default=2.0, metavar="MS",
-                    help="the background stream pauses this long after each request "
-                         "(default 2; 0: never)")
-    sp.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
-                    help="bound on each QMP call and connection (default 30)")
-    sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
-                    help="write the pages the guest requested, in order of first request; "
-                         "alone, it records the guest's whole demand: no fault-around, and "
-                         "the stream held back until the guest has been idle 1 s (it says so "
-                         "on stderr)")
-    sp.add_argument("--working-set", metavar="FILE.ws", default=None,
-                    help="send these recorded pages first, then the rest in file order "
-                         "(with --map: read them into the page cache first)")
-    sp.add_argument("--ws-placement", choices=("after-run", "before-run"), default="after-run",
-                    help="send the working set right after RUN (default) or as precopy "
-                         "pages before it")
-    sp.add_argument("--trace", action="store_true",
-                    help="with --json: keep when each page was sent and why (for uffdpy plot)")
+    for flag in ("--no-background", "--background-delay", "--preempt", "--recover",
+                 "--batch-pages", "--fault-around", "--demand-yield-ms", "--timeout",
+                 "--record-ws", "--working-set", "--ws-placement", "--trace"):
+        ResumeOptions.add_argument(sp, flag)
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
 
 

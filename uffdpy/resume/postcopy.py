@@ -22,24 +22,19 @@ byte; :mod:`uffdpy.migstream` makes them):
    list, one DISCARD (mandatory in practice), and the package with LISTEN,
    the snapshot's device sections byte for byte, and RUN.
 3. Serve.  One thread runs one ``poll`` loop over the connection (the return
-   path is the same socket read the other way) and a wake pipe: page requests
+   path is the same socket read the other way) and a wake fd: page requests
    are answered first, each as soon as it is read; in between, a background
    stream sends every data page in file order, one small PART section at a
-   time so that a request waits behind at most one batch.  A *sent map*, one
-   byte per host page, makes sure each page is sent exactly once (a page sent
-   twice sends the destination to ``postcopy-paused``): a request for a page
-   already sent or in flight is counted in ``duplicate_requests`` and dropped.
-   Zero pages are sent only when requested: after the load the destination
-   unregisters its memory, and a page never placed reads as zero, which is
-   what the bitmap says it holds.
+   time.  :class:`~uffdpy.resume.sender.PageSender` keeps the *sent map*, so
+   that each page goes out exactly once (twice sends the destination to
+   ``postcopy-paused``).  Zero pages are sent only when requested: a page
+   never placed reads as zero, which is what the bitmap says it holds.
 4. When every data page is out: END, EOF, and the destination's SHUT.
 
 One thread, no locks: the loop alone owns the sockets and the sent map, so
-the GIL never stands between a request and its answer (with a reader and a
-writer thread the request waited for the writer's switch interval).  Pages
-are sent from the file's mapping with ``sendmsg`` over memoryviews: no copy
-in Python.  A file truncated under the mapping makes ``sendmsg`` fail with
-EFAULT (the kernel's copy faults), never SIGBUS in this process.
+the GIL never stands between a request and its answer.  Pages go from the
+file's mapping with ``sendmsg`` over memoryviews (no copy in Python); a file
+truncated under the mapping makes ``sendmsg`` fail with EFAULT, never SIGBUS.
 
 If the source dies after RUN the destination pauses (``postcopy-paused``),
 keeping every page it received; ``Resume(..., recover=True)`` reconnects
@@ -49,11 +44,9 @@ the incoming migration.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import gc
-import itertools
 import mmap
 import os
 import select
@@ -63,175 +56,25 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .. import migstream as ms
-from ..latency import EMPTY, percentiles
+from ..latency import percentiles
 from ..wake import WakeFd
-from ..mappedram import Snapshot, TARGET_PAGE_SIZE
+from ..mappedram import Snapshot
 from ..pagesource import PathLike
 from ..qmp import QmpError
 from ..workingset import WorkingSet, load_for, snapshot_identity
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
+from .options import ResumeOptions
+from .sender import PAGE, Channel, PageSender, SourceBlock
+from .stats import ResumeStats
 
 __all__ = ["Resume", "ResumeStats"]
 
-PAGE = TARGET_PAGE_SIZE
-#: data pages per background PART section: small, so a request waits behind little
-DEFAULT_BATCH_PAGES = 32
-#: data pages sent right behind a requested one (the guest's next reads, mostly)
-DEFAULT_FAULT_AROUND = 32
-#: the background stream pauses this long after each request, so that on few
-#: CPUs the guest's demand (its vCPU, QEMU's placing thread, our answers) is not
-#: slowed by streaming (measured on 2 CPUs: the answer to a request 0.45 -> 0.29 s)
-DEFAULT_DEMAND_YIELD_MS = 2.0
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)     # Linux's value
-_IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
 _RECV_BYTES = 1 << 16
-
-
-@dataclasses.dataclass
-class ResumeStats:
-    """What a resume did.  Times in seconds from the connect; None when unknown.
-
-    ``time_to_running_s`` is the destination's RESUME event (None with ``-S``
-    or without QMP); ``time_to_complete_s`` its MIGRATION ``completed`` event
-    (without QMP: the SHUT message).  ``page_requests`` counts request
-    messages, ``pages_requested`` the 4 KiB pages they asked for that were
-    sent in answer, ``duplicate_requests`` the pages asked for that were
-    already sent or in flight.  ``pages_streamed`` are data pages the
-    background stream sent, ``pages_around`` data pages sent right behind a
-    requested one (fault-around), ``pages_working_set`` pages sent because a
-    working set named them, ``zero_pages_sent`` zero pages sent (only those
-    requested or in the working set).  ``data_pages_sent`` equals
-    ``data_pages`` (the snapshot's) once the migration completed.  ``request_service_us`` summarises, in microseconds, the
-    time from reading a request to writing the last byte of its page.
-    ``source_cpu_s``: CPU seconds (user + system) the serving thread used.
-    """
-    time_to_running_s: Optional[float] = None
-    time_to_complete_s: Optional[float] = None
-    page_requests: int = 0
-    pages_requested: int = 0
-    pages_streamed: int = 0
-    pages_around: int = 0
-    pages_working_set: int = 0
-    zero_pages_sent: int = 0
-    bytes_sent: int = 0
-    duplicate_requests: int = 0
-    data_pages: int = 0
-    data_pages_sent: int = 0
-    request_service_us: Dict[str, Optional[float]] = dataclasses.field(
-        default_factory=lambda: dict(EMPTY))
-    recovered: bool = False
-    pages_already_received: int = 0
-    source_cpu_s: Optional[float] = None
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class _Channel:
-    """One connection's output queue, sent with non-blocking ``sendmsg``.
-
-    An entry is ``[buffers, bytes, t_request]``: the buffers (bytes or
-    memoryviews of the file's mapping) of one piece of the stream, often a
-    whole run of pages (a header and a page each); ``t_request`` is set on
-    the entry that ends the answer to a request.  ``flush`` hands the kernel
-    up to ``_IOV_MAX`` buffers per call, so its Python work is per entry, not
-    per page.
-    """
-
-    def __init__(self, sock: socket.socket, name: str) -> None:
-        self.sock = sock
-        self.name = name
-        self.pending: Deque[List[Any]] = collections.deque()
-        self.last_block: Optional[str] = None                   # for the CONTINUE flag
-
-    def queue(self, piece: Any, t_request: Optional[float] = None) -> None:
-        """Queue one buffer; ``t_request``: the request it answers (timed when written)."""
-        self.pending.append([[piece], len(piece), t_request])
-
-    def queue_many(self, pieces: List[Any], nbytes: int,
-                   t_request: Optional[float] = None) -> None:
-        """Queue ``pieces`` (``nbytes`` in all) as one entry."""
-        self.pending.append([pieces, nbytes, t_request])
-
-    def flush(self, done: Callable[[float], None]) -> int:
-        """Send what the socket takes now; call ``done(t)`` for each request entry written.
-
-        Returns the bytes sent.  Raises: OSError (EPIPE, ECONNRESET: the
-        destination went away; EFAULT: the file's mapping cannot be read).
-        """
-        total = 0
-        pending = self.pending
-        while pending:
-            iov: List[Any] = []
-            size = 0
-            for entry in pending:
-                bufs = entry[0]
-                room = _IOV_MAX - len(iov)
-                if len(bufs) > room:
-                    if not iov:                       # one entry larger than a call takes
-                        iov = bufs[:room]
-                        size = sum(map(len, iov))
-                    break
-                iov += bufs
-                size += entry[1]
-                if len(iov) == _IOV_MAX:
-                    break
-            try:
-                n = self.sock.sendmsg(iov)
-            except (BlockingIOError, InterruptedError):
-                break
-            total += n
-            full = n < size
-            while n:
-                entry = pending[0]
-                if n >= entry[1]:
-                    n -= entry[1]
-                    pending.popleft()
-                    if entry[2] is not None:
-                        done(entry[2])
-                    continue
-                bufs, i = entry[0], 0                 # a part of this entry went out
-                while n >= len(bufs[i]):
-                    n -= len(bufs[i])
-                    i += 1
-                rest = [memoryview(bufs[i])[n:], *bufs[i + 1:]]
-                entry[0], entry[1] = rest, entry[1] - sum(map(len, bufs[:i])) - n
-                n = 0
-            if full:
-                break
-        return total
-
-
-class _Block:
-    """A RAMBlock as the source sees it: where its pages are, which hold data, which were sent."""
-
-    def __init__(self, block: Any, host_page: int) -> None:
-        self.name: str = block.name
-        self.length: int = block.length
-        self.pages_offset: int = block.pages_offset
-        self.host_page = host_page
-        self.sub = host_page // PAGE              # target pages per host page
-        present = bytearray(block.pages)
-        for first, count, is_data in block.runs():
-            if is_data:
-                present[first:first + count] = b"\x01" * count
-        self.present = bytes(present)
-        units = block.length // host_page
-        self.sent = bytearray(units)              # 1 = the host page is sent or in flight
-        if self.sub == 1:                         # C speed: a 1 GiB block in a few ms
-            self.data_units = list(itertools.compress(range(units), self.present))
-        else:
-            self.data_units = [u for u in range(units)
-                               if any(self.present[u * self.sub:(u + 1) * self.sub])]
-        #: the runs of data pages, ``(first, end)``, and the stream's place in them:
-        #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
-        self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
-        self.cursor = 0                           # the background stream's position
-        self.run_pos = 0
 
 
 class Resume:
@@ -243,7 +86,9 @@ class Resume:
     already listens on, ``unix:PATH``, ``tcp:HOST:PORT``, ``fd:N``) is given.
     ``snapshot`` is a path or an open :class:`~uffdpy.mappedram.Snapshot`
     (then its file, the one it validated, is the one served, whatever has
-    its name by now; the caller closes it).
+    its name by now; the caller closes it).  How it streams is ``options``
+    (a :class:`~.options.ResumeOptions`), or the same names as keywords,
+    which override it (``Resume(snap, qmp=sock, preempt=True)``).
     The constructor validates, connects and starts the serving thread; the
     guest runs (unless the destination has ``-S``) a few milliseconds later.
     :meth:`wait` returns the :class:`ResumeStats` when the migration has
@@ -272,39 +117,20 @@ class Resume:
     """
 
     def __init__(self, snapshot: Union[PathLike, Snapshot], *, qmp: Optional[str] = None,
-                 connect: Optional[str] = None, transport: str = "unix",
-                 background: bool = True, background_delay: float = 0.0,
-                 preempt: bool = False, recover: bool = False,
-                 batch_pages: int = DEFAULT_BATCH_PAGES,
-                 fault_around_pages: int = DEFAULT_FAULT_AROUND,
-                 demand_yield_ms: float = DEFAULT_DEMAND_YIELD_MS,
-                 page_sizes: Optional[Dict[str, int]] = None,
-                 working_set: Optional[PathLike] = None, ws_placement: str = "after-run",
-                 record_ws: Optional[PathLike] = None, trace: bool = False,
-                 timeout: float = 30.0, stall_timeout: Optional[float] = None,
-                 background_idle: Optional[float] = None) -> None:
+                 connect: Optional[str] = None, options: Optional[ResumeOptions] = None,
+                 page_sizes: Optional[Dict[str, int]] = None, **fields: Any) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
-        if transport not in ("unix", "tcp", "fd"):
-            raise ValueError(f"transport must be unix, tcp or fd, not {transport!r}")
-        if demand_yield_ms < 0:
-            raise ValueError(f"demand_yield_ms must be >= 0, not {demand_yield_ms}")
-        if fault_around_pages < 0:
-            raise ValueError(f"fault_around_pages must be >= 0, not {fault_around_pages}")
-        if ws_placement not in ("after-run", "before-run"):
-            raise ValueError(f"ws_placement must be after-run or before-run, not {ws_placement!r}")
-        if working_set is not None and recover:
-            raise ValueError("a working set applies to a fresh resume, not to --recover")
-        if batch_pages < 1:
-            raise ValueError(f"batch_pages must be >= 1, not {batch_pages}")
-        if background_delay < 0:
-            raise ValueError(f"background_delay must be >= 0, not {background_delay}")
-        if background_idle is not None and (background_idle < 0 or background_delay):
-            raise ValueError("background_idle is >= 0 seconds, and not with background_delay")
-        if stall_timeout is not None and stall_timeout <= 0:
-            raise ValueError(f"stall_timeout must be > 0, not {stall_timeout}")
-        if preempt and (transport == "fd" or (connect or "").startswith("fd:")):
+        opts = self.options = dataclasses.replace(options or ResumeOptions(), **fields)
+        if opts.preempt and (opts.transport == "fd" or (connect or "").startswith("fd:")):
             raise ValueError("preempt needs a second connection: use a unix or tcp transport")
+        timeout = opts.timeout
+        working_set, record_ws, trace = opts.working_set, opts.record_ws, opts.trace
+        background, background_delay = opts.background, opts.background_delay
+        background_idle, preempt, recover = opts.background_idle, opts.preempt, opts.recover
+        batch_pages, fault_around_pages = opts.batch_pages, opts.fault_around_pages
+        demand_yield_ms, ws_placement = opts.demand_yield_ms, opts.ws_placement
+        stall_timeout, transport = opts.stall_timeout, opts.transport
         self.stats = ResumeStats()
         self._given = snapshot if isinstance(snapshot, Snapshot) else None
         self._snapshot_path = snapshot.path if isinstance(snapshot, Snapshot) \
@@ -312,18 +138,16 @@ class Resume:
         self._timeout = timeout
         self._batch = batch_pages
         self._around = fault_around_pages
+        self._pages: Optional[PageSender] = None
         self._ws_path = working_set
         self._ws_placement = ws_placement
         self._ws: Optional[WorkingSet] = None
-        self._ws_queue: Deque[Tuple[_Block, int]] = collections.deque()
         self._record_path = record_ws
-        self._recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
         self._record_saved = False
         #: with trace=True: (seconds since the connect, block, 4 KiB page, why) per page sent
         self.trace: Optional[List[Tuple[float, str, int, str]]] = [] if trace else None
         self._identity: Optional[Dict[str, Any]] = None
         self._yield_s = demand_yield_ms / 1000
-        self._last_request = 0.0
         self._background = background
         self._background_delay = background_delay
         self._background_idle = background_idle
@@ -337,8 +161,8 @@ class Resume:
         self._view: Optional[memoryview] = None
         self._dest: Optional[QemuDestination] = None
         self._tmpdir: Optional[str] = None
-        self._main: Optional[_Channel] = None
-        self._urgent: Optional[_Channel] = None
+        self._main: Optional[Channel] = None
+        self._urgent: Optional[Channel] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._stop = False
@@ -355,9 +179,9 @@ class Resume:
             self._build_blocks()                  # before the connect: the clock runs from it
             self._address = address
             opening = self._opening()             # built before the connect
-            self._main = _Channel(open_connection(address, timeout), "main")
+            self._main = Channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
-            self._connected = time.monotonic()
+            self._connected = self._pages.t0 = time.monotonic()
             # everything up to RUN (~15 KB) goes into the socket at once: a source
             # that dies from here on has delivered RUN, and its destination can be
             # recovered; between the connect and RUN it could not
@@ -391,22 +215,14 @@ class Resume:
             self._identity = snapshot_identity(snap)
 
     def _build_blocks(self) -> None:
-        assert self._snap is not None
-        self._blocks: Dict[str, _Block] = {}
-        for b in self._snap.blocks:
-            host = self._page_sizes.get(b.name, PAGE)
-            if host < PAGE or host % PAGE or b.length % host:
-                raise ResumeError(f"{self._snap.path}: block {b.name!r} of {b.length:#x} bytes "
-                                  f"does not split into host pages of {host} bytes")
-            self._blocks[b.name] = _Block(b, host)
-        self._order = list(self._blocks.values())
-        self.stats.data_pages = sum(b.present.count(1) for b in self._order)
-        self._remaining = sum(len(b.data_units) for b in self._order)
-        self._total_units = self._remaining
+        assert self._snap is not None and self._view is not None
+        pages = self._pages = PageSender(self._snap, self._view, self._page_sizes, self.stats,
+                                         batch=self._batch, around=self._around,
+                                         trace=self.trace,
+                                         record=self._record_path is not None)
+        self._order = pages.order
         if self._ws is not None:
-            for name, page, _, _ in self._ws.pages:          # zero pages too: each saves
-                block = self._blocks[name]                  # a request if demanded again
-                self._ws_queue.append((block, page // block.sub))
+            pages.queue_working_set(self._ws.pages)
 
     def _setup_destination(self, qmp: str) -> str:
         dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
@@ -511,8 +327,8 @@ class Resume:
         return ms.packaged(blob) + ms.ping(4)
 
     def _loop(self) -> None:
-        main = self._main
-        assert main is not None
+        main, pages = self._main, self._pages
+        assert main is not None and pages is not None
         rp = ms.ReturnPath()
         sid = self._snap.ram_section_id if self._snap else 1
         pongs: set = set()
@@ -521,8 +337,8 @@ class Resume:
             phase = "bitmaps"                  # the RECV_BITMAP commands went in the opening
         else:
             if self._ws_placement == "before-run":
-                while self._ws_queue:          # precopy pages, then PING 2 (the preamble's end)
-                    self._queue_ws_batch(main, sid)
+                while pages.ws_queue:          # precopy pages, then PING 2 (the preamble's end)
+                    pages.queue_ws_batch(main, sid)
                 main.queue(ms.ping(2))
                 if not self._preempt:
                     main.queue(self._package())
@@ -539,7 +355,6 @@ class Resume:
 
         def served(t: float) -> None:
             latencies.append(time.perf_counter() - t)
-        self._served = served
 
         quickack = main.sock.family in (socket.AF_INET, socket.AF_INET6)
         progress_at = time.monotonic()          # the last byte written or read
@@ -559,7 +374,7 @@ class Resume:
             if stream_ok and background_at is None and self._background:
                 if self._background_idle is None:
                     background_at = now + self._background_delay  # also after start_background()
-                elif now - max(self._last_request, stream_ok_at) >= self._background_idle:
+                elif now - max(pages.last_request, stream_ok_at) >= self._background_idle:
                     background_at = now                            # the guest went quiet
             if stream_ok and stream_ok_at == 0.0:
                 stream_ok_at = now
@@ -569,15 +384,15 @@ class Resume:
                     self.stats.bytes_sent += ch.flush(served)
             # 2. queue one background batch once the main channel has drained
             streaming = (phase == "serving" and self._background and background_at is not None
-                         and now >= background_at and self._remaining > 0
-                         and now - self._last_request >= self._yield_s)
-            if phase == "serving" and self._ws_queue and not main.pending:
-                self._queue_ws_batch(main, sid)          # the working set: first, no yield
+                         and now >= background_at and pages.remaining > 0
+                         and now - pages.last_request >= self._yield_s)
+            if phase == "serving" and pages.ws_queue and not main.pending:
+                pages.queue_ws_batch(main, sid)          # the working set: first, no yield
                 self.stats.bytes_sent += main.flush(served)
             elif streaming and not main.pending:
-                self._queue_batch(main, sid)
+                pages.queue_batch(main, sid)
                 self.stats.bytes_sent += main.flush(served)
-            if (phase == "serving" and self._remaining == 0 and not ended
+            if (phase == "serving" and pages.remaining == 0 and not ended
                     and not main.pending and not (self._urgent and self._urgent.pending)):
                 main.queue(ms.end_section(sid) + ms.EOF)
                 ended = True
@@ -588,13 +403,13 @@ class Resume:
             if self._urgent is not None:
                 poller.register(self._urgent.sock.fileno(),
                                 select.POLLOUT if self._urgent.pending else 0)
-            if (streaming or (phase == "serving" and self._ws_queue)) and not main.pending:
+            if (streaming or (phase == "serving" and pages.ws_queue)) and not main.pending:
                 wait_ms = 0
-            elif background_at is not None and now < background_at and self._remaining:
+            elif background_at is not None and now < background_at and pages.remaining:
                 wait_ms = max(1, int((background_at - now) * 1000))
             elif background_at is None and self._background_idle is not None and stream_ok:
                 wait_ms = 50                   # look again whether the guest is idle
-            elif self._remaining and background_at is not None and self._yield_s:
+            elif pages.remaining and background_at is not None and self._yield_s:
                 wait_ms = max(1, int(self._yield_s * 1000))
             else:
                 wait_ms = 200
@@ -627,13 +442,14 @@ class Resume:
                 progress_at = time.monotonic()
                 t_read = time.perf_counter()
                 rp.feed(data)
-                around: List[Tuple[_Block, int, _Channel]] = []
+                around: List[Tuple[SourceBlock, int, Channel]] = []
                 for msg in rp.messages():
                     if isinstance(msg, ms.ReqPages):
                         # answer first: the requested page leaves before any fault-around
                         # is built, and a second request in the same read does not wait
                         # behind the first one's
-                        after = self._answer(msg, t_read, sid)
+                        ch = self._urgent or main
+                        after = pages.answer(msg, t_read, sid, ch, ch is main, served)
                         if after is not None:
                             around.append(after)
                     elif isinstance(msg, ms.Pong):
@@ -659,238 +475,25 @@ class Resume:
                         raise ResumeError(f"the destination sent an unexpected "
                                           f"{type(msg).__name__} in phase {phase}")
                 for block, next_unit, ch in around:
-                    self._fault_around(block, next_unit, ch, sid)
+                    pages.fault_around(block, next_unit, ch, sid, ch is main)
             # 4. phase changes that wait on the return path
             if phase == "await-pong2" and 2 in pongs:
-                self._urgent = _Channel(open_connection(self._address, self._timeout), "preempt")
+                self._urgent = Channel(open_connection(self._address, self._timeout), "preempt")
                 main.queue(self._package())
                 phase = "package"
             if phase == "package":
                 phase = "serving"       # requests may come from now on; streaming waits for PONG 3
             if phase == "bitmaps" and len(bitmaps) == len(self._order):
-                self._apply_bitmaps(bitmaps)
+                pages.apply_bitmaps(bitmaps)
                 if self._preempt:
                     # QEMU's destination waits for a new preempt channel after RESUME
                     # (loadvm_postcopy_handle_resume); its source opens it once the
                     # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
-                    self._urgent = _Channel(open_connection(self._address, self._timeout),
+                    self._urgent = Channel(open_connection(self._address, self._timeout),
                                             "preempt")
                 main.queue(ms.postcopy_resume())
                 phase = "await-ack"
         self._flush_stats()
-
-    def _answer(self, req: ms.ReqPages, t_read: float,
-                sid: int) -> Optional[Tuple["_Block", int, "_Channel"]]:
-        """Send the requested host pages now; return where fault-around would start, if any."""
-        block = self._blocks.get(req.block)
-        if block is None:
-            raise ResumeError(f"the destination asked for pages of block {req.block!r}, "
-                              "which the snapshot does not have")
-        if req.start % PAGE or req.start + req.length > block.length or req.length <= 0:
-            raise ResumeError(f"the destination asked for {req.length} bytes at "
-                              f"{req.start:#x} of {block.name!r} ({block.length:#x} bytes)")
-        self.stats.page_requests += 1
-        self._last_request = time.monotonic()
-        ch = self._urgent or self._main
-        assert ch is not None
-        first = req.start // block.host_page
-        last = (req.start + req.length - 1) // block.host_page
-        if self._record_path is not None:
-            t_demand = time.monotonic() - self._connected
-            for page in range(req.start // PAGE, (req.start + req.length - 1) // PAGE + 1):
-                if (block.name, page) not in self._recorded:
-                    self._recorded[(block.name, page)] = (t_demand, bool(block.present[page]))
-        records: List[Any] = []
-        for unit in range(first, last + 1):
-            if block.sent[unit]:
-                self.stats.duplicate_requests += 1
-                continue
-            records += self._claim(block, unit, ch, why="request")
-        if not records:
-            return None
-        if ch is self._main:
-            records = [ms.part_start(sid), *records, ms.part_end(sid)]
-        ch.queue_many(records, sum(map(len, records)), t_read)
-        self.stats.bytes_sent += ch.flush(self._served)
-        return (block, last + 1, ch) if self._around else None
-
-    def _fault_around(self, block: "_Block", start: int, ch: "_Channel", sid: int) -> None:
-        """The next data pages after a requested one (guests read forward), as runs."""
-        end = min(start + self._around, len(block.sent))
-        if block.sub > 1:
-            records: List[Any] = []
-            for unit in range(start, end):
-                if not block.sent[unit]:
-                    records += self._claim(block, unit, ch, why="around")
-        else:
-            records = self._claim_runs(block, _unsent_data(block, start, end), ch, "around")
-        if records:
-            if ch is self._main:
-                records = [ms.part_start(sid), *records, ms.part_end(sid)]
-            ch.queue_many(records, sum(map(len, records)))
-
-    def _claim(self, block: _Block, unit: int, ch: _Channel, *, why: str) -> List[Any]:
-        """Mark host page ``unit`` sent and return its records for channel ``ch``.
-
-        One host page, data or zero: the request path, hugetlb blocks, and the
-        zero pages a working set names.  Runs of 4 KiB data pages go through
-        :meth:`_claim_runs`.
-        """
-        assert self._view is not None
-        block.sent[unit] = 1
-        out: List[Any] = []
-        has_data = False
-        if self.trace is not None:
-            t_now = time.monotonic() - self._connected
-            self.trace.extend((t_now, block.name, page, why)
-                              for page in range(unit * block.sub, (unit + 1) * block.sub))
-        for page in range(unit * block.sub, (unit + 1) * block.sub):
-            name = None if ch.last_block == block.name else block.name
-            ch.last_block = block.name
-            offset = page * PAGE
-            if block.present[page]:
-                has_data = True
-                self.stats.data_pages_sent += 1
-                at = block.pages_offset + offset
-                out.append(ms.page_header(offset, name))
-                out.append(self._view[at:at + PAGE])
-                self._count(why, 1)
-            else:
-                out.append(ms.zero_record(offset, name))
-                self.stats.zero_pages_sent += 1
-                if why in ("request", "ws"):
-                    self._count(why, 1)
-        if has_data:
-            self._remaining -= 1
-        return out
-
-    def _claim_runs(self, block: _Block, runs: List[Tuple[int, int]], ch: _Channel,
-                    why: str) -> List[Any]:
-        """Mark 4 KiB data pages ``[a, b)`` of each run sent; their records, built per run.
-
-        The headers of a run are one ``struct.pack``; each page is a slice of
-        the file's mapping (no copy).  Only for blocks of 4 KiB host pages and
-        runs of data pages (see :func:`_unsent_data`).
-        """
-        view = self._view
-        assert view is not None
-        sent = block.sent
-        out: List[Any] = []
-        for a, b in runs:
-            n = b - a
-            sent[a:b] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
-            headers = memoryview(ms.page_headers(a * PAGE, n, block.name
-                                                 if ch.last_block != block.name else None))
-            ch.last_block = block.name
-            first_len = len(headers) - 8 * (n - 1)
-            pieces: List[Any] = [None] * (2 * n)
-            pieces[0] = headers[:first_len]
-            pieces[2::2] = [headers[i:i + 8] for i in range(first_len, len(headers), 8)]
-            base = block.pages_offset + a * PAGE
-            pieces[1::2] = [view[o:o + PAGE] for o in range(base, base + n * PAGE, PAGE)]
-            out += pieces
-            self._remaining -= n
-            self.stats.data_pages_sent += n
-            self._count(why, n)
-            if self.trace is not None:
-                t_now = time.monotonic() - self._connected
-                self.trace.extend((t_now, block.name, page, why) for page in range(a, b))
-        return out
-
-    def _count(self, why: str, n: int) -> None:
-        stats = self.stats
-        if why == "request":
-            stats.pages_requested += n
-        elif why == "around":
-            stats.pages_around += n
-        elif why == "ws":
-            stats.pages_working_set += n
-        else:
-            stats.pages_streamed += n
-
-    def _queue_ws_batch(self, main: _Channel, sid: int) -> None:
-        """Up to a batch of the working set's pages, in recorded order, as runs."""
-        records: List[Any] = []
-        count = 0
-        while self._ws_queue and count < self._batch:
-            block, unit = self._ws_queue[0]
-            if block.sub == 1 and block.present[unit]:
-                # the recorded run of consecutive data pages that starts here
-                end = unit + 1
-                queue = self._ws_queue
-                while len(queue) > end - unit and count + (end - unit) < self._batch:
-                    nb, nu = queue[end - unit]
-                    if nb is not block or nu != end or not block.present[nu]:
-                        break
-                    end += 1
-                for _ in range(end - unit):
-                    queue.popleft()
-                records += self._claim_runs(block, _unsent_runs(block, unit, end), main, "ws")
-                count += end - unit
-                continue
-            self._ws_queue.popleft()
-            if not block.sent[unit]:
-                records += self._claim(block, unit, main, why="ws")
-            count += 1
-        if records:
-            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
-                            sum(map(len, records)) + len(ms.part_start(sid))
-                            + len(ms.part_end(sid)))
-
-    def _queue_batch(self, main: _Channel, sid: int) -> None:
-        """The background stream's next batch: unsent data pages in file order, as runs."""
-        records: List[Any] = []
-        budget = self._batch
-        for block in self._order:
-            if budget <= 0:
-                break
-            if block.sub > 1:
-                units = block.data_units
-                cursor = block.cursor
-                while cursor < len(units) and budget > 0:
-                    unit = units[cursor]
-                    cursor += 1
-                    if not block.sent[unit]:
-                        records += self._claim(block, unit, main, why="stream")
-                        budget -= 1
-                block.cursor = cursor
-                continue
-            runs = block.data_runs
-            while block.cursor < len(runs) and budget > 0:
-                first, end = runs[block.cursor]
-                a = max(first, block.run_pos)
-                stretches = _unsent_runs(block, a, min(end, a + budget))
-                taken = sum(b - x for x, b in stretches)
-                if stretches:
-                    records += self._claim_runs(block, stretches, main, "stream")
-                    budget -= taken
-                    block.run_pos = stretches[-1][1]
-                else:
-                    block.run_pos = min(end, a + budget)
-                if block.run_pos >= end:
-                    block.cursor += 1
-        if records:
-            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
-                            sum(map(len, records)) + len(ms.part_start(sid))
-                            + len(ms.part_end(sid)))
-
-    def _apply_bitmaps(self, bitmaps: Dict[str, ms.RecvBitmap]) -> None:
-        received = 0
-        for block in self._order:
-            got = bitmaps[block.name]
-            want = (block.length // PAGE + 63) // 64 * 8
-            if len(got.bitmap) < (block.length // PAGE + 7) // 8:
-                raise ResumeError(f"the destination's received bitmap of {block.name!r} has "
-                                  f"{len(got.bitmap)} bytes, expected {want}")
-            for unit in range(len(block.sent)):
-                pages = range(unit * block.sub, (unit + 1) * block.sub)
-                if all(got.received(p) for p in pages):
-                    if not block.sent[unit] and any(block.present[p] for p in pages):
-                        self._remaining -= 1
-                    block.sent[unit] = 1
-                    received += block.sub
-        self.stats.recovered = True
-        self.stats.pages_already_received = received
 
     def _flush_stats(self) -> None:
         self.stats.request_service_us = percentiles(self._latencies, unit=1e6)
@@ -904,8 +507,8 @@ class Resume:
 
     def progress(self) -> Tuple[int, int]:
         """``(data host pages sent, data host pages in the snapshot)``; racy, for display."""
-        total = getattr(self, "_total_units", 0)
-        return total - getattr(self, "_remaining", total), total
+        pages = self._pages
+        return (pages.total_units - pages.remaining, pages.total_units) if pages else (0, 0)
 
     def start_background(self) -> None:
         """Start the background stream now (after ``background=False``)."""
@@ -950,7 +553,8 @@ class Resume:
         """The pages demanded so far (with ``record_ws``), in order of first demand."""
         assert self._snap is not None or self._identity is not None
         ident = self._identity
-        pages = sorted(self._recorded.items(), key=lambda kv: kv[1][0])
+        pages = sorted(self._pages.recorded.items() if self._pages else (),
+                       key=lambda kv: kv[1][0])
         return WorkingSet(snapshot=dict(ident or {}),
                           pages=[(b, p, t, d) for (b, p), (t, d) in pages])
 
@@ -1015,11 +619,11 @@ class Resume:
         if sock is not None:
             sock.close()
             self._fd_socket = None
+        if self._pages is not None:
+            self._pages.release()
         if self._view is not None:
             self._view.release()
             self._view = None
-        for block in getattr(self, "_order", []):
-            block.present = b""
         if self._map is not None:
             try:
                 self._map.close()
@@ -1050,39 +654,8 @@ class Resume:
         self.close()
 
 
-_ONES = b"\x01" * 4096
-
-
-def _unsent_runs(block: "_Block", start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
-    sent = block.sent
-    out: List[Tuple[int, int]] = []
-    a = sent.find(0, start, end)
-    while a >= 0:
-        b = sent.find(1, a, end)
-        if b < 0:
-            b = end
-        out.append((a, b))
-        a = sent.find(0, b, end) if b < end else -1
-    return out
-
-
-def _unsent_data(block: "_Block", start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
-    present = block.present
-    out: List[Tuple[int, int]] = []
-    a = present.find(1, start, end)
-    while a >= 0:
-        b = present.find(0, a, end)
-        if b < 0:
-            b = end
-        out += _unsent_runs(block, a, b)
-        a = present.find(1, b, end) if b < end else -1
-    return out
-
-
-def _awaited(phase: str, stream_ok: bool, ended: bool, main: "_Channel",
-             urgent: Optional["_Channel"]) -> Optional[str]:
+def _awaited(phase: str, stream_ok: bool, ended: bool, main: "Channel",
+             urgent: Optional["Channel"]) -> Optional[str]:
     """What the loop waits for from the destination now, or None (serving demand is no wait)."""
     if phase == "await-pong2":
         return "the destination to accept the migration stream (PONG 2)"

@@ -30,6 +30,7 @@ stats) and its progress come back on a pipe, one JSON line each.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -43,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from ..mappedram import Snapshot
 from ..qmp import QmpError
 from .destination import DestinationError, QemuDestination, ResumeError, event_time
+from .options import ResumeOptions
 from .postcopy import Resume, ResumeStats
 
 __all__ = ["SupervisedResume", "BeforeRun"]
@@ -60,10 +62,11 @@ _PAUSE_WAIT_S = 10.0
 class SupervisedResume:
     """Resume ``snapshot`` into the destination at QMP socket ``qmp``, the stream in a child.
 
-    ``options`` are :class:`.postcopy.Resume`'s keyword arguments for the
-    stream (``preempt``, ``background``, ``batch_pages``, ``working_set``,
-    ``record_ws``, ``trace``...).  ``recover`` finishes a destination left
-    ``postcopy-paused`` by a source that died.  :meth:`run` returns the last
+    ``options`` (a :class:`~.options.ResumeOptions`, or the same names as
+    keywords, which override it) say how each server streams, how it reaches
+    the destination (``transport``) and the bound on each wait
+    (``timeout``); with ``recover`` the first server finishes a destination
+    left ``postcopy-paused`` by a source that died.  :meth:`run` returns the last
     server's report (the stats) with ``auto_recoveries`` and the times read
     from QEMU's events.  ``progress(sent, total)`` is called while it runs.
 
@@ -72,19 +75,19 @@ class SupervisedResume:
     message says how to finish the load).
     """
 
-    def __init__(self, snapshot: Union[str, Snapshot], *, qmp: str, transport: str = "unix",
-                 recover: bool = False, timeout: float = 30.0,
+    def __init__(self, snapshot: Union[str, Snapshot], *, qmp: str,
+                 options: Optional[ResumeOptions] = None,
                  max_recoveries: int = DEFAULT_MAX_RECOVERIES,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 alive: Optional[Callable[[], bool]] = None, **options: Any) -> None:
+                 alive: Optional[Callable[[], bool]] = None, **fields: Any) -> None:
         self.snapshot = snapshot                # the server, forked, serves this very file
         self.path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
         self.qmp = qmp
-        self.transport = transport
-        self.recover = recover
-        self.timeout = timeout
+        self.options = dataclasses.replace(options or ResumeOptions(), **fields)
+        self.transport = self.options.transport
+        self.recover = self.options.recover
+        self.timeout = self.options.timeout
         self.max_recoveries = max_recoveries
-        self.options = options
         self.progress = progress or (lambda sent, total: None)
         self.alive = alive                     # the destination QEMU we started, if any
         self.auto_recoveries = 0
@@ -106,7 +109,7 @@ class SupervisedResume:
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive)
         since = len(dest.client.events)
         self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
-        preempt = bool(self.options.get("preempt"))
+        preempt = self.options.preempt
         page_sizes: Dict[str, int] = {}
         if self.recover:
             preempt = self._preempt_capability(preempt)
@@ -291,7 +294,7 @@ class SupervisedResume:
 
     def _recover_hint(self) -> str:
         return (f"finish it with: uffdpy resume {self.path} --qmp {self.qmp} --recover"
-                + (" --preempt" if self.options.get("preempt") else ""))
+                + (" --preempt" if self.options.preempt else ""))
 
     def _interrupted_message(self) -> str:
         return ("interrupted: the stream is stopped and the destination is left postcopy-paused "
@@ -357,16 +360,12 @@ class SupervisedResume:
             except OSError:               # the supervisor is gone: serve on regardless
                 pass
 
-        options = dict(self.options, preempt=preempt)
+        options = dataclasses.replace(self.options, preempt=preempt, recover=False)
         if recover:                    # what shaped the first moments is past
-            options.pop("working_set", None)
-            options.pop("ws_placement", None)
-            options.pop("background_delay", None)
-            options.pop("background_idle", None)
+            options = options.for_recovery()
         try:
-            with Resume(self.snapshot, connect=address, recover=recover,
-                        page_sizes=page_sizes or None, timeout=self.timeout,
-                        **options) as r:
+            with Resume(self.snapshot, connect=address, options=options,
+                        page_sizes=page_sizes or None) as r:
                 send({"connected_at": r.connected_at})
                 while True:
                     try:

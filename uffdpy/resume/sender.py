@@ -1,0 +1,434 @@
+"""The engine of the postcopy source: the sent map, the channels, and what goes on them.
+
+:class:`PageSender` owns one resume's pages: a :class:`SourceBlock` per RAM
+block (which 4 KiB pages hold data, which host pages are sent or in flight:
+the *sent map*, one byte a host page), the working set still to send, and
+the records each page becomes.  It claims pages by runs: a request's host
+pages, the data pages after it (fault-around), the next batch of the
+background stream, a stretch of the working set, or what a recovering
+destination says it already has.  A page claimed is never claimed again, so
+each goes out exactly once.
+
+:class:`Channel` is one connection's output queue, written with
+non-blocking ``sendmsg`` straight from the file's mapping.  The loop that
+reads the return path and decides when to write is
+:class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .. import migstream as ms
+from ..mappedram import TARGET_PAGE_SIZE
+from .destination import ResumeError
+from .stats import ResumeStats
+
+__all__ = ["Channel", "PageSender", "SourceBlock", "PAGE"]
+
+PAGE = TARGET_PAGE_SIZE
+_IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
+
+
+class Channel:
+    """One connection's output queue, sent with non-blocking ``sendmsg``.
+
+    An entry is ``[buffers, bytes, t_request]``: the buffers (bytes or
+    memoryviews of the file's mapping) of one piece of the stream, often a
+    whole run of pages (a header and a page each); ``t_request`` is set on
+    the entry that ends the answer to a request.  ``flush`` hands the kernel
+    up to ``_IOV_MAX`` buffers per call, so its Python work is per entry, not
+    per page.
+    """
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.pending: Deque[List[Any]] = collections.deque()
+        self.last_block: Optional[str] = None                   # for the CONTINUE flag
+
+    def queue(self, piece: Any, t_request: Optional[float] = None) -> None:
+        """Queue one buffer; ``t_request``: the request it answers (timed when written)."""
+        self.pending.append([[piece], len(piece), t_request])
+
+    def queue_many(self, pieces: List[Any], nbytes: int,
+                   t_request: Optional[float] = None) -> None:
+        """Queue ``pieces`` (``nbytes`` in all) as one entry."""
+        self.pending.append([pieces, nbytes, t_request])
+
+    def flush(self, done: Callable[[float], None]) -> int:
+        """Send what the socket takes now; call ``done(t)`` for each request entry written.
+
+        Returns the bytes sent.  Raises: OSError (EPIPE, ECONNRESET: the
+        destination went away; EFAULT: the file's mapping cannot be read).
+        """
+        total = 0
+        pending = self.pending
+        while pending:
+            iov: List[Any] = []
+            size = 0
+            for entry in pending:
+                bufs = entry[0]
+                room = _IOV_MAX - len(iov)
+                if len(bufs) > room:
+                    if not iov:                       # one entry larger than a call takes
+                        iov = bufs[:room]
+                        size = sum(map(len, iov))
+                    break
+                iov += bufs
+                size += entry[1]
+                if len(iov) == _IOV_MAX:
+                    break
+            try:
+                n = self.sock.sendmsg(iov)
+            except (BlockingIOError, InterruptedError):
+                break
+            total += n
+            full = n < size
+            while n:
+                entry = pending[0]
+                if n >= entry[1]:
+                    n -= entry[1]
+                    pending.popleft()
+                    if entry[2] is not None:
+                        done(entry[2])
+                    continue
+                bufs, i = entry[0], 0                 # a part of this entry went out
+                while n >= len(bufs[i]):
+                    n -= len(bufs[i])
+                    i += 1
+                rest = [memoryview(bufs[i])[n:], *bufs[i + 1:]]
+                entry[0], entry[1] = rest, entry[1] - sum(map(len, bufs[:i])) - n
+                n = 0
+            if full:
+                break
+        return total
+
+
+class SourceBlock:
+    """A RAMBlock as the source sees it: where its pages are, which hold data, which were sent."""
+
+    def __init__(self, block: Any, host_page: int) -> None:
+        self.name: str = block.name
+        self.length: int = block.length
+        self.pages_offset: int = block.pages_offset
+        self.host_page = host_page
+        self.sub = host_page // PAGE              # target pages per host page
+        present = bytearray(block.pages)
+        for first, count, is_data in block.runs():
+            if is_data:
+                present[first:first + count] = b"\x01" * count
+        self.present = bytes(present)
+        units = block.length // host_page
+        self.sent = bytearray(units)              # 1 = the host page is sent or in flight
+        if self.sub == 1:                         # C speed: a 1 GiB block in a few ms
+            self.data_units = list(itertools.compress(range(units), self.present))
+        else:
+            self.data_units = [u for u in range(units)
+                               if any(self.present[u * self.sub:(u + 1) * self.sub])]
+        #: the runs of data pages, ``(first, end)``, and the stream's place in them:
+        #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
+        self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
+        self.cursor = 0                           # the background stream's position
+        self.run_pos = 0
+
+
+class PageSender:
+    """Which pages of one resume are sent, and their records.  Not thread-safe: the loop's.
+
+    ``view`` is the snapshot file's mapping; ``page_sizes`` the host page size
+    of each block (4 KiB when absent); ``batch`` data pages per background
+    section; ``around`` data pages sent right behind a requested one;
+    ``trace`` a list to which each page sent adds ``(seconds since t0, block,
+    page, why)``; ``record``: keep the pages demanded (:attr:`recorded`).
+
+    Raises: ResumeError (a block that does not split into its host pages).
+    """
+
+    def __init__(self, snap: Any, view: memoryview, page_sizes: Dict[str, int],
+                 stats: ResumeStats, *, batch: int, around: int,
+                 trace: Optional[List[Tuple[float, str, int, str]]] = None,
+                 record: bool = False) -> None:
+        self.view = view
+        self.stats = stats
+        self.batch = batch
+        self.around = around
+        self.trace = trace
+        self.record = record
+        #: (block, 4 KiB page) -> (seconds since t0 of its first demand, holds data)
+        self.recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
+        self.ws_queue: Deque[Tuple[SourceBlock, int]] = collections.deque()
+        self.t0 = time.monotonic()                # the connect: set again by the loop's owner
+        self.last_request = 0.0
+        self.blocks: Dict[str, SourceBlock] = {}
+        for b in snap.blocks:
+            host = page_sizes.get(b.name, PAGE)
+            if host < PAGE or host % PAGE or b.length % host:
+                raise ResumeError(f"{snap.path}: block {b.name!r} of {b.length:#x} bytes "
+                                 f"does not split into host pages of {host} bytes")
+            self.blocks[b.name] = SourceBlock(b, host)
+        self.order = list(self.blocks.values())
+        stats.data_pages = sum(b.present.count(1) for b in self.order)
+        #: data host pages not yet claimed, and all of them
+        self.remaining = sum(len(b.data_units) for b in self.order)
+        self.total_units = self.remaining
+
+    def queue_working_set(self, pages: Any) -> None:
+        """Send these ``(block, page, ...)`` first, in this order (zero pages too: each
+        saves a request if demanded again)."""
+        for name, page, *_ in pages:
+            block = self.blocks[name]
+            self.ws_queue.append((block, page // block.sub))
+
+    def release(self) -> None:
+        """Drop the references to the file's bytes (before its mapping closes)."""
+        for block in self.order:
+            block.present = b""
+        self.view = memoryview(b"")
+
+    def answer(self, req: ms.ReqPages, t_read: float, sid: int, ch: Channel, in_part: bool,
+               served: Callable[[float], None]) -> Optional[Tuple[SourceBlock, int, Channel]]:
+        """Send the requested host pages on ``ch`` now (in a PART section when
+        ``in_part``: the main channel); return where fault-around would start, if any."""
+        block = self.blocks.get(req.block)
+        if block is None:
+            raise ResumeError(f"the destination asked for pages of block {req.block!r}, "
+                              "which the snapshot does not have")
+        if req.start % PAGE or req.start + req.length > block.length or req.length <= 0:
+            raise ResumeError(f"the destination asked for {req.length} bytes at "
+                              f"{req.start:#x} of {block.name!r} ({block.length:#x} bytes)")
+        self.stats.page_requests += 1
+        self.last_request = time.monotonic()
+        first = req.start // block.host_page
+        last = (req.start + req.length - 1) // block.host_page
+        if self.record:
+            t_demand = time.monotonic() - self.t0
+            for page in range(req.start // PAGE, (req.start + req.length - 1) // PAGE + 1):
+                if (block.name, page) not in self.recorded:
+                    self.recorded[(block.name, page)] = (t_demand, bool(block.present[page]))
+        records: List[Any] = []
+        for unit in range(first, last + 1):
+            if block.sent[unit]:
+                self.stats.duplicate_requests += 1
+                continue
+            records += self.claim(block, unit, ch, why="request")
+        if not records:
+            return None
+        if in_part:
+            records = [ms.part_start(sid), *records, ms.part_end(sid)]
+        ch.queue_many(records, sum(map(len, records)), t_read)
+        self.stats.bytes_sent += ch.flush(served)
+        return (block, last + 1, ch) if self.around else None
+
+    def fault_around(self, block: SourceBlock, start: int, ch: Channel, sid: int,
+                     in_part: bool) -> None:
+        """The next data pages after a requested one (guests read forward), as runs."""
+        end = min(start + self.around, len(block.sent))
+        if block.sub > 1:
+            records: List[Any] = []
+            for unit in range(start, end):
+                if not block.sent[unit]:
+                    records += self.claim(block, unit, ch, why="around")
+        else:
+            records = self.claim_runs(block, unsent_data(block, start, end), ch, "around")
+        if records:
+            if in_part:
+                records = [ms.part_start(sid), *records, ms.part_end(sid)]
+            ch.queue_many(records, sum(map(len, records)))
+
+    def claim(self, block: SourceBlock, unit: int, ch: Channel, *, why: str) -> List[Any]:
+        """Mark host page ``unit`` sent and return its records for channel ``ch``.
+
+        One host page, data or zero: the request path, hugetlb blocks, and the
+        zero pages a working set names.  Runs of 4 KiB data pages go through
+        :meth:`_claim_runs`.
+        """
+        assert self.view is not None
+        block.sent[unit] = 1
+        out: List[Any] = []
+        has_data = False
+        if self.trace is not None:
+            t_now = time.monotonic() - self.t0
+            self.trace.extend((t_now, block.name, page, why)
+                              for page in range(unit * block.sub, (unit + 1) * block.sub))
+        for page in range(unit * block.sub, (unit + 1) * block.sub):
+            name = None if ch.last_block == block.name else block.name
+            ch.last_block = block.name
+            offset = page * PAGE
+            if block.present[page]:
+                has_data = True
+                self.stats.data_pages_sent += 1
+                at = block.pages_offset + offset
+                out.append(ms.page_header(offset, name))
+                out.append(self.view[at:at + PAGE])
+                self._count(why, 1)
+            else:
+                out.append(ms.zero_record(offset, name))
+                self.stats.zero_pages_sent += 1
+                if why in ("request", "ws"):
+                    self._count(why, 1)
+        if has_data:
+            self.remaining -= 1
+        return out
+
+    def claim_runs(self, block: SourceBlock, runs: List[Tuple[int, int]], ch: Channel,
+                    why: str) -> List[Any]:
+        """Mark 4 KiB data pages ``[a, b)`` of each run sent; their records, built per run.
+
+        The headers of a run are one ``struct.pack``; each page is a slice of
+        the file's mapping (no copy).  Only for blocks of 4 KiB host pages and
+        runs of data pages (see :func:`unsent_data`).
+        """
+        view = self.view
+        assert view is not None
+        sent = block.sent
+        out: List[Any] = []
+        for a, b in runs:
+            n = b - a
+            sent[a:b] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
+            headers = memoryview(ms.page_headers(a * PAGE, n, block.name
+                                                 if ch.last_block != block.name else None))
+            ch.last_block = block.name
+            first_len = len(headers) - 8 * (n - 1)
+            pieces: List[Any] = [None] * (2 * n)
+            pieces[0] = headers[:first_len]
+            pieces[2::2] = [headers[i:i + 8] for i in range(first_len, len(headers), 8)]
+            base = block.pages_offset + a * PAGE
+            pieces[1::2] = [view[o:o + PAGE] for o in range(base, base + n * PAGE, PAGE)]
+            out += pieces
+            self.remaining -= n
+            self.stats.data_pages_sent += n
+            self._count(why, n)
+            if self.trace is not None:
+                t_now = time.monotonic() - self.t0
+                self.trace.extend((t_now, block.name, page, why) for page in range(a, b))
+        return out
+
+    def _count(self, why: str, n: int) -> None:
+        stats = self.stats
+        if why == "request":
+            stats.pages_requested += n
+        elif why == "around":
+            stats.pages_around += n
+        elif why == "ws":
+            stats.pages_working_set += n
+        else:
+            stats.pages_streamed += n
+
+    def queue_ws_batch(self, main: Channel, sid: int) -> None:
+        """Up to a batch of the working set's pages, in recorded order, as runs."""
+        records: List[Any] = []
+        count = 0
+        while self.ws_queue and count < self.batch:
+            block, unit = self.ws_queue[0]
+            if block.sub == 1 and block.present[unit]:
+                # the recorded run of consecutive data pages that starts here
+                end = unit + 1
+                queue = self.ws_queue
+                while len(queue) > end - unit and count + (end - unit) < self.batch:
+                    nb, nu = queue[end - unit]
+                    if nb is not block or nu != end or not block.present[nu]:
+                        break
+                    end += 1
+                for _ in range(end - unit):
+                    queue.popleft()
+                records += self.claim_runs(block, unsent_runs(block, unit, end), main, "ws")
+                count += end - unit
+                continue
+            self.ws_queue.popleft()
+            if not block.sent[unit]:
+                records += self.claim(block, unit, main, why="ws")
+            count += 1
+        if records:
+            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
+                            sum(map(len, records)) + len(ms.part_start(sid))
+                            + len(ms.part_end(sid)))
+
+    def queue_batch(self, main: Channel, sid: int) -> None:
+        """The background stream's next batch: unsent data pages in file order, as runs."""
+        records: List[Any] = []
+        budget = self.batch
+        for block in self.order:
+            if budget <= 0:
+                break
+            if block.sub > 1:
+                units = block.data_units
+                cursor = block.cursor
+                while cursor < len(units) and budget > 0:
+                    unit = units[cursor]
+                    cursor += 1
+                    if not block.sent[unit]:
+                        records += self.claim(block, unit, main, why="stream")
+                        budget -= 1
+                block.cursor = cursor
+                continue
+            runs = block.data_runs
+            while block.cursor < len(runs) and budget > 0:
+                first, end = runs[block.cursor]
+                a = max(first, block.run_pos)
+                stretches = unsent_runs(block, a, min(end, a + budget))
+                taken = sum(b - x for x, b in stretches)
+                if stretches:
+                    records += self.claim_runs(block, stretches, main, "stream")
+                    budget -= taken
+                    block.run_pos = stretches[-1][1]
+                else:
+                    block.run_pos = min(end, a + budget)
+                if block.run_pos >= end:
+                    block.cursor += 1
+        if records:
+            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
+                            sum(map(len, records)) + len(ms.part_start(sid))
+                            + len(ms.part_end(sid)))
+
+    def apply_bitmaps(self, bitmaps: Dict[str, ms.RecvBitmap]) -> None:
+        received = 0
+        for block in self.order:
+            got = bitmaps[block.name]
+            want = (block.length // PAGE + 63) // 64 * 8
+            if len(got.bitmap) < (block.length // PAGE + 7) // 8:
+                raise ResumeError(f"the destination's received bitmap of {block.name!r} has "
+                                  f"{len(got.bitmap)} bytes, expected {want}")
+            for unit in range(len(block.sent)):
+                pages = range(unit * block.sub, (unit + 1) * block.sub)
+                if all(got.received(p) for p in pages):
+                    if not block.sent[unit] and any(block.present[p] for p in pages):
+                        self.remaining -= 1
+                    block.sent[unit] = 1
+                    received += block.sub
+        self.stats.recovered = True
+        self.stats.pages_already_received = received
+
+
+_ONES = b"\x01" * 4096
+
+
+def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
+    sent = block.sent
+    out: List[Tuple[int, int]] = []
+    a = sent.find(0, start, end)
+    while a >= 0:
+        b = sent.find(1, a, end)
+        if b < 0:
+            b = end
+        out.append((a, b))
+        a = sent.find(0, b, end) if b < end else -1
+    return out
+
+
+def unsent_data(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
+    present = block.present
+    out: List[Tuple[int, int]] = []
+    a = present.find(1, start, end)
+    while a >= 0:
+        b = present.find(0, a, end)
+        if b < 0:
+            b = end
+        out += unsent_runs(block, a, b)
+        a = present.find(1, b, end) if b < end else -1
+    return out

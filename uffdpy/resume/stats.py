@@ -1,0 +1,49 @@
+"""What a postcopy resume did: :class:`ResumeStats`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+from ..latency import EMPTY
+
+__all__ = ["ResumeStats"]
+
+
+@dataclasses.dataclass
+class ResumeStats:
+    """What a resume did.  Times in seconds from the connect; None when unknown.
+
+    ``time_to_running_s`` is the destination's RESUME event (None with ``-S``
+    or without QMP); ``time_to_complete_s`` its MIGRATION ``completed`` event
+    (without QMP: the SHUT message).  ``page_requests`` counts request
+    messages, ``pages_requested`` the 4 KiB pages they asked for that were
+    sent in answer, ``duplicate_requests`` the pages asked for that were
+    already sent or in flight.  ``pages_streamed`` are data pages the
+    background stream sent, ``pages_around`` data pages sent right behind a
+    requested one (fault-around), ``pages_working_set`` pages sent because a
+    working set named them, ``zero_pages_sent`` zero pages sent (only those
+    requested or in the working set).  ``data_pages_sent`` equals
+    ``data_pages`` (the snapshot's) once the migration completed.  ``request_service_us`` summarises, in microseconds, the
+    time from reading a request to writing the last byte of its page.
+    ``source_cpu_s``: CPU seconds (user + system) the serving thread used.
+    """
+    time_to_running_s: Optional[float] = None
+    time_to_complete_s: Optional[float] = None
+    page_requests: int = 0
+    pages_requested: int = 0
+    pages_streamed: int = 0
+    pages_around: int = 0
+    pages_working_set: int = 0
+    zero_pages_sent: int = 0
+    bytes_sent: int = 0
+    duplicate_requests: int = 0
+    data_pages: int = 0
+    data_pages_sent: int = 0
+    request_service_us: Dict[str, Optional[float]] = dataclasses.field(
+        default_factory=lambda: dict(EMPTY))
+    recovered: bool = False
+    pages_already_received: int = 0
+    source_cpu_s: Optional[float] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
