@@ -678,8 +678,10 @@ def test_two_interpreter_servers_at_once(small, synthetic):
 
 def test_cli_offers_every_server():
     from uffdpy import loader
-    from uffdpy.cli import load as cli
-    assert cli.SERVERS == loader.SERVERS
+    from uffdpy.cli import build_parser
+    args = build_parser().parse_args(["load", "x.img", "--server", loader.SERVERS[-1]])
+    assert args.server == loader.SERVERS[-1]
+    assert loader.options.FLAGS["--server"][1]["choices"] == loader.SERVERS
 
 
 @needs_interpreters

@@ -5,19 +5,15 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any, Dict, Tuple
 
+from ..loader.options import LoadOptions
 from ..outcome import Outcome
-from .args import (Command, Progress, chunk_size, cpu, non_negative_int, open_source,
-                   positive_int, snapshot_arg, tabulate)
+from .args import (Command, Progress, cpu, non_negative_int, open_source, positive_int,
+                   snapshot_arg, tabulate)
 
 if TYPE_CHECKING:
     from ..loader.base import _LoaderBase
 
-__all__ = ["COMMANDS", "SERVERS"]
-
-
-#: ``LazyLoader(server=...)`` values (kept equal to ``uffdpy.loader.SERVERS``
-#: by a test; the loader is imported only by the commands that load)
-SERVERS = ("thread", "process", "interpreter")
+__all__ = ["COMMANDS"]
 
 
 def _open_loader(args: argparse.Namespace, snap: Any) -> Any:
@@ -128,12 +124,8 @@ def _load_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
                     help="lazy: userfaultfd, ready at once (default); eager: read every "
                          "page first, as QEMU 10 does")
-    sp.add_argument("--server", choices=SERVERS, default=None,
-                    help="where the fault loop runs: thread (default), process, or "
-                         "interpreter (an own-GIL subinterpreter, Python 3.13+); lazy only")
-    sp.add_argument("--no-prefetch", action="store_true",
-                    help="no background prefetch: pages arrive only when touched (the "
-                         "load then completes only if the workload touches every page)")
+    LoadOptions.add_argument(sp, "--server")
+    LoadOptions.add_argument(sp, "--no-prefetch")
     sp.add_argument("--access", default="none",
                     help="the workload during the load: none (default), seq, random or "
                          "hot:FRACTION (random within that fraction of the pages)")
@@ -141,22 +133,14 @@ def _load_arguments(sp: argparse.ArgumentParser) -> None:
                     help="accesses per thread (default: every page for seq, 10000 otherwise)")
     sp.add_argument("--threads", type=positive_int, default=1, metavar="N",
                     help="accessing threads (default 1)")
-    sp.add_argument("--server-cpu", type=cpu, default=None, metavar="CPU",
-                    help="pin the fault loop")
+    LoadOptions.add_argument(sp, "--server-cpu")
     sp.add_argument("--access-cpu", type=cpu, default=None, metavar="CPU",
                     help="pin the accessing threads")
-    sp.add_argument("--busy-poll", action="store_true", help="spin instead of poll()")
-    sp.add_argument("--populate-source", action="store_true",
-                    help="map the file's data pages ahead of the copies (reads the whole "
-                         "file's data even with --no-prefetch)")
-    sp.add_argument("--prefetch-threads", type=positive_int, default=None, metavar="N",
-                    help="parallel prefetch threads (default: 2 on 2+ CPUs)")
-    sp.add_argument("--prefetch-chunk", type=chunk_size, default=None, metavar="SIZE",
-                    help="bytes per prefetch ioctl (default 2M; smaller: a fault on a page "
-                         "being prefetched waits less, the load takes longer)")
-    sp.add_argument("--huge-pages", action="store_true",
-                    help="hugetlbfs guest memory, whole 2 MiB pages per fault "
-                         "(needs /proc/sys/vm/nr_hugepages)")
+    LoadOptions.add_argument(sp, "--busy-poll")
+    LoadOptions.add_argument(sp, "--populate-source")
+    LoadOptions.add_argument(sp, "--prefetch-threads")
+    LoadOptions.add_argument(sp, "--prefetch-chunk")
+    LoadOptions.add_argument(sp, "--huge-pages")
     sp.add_argument("--seed", type=int, default=1,
                     help="seed of the access workload's addresses (default 1)")
     sp.add_argument("--record-ws", metavar="FILE.ws", default=None,
@@ -176,26 +160,17 @@ def _dump_arguments(sp: argparse.ArgumentParser) -> None:
                     help="the region's bytes (sparse; written under a temporary name)")
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
                     help="lazy: userfaultfd (default); eager: read every page first")
-    sp.add_argument("--server", choices=SERVERS, default=None,
-                    help="where the fault loop runs: thread (default), process, or "
-                         "interpreter (an own-GIL subinterpreter, Python 3.13+); lazy only")
-    sp.add_argument("--huge-pages", action="store_true", help="hugetlbfs guest memory")
-
-
-#: options of ``load``/``dump`` that only a lazy load has: (option, dest, default)
-_LAZY_ONLY = (("--server", "server", None), ("--no-prefetch", "no_prefetch", False),
-              ("--server-cpu", "server_cpu", None), ("--busy-poll", "busy_poll", False),
-              ("--populate-source", "populate_source", False),
-              ("--prefetch-threads", "prefetch_threads", None),
-              ("--prefetch-chunk", "prefetch_chunk", None), ("--huge-pages", "huge_pages", False),
-              ("--record-ws", "record_ws", None), ("--working-set", "working_set", None))
+    LoadOptions.add_argument(sp, "--server")
+    LoadOptions.add_argument(sp, "--huge-pages", help="hugetlbfs guest memory")
 
 
 def check_lazy_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse a lazy-only option with ``--mode eager``; the server defaults to a thread."""
     if args.mode == "eager":
-        given = [opt for opt, dest, default in _LAZY_ONLY
-                 if getattr(args, dest, default) not in (default, None)]
+        given = [*LoadOptions.given_flags(args),
+                 *(flag for flag, dest in (("--record-ws", "record_ws"),
+                                           ("--working-set", "working_set"))
+                   if getattr(args, dest, None) is not None)]
         if given:
             parser.error(f"{', '.join(given)} applies to --mode lazy only")
     if args.server is None:

@@ -51,15 +51,18 @@ counts every import, those for annotations too).
 """
 from __future__ import annotations
 
-from .claims import ClaimMap
-from .eager import EagerLoader
-from .errors import LoaderError, ServerDiedError
-from .lazy import SERVERS, LazyLoader
-from .options import LoadOptions
-from .server_interpreter import (HAVE_INTERPRETERS, prepare_interpreter_servers,
-                                 release_interpreter_servers)
-from .stats import Stats
-from .threads import release_thread_pool
+from .._lazy import lazy_exports
+
+#: name -> the module that defines it, imported on first use (so that the command
+#: line can read ``options`` without paying for the workers and the servers)
+_EXPORTS = {
+    "ClaimMap": "claims", "EagerLoader": "eager", "LoaderError": "errors",
+    "ServerDiedError": "errors", "SERVERS": "lazy", "LazyLoader": "lazy",
+    "LoadOptions": "options", "HAVE_INTERPRETERS": "server_interpreter",
+    "prepare_interpreter_servers": "server_interpreter",
+    "release_interpreter_servers": "server_interpreter", "Stats": "stats",
+    "release_thread_pool": "threads",
+}
 
 __all__ = [
     "ClaimMap",
@@ -75,3 +78,5 @@ __all__ = [
     "release_interpreter_servers",
     "release_thread_pool",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

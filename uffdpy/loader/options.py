@@ -12,17 +12,21 @@ neither value changes after that.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import mmap
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..memory import PAGE_SIZE
+from ..argtypes import chunk_size, cpu, positive_int
 
 __all__ = ["LoadOptions", "WorkerOptions", "SERVER_NAMES", "DEFAULT_CHUNK_BYTES"]
 
 #: the server kinds (``LazyLoader``'s registry has the classes)
 SERVER_NAMES = ("thread", "process", "interpreter")
 DEFAULT_CHUNK_BYTES = 2 << 20
+#: the smallest prefetch chunk: one page (``memory.PAGE_SIZE``, without importing ctypes)
+PAGE_SIZE = mmap.PAGESIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +144,47 @@ class LoadOptions:
                    prefetch_threads=getattr(args, "prefetch_threads", None),
                    huge_pages=getattr(args, "huge_pages", False),
                    populate_source=getattr(args, "populate_source", False))
+
+    @staticmethod
+    def add_argument(parser: argparse.ArgumentParser, flag: str, **overrides: Any) -> None:
+        """Add one of the lazy load's flags (:data:`FLAGS`) to ``parser`` (``overrides``:
+        other argparse keywords, such as a shorter help)."""
+        _, kwargs = FLAGS[flag]
+        parser.add_argument(flag, **{**kwargs, **overrides})
+
+    @staticmethod
+    def given_flags(args: argparse.Namespace) -> Tuple[str, ...]:
+        """The lazy load's flags given a value (for ``--mode eager``, which has none of them)."""
+        return tuple(flag for flag, (dest, kwargs) in FLAGS.items()
+                     if getattr(args, dest, None) not in (kwargs.get("default"), None, False))
+
+
+#: the lazy load's flags: flag -> (dest, argparse keywords); absent or None: the default
+FLAGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "--server": ("server", dict(
+        choices=SERVER_NAMES, default=None,
+        help="where the fault loop runs: thread (default), process, or interpreter (an "
+             "own-GIL subinterpreter, Python 3.13+); lazy only")),
+    "--no-prefetch": ("no_prefetch", dict(
+        action="store_true",
+        help="no background prefetch: pages arrive only when touched (the load then "
+             "completes only if the workload touches every page)")),
+    "--server-cpu": ("server_cpu", dict(
+        type=cpu, default=None, metavar="CPU", help="pin the fault loop")),
+    "--busy-poll": ("busy_poll", dict(action="store_true", help="spin instead of poll()")),
+    "--populate-source": ("populate_source", dict(
+        action="store_true",
+        help="map the file's data pages ahead of the copies (reads the whole file's data "
+             "even with --no-prefetch)")),
+    "--prefetch-threads": ("prefetch_threads", dict(
+        type=positive_int, default=None, metavar="N",
+        help="parallel prefetch threads (default: 2 on 2+ CPUs)")),
+    "--prefetch-chunk": ("prefetch_chunk", dict(
+        type=chunk_size, default=None, metavar="SIZE",
+        help="bytes per prefetch ioctl (default 2M; smaller: a fault on a page being "
+             "prefetched waits less, the load takes longer)")),
+    "--huge-pages": ("huge_pages", dict(
+        action="store_true",
+        help="hugetlbfs guest memory, whole 2 MiB pages per fault (needs "
+             "/proc/sys/vm/nr_hugepages)")),
+}

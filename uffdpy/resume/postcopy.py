@@ -176,12 +176,12 @@ class Resume:
             self._open(page_sizes)
             address = self._setup_destination(qmp) if qmp is not None else connect
             assert address is not None
-            self._build_blocks()                  # before the connect: the clock runs from it
+            pages = self._build_blocks()          # before the connect: the clock runs from it
             self._address = address
             opening = self._opening()             # built before the connect
             self._main = Channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
-            self._connected = self._pages.t0 = time.monotonic()
+            self._connected = pages.t0 = time.monotonic()
             # everything up to RUN (~15 KB) goes into the socket at once: a source
             # that dies from here on has delivered RUN, and its destination can be
             # recovered; between the connect and RUN it could not
@@ -214,7 +214,7 @@ class Resume:
         if self._record_path is not None:
             self._identity = snapshot_identity(snap)
 
-    def _build_blocks(self) -> None:
+    def _build_blocks(self) -> PageSender:
         assert self._snap is not None and self._view is not None
         pages = self._pages = PageSender(self._snap, self._view, self._page_sizes, self.stats,
                                          batch=self._batch, around=self._around,
@@ -223,6 +223,7 @@ class Resume:
         self._order = pages.order
         if self._ws is not None:
             pages.queue_working_set(self._ws.pages)
+        return pages
 
     def _setup_destination(self, qmp: str) -> str:
         dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
