@@ -85,21 +85,23 @@ registered memory only with calls that release the GIL, such as
 ``ctypes.memmove``/``ctypes.memset``, or from another process (a VM's vCPU
 threads are in QEMU).  Every ioctl and read here releases the GIL.
 
-**Threads.**  The resolve methods build a fresh struct per call and may be
-called from several threads at once (fault loop plus prefetcher).
+**Threads.**  The resolve methods may be called from several threads at once
+(fault loop plus prefetcher): COPY, ZEROPAGE and WAKE borrow a set of structs
+from the uffd's spares for the call (a new set when every one is in use),
+the other fills build a fresh struct per call.
 :meth:`Userfaultfd.read_events` and :meth:`Userfaultfd.read_raw` read into
 one preallocated buffer and are meant for a single reader thread.
 
-**Speed.**  The fill ioctls and WAKE pack their struct into a ``bytearray``
-with :mod:`struct` and pass its address to an ``ioctl`` declared without an
-errcheck (cheaper than building a ctypes Structure); the kernel writes its
-count straight into it, also on failure.  Not :func:`fcntl.ioctl`: it copies
-small buffers and, on recent CPythons, copies the kernel's writes back only
-on success, and older ones hold the GIL for buffers over 1 KiB.  A success
-returns ``length`` without decoding the struct: the kernel answers 0 only
-when the whole range was done.  :class:`Filler` is the fault loop's fast
-path: one thread, the structs and the message buffer preallocated, no enum
-objects per call.
+**Speed.**  COPY, ZEROPAGE and WAKE write their struct as 64-bit words into a
+preallocated ``bytearray`` (cheaper than building a ctypes Structure per
+call), and every fill passes its struct's address to an ``ioctl`` declared
+without an errcheck; the kernel writes its count straight into the struct,
+also on failure.  Not :func:`fcntl.ioctl`: it copies small buffers and, on
+recent CPythons, copies the kernel's writes back only on success, and older
+ones hold the GIL for buffers over 1 KiB.  A success returns ``length``
+without decoding the struct: the kernel answers 0 only when the whole range
+was done.  :class:`Filler` is the fault loop's fast path: one thread, the
+structs and the message buffer preallocated, no enum objects per call.
 
 **Polling.**  The fd is always ``O_NONBLOCK`` and ``O_CLOEXEC``; ``poll``
 reports ``POLLERR`` on a blocking uffd and before the handshake.
@@ -112,6 +114,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
+from operator import index as _index
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 from .errors import UffdpyError
@@ -433,6 +436,7 @@ def _flag_names(value: Any) -> str:
 # ---------------------------------------------------------------------------
 
 _MSG_SIZE = ctypes.sizeof(_abi.uffd_msg)
+_U64 = (1 << 64) - 1
 
 #: The fill and WAKE requests as C unsigned longs, converted once.
 _REQUEST = {name: ctypes.c_ulong(getattr(_abi, name)) for name in (
@@ -590,6 +594,8 @@ class Userfaultfd:
         self._events = (_abi.uffd_msg * event_buffer)()
         self._events_view = memoryview(self._events).cast("B")
         self._ioctl: Callable[..., int] = _abi.libc.ioctl
+        #: spare struct sets of copy/zeropage/wake, one per call in flight at most
+        self._spare_fills: List[_Fills] = []
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -605,9 +611,10 @@ class Userfaultfd:
         Raises:
             ValueError: the uffd is closed.
         """
-        if self._fd < 0:
+        fd = self._fd
+        if fd < 0:
             raise ValueError("I/O operation on a closed Userfaultfd")
-        return self._fd
+        return fd
 
     @property
     def closed(self) -> bool:
@@ -623,6 +630,9 @@ class Userfaultfd:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        spare = getattr(self, "_spare_fills", None)
+        if spare:
+            spare.clear()           # each refers back to this object (its fileno)
 
     def __enter__(self) -> "Userfaultfd":
         return self
@@ -718,15 +728,27 @@ class Userfaultfd:
         Raises:
             UffdError: EINVAL (misaligned, or length 0) or another failure.
         """
-        arg = _abi.uffdio_range(start, length)
-        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_WAKE"], ctypes.byref(arg)) == -1:
-            exc = _last_error()
-            raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
+        fills = self._borrow_fills()
+        try:
+            fills.wake(start & _U64, length & _U64)
+        finally:
+            self._spare_fills.append(fills)
 
     # -- fills: the hot path -----------------------------------------------
-    # Each packs a fresh struct (thread safety), issues the ioctl with its
-    # address and returns the signed count; see the module docstring for
-    # the convention.  Success (ioctl returned 0) means the whole length.
+    # COPY, ZEROPAGE and WAKE run the fill code of _Fills, the same code as
+    # Filler's, over a set of structs borrowed for the one call (thread
+    # safety).  Their values wrap to 64 bits first, as a ctypes field's do
+    # (Filler raises ValueError instead).  The other fills pack a fresh
+    # ctypes struct per call.  All return the signed count, see the module
+    # docstring for the convention; success (ioctl returned 0) means the
+    # whole length.
+
+    def _borrow_fills(self) -> _Fills:
+        """A set of fill structs for one call, given back to ``_spare_fills`` after it."""
+        try:
+            return self._spare_fills.pop()
+        except IndexError:                     # every set is in use (or none was made yet)
+            return _Fills(self.fileno)
 
     def copy(self, dst: int, src: int, length: int, *, mode: CopyMode = CopyMode(0)) -> int:
         """``UFFDIO_COPY`` ``length`` bytes from ``src`` to the registered ``dst``.
@@ -739,11 +761,11 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL, EFAULT, ENOMEM...).
         """
-        arg = _abi.uffdio_copy(dst, src, length, mode, 0)
-        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_COPY"], ctypes.byref(arg)) == -1:
-            return _fill_outcome(_last_error(), arg.copy, "UFFDIO_COPY", dst, length, mode, src,
-                                 mode_type=CopyMode)
-        return length
+        fills = self._borrow_fills()
+        try:
+            return fills.copy(dst & _U64, src & _U64, length & _U64, _index(mode) & _U64)
+        finally:
+            self._spare_fills.append(fills)
 
     def zeropage(self, start: int, length: int, *,
                  mode: ZeropageMode = ZeropageMode(0)) -> int:
@@ -755,11 +777,11 @@ class Userfaultfd:
             RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
             UffdError: any other failure (EINVAL on hugetlbfs, which has no ZEROPAGE).
         """
-        arg = _abi.uffdio_zeropage(_abi.uffdio_range(start, length), mode, 0)
-        if _fill_ioctl(self._fd, _REQUEST["UFFDIO_ZEROPAGE"], ctypes.byref(arg)) == -1:
-            return _fill_outcome(_last_error(), arg.zeropage, "UFFDIO_ZEROPAGE", start, length,
-                                 mode, mode_type=ZeropageMode)
-        return length
+        fills = self._borrow_fills()
+        try:
+            return fills.zeropage(start & _U64, length & _U64, _index(mode) & _U64)
+        finally:
+            self._spare_fills.append(fills)
 
     def continue_(self, start: int, length: int, *,
                   mode: ContinueMode = ContinueMode(0)) -> int:
@@ -893,9 +915,98 @@ def _preallocated(struct_type: Any) -> Tuple[Any, memoryview, ctypes.c_void_p]:
     return view, memoryview(raw).cast("Q"), ctypes.c_void_p(ctypes.addressof(view))
 
 
+class _Fills:
+    """COPY, ZEROPAGE and WAKE over one preallocated set of structs: the fill code, once.
+
+    Each call writes its struct, issues the ioctl on the fd that ``fileno()``
+    gives *at that call* (a uffd's :meth:`Userfaultfd.fileno`; once it raises
+    ValueError, the uffd is closed, -1 is used and the call fails with EBADF
+    like any failure) and returns the signed count, ``-EEXIST`` or
+    ``-EAGAIN``, or raises (:func:`_fill_outcome`).  One call at a time per
+    instance: a :class:`Filler` is one, its thread's own, and the
+    :class:`Userfaultfd` methods borrow one per call.  Values outside 64
+    unsigned bits raise ValueError.
+    """
+
+    __slots__ = ("_fileno", "_ioctl", "_copy", "_copy_words", "_copy_at",
+                 "_zero", "_zero_words", "_zero_at", "_range_words", "_range_at")
+
+    def __init__(self, fileno: Callable[[], int]) -> None:
+        self._fileno = fileno
+        self._ioctl: Callable[..., int] = _abi.libc.ioctl_unchecked
+        # Each struct lives in a bytearray: written as 64-bit words (every field
+        # of these structs is one; test_abi pins the offsets), read back through
+        # the ctypes struct over the same bytes (the signed count).
+        self._copy, self._copy_words, self._copy_at = _preallocated(_abi.uffdio_copy)
+        self._zero, self._zero_words, self._zero_at = _preallocated(_abi.uffdio_zeropage)
+        _, self._range_words, self._range_at = _preallocated(_abi.uffdio_range)
+
+    # The fd is asked for inline in each call (not through a helper): this is
+    # the fault loop's hot path, where one more Python call is measurable.
+
+    def copy(self, dst: int, src: int, length: int, mode: int = 0) -> int:
+        """``UFFDIO_COPY``, as :meth:`Userfaultfd.copy`: bytes copied, ``-EEXIST`` or ``-EAGAIN``.
+
+        Raises:
+            RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
+            UffdError: any other failure.  ValueError: a value outside 64 bits.
+        """
+        words = self._copy_words
+        words[0] = dst
+        words[1] = src
+        words[2] = length
+        words[3] = mode
+        words[4] = 0           # the count: an old kernel leaves it alone on EAGAIN
+        try:
+            fd = self._fileno()
+        except ValueError:     # closed: EBADF from the kernel, reported as any failure
+            fd = -1
+        if self._ioctl(fd, _COPY_REQUEST, self._copy_at) == -1:
+            return _fill_outcome(_last_error(), self._copy.copy, "UFFDIO_COPY", dst,
+                                 length, mode, src, mode_type=CopyMode)
+        return length
+
+    def zeropage(self, start: int, length: int, mode: int = 0) -> int:
+        """``UFFDIO_ZEROPAGE``, as :meth:`Userfaultfd.zeropage`.
+
+        Raises:
+            RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
+            UffdError: any other failure.  ValueError: a value outside 64 bits.
+        """
+        words = self._zero_words
+        words[0] = start
+        words[1] = length
+        words[2] = mode
+        words[3] = 0
+        try:
+            fd = self._fileno()
+        except ValueError:
+            fd = -1
+        if self._ioctl(fd, _ZEROPAGE_REQUEST, self._zero_at) == -1:
+            return _fill_outcome(_last_error(), self._zero.zeropage, "UFFDIO_ZEROPAGE",
+                                 start, length, mode, mode_type=ZeropageMode)
+        return length
+
+    def wake(self, start: int, length: int) -> None:
+        """``UFFDIO_WAKE``, as :meth:`Userfaultfd.wake`.
+
+        Raises:
+            UffdError: EINVAL (misaligned, or length 0) or another failure.
+            ValueError: a value outside 64 bits.
+        """
+        words = self._range_words
+        words[0] = start
+        words[1] = length
+        try:
+            fd = self._fileno()
+        except ValueError:
+            fd = -1
+        if self._ioctl(fd, _WAKE_REQUEST, self._range_at) == -1:
+            exc = _last_error()
+            raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
 
 
-class Filler:
+class Filler(_Fills):
     """The fast path of a fault loop: read messages and fill pages of one :class:`Userfaultfd`.
 
     For the *one* thread that serves faults (a second thread, such as a
@@ -903,14 +1014,16 @@ class Filler:
     methods).  The fill structs and the message buffer are allocated once and
     reused, modes are plain ints, and the result needs no decoding on
     success, so that a served fault costs one ``read`` and one ``ioctl`` plus
-    a few hundred nanoseconds of Python.  The semantics are exactly those of
-    :meth:`Userfaultfd.copy`, :meth:`~Userfaultfd.zeropage` and
-    :meth:`~Userfaultfd.wake`: the signed count, ``-EEXIST`` (wake the range
+    a few hundred nanoseconds of Python.  :meth:`copy`, :meth:`zeropage` and
+    :meth:`wake` are the very code of :meth:`Userfaultfd.copy`,
+    :meth:`~Userfaultfd.zeropage` and :meth:`~Userfaultfd.wake`, with the
+    same semantics: the signed count, ``-EEXIST`` (wake the range
     yourself), ``-EAGAIN`` (read the pending events, retry), partial
     progress, and the same :class:`UffdError` subclasses for the rest.
     Addresses, lengths and modes must fit in 64 unsigned bits (ValueError
-    otherwise).  The uffd stays owned by its :class:`Userfaultfd`; after
-    it is closed every call fails with EBADF.
+    otherwise; the methods wrap them).  The uffd stays owned by its
+    :class:`Userfaultfd` and is reached through its :meth:`~Userfaultfd.fileno`
+    at every call: after it is closed every call fails with EBADF.
 
     A fault loop::
 
@@ -932,26 +1045,18 @@ class Filler:
     0xFFFFFFFF`` the thread id.  The next :meth:`read` overwrites them.
     """
 
-    __slots__ = ("uffd", "max_messages", "buffer", "words", "_views",
-                 "_copy", "_copy_words", "_zero", "_zero_words", "_range_words",
-                 "_copy_at", "_zero_at", "_range_at", "_ioctl")
+    __slots__ = ("uffd", "max_messages", "buffer", "words", "_views")
 
     def __init__(self, uffd: Userfaultfd, *, max_messages: int = 64) -> None:
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        super().__init__(uffd.fileno)
         self.uffd = uffd
         self.max_messages = max_messages
         #: the raw messages of the last read(), and the same bytes as 64-bit words
         self.buffer = bytearray(max_messages * _MSG_SIZE)
         self.words = memoryview(self.buffer).cast("Q")
         self._views = [memoryview(self.buffer)]
-        # Each struct lives in a bytearray: written as 64-bit words (every field
-        # of these structs is one; test_abi pins the offsets), read back through
-        # the ctypes struct over the same bytes (the signed count).
-        self._copy, self._copy_words, self._copy_at = _preallocated(_abi.uffdio_copy)
-        self._zero, self._zero_words, self._zero_at = _preallocated(_abi.uffdio_zeropage)
-        _, self._range_words, self._range_at = _preallocated(_abi.uffdio_range)
-        self._ioctl = _abi.libc.ioctl_unchecked
 
     def __repr__(self) -> str:
         return f"<Filler of {self.uffd!r}, {self.max_messages} messages>"
@@ -963,7 +1068,10 @@ class Filler:
             UffdError: the read failed (EBADF after close...) or returned a
                 partial message.
         """
-        fd = self.uffd._fd
+        try:
+            fd = self._fileno()
+        except ValueError:     # closed: EBADF from the kernel, reported as any failure
+            fd = -1
         try:
             nbytes = os.readv(fd, self._views)
         except BlockingIOError:
@@ -984,56 +1092,6 @@ class Filler:
         if not 0 <= k < self.max_messages:
             raise IndexError(f"message {k} of {self.max_messages}")
         return decode_message(_abi.uffd_msg.from_buffer(self.buffer, k * _MSG_SIZE))
-
-    def copy(self, dst: int, src: int, length: int, mode: int = 0) -> int:
-        """``UFFDIO_COPY``, as :meth:`Userfaultfd.copy`: bytes copied, ``-EEXIST`` or ``-EAGAIN``.
-
-        Raises:
-            RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
-            UffdError: any other failure.  ValueError: a value outside 64 bits.
-        """
-        words = self._copy_words
-        words[0] = dst
-        words[1] = src
-        words[2] = length
-        words[3] = mode
-        words[4] = 0           # the count: an old kernel leaves it alone on EAGAIN
-        if self._ioctl(self.uffd._fd, _COPY_REQUEST, self._copy_at) == -1:
-            exc = _last_error()
-            return _fill_outcome(exc, self._copy.copy, "UFFDIO_COPY", dst,
-                                 length, mode, src, mode_type=CopyMode)
-        return length
-
-    def zeropage(self, start: int, length: int, mode: int = 0) -> int:
-        """``UFFDIO_ZEROPAGE``, as :meth:`Userfaultfd.zeropage`.
-
-        Raises:
-            RangeGoneError: ENOENT.  ProcessGoneError: ESRCH.
-            UffdError: any other failure.  ValueError: a value outside 64 bits.
-        """
-        words = self._zero_words
-        words[0] = start
-        words[1] = length
-        words[2] = mode
-        words[3] = 0
-        if self._ioctl(self.uffd._fd, _ZEROPAGE_REQUEST, self._zero_at) == -1:
-            exc = _last_error()
-            return _fill_outcome(exc, self._zero.zeropage, "UFFDIO_ZEROPAGE",
-                                 start, length, mode, mode_type=ZeropageMode)
-        return length
-
-    def wake(self, start: int, length: int) -> None:
-        """``UFFDIO_WAKE``, as :meth:`Userfaultfd.wake`.
-
-        Raises:
-            UffdError: EINVAL (misaligned, or length 0) or another failure.
-        """
-        words = self._range_words
-        words[0] = start
-        words[1] = length
-        if self._ioctl(self.uffd._fd, _WAKE_REQUEST, self._range_at) == -1:
-            exc = _last_error()
-            raise _error(exc.errno or errno.EIO, _range_call("UFFDIO_WAKE", start, length)) from exc
 
 
 def _fill_outcome(exc: OSError, count: int, name: str, start: int, length: int,
