@@ -50,7 +50,7 @@ def mapped_args(snapshot: str) -> List[str]:
 
 def map_dirs() -> List[str]:
     tmp = tempfile.gettempdir()
-    return [p for p in os.listdir(tmp) if p.startswith("uffdpy-map-")]
+    return [p for p in os.listdir(tmp) if p.startswith("uffdpy-migration-")]
 
 
 def kill(pid: int) -> None:

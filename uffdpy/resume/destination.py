@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -92,9 +94,38 @@ class QemuDestination:
                  alive: Optional[Callable[[], bool]] = None) -> None:
         self.path = qmp
         self.client = QmpClient(qmp, timeout=timeout, alive=alive)
+        self._directory: Optional[str] = None
+        self._recoveries = 0
 
     def close(self) -> None:
+        """End the QMP session and remove the private directory (its sockets)."""
         self.client.close()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+    @property
+    def directory(self) -> str:
+        """A private directory for the migration's UNIX sockets, made on first use."""
+        if self._directory is None:
+            self._directory = tempfile.mkdtemp(prefix="uffdpy-migration-")
+        return self._directory
+
+    def recover(self) -> str:
+        """``migrate-recover`` (out of band) on a new private socket; its address.
+
+        For a destination left ``postcopy-paused``: out of band, because a
+        guest blocked on a missing page holds QEMU's main loop.
+        Raises: DestinationError (not paused, or QEMU refused).
+        """
+        self._recoveries += 1
+        path = os.path.join(self.directory, f"recover{self._recoveries}.sock")
+        try:
+            self.client.call_oob("migrate-recover", uri=f"unix:{path}")
+        except QmpError as e:
+            raise DestinationError(f"QMP {self.path}: migrate-recover refused "
+                                   "(is the destination postcopy-paused?)", e.desc) from None
+        return f"unix:{path}"
 
     def status(self) -> Dict[str, Any]:
         return dict(self.client.call("query-migrate"))
@@ -167,10 +198,10 @@ class QemuDestination:
             raise DestinationError(f"QMP {self.path}: migrate-incoming {uri} refused",
                                    e.desc) from None
 
-    def listen_private(self, transport: str, directory: str) -> Tuple[str, Optional[socket.socket]]:
+    def listen_private(self, transport: str) -> Tuple[str, Optional[socket.socket]]:
         """Start ``migrate-incoming`` on a private address; return ``(address, our_socket)``.
 
-        ``transport`` ``unix`` listens on a socket in ``directory``, ``tcp``
+        ``transport`` ``unix`` listens on a socket in :attr:`directory`, ``tcp``
         on 127.0.0.1 with a free port, ``fd`` on one end of a socketpair
         passed with ``getfd`` (its other end, ours, is returned: keep it
         open until the connect).
@@ -193,7 +224,7 @@ class QemuDestination:
                 ours.close()
                 raise
             return f"fd:{ours.fileno()}", ours
-        path = os.path.join(directory, "migration.sock")
+        path = os.path.join(self.directory, "migration.sock")
         self.listen(f"unix:{path}")
         return f"unix:{path}", None
 

@@ -55,9 +55,7 @@ import dataclasses
 import errno
 import os
 import shlex
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -423,7 +421,6 @@ class MapResume:
         self._own_snap = not isinstance(snapshot, Snapshot)
         self._snap: Optional[Snapshot] = None
         self._dest: Optional[QemuDestination] = None
-        self._tmpdir: Optional[str] = None
         self._fd_socket: Optional[socket.socket] = None
         self._warmer: Optional[_Warmer] = None
         self._connected_wall = 0.0
@@ -447,8 +444,7 @@ class MapResume:
                 self._warmer = _Warmer(snap.fileno(), self._warm_runs(mapped, ws, warm))
             stream = self._stream(streamed, stale)
             self._prepare(dest)
-            self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-map-")
-            address, self._fd_socket = dest.listen_private(transport, self._tmpdir)
+            address, self._fd_socket = dest.listen_private(transport)
             self.stats.prepare_s = round(time.monotonic() - t0, 6)
             self._send(address, stream)
             self._finish(dest)
@@ -627,9 +623,6 @@ class MapResume:
         if self._snap is not None and self._own_snap:
             self._snap.close()
         self._snap = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     def __enter__(self) -> "MapResume":
         return self

@@ -50,9 +50,7 @@ import gc
 import mmap
 import os
 import select
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import traceback
@@ -63,7 +61,6 @@ from ..latency import percentiles
 from ..wake import WakeFd
 from ..mappedram import Snapshot
 from ..pagesource import PathLike
-from ..qmp import QmpError
 from ..workingset import WorkingSet, load_for, snapshot_identity
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
@@ -160,7 +157,6 @@ class Resume:
         self._map: Optional[mmap.mmap] = None
         self._view: Optional[memoryview] = None
         self._dest: Optional[QemuDestination] = None
-        self._tmpdir: Optional[str] = None
         self._main: Optional[Channel] = None
         self._urgent: Optional[Channel] = None
         self._thread: Optional[threading.Thread] = None
@@ -232,26 +228,14 @@ class Resume:
             # no in-band command here: a guest blocked on a missing page holds QEMU's
             # main loop, and only out-of-band commands are answered (page sizes: 4 KiB
             # unless page_sizes says otherwise; the bitmaps' lengths are checked)
-            return self._start_recovery(dest)
+            return dest.recover()
         dest.refuse_private_file_backends()     # before anything can discard its RAM
         dest.prepare(preempt=self._preempt)
         assert self._snap is not None
         # machine and RAM lengths checked first; the blocks' host page sizes come with it
         self._page_sizes = {**dest.check_matches(self._snap), **self._page_sizes}
-        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
-        address, self._fd_socket = dest.listen_private(self._transport, self._tmpdir)
+        address, self._fd_socket = dest.listen_private(self._transport)
         return address
-
-    def _start_recovery(self, dest: QemuDestination) -> str:
-        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-recover-")
-        path = os.path.join(self._tmpdir, "recover.sock")
-        try:
-            # out of band: with the guest blocked on a missing page the main loop is stuck
-            dest.client.call_oob("migrate-recover", uri=f"unix:{path}")
-        except QmpError as e:
-            raise DestinationError(f"QMP {dest.path}: migrate-recover refused "
-                                   "(is the destination postcopy-paused?)", e.desc) from None
-        return f"unix:{path}"
 
     # -- the serving loop (its own thread; owns the sockets and the sent map)
 
@@ -643,9 +627,6 @@ class Resume:
         if self._dest is not None:
             self._dest.close()
             self._dest = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
         self._wake_fd.close()
 
     def __enter__(self) -> "Resume":

@@ -34,10 +34,8 @@ import dataclasses
 import json
 import os
 import select
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -93,7 +91,6 @@ class SupervisedResume:
         self.auto_recoveries = 0
         self.server_pid: Optional[int] = None
         self._dest: Optional[QemuDestination] = None
-        self._tmpdir: Optional[str] = None
         self._keep: List[socket.socket] = []
         self._connected = False                # a server has connected (the guest may run)
 
@@ -108,12 +105,11 @@ class SupervisedResume:
     def _run(self) -> Dict[str, Any]:
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive)
         since = len(dest.client.events)
-        self._tmpdir = tempfile.mkdtemp(prefix="uffdpy-resume-")
         preempt = self.options.preempt
         page_sizes: Dict[str, int] = {}
         if self.recover:
             preempt = self._preempt_capability(preempt)
-            address = self._migrate_recover()
+            address = self._dest.recover()
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
             if isinstance(self.snapshot, Snapshot):
@@ -126,7 +122,7 @@ class SupervisedResume:
                 address = listening
             else:
                 dest.prepare(preempt=preempt)
-                address, ours = dest.listen_private(self.transport, self._tmpdir)
+                address, ours = dest.listen_private(self.transport)
                 if ours is not None:
                     self._keep.append(ours)
         recovering = self.recover
@@ -177,7 +173,7 @@ class SupervisedResume:
                                   "the destination is postcopy-paused: "
                                   + self._recover_hint())
             self.auto_recoveries += 1
-            address = self._migrate_recover()
+            address = self._dest.recover()
             recovering = True
 
     def _listening_address(self, dest: QemuDestination, preempt: bool) -> Optional[str]:
@@ -223,17 +219,6 @@ class SupervisedResume:
         except (TimeoutError, QmpError, ConnectionError):
             return default
         return any(c["capability"] == "postcopy-preempt" and c["state"] for c in caps)
-
-    def _migrate_recover(self) -> str:
-        assert self._dest is not None and self._tmpdir is not None
-        path = os.path.join(self._tmpdir, f"recover{self.auto_recoveries}.sock")
-        try:
-            # out of band: with the guest blocked on a missing page the main loop is stuck
-            self._dest.client.call_oob("migrate-recover", uri=f"unix:{path}")
-        except QmpError as e:
-            raise DestinationError(f"QMP {self._dest.path}: migrate-recover refused "
-                                   "(is the destination postcopy-paused?)", e.desc) from None
-        return f"unix:{path}"
 
     def _await_end(self, mark: int) -> str:
         """The destination's state after its server died, from the events after ``mark``.
@@ -328,9 +313,6 @@ class SupervisedResume:
         if self._dest is not None:
             self._dest.close()
             self._dest = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     # -- the server (the forked child)
 
