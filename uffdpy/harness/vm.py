@@ -156,31 +156,28 @@ class QemuVM:
              offset: int = 0) -> Dict[str, Any]:
         """Stop the VM and migrate it to ``file:path[,offset=N]``; returns timing and status."""
         self.cmd("stop")
-        caps: Dict[str, bool] = {"mapped-ram": mapped_ram}
-        caps["multifd"] = multifd_channels is not None
-        self.set_capabilities(**caps)
-        if multifd_channels is not None:
-            self.cmd("migrate-set-parameters", **{"multifd-channels": multifd_channels})
-        uri = f"file:{os.path.abspath(path)}" + (f",offset={offset}" if offset else "")
-        t0 = time.monotonic()
-        self.cmd("migrate", uri=uri)
-        info = self.wait_migration()
-        return {"uri": uri, "seconds": time.monotonic() - t0, "query-migrate": info}
+        return self._migrate("migrate", path, offset, mapped_ram, multifd_channels)
 
     def load(self, path: str, *, offset: int = 0, mapped_ram: bool = True,
              multifd_channels: Optional[int] = None) -> Dict[str, Any]:
         """Load ``file:path`` into this ``incoming=True`` VM; returns timing and run state."""
-        caps = {"mapped-ram": mapped_ram, "multifd": multifd_channels is not None}
-        self.set_capabilities(**caps)
+        out = self._migrate("migrate-incoming", path, offset, mapped_ram, multifd_channels)
+        out["status"] = self.cmd("query-status").get("status")
+        return out
+
+    def _migrate(self, command: str, path: str, offset: int, mapped_ram: bool,
+                 multifd_channels: Optional[int]) -> Dict[str, Any]:
+        """``command`` (migrate or migrate-incoming) on ``file:path``, with these
+        capabilities, waited for; the URI, the seconds it took and query-migrate."""
+        self.set_capabilities(**{"mapped-ram": mapped_ram,
+                                 "multifd": multifd_channels is not None})
         if multifd_channels is not None:
             self.cmd("migrate-set-parameters", **{"multifd-channels": multifd_channels})
         uri = f"file:{os.path.abspath(path)}" + (f",offset={offset}" if offset else "")
         t0 = time.monotonic()
-        self.cmd("migrate-incoming", uri=uri)
+        self.cmd(command, uri=uri)
         info = self.wait_migration()
-        seconds = time.monotonic() - t0
-        return {"uri": uri, "seconds": seconds, "query-migrate": info,
-                "status": self.cmd("query-status").get("status")}
+        return {"uri": uri, "seconds": time.monotonic() - t0, "query-migrate": info}
 
     def pmemsave(self, path: str, *, addr: int = 0, size: Optional[int] = None) -> None:
         """Dump guest-physical memory [addr, addr+size) (default: all of -m) to ``path``."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 
 # --- the stream's vocabulary is migstream's; mapped-ram's own constants follow ---
@@ -98,11 +98,22 @@ class _Cursor:
             raise MappedRamError(self.src.path, start + 1, f"{what} is not ASCII",
                                  "an ASCII name", repr(raw)) from None
 
-    def expect_u8(self, value: int, what: str) -> None:
+    def expect(self, read: Callable[[str], int], value: int, what: str, *,
+               problem: Optional[str] = None, shown: Optional[str] = None,
+               digits: int = 0) -> None:
+        """Read one value with ``read`` (``self.u8``, ``self.be32``...) and refuse any
+        other than ``value``: ``problem`` (default ``what``) at its offset, the
+        expected value as ``shown`` (default: hex of ``digits`` digits, or decimal)."""
         at = self.pos
-        got = self.u8(what)
+        got = read(what)
         if got != value:
-            raise MappedRamError(self.src.path, at, what, f"{value:#04x}", f"{got:#04x}")
+            def show(v: int) -> object:
+                return f"{v:#0{digits + 2}x}" if digits else v
+            raise MappedRamError(self.src.path, at, problem or what,
+                                 shown or show(value), show(got))
+
+    def expect_u8(self, value: int, what: str) -> None:
+        self.expect(self.u8, value, what, digits=2)
 
     def footer(self, section_id: int, what: str) -> None:
         at = self.pos

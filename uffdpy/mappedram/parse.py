@@ -39,23 +39,16 @@ class _Parser:
 
     def _header(self) -> None:
         cur = self.cur
-        at = cur.pos
-        magic = cur.be32("file magic")
-        if magic != QEMU_VM_FILE_MAGIC:
-            raise self.err(at, "not a QEMU migration stream: bad magic",
-                           f"{QEMU_VM_FILE_MAGIC:#010x} ('QEVM')", f"{magic:#010x}")
-        at = cur.pos
-        version = cur.be32("stream version")
-        if version != QEMU_VM_FILE_VERSION:
-            raise self.err(at, "unsupported stream version", QEMU_VM_FILE_VERSION, version)
+        cur.expect(cur.be32, QEMU_VM_FILE_MAGIC, "file magic", digits=8,
+                   problem="not a QEMU migration stream: bad magic",
+                   shown=f"{QEMU_VM_FILE_MAGIC:#010x} ('QEVM')")
+        cur.expect(cur.be32, QEMU_VM_FILE_VERSION, "stream version",
+                   problem="unsupported stream version")
 
     def _configuration(self) -> None:
         cur, snap = self.cur, self.snap
-        at = cur.pos
-        kind = cur.u8("configuration section marker")
-        if kind != QEMU_VM_CONFIGURATION:
-            raise self.err(at, "configuration section (mapped-ram streams always carry one)",
-                           f"{QEMU_VM_CONFIGURATION:#04x}", f"{kind:#04x}")
+        cur.expect(cur.u8, QEMU_VM_CONFIGURATION, "configuration section marker", digits=2,
+                   problem="configuration section (mapped-ram streams always carry one)")
         at = cur.pos
         n = cur.be32("machine type length")
         if not 0 < n <= 256:

@@ -406,29 +406,26 @@ class PageSender:
 _ONES = b"\x01" * 4096
 
 
-def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
-    sent = block.sent
+def _stretches(buf: Any, value: int, start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches ``(a, b)`` of ``buf[start:end]`` whose bytes are all ``value`` (0 or 1)."""
+    other = 1 - value
     out: List[Tuple[int, int]] = []
-    a = sent.find(0, start, end)
+    a = buf.find(value, start, end)
     while a >= 0:
-        b = sent.find(1, a, end)
+        b = buf.find(other, a, end)
         if b < 0:
             b = end
         out.append((a, b))
-        a = sent.find(0, b, end) if b < end else -1
+        a = buf.find(value, b, end) if b < end else -1
     return out
+
+
+def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
+    return _stretches(block.sent, 0, start, end)
 
 
 def unsent_data(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
     """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
-    present = block.present
-    out: List[Tuple[int, int]] = []
-    a = present.find(1, start, end)
-    while a >= 0:
-        b = present.find(0, a, end)
-        if b < 0:
-            b = end
-        out += unsent_runs(block, a, b)
-        a = present.find(1, b, end) if b < end else -1
-    return out
+    return [run for a, b in _stretches(block.present, 1, start, end)
+            for run in _stretches(block.sent, 0, a, b)]
