@@ -26,10 +26,10 @@ from typing import Iterator, List, Optional, Tuple
 from .elfcore import ElfImage
 from .mappedram import BlockSpec, Snapshot, write_snapshot
 from .pagesource import ImageError, PageRegion, PathLike, memory_limit, memory_limit_origin
+from .sizes import MiB
 
 __all__ = ["ConvertedBlock", "to_mapped_ram"]
 
-MiB = 1 << 20
 #: Pages read and written per piece while streaming.
 _PIECE_PAGES = 256
 

@@ -29,15 +29,12 @@ import os
 from typing import Any, Iterable, Optional
 
 from . import ioctl as _abi
+from .sizes import round_up
 
 __all__ = ["PAGE_SIZE", "HUGE_PAGE_SIZE", "Mapping", "memfd_create", "release_views"]
 
 PAGE_SIZE: int = _mmap.PAGESIZE
 HUGE_PAGE_SIZE: int = 2 * 1024 * 1024
-
-
-def _round_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
 
 
 class Mapping:
@@ -103,7 +100,7 @@ class Mapping:
         if extra == 0:
             return cls(libc.mmap(None, length, prot, flags, -1, 0), length, writable=True)
         base = libc.mmap(None, length + extra, prot, flags, -1, 0)
-        start = _round_up(base, align)
+        start = round_up(base, align)
         if start > base:
             libc.munmap(base, start - base)
         tail = base + length + extra - (start + length)

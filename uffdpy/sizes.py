@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size", "qemu_size"]
+__all__ = ["parse_size", "qemu_size", "round_up", "MiB"]
+
+MiB = 1 << 20
 
 #: a number, then a unit (K, KB or KiB; ...) or a bare B, in any case
 _SIZE = re.compile(r"\s*(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|b)?\s*", re.IGNORECASE)
@@ -28,3 +30,8 @@ def parse_size(text: str) -> int:
 def qemu_size(n: int) -> str:
     """A size as QEMU's ``-m`` reads it: ``256M``, or ``4K`` when not whole MiB."""
     return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
+
+
+def round_up(value: int, align: int) -> int:
+    """``value`` rounded up to a multiple of ``align``."""
+    return -(-value // align) * align

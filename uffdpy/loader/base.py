@@ -8,9 +8,9 @@ from typing import Dict, List, Optional, Tuple, TypeVar, Union
 from .. import ioctl
 from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, release_views
 from ..pagesource import PageSource, RegionNotFound, check_fits_in_memory, open_image
+from ..sizes import MiB, round_up
 from .stats import Stats
 
-MiB = 1 << 20
 #: Memory for each block is aligned like this (THP-friendly, as QEMU does).
 BLOCK_ALIGN = 2 * MiB
 
@@ -103,7 +103,7 @@ class _LoaderBase:
     def _map_blocks(self, *, transparent_huge_pages: bool) -> None:
         check_fits_in_memory(self.source)          # an absurd declaration, before any mmap
         for block in self.source.regions:
-            length = _round_up(block.length, PAGE_SIZE)
+            length = round_up(block.length, PAGE_SIZE)
             m = Mapping.anonymous(max(length, PAGE_SIZE), align=BLOCK_ALIGN)
             self._mappings[block.name] = m
             self._order.append(block.name)
@@ -118,7 +118,7 @@ class _LoaderBase:
         check_fits_in_memory(self.source)
         need = sum(-(-r.length // HUGE_PAGE_SIZE) for r in self.source.regions)
         for region in self.source.regions:
-            length = max(_round_up(region.length, HUGE_PAGE_SIZE), HUGE_PAGE_SIZE)
+            length = max(round_up(region.length, HUGE_PAGE_SIZE), HUGE_PAGE_SIZE)
             try:
                 m = Mapping.anonymous(length, align=BLOCK_ALIGN, huge_pages=True)
             except OSError as exc:
@@ -159,6 +159,3 @@ class _LoaderBase:
         """Load statistics (see ``Stats``)."""
         return self._stats
 
-
-def _round_up(n: int, align: int) -> int:
-    return (n + align - 1) // align * align

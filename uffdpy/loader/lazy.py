@@ -38,7 +38,8 @@ from typing import Dict, List, Optional, Tuple, Type
 
 from ..memory import HUGE_PAGE_SIZE, PAGE_SIZE
 from ..uffd import RegisterMode, Userfaultfd
-from .base import SnapshotLike, _LoaderBase, _open_source, _round_up
+from ..sizes import round_up
+from .base import SnapshotLike, _LoaderBase, _open_source
 from .claims import ClaimMap
 from .errors import LoaderError
 from .hosting import before_exit
@@ -203,7 +204,7 @@ class LazyLoader(_LoaderBase):
             m = self._mappings[name]
             self._uffd.register(m.address, m.length, mode=RegisterMode.MISSING)
         self._registered = True
-        self._file = MappedFile(source.fileno(), _round_up(source.file_size, PAGE_SIZE),
+        self._file = MappedFile(source.fileno(), round_up(source.file_size, PAGE_SIZE),
                                 source.path)
         unit = HUGE_PAGE_SIZE if self._huge_pages else PAGE_SIZE
         regions = [Region(i, r, self._mappings[r.name].address, self._file.address, unit)

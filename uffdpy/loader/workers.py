@@ -51,6 +51,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .. import ioctl
 from ..memory import PAGE_SIZE, Mapping
 from ..uffd import Filler, UffdError, Userfaultfd
+from ..sizes import MiB
 from ..latency import percentiles
 from .claims import CLAIMED, PLACED, ClaimMap
 from .errors import LoaderError
@@ -60,7 +61,6 @@ from .stats import Stats, WorkerCounters
 from .threads import release_thread_pool, run_pooled, start_thread
 from ..wake import WakeFd
 
-MiB = 1 << 20
 #: Prefetch threads run this much nicer than the fault loop (and the guest's
 #: threads): when CPUs are short, a fault is served before the next chunk.
 PREFETCH_NICE = 10

@@ -13,6 +13,7 @@ from ..migstream import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                          QEMU_VM_VMDESCRIPTION, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
                          RAM_SECTION_VERSION, configuration, counted)
 from ..pagesource import PathLike, set_bits
+from ..sizes import round_up
 from .model import (MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HDR_VERSION,
                     MAPPED_RAM_HEADER_SIZE, RAM_SECTION_IDSTR, TARGET_PAGE_SIZE, _BE32, _BE64,
                     _HEADER, _bitmap_size, _clear_bit)
@@ -51,10 +52,6 @@ def _as_spec(arg: BlockArg) -> BlockSpec:
     if isinstance(contents, int):
         return BlockSpec(name, contents, None)
     return BlockSpec(name, memoryview(contents).nbytes, contents)
-
-
-def _round_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
 
 
 def _iter_chunks(spec: BlockSpec, page_size: int) -> Iterator[Tuple[int, memoryview]]:
@@ -161,7 +158,7 @@ def write_snapshot(path: PathLike, blocks: Sequence[BlockArg], *, machine: str =
             hdr_at = pos + len(record)
             bitmap_offset = hdr_at + MAPPED_RAM_HEADER_SIZE
             bitmap = bytearray(_bitmap_size(pages))
-            pages_offset = _round_up(bitmap_offset + len(bitmap), pages_alignment)
+            pages_offset = round_up(bitmap_offset + len(bitmap), pages_alignment)
             next_page = 0
             for first, view in _iter_chunks(spec, page_size):
                 count, rest = divmod(view.nbytes, page_size)
