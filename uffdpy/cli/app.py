@@ -30,7 +30,9 @@ COMMANDS: Tuple[Command, ...] = (inspect.COMMANDS + load.COMMANDS + resume.COMMA
                                  + bench.COMMANDS + make.COMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_name: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``uffdpy`` parser; with ``command_name``, only that command's arguments are
+    added (the others' are not needed to run it, and cost start-up time)."""
     p = argparse.ArgumentParser(prog="uffdpy", description=(
         "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_command  # type: ignore[method-assign]
     for command in COMMANDS:
         sp = sub.add_parser(command.name, **command.parser)
-        command.arguments(sp)
+        if command_name in (None, command.name):
+            command.arguments(sp)
         sp.set_defaults(func=command.run, _check=command.check)
 
     from .ws import add_parsers
@@ -79,8 +82,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
+    named = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(named if any(c.name == named for c in COMMANDS) else None)
     # everything after the first "--" is a QEMU command line (resume), never options of ours
     qemu_cmd: List[str] = []
     if "--" in words:

@@ -5,7 +5,6 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any, Dict, Tuple
 
-from ..loader.options import LoadOptions
 from ..outcome import Outcome
 from .args import (Command, Progress, cpu, non_negative_int, open_source, positive_int,
                    snapshot_arg, tabulate)
@@ -120,6 +119,7 @@ def cmd_dump(args: argparse.Namespace) -> Outcome:
 
 
 def _load_arguments(sp: argparse.ArgumentParser) -> None:
+    from ..loader.options import LoadOptions
     snapshot_arg(sp)
     sp.add_argument("--mode", choices=("lazy", "eager"), default="lazy",
                     help="lazy: userfaultfd, ready at once (default); eager: read every "
@@ -154,6 +154,7 @@ def _load_arguments(sp: argparse.ArgumentParser) -> None:
 
 
 def _dump_arguments(sp: argparse.ArgumentParser) -> None:
+    from ..loader.options import LoadOptions
     snapshot_arg(sp)
     sp.add_argument("block", metavar="REGION", help="a RAMBlock or ELF segment name (see inspect)")
     sp.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -166,6 +167,7 @@ def _dump_arguments(sp: argparse.ArgumentParser) -> None:
 
 def check_lazy_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse a lazy-only option with ``--mode eager``; the server defaults to a thread."""
+    from ..loader.options import LoadOptions
     if args.mode == "eager":
         given = [*LoadOptions.given_flags(args),
                  *(flag for flag, dest in (("--record-ws", "record_ws"),
