@@ -35,7 +35,8 @@ This module imports nothing kernel-facing; it works on any OS.
 The package: :mod:`.model` (the format's constants, errors, :class:`RamBlock`,
 :class:`DeviceSection`), :mod:`.parse` (the checks of every byte read),
 :mod:`.snapshot` (:class:`Snapshot`, :func:`backend_blocks`) and :mod:`.write`
-(:func:`write_snapshot`, :func:`rewrite_snapshot`); every name is here too.
+(:func:`write_snapshot`, :func:`rewrite_snapshot`, imported on first use);
+every name is here too.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from .model import (MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HDR_VERSION,
                     MAPPED_RAM_HEADER_SIZE, RAM_SECTION_IDSTR, TARGET_PAGE_BITS_DEFAULT,
                     TARGET_PAGE_SIZE, DeviceSection, MappedRamError, NotMappedRamError, RamBlock)
 from .snapshot import MACHINE_RAM_IDS, Snapshot, backend_blocks
-from .write import BlockSpec, rewrite_snapshot, write_snapshot
+from .._lazy import lazy_exports
 
 __all__ = [
     "MappedRamError", "NotMappedRamError", "DeviceSection", "RamBlock", "Snapshot",
@@ -51,3 +52,7 @@ __all__ = [
     "TARGET_PAGE_SIZE", "TARGET_PAGE_BITS_DEFAULT", "MAPPED_RAM_HDR_VERSION",
     "MAPPED_RAM_HEADER_SIZE", "MAPPED_RAM_FILE_OFFSET_ALIGNMENT", "RAM_SECTION_IDSTR",
 ]
+
+#: the writer is imported on first use: reading a snapshot (resume, inspect) needs none of it
+__getattr__, __dir__ = lazy_exports(__name__, {"BlockSpec": "write", "write_snapshot": "write",
+                                               "rewrite_snapshot": "write"}, globals())
