@@ -220,22 +220,15 @@ class ElfRegion(RegionBase):
     def __init__(self, source: _Source, *, address: int, vaddr: int, paddr: int, memsz: int,
                  file_offset: int, file_bytes: int, flags: int, segment_index: int,
                  header_offset: int, page_size: int = PAGE_SIZE) -> None:
-        self._source = source
-        self.address = address
-        self.vaddr = vaddr
-        self.paddr = paddr
-        self.memsz = memsz
-        self.page_size = page_size
-        self.length = -(-memsz // page_size) * page_size
-        self.pages = self.length // page_size
-        self.file_offset = file_offset
-        self.file_bytes = file_bytes
+        length = -(-memsz // page_size) * page_size
+        self._set_geometry(source, name=f"{address:#018x}-{address + length - 1:#018x}",
+                           length=length, page_size=page_size, file_offset=file_offset,
+                           file_bytes=file_bytes, header_offset=header_offset)
+        self.address, self.vaddr, self.paddr, self.memsz = address, vaddr, paddr, memsz
         self.flags = flags
         self.segment_index = segment_index
-        self.header_offset = header_offset
         self.present_pages = -(-file_bytes // page_size)
         self.zero_pages = self.pages - self.present_pages
-        self.name = f"{address:#018x}-{address + self.length - 1:#018x}"
         self._bitmap: Optional[bytes] = None
 
     @property

@@ -221,6 +221,19 @@ class RegionBase:
     page_size: int
     file_offset: int
 
+    def _set_geometry(self, source: Any, *, name: str, length: int, page_size: int,
+                      file_offset: int, file_bytes: int, header_offset: int) -> None:
+        """What every region has: its file, name, length in bytes and pages, where its
+        bytes start in the file and how many there are, and where its header is."""
+        self._source = source
+        self.name = name
+        self.length = length
+        self.page_size = page_size
+        self.pages = length // page_size
+        self.file_offset = file_offset
+        self.file_bytes = file_bytes
+        self.header_offset = header_offset
+
     def _check_index(self, i: int) -> None:
         if not 0 <= i < self.pages:
             raise IndexError(f"page {i} out of range for {self.noun} {self.name!r} "

@@ -173,18 +173,13 @@ class RamBlock(RegionBase):
     def __init__(self, source: _Source, *, name: str, length: int, page_size: int,
                  bitmap_offset: int, pages_offset: int, bitmap: bytes,
                  header_offset: int, header_version: int) -> None:
-        self._source = source
-        self.name = name
-        self.length = length
-        self.page_size = page_size
-        self.pages = length // page_size
+        # the page-source view (see uffdpy.pagesource): page i at file_offset + i * page_size
+        self._set_geometry(source, name=name, length=length, page_size=page_size,
+                           file_offset=pages_offset, file_bytes=length,
+                           header_offset=header_offset)
         self.bitmap_offset = bitmap_offset
         self.pages_offset = pages_offset
-        #: the page-source view (see uffdpy.pagesource): page i at file_offset + i * page_size
-        self.file_offset = pages_offset
-        self.file_bytes = length
         self.bitmap = bitmap
-        self.header_offset = header_offset
         self.header_version = header_version
         used = (self.pages + 7) // 8
         bits = bytearray(bitmap[:used])

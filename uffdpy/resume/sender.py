@@ -152,12 +152,8 @@ class PageSender:
                  stats: ResumeStats, *, batch: int, around: int,
                  trace: Optional[List[Tuple[float, str, int, str]]] = None,
                  record: bool = False) -> None:
-        self.view = view
-        self.stats = stats
-        self.batch = batch
-        self.around = around
-        self.trace = trace
-        self.record = record
+        self.view, self.stats = view, stats
+        self.batch, self.around, self.trace, self.record = batch, around, trace, record
         #: (block, 4 KiB page) -> (seconds since t0 of its first demand, holds data)
         self.recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
         self.ws_queue: Deque[Tuple[SourceBlock, int]] = collections.deque()
