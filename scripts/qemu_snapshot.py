@@ -40,7 +40,7 @@ Both print a JSON summary (timings in seconds, paths, regions).  From Python::
     info = load_snapshot(cfg, "vm.img", pmemsave="loaded.pmem")
     info = dump_guest_memory(VmConfig(machine="pc", mem="128M"), "vm.elf", regions=[region])
 
-The functions live in :mod:`uffdpy.qemu`; this script is their command line
+The functions live in :mod:`uffdpy.harness.vm`; this script is their command line
 (run from a checkout, it finds ``uffdpy`` next to it).
 """
 from __future__ import annotations
