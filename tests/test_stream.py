@@ -98,6 +98,23 @@ def test_every_data_page_once_with_its_bytes(snap: str, batch: int, around: int)
     assert fake.commands.count(ms.MigCmd.PACKAGED) == 1
 
 
+
+@pytest.mark.parametrize("host_page", [64 << 10, 2 << 20])
+def test_blocks_of_larger_host_pages_go_whole(snap: str, host_page: int) -> None:
+    # a hugetlb block is placed by whole host pages: each host page holding
+    # data goes out whole (its empty 4 KiB pages as ZERO records), one without
+    # data not at all, and the stream still ends
+    want = data_pages(snap)
+    stats, fake = run(snap, page_sizes={"ram": host_page}, batch_pages=3)
+    sub = host_page // PAGE
+    with_data = {p // sub for _, p in want}
+    assert {k: v for k, v in fake.pages.items() if v is not None} == want
+    zeros = {p for (_, p), v in fake.pages.items() if v is None}
+    assert zeros == {p for u in with_data for p in range(u * sub, (u + 1) * sub)} - {
+        p for _, p in want}
+    assert stats["data_pages_sent"] == len(want) and stats["zero_pages_sent"] == len(zeros)
+    assert not fake.duplicates
+
 def test_requests_are_answered_first_then_their_fault_around(snap: str) -> None:
     want = data_pages(snap)
     pages = sorted(p for _, p in want)

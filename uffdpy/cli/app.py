@@ -16,7 +16,6 @@ import argparse
 import os
 import signal
 import sys
-import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import bench, inspect, load, make, resume
@@ -123,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
     except MemoryError:
         if args.debug:
+            import traceback
             traceback.print_exc()
         print(f"uffdpy: error: out of memory in {args.command}", file=sys.stderr)
         return 2
@@ -131,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # else (a TypeError, a KeyError, a RuntimeError) is a bug in uffdpy and
         # shows its traceback.
         if args.debug:
+            import traceback
             traceback.print_exc()
         msg = _one_line(exc)
         print(f"uffdpy: error: {printable(msg)}", file=sys.stderr)

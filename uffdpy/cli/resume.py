@@ -78,11 +78,12 @@ def cmd_resume(args: argparse.Namespace) -> Outcome:
     if args.ws_placement != "after-run" and not args.working_set:
         raise ValueError("--ws-placement applies with --working-set FILE only")
     options = ResumeOptions.from_args(args)       # checked before QEMU starts
-    from ..workingset import load_for
     # refused before QEMU starts, and kept open: the file checked is the file served
     snap = _open_snapshot(args.snapshot)
     try:
-        load_for(args.working_set, snap)           # a working set of another snapshot too
+        if args.working_set is not None:           # a working set of another snapshot too
+            from ..workingset import load_for
+            load_for(args.working_set, snap)
         if args.record_ws:
             _check_writable(args.record_ws)
         return _resume_stream(args, options, qemu_cmd, snap)

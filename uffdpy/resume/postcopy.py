@@ -53,20 +53,21 @@ import select
 import socket
 import threading
 import time
-import traceback
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from .. import migstream as ms
 from ..latency import percentiles
 from ..wake import WakeFd
 from ..mappedram import Snapshot
 from ..pagesource import PathLike
-from ..workingset import WorkingSet, load_for, snapshot_identity
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
 from .options import ResumeOptions
 from .sender import PAGE, Channel, PageSender, SourceBlock
 from .stats import ResumeStats
+
+if TYPE_CHECKING:
+    from ..workingset import WorkingSet
 
 __all__ = ["Resume", "ResumeStats"]
 
@@ -206,9 +207,11 @@ class Resume:
         self._map = mmap.mmap(snap.fileno(), 0, prot=mmap.PROT_READ)
         self._view = memoryview(self._map)
         self._page_sizes = dict(page_sizes or {})
-        self._ws = load_for(self._ws_path, snap)      # refused before anything is sent
-        if self._record_path is not None:
-            self._identity = snapshot_identity(snap)
+        if self._ws_path is not None or self._record_path is not None:
+            from ..workingset import load_for, snapshot_identity   # only a command that needs it
+            self._ws = load_for(self._ws_path, snap)  # refused before anything is sent
+            if self._record_path is not None:
+                self._identity = snapshot_identity(snap)
 
     def _build_blocks(self) -> PageSender:
         assert self._snap is not None and self._view is not None
@@ -252,6 +255,7 @@ class Resume:
             while err is not None and id(err) not in seen:
                 seen.add(id(err))
                 if err.__traceback__ is not None:
+                    import traceback
                     traceback.clear_frames(err.__traceback__)
                 err = err.__cause__ or err.__context__
         finally:
@@ -537,6 +541,7 @@ class Resume:
     def recorded(self) -> WorkingSet:
         """The pages demanded so far (with ``record_ws``), in order of first demand."""
         assert self._snap is not None or self._identity is not None
+        from ..workingset import WorkingSet
         ident = self._identity
         pages = sorted(self._pages.recorded.items() if self._pages else (),
                        key=lambda kv: kv[1][0])
