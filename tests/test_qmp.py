@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -64,10 +65,11 @@ def qemu(qemu_binary: str, short_dir: str) -> Iterator[Tuple["subprocess.Popen[b
 
 
 @pytest.mark.qemu
-def test_connect_at_once_and_query_status(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_connect_at_once_and_query_status(qemu: Tuple[Any, str], session: bool) -> None:
     """Connecting right after starting QEMU retries until the socket is there."""
     _, sock = qemu
-    with QmpClient(sock, timeout=30) as qmp:
+    with QmpClient(sock, timeout=30, session=session) as qmp:
         assert "version" in qmp.greeting["QMP"]
         status = qmp.call("query-status")
         assert status["status"] == "running" and status["running"] is True
@@ -78,9 +80,10 @@ def test_connect_at_once_and_query_status(qemu: Tuple[Any, str]) -> None:
 
 
 @pytest.mark.qemu
-def test_command_error_names_the_command(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_command_error_names_the_command(qemu: Tuple[Any, str], session: bool) -> None:
     _, sock = qemu
-    with QmpClient(sock, timeout=30) as qmp:
+    with QmpClient(sock, timeout=30, session=session) as qmp:
         with pytest.raises(QmpError) as info:
             qmp.call("no-such-command")
         assert info.value.command == "no-such-command"
@@ -94,9 +97,10 @@ def test_command_error_names_the_command(qemu: Tuple[Any, str]) -> None:
 
 
 @pytest.mark.qemu
-def test_events_are_kept(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_events_are_kept(qemu: Tuple[Any, str], session: bool) -> None:
     _, sock = qemu
-    with QmpClient(sock, timeout=30) as qmp:
+    with QmpClient(sock, timeout=30, session=session) as qmp:
         assert qmp.call("stop") == {}
         assert qmp.call("query-status")["status"] == "paused"
         stops = [e for e in qmp.events if e["event"] == "STOP"]
@@ -107,9 +111,10 @@ def test_events_are_kept(qemu: Tuple[Any, str]) -> None:
 
 
 @pytest.mark.qemu
-def test_close_twice_and_call_after_close(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_close_twice_and_call_after_close(qemu: Tuple[Any, str], session: bool) -> None:
     proc, sock = qemu
-    qmp = QmpClient(sock, timeout=30)
+    qmp = QmpClient(sock, timeout=30, session=session)
     qmp.close()
     qmp.close()
     assert qmp.closed and "closed" in repr(qmp)
@@ -122,9 +127,10 @@ def test_close_twice_and_call_after_close(qemu: Tuple[Any, str]) -> None:
 
 
 @pytest.mark.qemu
-def test_quit_then_connection_error(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_quit_then_connection_error(qemu: Tuple[Any, str], session: bool) -> None:
     proc, sock = qemu
-    with QmpClient(sock, timeout=30) as qmp:
+    with QmpClient(sock, timeout=30, session=session) as qmp:
         assert qmp.call("quit") == {}
         assert proc.wait(timeout=30) == 0
         with pytest.raises(ConnectionError):
@@ -292,7 +298,8 @@ def test_one_hang_up_during_the_greeting_is_tried_again(short_dir: str) -> None:
         fake.close()
 
 
-def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_late_reply_is_dropped_and_events_kept(short_dir: str, session: bool) -> None:
     """A reply that arrives after its call timed out is not taken for the next one's."""
     replied_late = threading.Event()
 
@@ -309,7 +316,7 @@ def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
 
     fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script)
     try:
-        with QmpClient(os.path.join(short_dir, "q.sock"), timeout=5) as qmp:
+        with QmpClient(os.path.join(short_dir, "q.sock"), timeout=5, session=session) as qmp:
             qmp.timeout = 0.3
             t0 = time.monotonic()
             with pytest.raises(TimeoutError, match="reply to slow"):
@@ -324,10 +331,11 @@ def test_late_reply_is_dropped_and_events_kept(short_dir: str) -> None:
 
 
 @pytest.mark.qemu
-def test_out_of_band_and_wait_event(qemu: Tuple[Any, str]) -> None:
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_out_of_band_and_wait_event(qemu: Tuple[Any, str], session: bool) -> None:
     """exec-oob is negotiated (QEMU offers it) and answered; wait_event sees live events."""
     _, sock = qemu
-    with QmpClient(sock, timeout=30) as qmp:
+    with QmpClient(sock, timeout=30, session=session) as qmp:
         assert "oob" in qmp.greeting["QMP"]["capabilities"]
         # migrate-recover is allow-oob; out of band it is refused for its state, not its form
         with pytest.raises(QmpError, match="migrate-recover"):
@@ -337,3 +345,83 @@ def test_out_of_band_and_wait_event(qemu: Tuple[Any, str]) -> None:
         assert qmp.wait_event("STOP", since=since, timeout=10)["event"] == "STOP"
         with pytest.raises(TimeoutError, match="RESUME"):
             qmp.wait_event("RESUME", since=since, timeout=0.2)
+
+
+# --------------------------------------------------------------------------
+# Blocking until the session: what ``uffdpy resume`` does before its connect
+
+
+def test_a_blocking_client_imports_neither_asyncio_nor_qemu_qmp(short_dir: str) -> None:
+    """The point of ``session=False``: the commands before the connect without asyncio."""
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _greet(conn, reader)
+        request = _recv_json(reader)
+        _send(conn, {"return": {"status": "running"}, "id": request["id"]})
+        _recv_json(reader)
+    path = os.path.join(short_dir, "q.sock")
+    fake = _FakeQemu(path, script)
+    try:
+        code = ("import sys; from uffdpy.qmp import QmpClient\n"
+                f"c = QmpClient({path!r}, timeout=10, session=False)\n"
+                "assert c.call('query-status') == {'status': 'running'}\n"
+                "print(sorted(m for m in ('asyncio', 'qemu.qmp') if m in sys.modules))\n"
+                "c.close()")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
+    finally:
+        fake.close()
+
+
+def test_a_descriptor_passed_while_blocking_reaches_getfd(short_dir: str) -> None:
+    got: Dict[str, Any] = {}
+
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _greet(conn, reader)
+        data, fds, _, _ = socket.recv_fds(conn, 64, 1)
+        got["fds"], got["blank"] = fds, data
+        request = json.loads(data[1:]) if len(data) > 1 else _recv_json(reader)
+        got["request"] = request
+        os.write(fds[0], b"from QEMU")
+        _send(conn, {"return": {}, "id": request["id"]})
+        _recv_json(reader)
+    path = os.path.join(short_dir, "q.sock")
+    fake = _FakeQemu(path, script)
+    r, w = os.pipe()
+    try:
+        with QmpClient(path, timeout=10, session=False) as qmp:
+            qmp.send_fd(w, "mine")
+        assert got["blank"].startswith(b" ") and len(got["fds"]) == 1
+        assert got["request"]["execute"] == "getfd"
+        assert got["request"]["arguments"] == {"fdname": "mine"}
+        assert os.read(r, 100) == b"from QEMU"
+    finally:
+        os.close(r)
+        os.close(w)
+        for fd in got.get("fds", []):
+            os.close(fd)
+        fake.close()
+
+
+@pytest.mark.qemu
+def test_the_session_takes_over_the_negotiated_connection(qemu: Tuple[Any, str]) -> None:
+    """Blocking calls, then the session on the same socket: nothing negotiated again,
+    no event lost, out-of-band still on."""
+    proc, sock = qemu
+    with QmpClient(sock, timeout=30, session=False) as qmp:
+        assert "open, blocking" in repr(qmp)
+        assert qmp.call("stop") == {}                      # STOP comes before the reply
+        assert [e["event"] for e in qmp.events] == ["STOP"]
+        qmp.call("cont")         # RESUME: kept here, or left in the socket for the session
+        qmp.start_session()
+        qmp.start_session()                                 # once is enough
+        assert "open, blocking" not in repr(qmp) and not qmp.closed
+        assert qmp.wait_event("RESUME", timeout=10)["event"] == "RESUME"
+        assert [e["event"] for e in qmp.events] == ["STOP", "RESUME"]
+        assert qmp.call("query-status")["status"] == "running"
+        with pytest.raises(QmpError, match="migrate-recover"):
+            qmp.call_oob("migrate-recover", uri="unix:/nonexistent/x.sock")
+        qmp.call("stop")
+        assert qmp.wait_event("STOP", since=2, timeout=10)["event"] == "STOP"
+    assert proc.poll() is None

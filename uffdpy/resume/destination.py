@@ -86,14 +86,15 @@ class QemuDestination:
     """The QMP side of a destination: capabilities, ``migrate-incoming``, events, reasons.
 
     ``qmp`` is the path of the destination's QMP socket.  Every call is
-    bounded by ``timeout`` seconds.  Raises: DestinationError (with QEMU's
+    bounded by ``timeout`` seconds.  ``session=False``: the QMP client blocks
+    until ``client.start_session()`` (:class:`uffdpy.qmp.QmpClient`).  Raises: DestinationError (with QEMU's
     message) for a refusal; TimeoutError, ConnectionError from QMP.
     """
 
     def __init__(self, qmp: str, *, timeout: float = 30.0,
-                 alive: Optional[Callable[[], bool]] = None) -> None:
+                 alive: Optional[Callable[[], bool]] = None, session: bool = True) -> None:
         self.path = qmp
-        self.client = QmpClient(qmp, timeout=timeout, alive=alive)
+        self.client = QmpClient(qmp, timeout=timeout, alive=alive, session=session)
         self._directory: Optional[str] = None
         self._recoveries = 0
 
