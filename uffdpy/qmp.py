@@ -144,8 +144,8 @@ class QmpClient:
     ``timeout`` (an attribute; change it at will) bounds each later wait.
     ``session=False``: blocking commands on the caller's thread until
     :meth:`start_session` (see the module's docstring); events are then
-    kept only as a command's reply is read, and :meth:`wait_event` starts
-    the session itself.
+    read only while a command's reply or :meth:`wait_event` is awaited, and
+    the client is for one thread at a time.
 
     Raises:
         TimeoutError: the socket never accepted a connection, or QEMU sent no
@@ -296,12 +296,7 @@ class QmpClient:
                 from None
         while True:
             reply = self._read(sock, deadline, f"the reply to {command}")
-            if not isinstance(reply, dict):
-                continue
-            if "event" in reply:
-                with self._events_changed:
-                    self.events.append(reply)
-                    self._events_changed.notify_all()
+            if not isinstance(reply, dict) or self._kept(reply):
                 continue
             if reply.get("id") != ident:
                 continue                       # a late reply to a call that timed out
@@ -309,6 +304,15 @@ class QmpClient:
                 error = reply["error"] if isinstance(reply["error"], dict) else {}
                 raise QmpError(command, str(error.get("class", "")), str(error.get("desc", "")))
             return reply.get("return")
+
+    def _kept(self, message: Dict[str, Any]) -> bool:
+        """Keep ``message`` in :attr:`events` if it is one; whether it was."""
+        if "event" not in message:
+            return False
+        with self._events_changed:
+            self.events.append(message)
+            self._events_changed.notify_all()
+        return True
 
     # -- the session: qemu.qmp's, on a private loop
 
@@ -466,7 +470,21 @@ class QmpClient:
         """
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        self.start_session()                   # the events come in through the session
+        sock = self._sock
+        if self._client is None and sock is not None:       # blocking: read until it comes
+            while True:
+                for event in self.events[since:]:
+                    if event.get("event") == name and (match is None or match(event)):
+                        return event
+                try:
+                    message = self._read(sock, deadline, f"a {name} event")
+                except TimeoutError:
+                    raise TimeoutError(f"QMP {self.path}: no {name} event within "
+                                       f"{wait:g}s") from None
+                except _Closed as e:
+                    raise ConnectionError(str(e)) from None
+                if isinstance(message, dict):
+                    self._kept(message)        # anything else: a late reply, dropped
         with self._events_changed:
             while True:
                 for event in self.events[since:]:

@@ -432,7 +432,9 @@ class MapResume:
                 raise ResumeError(f"{snap.path}: target page bits {snap.target_page_bits}; "
                                   "only 4 KiB target pages (x86) are supported")
             ws = load_for(working_set, snap)            # refused before anything is sent
-            dest = self._dest = QemuDestination(qmp, timeout=timeout, alive=alive)
+            # blocking QMP (one thread, a few commands and events): no asyncio to import
+            dest = self._dest = QemuDestination(qmp, timeout=timeout, alive=alive,
+                                                session=False)
             self._events_since = len(dest.client.events)
             dest.check_matches(snap)
             mapped, streamed = _check_backends(snap, dest.memory_backends(), f"QMP {qmp}")
