@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 from uffdpy.loader import HAVE_INTERPRETERS
 
@@ -97,8 +97,9 @@ def uffdpy_cmd(*args: object) -> List[str]:
     return [sys.executable, "-m", "uffdpy", *map(str, args)]
 
 
-def run_uffdpy(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_uffdpy(*args: object, timeout: float = 120,
+               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run(uffdpy_cmd(*args), capture_output=True, text=True, timeout=timeout,
                           env=env, stdin=subprocess.DEVNULL)
 

@@ -10,9 +10,10 @@ holding QEMU's big lock*: from then on in-band QMP never answers, not even the
 (its out-of-band commands are answered by the monitor's own thread).  So the
 process a user sees (the *supervisor*) negotiates the QMP session, sets the
 destination up, and forks a *server* that connects and serves the stream
-(:class:`.postcopy.Resume`).  Until that fork the session is blocking (no
-asyncio thread is there to be forked, nor its import to be waited for);
-then ``qemu.qmp`` takes it over.  The session stays open here until the load has
+(:class:`.postcopy.Resume`).  The session is a blocking one
+(``QmpClient(session=False)``): the supervisor does one thing at a time, the
+events wait in the socket until it looks for them, no asyncio thread is there
+to be forked, and none is imported on the way to the connect.  The session stays open here until the load has
 completed:
 
 * the server dies (a crash, SIGKILL, an OOM kill): the supervisor sees the
@@ -105,8 +106,8 @@ class SupervisedResume:
             self._release()
 
     def _run(self) -> Dict[str, Any]:
-        # blocking QMP until the first server is forked: the few commands before the
-        # connect need no asyncio, whose import would delay it by ~18 ms
+        # blocking QMP: one thread, one command or event wait at a time, out of band
+        # still on; no asyncio to import (~18 ms) on the way to the connect
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive,
                                             session=False)
         since = len(dest.client.events)
@@ -136,7 +137,6 @@ class SupervisedResume:
             mark = len(dest.client.events)
             pid, report_r = self._fork_server(address, recovering, preempt, page_sizes)
             try:
-                dest.client.start_session()      # events from now on; out of band at will
                 report = self._watch(pid, report_r)
             except KeyboardInterrupt as e:
                 self._stop_server(pid)
