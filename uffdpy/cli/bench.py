@@ -69,6 +69,7 @@ def _bench_arguments(sp: argparse.ArgumentParser) -> None:
                          "--qemu-args): give the console's -serial only")
     sp.add_argument("--contenders", default=None, metavar="LIST",
                     help="with --resume: a comma-separated subset of qemu, resume, "
+                         "resume-command (the command in a process of its own), "
                          "resume-preempt, resume-ws, resume-ws-before, map, map-ws "
                          "(default all)")
     sp.add_argument("--cold", action="store_true",
