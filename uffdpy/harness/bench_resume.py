@@ -58,6 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tabulate import tabulate
 
+from ..qemu import Qemu
 from ..qmp import QmpClient
 from ..resume import QemuProcess, Resume
 from ..resume.destination import event_time
@@ -214,7 +215,10 @@ def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, ti
 
 def _resume_command(snapshot: str, argv: List[str], req: Optional[str], request: str,
                     timeout: float) -> Dict[str, Any]:
-    proc = QemuProcess(argv, paused=False, timeout=timeout)
+    # a second monitor, ours, to see the guest run: a request sent to a guest that does
+    # not run yet loses its first bytes in the serial port
+    proc = Qemu(argv, incoming="defer", qmp_sockets=2, timeout=timeout)
+    watch = QmpClient(proc.qmp_paths[1], timeout=timeout, session=False)
     try:
         t0 = time.time()
         command = subprocess.Popen(
@@ -224,6 +228,7 @@ def _resume_command(snapshot: str, argv: List[str], req: Optional[str], request:
         try:
             out: Dict[str, Any] = {}
             if req is not None:
+                watch.wait_event("RESUME", timeout=timeout)
                 answer = _ask(req, request, timeout)
                 out["answer"] = time.time() - t0
                 out["answer_text"] = answer
@@ -250,6 +255,7 @@ def _resume_command(snapshot: str, argv: List[str], req: Optional[str], request:
         })
         return out
     finally:
+        watch.close()
         proc.kill()
 
 
