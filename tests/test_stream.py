@@ -179,6 +179,18 @@ def test_recovery_sends_only_what_the_destination_lacks(snap: str) -> None:
     assert ms.MigCmd.RECV_BITMAP in fake.commands and ms.MigCmd.POSTCOPY_RESUME in fake.commands
 
 
+
+def test_a_message_out_of_its_phase_is_an_error_that_names_both(snap: str) -> None:
+    # RESUME_ACK belongs to a recovery; while serving it is a destination gone astray
+    with serve(snap, background=False) as (r, fake):
+        deadline = time.monotonic() + 10
+        while ms.MigCmd.PACKAGED not in fake.commands:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        fake._send(ms.RpType.RESUME_ACK, struct.pack(">I", 1))
+        with pytest.raises(ResumeError, match="unexpected ResumeAck in phase (package|serving)"):
+            r.wait(10)
+
 def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> None:
     copy = tmp_path / "t.img"
     shutil.copyfile(snap, copy)

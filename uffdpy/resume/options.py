@@ -33,7 +33,28 @@ RECORD_IDLE_S = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class ResumeOptions:
-    """How the postcopy stream runs (``Resume``'s docstring says what each does)."""
+    """How the postcopy stream runs; validated when made.
+
+    ``transport`` (``unix``, ``tcp``, ``fd``): how uffdpy's private
+    ``migrate-incoming`` address is reached, with ``qmp``.  ``background``
+    off serves requests only (the load then never completes unless
+    ``Resume.start_background`` is called); ``background_delay`` seconds of
+    pure demand paging come first; ``background_idle``: the stream starts
+    once no page has been requested for that many seconds (for recording a
+    guest's whole demand); ``preempt`` sends requested pages on QEMU's
+    postcopy-preempt channel; ``recover`` resumes a destination left
+    ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
+    data pages per background section; ``fault_around_pages``: the next
+    data pages after a requested one that go with it; ``demand_yield_ms``:
+    the background stream pauses that long after each request;
+    ``working_set`` (a file of :mod:`uffdpy.workingset`) is sent first,
+    after RUN (``ws_placement="after-run"``) or as precopy pages before it
+    (``"before-run"``); ``record_ws`` writes the pages demanded, in order, at
+    completion; ``trace`` keeps, in ``Resume.trace``, when each page was
+    sent and why; ``timeout`` bounds each wait on QMP and the connect;
+    ``stall_timeout`` (default: ``timeout``, at least 1 s) the time the load
+    may make no progress.
+    """
 
     transport: str = "unix"
     background: bool = True

@@ -45,6 +45,7 @@ the incoming migration.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import gc
 import mmap
@@ -92,22 +93,9 @@ class Resume:
     :meth:`wait` returns the :class:`ResumeStats` when the migration has
     completed.
 
-    ``background`` off serves requests only (the load then never completes
-    unless :meth:`start_background` is called); ``background_delay`` seconds
-    of pure demand paging come first; ``background_idle``: the stream starts
-    once no page has been requested for that many seconds (for recording a
-    guest's whole demand); ``preempt`` sends requested pages on
-    QEMU's postcopy-preempt channel; ``recover`` resumes a destination left
-    ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
-    data pages per background section; ``fault_around_pages``: the next
-    data pages after a requested one that go with it; ``working_set`` (a
-    file of :mod:`uffdpy.workingset`) is sent first, after RUN
-    (``ws_placement="after-run"``) or as precopy pages before it
-    (``"before-run"``); ``record_ws`` writes the pages demanded, in order, at
-    completion; ``trace`` keeps, in :attr:`trace`, when each page was sent
-    and why; ``demand_yield_ms``:
-    the background stream pauses that long after each request.  ``page_sizes`` maps block names to
-    host page sizes when there is no QMP to ask (default 4 KiB).
+    :class:`~.options.ResumeOptions` says what each option does;
+    ``page_sizes`` maps block names to host page sizes when there is no QMP
+    to ask (default 4 KiB).
 
     Raises: MappedRamError (bad snapshot; nothing sent), ResumeError,
     DestinationError (QEMU's reason when it refused), ValueError for bad
@@ -316,14 +304,19 @@ class Resume:
         return ms.packaged(blob) + ms.ping(4)
 
     def _loop(self) -> None:
+        """Poll the return path and the sockets, flush, and stream, until SHUT.
+
+        The mechanics (what to write, when, how long to wait) are here; what
+        each message of the return path does is :meth:`_on_message`, and the
+        phase changes that follow from them :meth:`_advance`.
+        """
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
         rp = ms.ReturnPath()
-        sid = self._snap.ram_section_id if self._snap else 1
-        pongs: set = set()
-        bitmaps: Dict[str, ms.RecvBitmap] = {}
+        st = _LoopState(sid=self._snap.ram_section_id if self._snap else 1)
+        sid = st.sid
         if self._recover:
-            phase = "bitmaps"                  # the RECV_BITMAP commands went in the opening
+            st.phase = Phase.BITMAPS           # the RECV_BITMAP commands went in the opening
         else:
             if self._ws_placement == "before-run":
                 while pages.ws_queue:          # precopy pages, then PING 2 (the preamble's end)
@@ -331,60 +324,54 @@ class Resume:
                 main.queue(ms.ping(2))
                 if not self._preempt:
                     main.queue(self._package())
-            phase = "await-pong2" if self._preempt else "package"
+            st.phase = Phase.AWAIT_PONG2 if self._preempt else Phase.PACKAGE
         background_at: Optional[float] = None
         stream_ok_at = 0.0         # when PONG 3 came (the idle clock of background_idle starts)
-        stream_ok = False        # the stream starts once the devices are loaded (PONG 3)
-        ended = False
-        shut = False
         poller = select.poll()
         main_fd = main.sock.fileno()
         poller.register(self._wake_fd.fd, select.POLLIN)
-        latencies = self._latencies
-
-        def served(t: float) -> None:
-            latencies.append(time.perf_counter() - t)
-
+        served = self._served
         quickack = main.sock.family in (socket.AF_INET, socket.AF_INET6)
         progress_at = time.monotonic()          # the last byte written or read
         sent_before = self.stats.bytes_sent
-        while not shut:
+        while not st.shut:
             if self._stop:
                 raise ResumeError("stopped before the migration completed")
             now = time.monotonic()
             if self.stats.bytes_sent != sent_before:
                 sent_before, progress_at = self.stats.bytes_sent, now
-            waiting = _awaited(phase, stream_ok, ended, main, self._urgent)
+            serving = st.phase is Phase.SERVING
+            waiting = _awaited(st, main, self._urgent)
             if waiting is not None and now - progress_at > self._stall_s:
                 raise ResumeError(f"the load made no progress for {self._stall_s:g}s: "
                                   f"waited for {waiting}")
             elif waiting is None:
                 progress_at = now
-            if stream_ok and background_at is None and self._background:
+            if st.stream_ok and background_at is None and self._background:
                 if self._background_idle is None:
                     background_at = now + self._background_delay  # also after start_background()
                 elif now - max(pages.last_request, stream_ok_at) >= self._background_idle:
                     background_at = now                            # the guest went quiet
-            if stream_ok and stream_ok_at == 0.0:
+            if st.stream_ok and stream_ok_at == 0.0:
                 stream_ok_at = now
             # 1. write what is queued
             for ch in (self._urgent, main):
                 if ch is not None and ch.pending:
                     self.stats.bytes_sent += ch.flush(served)
             # 2. queue one background batch once the main channel has drained
-            streaming = (phase == "serving" and self._background and background_at is not None
+            streaming = (serving and self._background and background_at is not None
                          and now >= background_at and pages.remaining > 0
                          and now - pages.last_request >= self._yield_s)
-            if phase == "serving" and pages.ws_queue and not main.pending:
+            if serving and pages.ws_queue and not main.pending:
                 pages.queue_ws_batch(main, sid)          # the working set: first, no yield
                 self.stats.bytes_sent += main.flush(served)
             elif streaming and not main.pending:
                 pages.queue_batch(main, sid)
                 self.stats.bytes_sent += main.flush(served)
-            if (phase == "serving" and pages.remaining == 0 and not ended
+            if (serving and pages.remaining == 0 and not st.ended
                     and not main.pending and not (self._urgent and self._urgent.pending)):
                 main.queue(ms.end_section(sid) + ms.EOF)
-                ended = True
+                st.ended = True
                 self.stats.bytes_sent += main.flush(served)
             # 3. wait for the return path, room to write, or the wake pipe
             events = select.POLLIN | (select.POLLOUT if main.pending else 0)
@@ -392,11 +379,11 @@ class Resume:
             if self._urgent is not None:
                 poller.register(self._urgent.sock.fileno(),
                                 select.POLLOUT if self._urgent.pending else 0)
-            if (streaming or (phase == "serving" and pages.ws_queue)) and not main.pending:
+            if (streaming or (serving and pages.ws_queue)) and not main.pending:
                 wait_ms = 0
             elif background_at is not None and now < background_at and pages.remaining:
                 wait_ms = max(1, int((background_at - now) * 1000))
-            elif background_at is None and self._background_idle is not None and stream_ok:
+            elif background_at is None and self._background_idle is not None and st.stream_ok:
                 wait_ms = 50                   # look again whether the guest is idle
             elif pages.remaining and background_at is not None and self._yield_s:
                 wait_ms = max(1, int(self._yield_s * 1000))
@@ -408,9 +395,9 @@ class Resume:
                     continue
                 if fd != main_fd:
                     # the preempt channel: the destination closes it when it is done
-                    if ev & (select.POLLERR | select.POLLHUP) and not ended:
+                    if ev & (select.POLLERR | select.POLLHUP) and not st.ended:
                         raise _Hangup()
-                    if ended and self._urgent is not None:
+                    if st.ended and self._urgent is not None:
                         poller.unregister(fd)
                         self._urgent.sock.close()
                         self._urgent = None
@@ -431,58 +418,73 @@ class Resume:
                 progress_at = time.monotonic()
                 t_read = time.perf_counter()
                 rp.feed(data)
-                around: List[Tuple[SourceBlock, int, Channel]] = []
                 for msg in rp.messages():
-                    if isinstance(msg, ms.ReqPages):
-                        # answer first: the requested page leaves before any fault-around
-                        # is built, and a second request in the same read does not wait
-                        # behind the first one's
-                        ch = self._urgent or main
-                        after = pages.answer(msg, t_read, sid, ch, ch is main, served)
-                        if after is not None:
-                            around.append(after)
-                    elif isinstance(msg, ms.Pong):
-                        pongs.add(msg.value)
-                        if msg.value == 3:
-                            stream_ok = True
-                    elif isinstance(msg, ms.Shut):
-                        if msg.error:
-                            raise DestinationError("the destination refused the migration "
-                                                   f"stream (SHUT {msg.error})",
-                                                   self._dest.failure_reason()
-                                                   if self._dest else None)
-                        if not ended:
-                            raise DestinationError("the destination shut the return path "
-                                                   "before the stream ended")
-                        shut = True
-                    elif isinstance(msg, ms.RecvBitmap) and phase == "bitmaps":
-                        bitmaps[msg.block] = msg
-                    elif isinstance(msg, ms.ResumeAck) and phase == "await-ack":
-                        phase = "serving"
-                        stream_ok = True
-                    else:
-                        raise ResumeError(f"the destination sent an unexpected "
-                                          f"{type(msg).__name__} in phase {phase}")
-                for block, next_unit, ch in around:
+                    self._on_message(msg, st, t_read)
+                # answer first: the requested pages left in _on_message; a second
+                # request in the same read did not wait behind the first one's
+                # fault-around, which is built only now
+                for block, next_unit, ch in st.around:
                     pages.fault_around(block, next_unit, ch, sid, ch is main)
+                st.around.clear()
             # 4. phase changes that wait on the return path
-            if phase == "await-pong2" and 2 in pongs:
-                self._urgent = Channel(open_connection(self._address, self._timeout), "preempt")
-                main.queue(self._package())
-                phase = "package"
-            if phase == "package":
-                phase = "serving"       # requests may come from now on; streaming waits for PONG 3
-            if phase == "bitmaps" and len(bitmaps) == len(self._order):
-                pages.apply_bitmaps(bitmaps)
-                if self._preempt:
-                    # QEMU's destination waits for a new preempt channel after RESUME
-                    # (loadvm_postcopy_handle_resume); its source opens it once the
-                    # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
-                    self._urgent = Channel(open_connection(self._address, self._timeout),
-                                            "preempt")
-                main.queue(ms.postcopy_resume())
-                phase = "await-ack"
+            self._advance(st)
         self._flush_stats()
+
+    def _served(self, t_request: float) -> None:
+        """A request's answer is written: its service time, from its read."""
+        self._latencies.append(time.perf_counter() - t_request)
+
+    def _on_message(self, msg: ms.RpMessage, st: "_LoopState", t_read: float) -> None:
+        """What one message of the return path does (read at ``t_read``)."""
+        main, pages = self._main, self._pages
+        assert main is not None and pages is not None
+        if isinstance(msg, ms.ReqPages):
+            ch = self._urgent or main
+            after = pages.answer(msg, t_read, st.sid, ch, ch is main, self._served)
+            if after is not None:
+                st.around.append(after)
+        elif isinstance(msg, ms.Pong):
+            st.pongs.add(msg.value)
+            if msg.value == 3:
+                st.stream_ok = True            # the devices are loaded: the stream may start
+        elif isinstance(msg, ms.Shut):
+            if msg.error:
+                raise DestinationError("the destination refused the migration "
+                                       f"stream (SHUT {msg.error})",
+                                       self._dest.failure_reason() if self._dest else None)
+            if not st.ended:
+                raise DestinationError("the destination shut the return path "
+                                       "before the stream ended")
+            st.shut = True
+        elif isinstance(msg, ms.RecvBitmap) and st.phase is Phase.BITMAPS:
+            st.bitmaps[msg.block] = msg
+        elif isinstance(msg, ms.ResumeAck) and st.phase is Phase.AWAIT_ACK:
+            st.phase = Phase.SERVING
+            st.stream_ok = True
+        else:
+            raise ResumeError(f"the destination sent an unexpected "
+                              f"{type(msg).__name__} in phase {st.phase.name.lower()}")
+
+    def _advance(self, st: "_LoopState") -> None:
+        """The phase changes that wait on the return path."""
+        main, pages = self._main, self._pages
+        assert main is not None and pages is not None
+        if st.phase is Phase.AWAIT_PONG2 and 2 in st.pongs:
+            self._urgent = Channel(open_connection(self._address, self._timeout), "preempt")
+            main.queue(self._package())
+            st.phase = Phase.PACKAGE
+        if st.phase is Phase.PACKAGE:
+            st.phase = Phase.SERVING    # requests may come from now on; streaming waits for PONG 3
+        if st.phase is Phase.BITMAPS and len(st.bitmaps) == len(self._order):
+            pages.apply_bitmaps(st.bitmaps)
+            if self._preempt:
+                # QEMU's destination waits for a new preempt channel after RESUME
+                # (loadvm_postcopy_handle_resume); its source opens it once the
+                # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
+                self._urgent = Channel(open_connection(self._address, self._timeout),
+                                        "preempt")
+            main.queue(ms.postcopy_resume())
+            st.phase = Phase.AWAIT_ACK
 
     def _flush_stats(self) -> None:
         self.stats.request_service_us = percentiles(self._latencies, unit=1e6)
@@ -641,20 +643,48 @@ class Resume:
         self.close()
 
 
-def _awaited(phase: str, stream_ok: bool, ended: bool, main: "Channel",
-             urgent: Optional["Channel"]) -> Optional[str]:
+class Phase(enum.Enum):
+    """Where the serving loop is."""
+
+    AWAIT_PONG2 = "await-pong2"   # preempt: the preamble sent, the package waits for PONG 2
+    PACKAGE = "package"           # the package (LISTEN, the devices, RUN) is queued
+    BITMAPS = "bitmaps"           # recovery: the received-page bitmaps are coming
+    AWAIT_ACK = "await-ack"       # recovery: POSTCOPY_RESUME sent, RESUME_ACK awaited
+    SERVING = "serving"           # requests answered; the stream runs once PONG 3 came
+
+
+#: what a phase waits for from the destination (the stall error names it)
+_WAITS = {
+    Phase.AWAIT_PONG2: "the destination to accept the migration stream (PONG 2)",
+    Phase.BITMAPS: "the destination's received-page bitmaps (RECV_BITMAP)",
+    Phase.AWAIT_ACK: "the destination to resume the load (RESUME_ACK)",
+}
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """The serving loop's state, shared by the loop and its message dispatch."""
+
+    sid: int                                     # the "ram" section's id
+    phase: Phase = Phase.SERVING
+    pongs: set = dataclasses.field(default_factory=set)
+    bitmaps: Dict[str, ms.RecvBitmap] = dataclasses.field(default_factory=dict)
+    stream_ok: bool = False       # the stream starts once the devices are loaded (PONG 3)
+    ended: bool = False           # END and EOF are queued
+    shut: bool = False            # SHUT came: the destination is done
+    #: fault-around still to build after this read: (block, first unit, channel)
+    around: List[Tuple[SourceBlock, int, Channel]] = dataclasses.field(default_factory=list)
+
+
+def _awaited(st: _LoopState, main: "Channel", urgent: Optional["Channel"]) -> Optional[str]:
     """What the loop waits for from the destination now, or None (serving demand is no wait)."""
-    if phase == "await-pong2":
-        return "the destination to accept the migration stream (PONG 2)"
-    if phase == "bitmaps":
-        return "the destination's received-page bitmaps (RECV_BITMAP)"
-    if phase == "await-ack":
-        return "the destination to resume the load (RESUME_ACK)"
+    if st.phase in _WAITS:
+        return _WAITS[st.phase]
     if main.pending or (urgent is not None and urgent.pending):
         return "the destination to read what was sent (the socket is full)"
-    if not stream_ok:
+    if not st.stream_ok:
         return "the destination to load the device state (PONG 3)"
-    if ended:
+    if st.ended:
         return "the destination to end the load (SHUT) after EOF"
     return None
 
