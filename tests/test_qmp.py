@@ -425,3 +425,35 @@ def test_the_session_takes_over_the_negotiated_connection(qemu: Tuple[Any, str])
         qmp.call("stop")
         assert qmp.wait_event("STOP", since=2, timeout=10)["event"] == "STOP"
     assert proc.poll() is None
+
+
+def test_a_message_cut_by_a_timeout_is_read_whole_before_the_session(short_dir: str) -> None:
+    """A blocking read that timed out halfway through a message: the session starts after it."""
+    timed_out = threading.Event()
+
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _greet(conn, reader)
+        first = _recv_json(reader)
+        event = json.dumps({"event": "STOP", "data": {},
+                            "timestamp": {"seconds": 1, "microseconds": 0}}).encode()
+        conn.sendall(event[:10])                    # half an event, then silence
+        timed_out.wait(10)
+        conn.sendall(event[10:] + b"\r\n")
+        _send(conn, {"return": "late", "id": first["id"]})
+        second = _recv_json(reader)                 # through qemu.qmp now
+        _send(conn, {"return": {"second": True}, "id": second["id"]})
+        _recv_json(reader)
+
+    path = os.path.join(short_dir, "q.sock")
+    fake = _FakeQemu(path, script)
+    try:
+        with QmpClient(path, timeout=5, session=False) as qmp:
+            with pytest.raises(TimeoutError, match="reply to first"):
+                qmp.execute("first", timeout=0.3)
+            timed_out.set()
+            qmp.start_session()
+            assert qmp.call("second") == {"second": True}
+            assert [e["event"] for e in qmp.events] == ["STOP"]
+    finally:
+        timed_out.set()
+        fake.close()

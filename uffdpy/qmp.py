@@ -325,6 +325,13 @@ class QmpClient:
         sock = self._sock
         if sock is None:
             raise ConnectionError(f"QMP {self.path}: the client is closed")
+        if self._partial:           # a read cut short by a timeout: its message, whole, first
+            try:
+                message = self._read(sock, time.monotonic() + self.timeout, "a message's end")
+            except _Closed as e:
+                raise ConnectionError(str(e)) from None
+            if isinstance(message, dict):
+                self._kept(message)
         import asyncio
 
         from qemu.qmp import QMPClient
