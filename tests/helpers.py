@@ -117,21 +117,27 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30) -> int:
-    """The pid of the stream's server, the child ``uffdpy resume`` forks to connect and serve
-    (not the QEMU it may have started, its other child)."""
+def server_of(supervisor: "subprocess.Popen[str]", timeout: float = 30, *,
+              started_qemu: bool = False) -> int:
+    """The pid of the stream's server, the child ``uffdpy resume`` forks to connect and serve.
+
+    ``started_qemu``: the command started its QEMU (the ``--`` form), its
+    first child.  Then the server is the other child: until QEMU has exec'd,
+    its name is still the command's, so a name alone cannot tell them apart.
+    """
     deadline = time.monotonic() + timeout
     path = f"/proc/{supervisor.pid}/task/{supervisor.pid}/children"
     while True:
         with open(path) as f:
             children = f.read().split()
-        for child in children:
-            try:
-                with open(f"/proc/{child}/comm") as f:
-                    if not f.read().startswith("qemu"):
-                        return int(child)
-            except FileNotFoundError:
-                pass
+        if len(children) >= (2 if started_qemu else 1):
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/comm") as f:
+                        if not f.read().startswith("qemu"):
+                            return int(child)
+                except FileNotFoundError:
+                    pass
         assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.poll()
         time.sleep(0.005)
 

@@ -104,7 +104,7 @@ def test_server_killed_at_its_fork_the_command_still_runs_the_guest(
     args, req = guest_args(guest, short_tmp)
     with running(popen_uffdpy("resume", guest["snapshot"], "--json", "--", qemu_binary,
                               *args)) as source:
-        os.kill(server_of(source), signal.SIGKILL)
+        os.kill(server_of(source, started_qemu=True), signal.SIGKILL)
         out, err = source.communicate(timeout=180)
     assert source.returncode == 0, err
     stats = json.loads(out)
