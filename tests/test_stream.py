@@ -71,6 +71,15 @@ def serve(path: str, fake_options: Dict = {}, **options) -> Iterator[Tuple[Resum
         theirs.close()
 
 
+def wait_for_package(fake: FakeDestination) -> float:
+    """Until the package (LISTEN, devices, RUN) has arrived; the 10 s deadline, for what follows."""
+    deadline = time.monotonic() + 10
+    while ms.MigCmd.PACKAGED not in fake.commands:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return deadline
+
+
 def run(path: str, fake_options: Dict = {}, **options) -> Tuple[Dict, FakeDestination]:
     with serve(path, fake_options, **options) as (r, fake):
         stats = r.wait(30).as_dict()
@@ -122,10 +131,7 @@ def test_requests_are_answered_first_then_their_fault_around(snap: str) -> None:
     p2 = pages[200]
     zero = zero_page(snap)
     with serve(snap, background=False, fault_around_pages=4) as (r, fake):
-        deadline = time.monotonic() + 10
-        while ms.MigCmd.PACKAGED not in fake.commands:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        deadline = wait_for_package(fake)
         # two requests in one write: the source reads both in one recv
         raw = b"ram"
         wire = (struct.pack(">HHQI", 3, 12 + 1 + len(raw), p1 * PAGE, PAGE) + bytes([len(raw)])
@@ -183,10 +189,7 @@ def test_recovery_sends_only_what_the_destination_lacks(snap: str) -> None:
 def test_a_message_out_of_its_phase_is_an_error_that_names_both(snap: str) -> None:
     # RESUME_ACK belongs to a recovery; while serving it is a destination gone astray
     with serve(snap, background=False) as (r, fake):
-        deadline = time.monotonic() + 10
-        while ms.MigCmd.PACKAGED not in fake.commands:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_for_package(fake)
         fake._send(ms.RpType.RESUME_ACK, struct.pack(">I", 1))
         with pytest.raises(ResumeError, match="unexpected ResumeAck in phase (package|serving)"):
             r.wait(10)
@@ -195,10 +198,7 @@ def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> No
     copy = tmp_path / "t.img"
     shutil.copyfile(snap, copy)
     with serve(str(copy), background=False) as (r, fake):
-        deadline = time.monotonic() + 10
-        while ms.MigCmd.PACKAGED not in fake.commands:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_for_package(fake)
         with Snapshot.open(copy) as s:
             cut = s.block("ram").pages_offset + (1 << 20)
         os.truncate(copy, cut)

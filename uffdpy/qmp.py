@@ -480,9 +480,9 @@ class QmpClient:
         sock = self._sock
         if self._client is None and sock is not None:       # blocking: read until it comes
             while True:
-                for event in self.events[since:]:
-                    if event.get("event") == name and (match is None or match(event)):
-                        return event
+                found = self._find_event(name, since, match)
+                if found is not None:
+                    return found
                 try:
                     message = self._read(sock, deadline, f"a {name} event")
                 except TimeoutError:
@@ -494,13 +494,20 @@ class QmpClient:
                     self._kept(message)        # anything else: a late reply, dropped
         with self._events_changed:
             while True:
-                for event in self.events[since:]:
-                    if event.get("event") == name and (match is None or match(event)):
-                        return event
+                found = self._find_event(name, since, match)
+                if found is not None:
+                    return found
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"QMP {self.path}: no {name} event within {wait:g}s")
                 self._events_changed.wait(left)
+
+    def _find_event(self, name: str, since: int,
+                    match: Optional[Callable[[Dict[str, Any]], bool]]) -> Optional[Dict[str, Any]]:
+        for event in self.events[since:]:
+            if event.get("event") == name and (match is None or match(event)):
+                return event
+        return None
 
     # -- ownership
 

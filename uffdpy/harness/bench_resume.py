@@ -179,6 +179,16 @@ def _map(snapshot: str, argv: List[str], req: Optional[str], request: str, timeo
         proc.kill()
 
 
+def _stream_figures(stats: Dict[str, Any], connect: float) -> Dict[str, Any]:
+    """A stream contender's figures from its stats (``ResumeStats.as_dict()``, or the
+    command's JSON), the connect ``connect`` seconds after time zero."""
+    return {"connect": connect, "time_to_running_s": stats["time_to_running_s"],
+            "page_requests": stats["page_requests"],
+            "p50_us": stats["request_service_us"]["p50"],
+            "p99_us": stats["request_service_us"]["p99"],
+            "source_cpu_s": stats["source_cpu_s"]}
+
+
 def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, timeout: float,
             preempt: bool = False, **options: Any) -> Dict[str, Any]:
     proc = QemuProcess(argv, paused=False, timeout=timeout)
@@ -198,15 +208,10 @@ def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, ti
                 r.start_background()
             stats = r.wait(timeout * 4)
         out.update(memory(proc.pid))
+        out.update(_stream_figures(stats.as_dict(), r.connected_at - t0))
         out.update({
-            "connect": r.connected_at - t0,
             "running": None if running is None else running + (r.connected_at - t0),
-            "time_to_running_s": stats.time_to_running_s,
             "completed": (stats.time_to_complete_s or 0) + (r.connected_at - t0),
-            "page_requests": stats.page_requests,
-            "p50_us": stats.request_service_us["p50"],
-            "p99_us": stats.request_service_us["p99"],
-            "source_cpu_s": stats.source_cpu_s,
         })
         return out
     finally:
@@ -243,15 +248,10 @@ def _resume_command(snapshot: str, argv: List[str], req: Optional[str], request:
         stats = json.loads(stdout)
         connect = stats["connected_at"] - t0
         out.update(memory(proc.pid))
+        out.update(_stream_figures(stats, connect))
         out.update({
-            "connect": connect,
             "running": stats["time_to_running_s"] + connect,
-            "time_to_running_s": stats["time_to_running_s"],
             "completed": stats["time_to_complete_s"] + connect,
-            "page_requests": stats["page_requests"],
-            "p50_us": stats["request_service_us"]["p50"],
-            "p99_us": stats["request_service_us"]["p99"],
-            "source_cpu_s": stats["source_cpu_s"],
         })
         return out
     finally:
