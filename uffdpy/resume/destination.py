@@ -87,8 +87,9 @@ class QemuDestination:
 
     ``qmp`` is the path of the destination's QMP socket.  Every call is
     bounded by ``timeout`` seconds.  ``session=False``: the QMP client blocks
-    until ``client.start_session()`` (:class:`uffdpy.qmp.QmpClient`).  Raises: DestinationError (with QEMU's
-    message) for a refusal; TimeoutError, ConnectionError from QMP.
+    until ``client.start_session()`` (:class:`uffdpy.qmp.QmpClient`).
+    Raises: DestinationError (with QEMU's message) for a refusal;
+    TimeoutError, ConnectionError from QMP.
     """
 
     def __init__(self, qmp: str, *, timeout: float = 30.0,

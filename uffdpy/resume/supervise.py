@@ -13,8 +13,8 @@ destination up, and forks a *server* that connects and serves the stream
 (:class:`.postcopy.Resume`).  The session is a blocking one
 (``QmpClient(session=False)``): the supervisor does one thing at a time, the
 events wait in the socket until it looks for them, no asyncio thread is there
-to be forked, and none is imported on the way to the connect.  The session stays open here until the load has
-completed:
+to be forked, and none is imported on the way to the connect.  The session
+stays open here until the load has completed:
 
 * the server dies (a crash, SIGKILL, an OOM kill): the supervisor sees the
   ``postcopy-paused`` event, runs ``migrate-recover`` out of band and forks a
