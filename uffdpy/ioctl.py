@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -174,7 +173,7 @@ UFFD_USER_MODE_ONLY = 1
 USERFAULTFD_IOC = 0xAA
 USERFAULTFD_IOC_NEW = _IO(USERFAULTFD_IOC, 0x00)
 
-# __NR_userfaultfd by ``platform.machine()``.  Only machines whose ``_IOC``
+# __NR_userfaultfd by the machine (``uname -m``).  Only machines whose ``_IOC``
 # encoding is the generic one above are listed.
 NR_USERFAULTFD_BY_MACHINE: Dict[str, int] = {
     "x86_64": 323,
@@ -183,7 +182,8 @@ NR_USERFAULTFD_BY_MACHINE: Dict[str, int] = {
     "arm64": 282,
     "riscv64": 282,
 }
-__NR_userfaultfd: Optional[int] = NR_USERFAULTFD_BY_MACHINE.get(platform.machine().lower())
+__NR_userfaultfd: Optional[int] = NR_USERFAULTFD_BY_MACHINE.get(
+    os.uname().machine.lower() if hasattr(os, "uname") else "")
 
 # ---------------------------------------------------------------------------
 # <linux/userfaultfd.h>: structs
@@ -464,6 +464,9 @@ _LIBC_FUNCTIONS: Dict[str, Tuple[Any, Tuple[Any, ...], Optional[Callable[..., An
     # fd, a c_ulong request and a pointer object, converted once): ~0.4 us
     # less per call
     "ioctl_unchecked": (_c_int, (), None),
+    # sendmsg(2) for the postcopy source, unchecked like ioctl_unchecked: the
+    # caller passes an int fd, a pointer to its msghdr and int flags
+    "sendmsg_unchecked": (ctypes.c_ssize_t, (), None),
     "syscall": (_c_long, (_c_long, _c_long), _check_int),
     "mmap": (_c_void_p, (_c_void_p, _c_size_t, _c_int, _c_int, _c_int, _c_off_t), _check_ptr),
     "munmap": (_c_int, (_c_void_p, _c_size_t), _check_int),
@@ -486,6 +489,7 @@ class _Libc:
 
     ioctl: Callable[..., int]
     ioctl_unchecked: Callable[..., int]
+    sendmsg_unchecked: Callable[..., int]
     syscall: Callable[..., int]
     mmap: Callable[..., int]
     munmap: Callable[..., int]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import UffdpyError
 
@@ -46,7 +46,7 @@ __all__ = [
     "header", "configuration", "command", "open_return_path", "ping", "postcopy_advise",
     "ram_start", "switchover_start", "postcopy_ram_discard", "packaged", "postcopy_listen",
     "postcopy_run", "recv_bitmap", "postcopy_resume", "part_start", "part_end",
-    "page_header", "page_headers", "zero_record", "end_section", "EOF",
+    "page_header", "zero_record", "end_section", "EOF",
     "RpMessage", "Shut", "Pong", "ReqPages", "RecvBitmap", "ResumeAck", "ReturnPath",
 ]
 
@@ -286,27 +286,6 @@ def page_header(offset: int, block: Optional[str]) -> bytes:
     if block is None:
         return _pack64(offset | _PAGE_CONTINUE)
     return _pack64(offset | _PAGE) + _name(block)
-
-
-_HEADERS: Dict[int, struct.Struct] = {}
-
-
-def page_headers(offset: int, count: int, block: Optional[str]) -> bytes:
-    """The headers of ``count`` PAGE records for consecutive pages from byte ``offset``.
-
-    The first names ``block`` (None: CONTINUE too); the others are CONTINUE.
-    One ``struct.pack`` for the lot: a record's 4096 bytes go between each
-    header and the next (``count`` headers of 8 bytes, the first one longer
-    by the name).
-    """
-    packer = _HEADERS.get(count)
-    if packer is None:
-        packer = _HEADERS[count] = struct.Struct(f">{count}Q")
-    words = range(offset | _PAGE_CONTINUE, offset + count * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE)
-    packed = packer.pack(*words)
-    if block is None:
-        return packed
-    return _pack64(offset | _PAGE) + _name(block) + packed[8:]
 
 
 def zero_record(offset: int, block: Optional[str]) -> bytes:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
-import gc
 import mmap
 import os
 import select
@@ -236,16 +235,6 @@ class Resume:
             self._loop()
         except BaseException as e:                          # re-raised from wait()
             self._error = self._explain(e)
-            # the frames of a kept traceback hold slices of the file's mapping
-            # (pieces being sent): clear them, or closing the mapping fails
-            seen = set()
-            err: Optional[BaseException] = e
-            while err is not None and id(err) not in seen:
-                seen.add(id(err))
-                if err.__traceback__ is not None:
-                    import traceback
-                    traceback.clear_frames(err.__traceback__)
-                err = err.__cause__ or err.__context__
         finally:
             self.stats.source_cpu_s = round(time.thread_time() - cpu0, 4)
             self._done.set()
@@ -617,16 +606,8 @@ class Resume:
             self._view.release()
             self._view = None
         if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                # a slice still referenced somewhere (a frame being torn down):
-                # collect once more; failing that the mapping goes with its last view
-                gc.collect()
-                try:
-                    self._map.close()
-                except BufferError:
-                    pass
+            # nothing slices the mapping (the channels hold addresses, cleared above)
+            self._map.close()
             self._map = None
         if self._snap is not None and self._snap is not self._given:
             self._snap.close()

@@ -10,37 +10,42 @@ destination says it already has.  A page claimed is never claimed again, so
 each goes out exactly once.
 
 :class:`Channel` is one connection's output queue, written with
-non-blocking ``sendmsg`` straight from the file's mapping.  The loop that
+non-blocking ``sendmsg`` straight from the file's mapping (tables of
+buffers, :mod:`uffdpy.resume.iovec`).  The loop that
 reads the return path and decides when to write is
 :class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import socket
 import time
+from array import array
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .. import migstream as ms
 from ..mappedram import TARGET_PAGE_SIZE
+from . import iovec
 from .destination import ResumeError
 from .stats import ResumeStats
 
 __all__ = ["Channel", "PageSender", "SourceBlock", "PAGE"]
 
 PAGE = TARGET_PAGE_SIZE
-_IOV_MAX = 512                       # buffers per sendmsg (the kernel allows 1024)
+_IOV_MAX = 1024                      # buffers per sendmsg (the kernel's UIO_MAXIOV)
 
 
 class Channel:
-    """One connection's output queue, sent with non-blocking ``sendmsg``.
+    """One connection's output queue, written with non-blocking ``sendmsg`` of iovec tables.
 
-    An entry is ``[buffers, bytes, t_request]``: the buffers (bytes or
-    memoryviews of the file's mapping) of one piece of the stream, often a
-    whole run of pages (a header and a page each); ``t_request`` is set on
-    the entry that ends the answer to a request.  ``flush`` hands the kernel
-    up to ``_IOV_MAX`` buffers per call, so its Python work is per entry, not
-    per page.
+    An entry is ``[table, bytes, t_request, keep]``: the ``(address,
+    length)`` pairs of one piece of the stream (an ``array('Q')``, see
+    :mod:`uffdpy.resume.iovec`), often a whole section of runs of pages; the
+    bytes they hold; ``t_request``, set on the entry that ends the answer to
+    a request; and what the pairs point into (kept alive until sent).
+    ``flush`` hands the kernel up to ``_IOV_MAX`` buffers per call, so its
+    Python work is per entry, not per page.
     """
 
     def __init__(self, sock: socket.socket, name: str) -> None:
@@ -48,15 +53,16 @@ class Channel:
         self.name = name
         self.pending: Deque[List[Any]] = collections.deque()
         self.last_block: Optional[str] = None                   # for the CONTINUE flag
+        self._sender = iovec.Sender(sock)
 
-    def queue(self, piece: Any, t_request: Optional[float] = None) -> None:
+    def queue(self, piece: bytes, t_request: Optional[float] = None) -> None:
         """Queue one buffer; ``t_request``: the request it answers (timed when written)."""
-        self.pending.append([[piece], len(piece), t_request])
+        self.pending.append([iovec.pairs_of(piece), len(piece), t_request, piece])
 
-    def queue_many(self, pieces: List[Any], nbytes: int,
-                   t_request: Optional[float] = None) -> None:
-        """Queue ``pieces`` (``nbytes`` in all) as one entry."""
-        self.pending.append([pieces, nbytes, t_request])
+    def queue_table(self, table: array, nbytes: int, keep: Any,
+                    t_request: Optional[float] = None) -> None:
+        """Queue the pairs of ``table`` (``nbytes`` in all; ``keep``: what they point into)."""
+        self.pending.append([table, nbytes, t_request, keep])
 
     def flush(self, done: Callable[[float], None]) -> int:
         """Send what the socket takes now; call ``done(t)`` for each request entry written.
@@ -67,22 +73,26 @@ class Channel:
         total = 0
         pending = self.pending
         while pending:
-            iov: List[Any] = []
-            size = 0
-            for entry in pending:
-                bufs = entry[0]
-                room = _IOV_MAX - len(iov)
-                if len(bufs) > room:
-                    if not iov:                       # one entry larger than a call takes
-                        iov = bufs[:room]
-                        size = sum(map(len, iov))
-                    break
-                iov += bufs
-                size += entry[1]
-                if len(iov) == _IOV_MAX:
-                    break
+            table, size = pending[0][0], pending[0][1]
+            pairs = len(table) // 2
+            if pairs > _IOV_MAX:                      # one entry larger than a call takes
+                pairs = _IOV_MAX
+                size = sum(table[1:2 * _IOV_MAX:2])
+            elif len(pending) > 1:                    # and the entries behind it that fit
+                tables = [table]
+                for entry in itertools.islice(pending, 1, None):
+                    more = len(entry[0]) // 2
+                    if pairs + more > _IOV_MAX:
+                        break
+                    tables.append(entry[0])
+                    pairs += more
+                    size += entry[1]
+                if len(tables) > 1:
+                    table = array("Q")
+                    for t in tables:
+                        table += t
             try:
-                n = self.sock.sendmsg(iov)
+                n = self._sender.send(table, pairs)
             except (BlockingIOError, InterruptedError):
                 break
             total += n
@@ -95,12 +105,15 @@ class Channel:
                     if entry[2] is not None:
                         done(entry[2])
                     continue
-                bufs, i = entry[0], 0                 # a part of this entry went out
-                while n >= len(bufs[i]):
-                    n -= len(bufs[i])
-                    i += 1
-                rest = [memoryview(bufs[i])[n:], *bufs[i + 1:]]
-                entry[0], entry[1] = rest, entry[1] - sum(map(len, bufs[:i])) - n
+                # a part of this entry went out: drop its sent pairs, cut the first left
+                table, i = entry[0], 1
+                entry[1] -= n
+                while n >= table[i]:
+                    n -= table[i]
+                    i += 2
+                del table[:i - 1]
+                table[0] += n
+                table[1] -= n
                 n = 0
             if full:
                 break
@@ -135,6 +148,10 @@ class SourceBlock:
         self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
         self.cursor = 0                           # the background stream's position
         self.run_pos = 0
+        #: the address of the block's first page in the file's mapping, and the
+        #: pairs of its runs (blocks of 4 KiB host pages): set by the PageSender
+        self.pages_at = 0
+        self.table: Optional[iovec.RunTable] = None
 
 
 class PageSender:
@@ -168,6 +185,12 @@ class PageSender:
                                  f"does not split into host pages of {host} bytes")
             self.blocks[b.name] = SourceBlock(b, host)
         self.order = list(self.blocks.values())
+        mapping_at = iovec.address(view)
+        for block in self.order:
+            block.pages_at = mapping_at + block.pages_offset
+            if block.sub == 1:
+                block.table = iovec.RunTable(block.pages_at)
+        self._frames: Dict[int, Tuple[bytes, array, bytes, array]] = {}
         stats.data_pages = sum(b.present.count(1) for b in self.order)
         #: data host pages not yet claimed, and all of them
         self.remaining = sum(b.data_count for b in self.order)
@@ -184,7 +207,18 @@ class PageSender:
         """Drop the references to the file's bytes (before its mapping closes)."""
         for block in self.order:
             block.present = b""
+            block.table = None
+            block.pages_at = 0
         self.view = memoryview(b"")
+
+    def frame(self, sid: int) -> Tuple[bytes, array, bytes, array]:
+        """The start and the end of a PART section of section ``sid``, and their pairs."""
+        frame = self._frames.get(sid)
+        if frame is None:
+            start, end = ms.part_start(sid), ms.part_end(sid)
+            frame = self._frames[sid] = (start, iovec.pairs_of(start),
+                                         end, iovec.pairs_of(end))
+        return frame
 
     def answer(self, req: ms.ReqPages, t_read: float, sid: int, ch: Channel, in_part: bool,
                served: Callable[[float], None]) -> Optional[Tuple[SourceBlock, int, Channel]]:
@@ -206,17 +240,15 @@ class PageSender:
             for page in range(req.start // PAGE, (req.start + req.length - 1) // PAGE + 1):
                 if (block.name, page) not in self.recorded:
                     self.recorded[(block.name, page)] = (t_demand, bool(block.present[page]))
-        records: List[Any] = []
+        piece = _Piece(self, sid, in_part)
         for unit in range(first, last + 1):
             if block.sent[unit]:
                 self.stats.duplicate_requests += 1
                 continue
-            records += self.claim(block, unit, ch, why="request")
-        if not records:
+            self.claim(block, unit, ch, piece, why="request")
+        if not piece.pages:
             return None
-        if in_part:
-            records = [ms.part_start(sid), *records, ms.part_end(sid)]
-        ch.queue_many(records, sum(map(len, records)), t_read)
+        piece.queue_on(ch, t_read)
         self.stats.bytes_sent += ch.flush(served)
         return (block, last + 1, ch) if self.around else None
 
@@ -224,28 +256,25 @@ class PageSender:
                      in_part: bool) -> None:
         """The next data pages after a requested one (guests read forward), as runs."""
         end = min(start + self.around, len(block.sent))
+        piece = _Piece(self, sid, in_part)
         if block.sub > 1:
-            records: List[Any] = []
             for unit in range(start, end):
                 if not block.sent[unit]:
-                    records += self.claim(block, unit, ch, why="around")
+                    self.claim(block, unit, ch, piece, why="around")
         else:
-            records = self.claim_runs(block, unsent_data(block, start, end), ch, "around")
-        if records:
-            if in_part:
-                records = [ms.part_start(sid), *records, ms.part_end(sid)]
-            ch.queue_many(records, sum(map(len, records)))
+            self.claim_runs(block, unsent_data(block, start, end), ch, piece, "around")
+        if piece.pages:
+            piece.queue_on(ch)
 
-    def claim(self, block: SourceBlock, unit: int, ch: Channel, *, why: str) -> List[Any]:
-        """Mark host page ``unit`` sent and return its records for channel ``ch``.
+    def claim(self, block: SourceBlock, unit: int, ch: Channel, piece: "_Piece", *,
+              why: str) -> None:
+        """Mark host page ``unit`` sent and add its records for channel ``ch`` to ``piece``.
 
         One host page, data or zero: the request path, hugetlb blocks, and the
         zero pages a working set names.  Runs of 4 KiB data pages go through
-        :meth:`_claim_runs`.
+        :meth:`claim_runs`.
         """
-        assert self.view is not None
         block.sent[unit] = 1
-        out: List[Any] = []
         has_data = False
         if self.trace is not None:
             t_now = time.monotonic() - self.t0
@@ -258,51 +287,47 @@ class PageSender:
             if block.present[page]:
                 has_data = True
                 self.stats.data_pages_sent += 1
-                at = block.pages_offset + offset
-                out.append(ms.page_header(offset, name))
-                out.append(self.view[at:at + PAGE])
+                piece.add_page(ms.page_header(offset, name), block.pages_at + offset)
                 self._count(why, 1)
             else:
-                out.append(ms.zero_record(offset, name))
+                piece.add(ms.zero_record(offset, name))
                 self.stats.zero_pages_sent += 1
                 if why in ("request", "ws"):
                     self._count(why, 1)
+        piece.pages += 1
         if has_data:
             self.remaining -= 1
-        return out
 
     def claim_runs(self, block: SourceBlock, runs: List[Tuple[int, int]], ch: Channel,
-                    why: str) -> List[Any]:
-        """Mark 4 KiB data pages ``[a, b)`` of each run sent; their records, built per run.
+                   piece: "_Piece", why: str) -> None:
+        """Mark 4 KiB data pages ``[a, b)`` of each run sent and add their records to ``piece``.
 
-        The headers of a run are one ``struct.pack``; each page is a slice of
-        the file's mapping (no copy).  Only for blocks of 4 KiB host pages and
-        runs of data pages (see :func:`unsent_data`).
+        The pairs of a run are copied from the block's :class:`~.iovec.RunTable`
+        (one slice a run, no object a page); a run that follows a change of
+        block starts with a named record.  Only for blocks of 4 KiB host pages
+        and runs of data pages (see :func:`unsent_data`).
         """
-        view = self.view
-        assert view is not None
         sent = block.sent
-        out: List[Any] = []
+        table = block.table
+        assert table is not None
         for a, b in runs:
             n = b - a
             sent[a:b] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
-            headers = memoryview(ms.page_headers(a * PAGE, n, block.name
-                                                 if ch.last_block != block.name else None))
-            ch.last_block = block.name
-            first_len = len(headers) - 8 * (n - 1)
-            pieces: List[Any] = [None] * (2 * n)
-            pieces[0] = headers[:first_len]
-            pieces[2::2] = [headers[i:i + 8] for i in range(first_len, len(headers), 8)]
-            base = block.pages_offset + a * PAGE
-            pieces[1::2] = [view[o:o + PAGE] for o in range(base, base + n * PAGE, PAGE)]
-            out += pieces
+            first = a
+            if ch.last_block != block.name:
+                ch.last_block = block.name
+                piece.add_page(ms.page_header(a * PAGE, block.name), block.pages_at + a * PAGE)
+                first += 1
+            if first < b:
+                table.add(piece.table, piece.keep, first, b)
+                piece.nbytes += (b - first) * (PAGE + 8)
+            piece.pages += n
             self.remaining -= n
             self.stats.data_pages_sent += n
             self._count(why, n)
             if self.trace is not None:
                 t_now = time.monotonic() - self.t0
                 self.trace.extend((t_now, block.name, page, why) for page in range(a, b))
-        return out
 
     def _count(self, why: str, n: int) -> None:
         stats = self.stats
@@ -317,7 +342,7 @@ class PageSender:
 
     def queue_ws_batch(self, main: Channel, sid: int) -> None:
         """Up to a batch of the working set's pages, in recorded order, as runs."""
-        records: List[Any] = []
+        piece = _Piece(self, sid, True)
         count = 0
         while self.ws_queue and count < self.batch:
             block, unit = self.ws_queue[0]
@@ -332,21 +357,19 @@ class PageSender:
                     end += 1
                 for _ in range(end - unit):
                     queue.popleft()
-                records += self.claim_runs(block, unsent_runs(block, unit, end), main, "ws")
+                self.claim_runs(block, unsent_runs(block, unit, end), main, piece, "ws")
                 count += end - unit
                 continue
             self.ws_queue.popleft()
             if not block.sent[unit]:
-                records += self.claim(block, unit, main, why="ws")
+                self.claim(block, unit, main, piece, why="ws")
             count += 1
-        if records:
-            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
-                            sum(map(len, records)) + len(ms.part_start(sid))
-                            + len(ms.part_end(sid)))
+        if piece.pages:
+            piece.queue_on(main)
 
     def queue_batch(self, main: Channel, sid: int) -> None:
         """The background stream's next batch: unsent data pages in file order, as runs."""
-        records: List[Any] = []
+        piece = _Piece(self, sid, True)
         budget = self.batch
         for block in self.order:
             if budget <= 0:
@@ -358,7 +381,7 @@ class PageSender:
                     unit = units[cursor]
                     cursor += 1
                     if not block.sent[unit]:
-                        records += self.claim(block, unit, main, why="stream")
+                        self.claim(block, unit, main, piece, why="stream")
                         budget -= 1
                 block.cursor = cursor
                 continue
@@ -367,19 +390,16 @@ class PageSender:
                 first, end = runs[block.cursor]
                 a = max(first, block.run_pos)
                 stretches = unsent_runs(block, a, min(end, a + budget))
-                taken = sum(b - x for x, b in stretches)
                 if stretches:
-                    records += self.claim_runs(block, stretches, main, "stream")
-                    budget -= taken
+                    self.claim_runs(block, stretches, main, piece, "stream")
+                    budget -= sum(b - x for x, b in stretches)
                     block.run_pos = stretches[-1][1]
                 else:
                     block.run_pos = min(end, a + budget)
                 if block.run_pos >= end:
                     block.cursor += 1
-        if records:
-            main.queue_many([ms.part_start(sid), *records, ms.part_end(sid)],
-                            sum(map(len, records)) + len(ms.part_start(sid))
-                            + len(ms.part_end(sid)))
+        if piece.pages:
+            piece.queue_on(main)
 
     def apply_bitmaps(self, bitmaps: Dict[str, ms.RecvBitmap]) -> None:
         received = 0
@@ -398,6 +418,49 @@ class PageSender:
                     received += block.sub
         self.stats.recovered = True
         self.stats.pages_already_received = received
+
+
+class _Piece:
+    """A piece of the stream being built: its pairs, what they point into, its bytes.
+
+    ``framed``: the pages go in a PART section of section ``sid`` (the main
+    channel; the preempt channel's go bare).  ``pages``: the host pages claimed.
+    """
+
+    __slots__ = ("table", "keep", "nbytes", "pages", "_frame")
+
+    def __init__(self, sender: PageSender, sid: int, framed: bool) -> None:
+        self.table = array("Q")
+        self.keep: List[Any] = []
+        self.nbytes = 0
+        self.pages = 0
+        self._frame = sender.frame(sid) if framed else None
+        if self._frame is not None:
+            start, pairs, _, _ = self._frame
+            self.table += pairs
+            self.keep.append(start)
+            self.nbytes = len(start)
+
+    def add(self, record: bytes) -> None:
+        """A whole record (a ZERO record)."""
+        self.table.extend((iovec.bytes_address(record), len(record)))
+        self.keep.append(record)
+        self.nbytes += len(record)
+
+    def add_page(self, header: bytes, page_at: int) -> None:
+        """A PAGE record: ``header``, then the page at address ``page_at`` of the mapping."""
+        self.table.extend((iovec.bytes_address(header), len(header), page_at, PAGE))
+        self.keep.append(header)
+        self.nbytes += len(header) + PAGE
+
+    def queue_on(self, ch: Channel, t_request: Optional[float] = None) -> None:
+        """Close the section, if any, and queue the piece on ``ch``."""
+        if self._frame is not None:
+            _, _, end, pairs = self._frame
+            self.table += pairs
+            self.keep.append(end)
+            self.nbytes += len(end)
+        ch.queue_table(self.table, self.nbytes, self.keep, t_request)
 
 
 _ONES = b"\x01" * 4096
