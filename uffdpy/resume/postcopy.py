@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import importlib
 import mmap
 import os
 import select
@@ -58,21 +59,22 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 from .. import migstream as ms
 from ..latency import percentiles
 from ..wake import WakeFd
-from ..mappedram import Snapshot
+from ..mappedram import TARGET_PAGE_SIZE as PAGE, Snapshot
 from ..pagesource import PathLike
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
 from .options import ResumeOptions
-from .sender import PAGE, Channel, PageSender, SourceBlock
 from .stats import ResumeStats
 
 if TYPE_CHECKING:
+    from .sender import Channel, PageSender, SourceBlock
     from ..workingset import WorkingSet
 
 __all__ = ["Resume", "ResumeStats"]
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)     # Linux's value
 _RECV_BYTES = 1 << 16
+_ENGINE = f"{__package__}.sender"      # what Resume imports in the background
 
 
 class Resume:
@@ -156,6 +158,10 @@ class Resume:
         self._done = threading.Event()
         self._connected_wall = 0.0
         self._events_since = 0
+        # the engine (ctypes, for sendmsg) is imported while QEMU answers the set-up:
+        # 2 ms less from the start to the connect
+        threading.Thread(target=importlib.import_module, args=(_ENGINE,), daemon=True,
+                         name="uffdpy-import").start()
         try:
             self._open(page_sizes)
             address = self._setup_destination(qmp) if qmp is not None else connect
@@ -163,7 +169,7 @@ class Resume:
             pages = self._build_blocks()          # before the connect: the clock runs from it
             self._address = address
             opening = self._opening()             # built before the connect
-            self._main = Channel(open_connection(address, timeout), "main")
+            self._main = _channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
             self._connected = pages.t0 = time.monotonic()
             # everything up to RUN (~15 KB) goes into the socket at once: a source
@@ -201,6 +207,7 @@ class Resume:
                 self._identity = snapshot_identity(snap)
 
     def _build_blocks(self) -> PageSender:
+        from .sender import PageSender        # waits for the import begun in __init__
         assert self._snap is not None and self._view is not None
         pages = self._pages = PageSender(self._snap, self._view, self._page_sizes, self.stats,
                                          batch=self._batch, around=self._around,
@@ -459,7 +466,7 @@ class Resume:
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
         if st.phase is Phase.AWAIT_PONG2 and 2 in st.pongs:
-            self._urgent = Channel(open_connection(self._address, self._timeout), "preempt")
+            self._urgent = _channel(open_connection(self._address, self._timeout), "preempt")
             main.queue(self._package())
             st.phase = Phase.PACKAGE
         if st.phase is Phase.PACKAGE:
@@ -470,7 +477,7 @@ class Resume:
                 # QEMU's destination waits for a new preempt channel after RESUME
                 # (loadvm_postcopy_handle_resume); its source opens it once the
                 # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
-                self._urgent = Channel(open_connection(self._address, self._timeout),
+                self._urgent = _channel(open_connection(self._address, self._timeout),
                                         "preempt")
             main.queue(ms.postcopy_resume())
             st.phase = Phase.AWAIT_ACK
@@ -668,6 +675,11 @@ def _awaited(st: _LoopState, main: "Channel", urgent: Optional["Channel"]) -> Op
     if st.ended:
         return "the destination to end the load (SHUT) after EOF"
     return None
+
+
+def _channel(sock: socket.socket, name: str) -> "Channel":
+    from .sender import Channel        # imported by the time a connection is open
+    return Channel(sock, name)
 
 
 class _Hangup(Exception):
