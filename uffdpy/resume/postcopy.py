@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
-import importlib
 import mmap
 import os
 import select
@@ -63,18 +62,18 @@ from ..mappedram import TARGET_PAGE_SIZE as PAGE, Snapshot
 from ..pagesource import PathLike
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
+from .blocks import SourceBlock, source_blocks
 from .options import ResumeOptions
 from .stats import ResumeStats
 
 if TYPE_CHECKING:
-    from .sender import Channel, PageSender, SourceBlock
+    from .sender import Channel, PageSender
     from ..workingset import WorkingSet
 
 __all__ = ["Resume", "ResumeStats"]
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)     # Linux's value
 _RECV_BYTES = 1 << 16
-_ENGINE = f"{__package__}.sender"      # what Resume imports in the background
 
 
 class Resume:
@@ -158,17 +157,19 @@ class Resume:
         self._done = threading.Event()
         self._connected_wall = 0.0
         self._events_since = 0
-        # the engine (ctypes, for sendmsg) is imported while QEMU answers the set-up:
-        # 2 ms less from the start to the connect
-        threading.Thread(target=importlib.import_module, args=(_ENGINE,), daemon=True,
-                         name="uffdpy-import").start()
+        self._order: List[SourceBlock] = []
         try:
             self._open(page_sizes)
             address = self._setup_destination(qmp) if qmp is not None else connect
             assert address is not None
-            pages = self._build_blocks()          # before the connect: the clock runs from it
+            # before the connect (the clock runs from it): the blocks and their
+            # sent map (a block that does not fit its host pages is refused here,
+            # with nothing sent), the engine (it imports ctypes: QEMU may ask for
+            # pages while it loads the devices, and must not wait), the opening
+            self._order = source_blocks(self._snap, self._page_sizes)
+            pages = self._build_sender()
             self._address = address
-            opening = self._opening()             # built before the connect
+            opening = self._opening()
             self._main = _channel(open_connection(address, timeout), "main")
             self._connected_wall = time.time()
             self._connected = pages.t0 = time.monotonic()
@@ -206,14 +207,13 @@ class Resume:
             if self._record_path is not None:
                 self._identity = snapshot_identity(snap)
 
-    def _build_blocks(self) -> PageSender:
-        from .sender import PageSender        # waits for the import begun in __init__
-        assert self._snap is not None and self._view is not None
-        pages = self._pages = PageSender(self._snap, self._view, self._page_sizes, self.stats,
+    def _build_sender(self) -> PageSender:
+        from .sender import PageSender
+        assert self._view is not None
+        pages = self._pages = PageSender(self._order, self._view, self.stats,
                                          batch=self._batch, around=self._around,
                                          trace=self.trace,
                                          record=self._record_path is not None)
-        self._order = pages.order
         if self._ws is not None:
             pages.queue_working_set(self._ws.pages)
         return pages
@@ -532,7 +532,7 @@ class Resume:
         out: Dict[str, Any] = {**self.stats.as_dict(), **extra}
         if self.trace is not None:
             out["trace"] = {"columns": ["t_s", "block", "page", "by"],
-                            "blocks": [[b.name, b.length] for b in getattr(self, "_order", [])],
+                            "blocks": [[b.name, b.length] for b in self._order],
                             "rows": [[round(t, 6), b, p, w] for t, b, p, w in self.trace]}
         return out
 
@@ -678,7 +678,7 @@ def _awaited(st: _LoopState, main: "Channel", urgent: Optional["Channel"]) -> Op
 
 
 def _channel(sock: socket.socket, name: str) -> "Channel":
-    from .sender import Channel        # imported by the time a connection is open
+    from .sender import Channel        # imported before the connect (_build_sender)
     return Channel(sock, name)
 
 

@@ -1,8 +1,9 @@
 """The engine of the postcopy source: the sent map, the channels, and what goes on them.
 
-:class:`PageSender` owns one resume's pages: a :class:`SourceBlock` per RAM
-block (which 4 KiB pages hold data, which host pages are sent or in flight:
-the *sent map*, one byte a host page), the working set still to send, and
+:class:`PageSender` owns one resume's pages: a
+:class:`~uffdpy.resume.blocks.SourceBlock` per RAM block (which 4 KiB pages
+hold data, which host pages are sent or in flight: the *sent map*, one byte a
+host page), the working set still to send, and
 the records each page becomes.  It claims pages by runs: a request's host
 pages, the data pages after it (fault-around), the next batch of the
 background stream, a stretch of the working set, or what a recovering
@@ -11,9 +12,10 @@ each goes out exactly once.
 
 :class:`Channel` is one connection's output queue, written with
 non-blocking ``sendmsg`` straight from the file's mapping (tables of
-buffers, :mod:`uffdpy.resume.iovec`).  The loop that
-reads the return path and decides when to write is
-:class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.
+buffers, :mod:`uffdpy.resume.iovec`).  The loop that reads the return path
+and decides when to write is :class:`uffdpy.resume.postcopy.Resume`'s;
+nothing here polls.  This module imports ctypes (``Resume`` imports it
+before the connect; ``uffdpy resume --map`` never does).
 """
 from __future__ import annotations
 
@@ -25,14 +27,14 @@ from array import array
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .. import migstream as ms
-from ..mappedram import TARGET_PAGE_SIZE
 from . import iovec
+from .blocks import PAGE, SourceBlock, unsent_data, unsent_runs
 from .destination import ResumeError
 from .stats import ResumeStats
 
-__all__ = ["Channel", "PageSender", "SourceBlock", "PAGE"]
+__all__ = ["Channel", "PageSender"]
 
-PAGE = TARGET_PAGE_SIZE
+_ONES = b"\x01" * 4096
 _IOV_MAX = 1024                      # buffers per sendmsg (the kernel's UIO_MAXIOV)
 
 
@@ -120,45 +122,11 @@ class Channel:
         return total
 
 
-class SourceBlock:
-    """A RAMBlock as the source sees it: where its pages are, which hold data, which were sent."""
-
-    def __init__(self, block: Any, host_page: int) -> None:
-        self.name: str = block.name
-        self.length: int = block.length
-        self.pages_offset: int = block.pages_offset
-        self.host_page = host_page
-        self.sub = host_page // PAGE              # target pages per host page
-        present = bytearray(block.pages)
-        for first, count, is_data in block.runs():
-            if is_data:
-                present[first:first + count] = b"\x01" * count
-        self.present = bytes(present)
-        units = block.length // host_page
-        self.sent = bytearray(units)              # 1 = the host page is sent or in flight
-        #: the host pages holding data, for blocks of larger host pages (hugetlb);
-        #: 4 KiB blocks stream by ``data_runs`` and need no list (a 1 GiB block's
-        #: took 5 ms, on the way to the connect)
-        self.data_units: List[int] = [] if self.sub == 1 else [
-            u for u in range(units) if any(self.present[u * self.sub:(u + 1) * self.sub])]
-        #: the number of host pages holding data
-        self.data_count = self.present.count(1) if self.sub == 1 else len(self.data_units)
-        #: the runs of data pages, ``(first, end)``, and the stream's place in them:
-        #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
-        self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
-        self.cursor = 0                           # the background stream's position
-        self.run_pos = 0
-        #: the address of the block's first page in the file's mapping, and the
-        #: pairs of its runs (blocks of 4 KiB host pages): set by the PageSender
-        self.pages_at = 0
-        self.table: Optional[iovec.RunTable] = None
-
-
 class PageSender:
     """Which pages of one resume are sent, and their records.  Not thread-safe: the loop's.
 
-    ``view`` is the snapshot file's mapping; ``page_sizes`` the host page size
-    of each block (4 KiB when absent); ``batch`` data pages per background
+    ``blocks``: from :func:`~uffdpy.resume.blocks.source_blocks`; ``view``
+    is the snapshot file's mapping; ``batch`` data pages per background
     section; ``around`` data pages sent right behind a requested one;
     ``trace`` a list to which each page sent adds ``(seconds since t0, block,
     page, why)``; ``record``: keep the pages demanded (:attr:`recorded`).
@@ -166,7 +134,7 @@ class PageSender:
     Raises: ResumeError (a block that does not split into its host pages).
     """
 
-    def __init__(self, snap: Any, view: memoryview, page_sizes: Dict[str, int],
+    def __init__(self, blocks: List[SourceBlock], view: memoryview,
                  stats: ResumeStats, *, batch: int, around: int,
                  trace: Optional[List[Tuple[float, str, int, str]]] = None,
                  record: bool = False) -> None:
@@ -177,14 +145,8 @@ class PageSender:
         self.ws_queue: Deque[Tuple[SourceBlock, int]] = collections.deque()
         self.t0 = time.monotonic()                # the connect: set again by the loop's owner
         self.last_request = 0.0
-        self.blocks: Dict[str, SourceBlock] = {}
-        for b in snap.blocks:
-            host = page_sizes.get(b.name, PAGE)
-            if host < PAGE or host % PAGE or b.length % host:
-                raise ResumeError(f"{snap.path}: block {b.name!r} of {b.length:#x} bytes "
-                                 f"does not split into host pages of {host} bytes")
-            self.blocks[b.name] = SourceBlock(b, host)
-        self.order = list(self.blocks.values())
+        self.blocks: Dict[str, SourceBlock] = {b.name: b for b in blocks}
+        self.order = list(blocks)
         mapping_at = iovec.address(view)
         for block in self.order:
             block.pages_at = mapping_at + block.pages_offset
@@ -461,31 +423,3 @@ class _Piece:
             self.keep.append(end)
             self.nbytes += len(end)
         ch.queue_table(self.table, self.nbytes, self.keep, t_request)
-
-
-_ONES = b"\x01" * 4096
-
-
-def _stretches(buf: Any, value: int, start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches ``(a, b)`` of ``buf[start:end]`` whose bytes are all ``value`` (0 or 1)."""
-    other = 1 - value
-    out: List[Tuple[int, int]] = []
-    a = buf.find(value, start, end)
-    while a >= 0:
-        b = buf.find(other, a, end)
-        if b < 0:
-            b = end
-        out.append((a, b))
-        a = buf.find(value, b, end) if b < end else -1
-    return out
-
-
-def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
-    return _stretches(block.sent, 0, start, end)
-
-
-def unsent_data(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
-    return [run for a, b in _stretches(block.present, 1, start, end)
-            for run in _stretches(block.sent, 0, a, b)]
