@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import UffdpyError
 
@@ -297,27 +296,29 @@ def zero_record(offset: int, block: Optional[str]) -> bytes:
 
 # ------------------------------------------------------------------ destination -> source
 
-@dataclass(frozen=True)
-class Shut:
+# The messages are named tuples, not frozen dataclasses: the command imports
+# this module on the way to its connect, and each frozen dataclass costs 0.4 ms
+# to make (a named tuple 0.06).  Compare them with their type: a Pong(0) equals
+# a Shut(0) as tuples.
+
+class Shut(NamedTuple):
     """SHUT: the destination is done; ``error`` 0 means it loaded everything."""
     error: int
 
 
-@dataclass(frozen=True)
-class Pong:
+class Pong(NamedTuple):
+    """PONG: the answer to PING ``value``."""
     value: int
 
 
-@dataclass(frozen=True)
-class ReqPages:
+class ReqPages(NamedTuple):
     """A page request: ``length`` bytes at byte ``start`` of ``block`` (resolved for REQ_PAGES)."""
     block: str
     start: int
     length: int
 
 
-@dataclass(frozen=True)
-class RecvBitmap:
+class RecvBitmap(NamedTuple):
     """A block's received-page bitmap (recovery): bit i set = target page i is in place."""
     block: str
     bitmap: bytes
@@ -326,8 +327,8 @@ class RecvBitmap:
         return bool(self.bitmap[i >> 3] >> (i & 7) & 1)
 
 
-@dataclass(frozen=True)
-class ResumeAck:
+class ResumeAck(NamedTuple):
+    """RESUME_ACK: the destination resumes the load (recovery)."""
     value: int
 
 
