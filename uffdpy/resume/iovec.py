@@ -25,6 +25,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from array import array
 from typing import Any, Dict, List, Tuple
 
@@ -36,6 +37,7 @@ __all__ = ["Sender", "RunTable", "address", "bytes_address", "pairs_of"]
 
 PAGE = TARGET_PAGE_SIZE
 _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_NATIVE = sys.byteorder              # an iovec table is in the machine's byte order
 
 
 class _PyBuffer(ctypes.Structure):
@@ -145,8 +147,8 @@ class RunTable:
     ``KEEP_CHUNKS`` chunks built are kept (a 1 GiB block has 256 chunks; a
     chunk's table is 32 KiB, its headers 8 KiB).
 
-    How a chunk is built: its table is four little-endian words a page
-    (header address, 8, page address, 4096).  Read as one integer, adding the
+    How a chunk is built: its table is four machine words a page (header
+    address, 8, page address, 4096).  Read as one integer, adding the
     integer whose words are ``[a, 0, p, 0]`` for every page adds ``a`` to
     every header address and ``p`` to every page address.  So a chunk is the
     template of chunk 0 (headers at 0, pages at 0) plus two such integers, in
@@ -182,7 +184,7 @@ class RunTable:
         headers = (t.headers + first * PAGE * t.each_word_be).to_bytes(8 * self.CHUNK, "big")
         pairs = (t.pairs + bytes_address(headers) * t.header_words
                  + (self.pages_at + first * PAGE) * t.page_words).to_bytes(32 * self.CHUNK,
-                                                                           "little")
+                                                                           _NATIVE)
         chunks = self._chunks
         if len(chunks) >= self.KEEP_CHUNKS:
             del chunks[next(iter(chunks))]            # the oldest built
@@ -201,20 +203,13 @@ class _Templates:
         words[1::4] = array("Q", [8]) * n
         words[2::4] = array("Q", range(0, PAGE * n, PAGE))
         words[3::4] = array("Q", [PAGE]) * n
-        self.pairs = int.from_bytes(_little(words), "little")
-        self.header_words = int.from_bytes(struct.pack("<4Q", 1, 0, 0, 0) * n, "little")
-        self.page_words = int.from_bytes(struct.pack("<4Q", 0, 0, 1, 0) * n, "little")
+        self.pairs = int.from_bytes(words.tobytes(), _NATIVE)
+        self.header_words = int.from_bytes(struct.pack("=4Q", 1, 0, 0, 0) * n, _NATIVE)
+        self.page_words = int.from_bytes(struct.pack("=4Q", 0, 0, 1, 0) * n, _NATIVE)
         # the headers of chunk 0, big-endian: page i's is (4096 i | PAGE | CONTINUE)
         self.headers = int.from_bytes(struct.pack(f">{n}Q", *range(flags, PAGE * n, PAGE)),
                                       "big")
         self.each_word_be = int.from_bytes(struct.pack(">Q", 1) * n, "big")
-
-
-def _little(words: array) -> bytes:
-    if struct.pack("=H", 1) != struct.pack("<H", 1):
-        words = array("Q", words)
-        words.byteswap()
-    return words.tobytes()
 
 
 _TEMPLATES: Dict[int, _Templates] = {}
