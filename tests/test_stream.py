@@ -103,16 +103,17 @@ def test_run_tables_point_at_each_page_and_its_continue_header() -> None:
         CHUNK, KEEP_CHUNKS = 4, 2
 
     pages_at = 0x7F00_0000_0000
-    table = Small(pages_at)
+    table = Small(pages_at, 17)
     for a, b in ((0, 1), (3, 9), (13, 14), (1, 4), (5, 17), (0, 17)):
-        pairs, keep = array("Q"), []
-        table.add(pairs, keep, a, b)
+        pairs = array("Q")
+        table.add(pairs, a, b)
         assert len(pairs) == 4 * (b - a)
         for k, page in enumerate(range(a, b)):
             header_at, header_len, at, length = pairs[4 * k:4 * k + 4]
             assert (header_len, at, length) == (8, pages_at + page * PAGE, PAGE)
             assert ctypes.string_at(header_at, 8) == ms.page_header(page * PAGE, None)
-        assert len(table._chunks) <= 2
+        assert len(table._pairs) <= 2
+    table.close()
 
 
 def test_addresses_of_bytes_and_buffers() -> None:

@@ -9,25 +9,28 @@ C ``struct iovec`` table, handed to ``sendmsg`` through ctypes (which lets go
 of the GIL for the call).
 
 The pairs of a run of pages are copied from a :class:`RunTable`, built a
-chunk at a time: the headers of a chunk are one ``bytes`` of big-endian words
-(never changed, so the kernel may read them whenever the entry is sent), and
-the pairs point at them and at the pages.  Both are arithmetic progressions,
-made at C speed by adding one big integer to another (see :class:`RunTable`);
-a run then costs one slice, not an object per page.
+chunk at a time: the pairs point at the chunk's headers (big-endian words in
+a mapping of the table's own, written once and never changed, so the kernel
+may read them whenever an entry is sent) and at the pages.  Both are
+arithmetic progressions, made at C speed by adding one big integer to
+another (see :class:`RunTable`); a run then costs one slice, not an object
+per page.
 
 Whoever queues a table keeps its buffers alive until it is sent: the entry
-holds the ``bytes`` it points into, and the mapping outlives every entry.
+holds the ``bytes`` it points into (a request's headers, the section
+frames); the mapping and the run tables outlive every entry.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import socket
 import struct
 import sys
 from array import array
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict
 
 from ..ioctl import libc
 from ..mappedram import TARGET_PAGE_SIZE
@@ -142,54 +145,66 @@ class RunTable:
     """The ``(header, page)`` pairs of one block's 4 KiB pages, built ``CHUNK`` pages at a time.
 
     ``pages_at`` is the address of the block's first page in the file's
-    mapping.  Every header here is a CONTINUE record's (the caller sends the
-    first page after a change of block with its name).  The last
-    ``KEEP_CHUNKS`` chunks built are kept (a 1 GiB block has 256 chunks; a
-    chunk's table is 32 KiB, its headers 8 KiB).
+    mapping, ``pages`` its number of pages.  Every header here is a CONTINUE
+    record's (the caller sends the first page after a change of block with
+    its name); the headers live in a mapping of their own, 8 bytes a page,
+    written once per chunk and never changed, so the pairs of a chunk can be
+    dropped and built again.  The last ``KEEP_CHUNKS`` chunks' pairs are kept
+    (a 1 GiB block has 256 chunks of 32 KiB of pairs).  :meth:`close`
+    unmaps the headers.
 
-    How a chunk is built: its table is four machine words a page (header
-    address, 8, page address, 4096).  Read as one integer, adding the
-    integer whose words are ``[a, 0, p, 0]`` for every page adds ``a`` to
-    every header address and ``p`` to every page address.  So a chunk is the
-    template of chunk 0 (headers at 0, pages at 0) plus two such integers, in
-    a few C-speed big-integer operations (about 30 ns a page, against 90 ns
-    for ``array(range(...))`` columns); its headers likewise (big-endian
-    words, each plus the chunk's first byte offset).
+    How a chunk is built: its pairs are four machine words a page (header
+    address, 8, page address, 4096).  Read as one integer, adding the integer
+    whose words are ``[a, 0, p, 0]`` for every page adds ``a`` to every
+    header address and ``p`` to every page address.  So chunk ``k`` is the
+    block's chunk 0 plus ``k`` times one such integer: a multiplication by a
+    small number and an addition at C speed (about 25 ns a page with its
+    headers, against 90 ns for ``array(range(...))`` columns).  Its headers
+    likewise: big-endian words, each plus the chunk's first byte offset.
     """
 
     CHUNK = 1024
     KEEP_CHUNKS = 32
 
-    def __init__(self, pages_at: int) -> None:
-        self.pages_at = pages_at
-        self._chunks: Dict[int, Tuple[memoryview, bytes]] = {}
+    def __init__(self, pages_at: int, pages: int) -> None:
+        t = self._t = _templates(self.CHUNK)
+        chunks = -(-pages // self.CHUNK)
+        self._headers = mmap.mmap(-1, max(1, chunks) * 8 * self.CHUNK)
+        self._built = bytearray(chunks)           # 1: the chunk's headers are written
+        self._chunk0 = (t.pairs + address(self._headers) * t.header_words
+                        + pages_at * t.page_words)
+        self._pairs: Dict[int, memoryview] = {}
 
-    def add(self, table: array, keep: List[Any], a: int, b: int) -> None:
-        """Append the pairs of pages ``[a, b)`` to ``table``; what they point into to ``keep``."""
+    def add(self, table: array, a: int, b: int) -> None:
+        """Append the pairs of pages ``[a, b)`` to ``table``."""
         chunk_pages = self.CHUNK
         while a < b:
             k = a // chunk_pages
-            chunk = self._chunks.get(k)
-            if chunk is None:
-                chunk = self._build(k)
+            pairs = self._pairs.get(k)
+            if pairs is None:
+                pairs = self._build(k)
             first = k * chunk_pages
             end = min(b, first + chunk_pages)
-            table.frombytes(chunk[0][32 * (a - first):32 * (end - first)])
-            keep.append(chunk[1])
+            table.frombytes(pairs[32 * (a - first):32 * (end - first)])
             a = end
 
-    def _build(self, k: int) -> Tuple[memoryview, bytes]:
-        t = _templates(self.CHUNK)
-        first = k * self.CHUNK
-        headers = (t.headers + first * PAGE * t.each_word_be).to_bytes(8 * self.CHUNK, "big")
-        pairs = (t.pairs + bytes_address(headers) * t.header_words
-                 + (self.pages_at + first * PAGE) * t.page_words).to_bytes(32 * self.CHUNK,
-                                                                           _NATIVE)
-        chunks = self._chunks
+    def close(self) -> None:
+        """Drop the pairs and unmap the headers (no entry may point into them any more)."""
+        self._pairs.clear()
+        self._headers.close()
+
+    def _build(self, k: int) -> memoryview:
+        t, n = self._t, self.CHUNK
+        if not self._built[k]:
+            self._headers[8 * n * k:8 * n * (k + 1)] = \
+                (t.headers + k * t.next_headers).to_bytes(8 * n, "big")
+            self._built[k] = 1
+        chunks = self._pairs
         if len(chunks) >= self.KEEP_CHUNKS:
             del chunks[next(iter(chunks))]            # the oldest built
-        chunk = chunks[k] = (memoryview(pairs), headers)
-        return chunk
+        pairs = chunks[k] = memoryview((self._chunk0 + k * t.next_pairs).to_bytes(32 * n,
+                                                                                 _NATIVE))
+        return pairs
 
 
 class _Templates:
@@ -209,7 +224,10 @@ class _Templates:
         # the headers of chunk 0, big-endian: page i's is (4096 i | PAGE | CONTINUE)
         self.headers = int.from_bytes(struct.pack(f">{n}Q", *range(flags, PAGE * n, PAGE)),
                                       "big")
-        self.each_word_be = int.from_bytes(struct.pack(">Q", 1) * n, "big")
+        # from one chunk to the next: headers 8 n bytes on, pages and offsets n pages on
+        self.next_pairs = int.from_bytes(struct.pack("=4Q", 8 * n, 0, PAGE * n, 0) * n,
+                                         _NATIVE)
+        self.next_headers = int.from_bytes(struct.pack(">Q", PAGE * n) * n, "big")
 
 
 _TEMPLATES: Dict[int, _Templates] = {}

@@ -151,7 +151,7 @@ class PageSender:
         for block in self.order:
             block.pages_at = mapping_at + block.pages_offset
             if block.sub == 1:
-                block.table = iovec.RunTable(block.pages_at)
+                block.table = iovec.RunTable(block.pages_at, block.length // PAGE)
         self._frames: Dict[int, Tuple[bytes, array, bytes, array]] = {}
         stats.data_pages = sum(b.present.count(1) for b in self.order)
         #: data host pages not yet claimed, and all of them
@@ -169,7 +169,9 @@ class PageSender:
         """Drop the references to the file's bytes (before its mapping closes)."""
         for block in self.order:
             block.present = b""
-            block.table = None
+            if block.table is not None:
+                block.table.close()
+                block.table = None
             block.pages_at = 0
         self.view = memoryview(b"")
 
@@ -281,7 +283,7 @@ class PageSender:
                 piece.add_page(ms.page_header(a * PAGE, block.name), block.pages_at + a * PAGE)
                 first += 1
             if first < b:
-                table.add(piece.table, piece.keep, first, b)
+                table.add(piece.table, first, b)
                 piece.nbytes += (b - first) * (PAGE + 8)
             piece.pages += n
             self.remaining -= n
