@@ -266,6 +266,7 @@ def test_a_file_renamed_over_the_snapshot_is_never_served(snap: str, tmp_path: P
 def test_options_are_checked_once_when_made() -> None:
     from uffdpy.resume.options import ResumeOptions
     for bad, words in [(dict(batch_pages=0), "batch_pages must be >= 1"),
+                       (dict(preempt=1), "preempt must be True or False, not 1"),
                        (dict(transport="udp"), "transport must be unix, tcp or fd"),
                        (dict(working_set="x.ws", recover=True), "not to --recover"),
                        (dict(background_idle=1.0, background_delay=2.0), "not with background"),

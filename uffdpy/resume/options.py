@@ -73,6 +73,9 @@ class ResumeOptions:
     stall_timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
+        for name in ("background", "preempt", "recover", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.transport not in ("unix", "tcp", "fd"):
             raise ValueError(f"transport must be unix, tcp or fd, not {self.transport!r}")
         if self.demand_yield_ms < 0:
