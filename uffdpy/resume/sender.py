@@ -1,4 +1,4 @@
-"""The engine of the postcopy source: the sent map, the channels, and what goes on them.
+"""The engine of the postcopy source: which pages go next, the channels, and what goes on them.
 
 :class:`PageSender` owns one resume's pages: a
 :class:`~uffdpy.resume.blocks.SourceBlock` per RAM block (which 4 KiB pages
