@@ -58,8 +58,9 @@ class SourceBlock:
         #: took 5 ms, on the way to the connect)
         self.data_units: List[int] = [] if self.sub == 1 else [
             u for u in range(units) if any(self.present[u * self.sub:(u + 1) * self.sub])]
-        #: the number of host pages holding data
-        self.data_count = self.present.count(1) if self.sub == 1 else len(self.data_units)
+        #: the number of 4 KiB pages holding data, and of host pages holding data
+        self.data_pages = self.present.count(1)
+        self.data_count = self.data_pages if self.sub == 1 else len(self.data_units)
         #: the runs of data pages, ``(first, end)``, and the stream's place in them:
         #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
         self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]

@@ -126,19 +126,18 @@ class PageSender:
     """Which pages of one resume are sent, and their records.  Not thread-safe: the loop's.
 
     ``blocks``: from :func:`~uffdpy.resume.blocks.source_blocks`; ``view``
-    is the snapshot file's mapping; ``batch`` data pages per background
+    is the snapshot file's mapping (only its address is kept: the caller
+    keeps it open until :meth:`release`); ``batch`` data pages per background
     section; ``around`` data pages sent right behind a requested one;
     ``trace`` a list to which each page sent adds ``(seconds since t0, block,
     page, why)``; ``record``: keep the pages demanded (:attr:`recorded`).
-
-    Raises: ResumeError (a block that does not split into its host pages).
     """
 
     def __init__(self, blocks: List[SourceBlock], view: memoryview,
                  stats: ResumeStats, *, batch: int, around: int,
                  trace: Optional[List[Tuple[float, str, int, str]]] = None,
                  record: bool = False) -> None:
-        self.view, self.stats = view, stats
+        self.stats = stats
         self.batch, self.around, self.trace, self.record = batch, around, trace, record
         #: (block, 4 KiB page) -> (seconds since t0 of its first demand, holds data)
         self.recorded: Dict[Tuple[str, int], Tuple[float, bool]] = {}
@@ -153,7 +152,7 @@ class PageSender:
             if block.sub == 1:
                 block.table = iovec.RunTable(block.pages_at, block.length // PAGE)
         self._frames: Dict[int, Tuple[bytes, array, bytes, array]] = {}
-        stats.data_pages = sum(b.present.count(1) for b in self.order)
+        stats.data_pages = sum(b.data_pages for b in self.order)
         #: data host pages not yet claimed, and all of them
         self.remaining = sum(b.data_count for b in self.order)
         self.total_units = self.remaining
@@ -166,14 +165,14 @@ class PageSender:
             self.ws_queue.append((block, page // block.sub))
 
     def release(self) -> None:
-        """Drop the references to the file's bytes (before its mapping closes)."""
+        """Forget the file's pages and unmap the run tables' headers (before the file's
+        mapping closes; nothing queued may point into them any more)."""
         for block in self.order:
             block.present = b""
             if block.table is not None:
                 block.table.close()
                 block.table = None
             block.pages_at = 0
-        self.view = memoryview(b"")
 
     def frame(self, sid: int) -> Tuple[bytes, array, bytes, array]:
         """The start and the end of a PART section of section ``sid``, and their pairs."""
