@@ -310,6 +310,8 @@ def test_map_argument_errors(tmp_path: Path) -> None:
         run_uffdpy("resume", snap, "--map", "--connect", "unix:/nonexistent"))
     assert "--preempt applies to the postcopy stream" in one_line_error(
         run_uffdpy("resume", snap, "--map", "--preempt", "--qmp", "/nonexistent"))
+    assert "--no-preempt applies to the postcopy stream" in one_line_error(
+        run_uffdpy("resume", snap, "--map", "--no-preempt", "--qmp", "/nonexistent"))
     assert "--warm applies to --map only" in one_line_error(
         run_uffdpy("resume", snap, "--warm", "all", "--qmp", "/nonexistent"))
     assert "--warm ws needs --working-set" in one_line_error(

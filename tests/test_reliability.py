@@ -174,13 +174,18 @@ def test_destination_left_listening_is_resumed_through_its_address(
 
 # ------------------------------------------------------------------ signals
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code, flags", [(signal.SIGINT, 130, ()),
+                                              (signal.SIGTERM, 143, ()),
+                                              (signal.SIGINT, 130, ("--no-preempt",))],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-no-preempt"])
 def test_interrupt_names_the_recover_command(guest: Dict[str, Any], destination: Any,
-                                             short_tmp: str, sig: int, code: int) -> None:
+                                             short_tmp: str, sig: int, code: int,
+                                             flags: Tuple[str, ...]) -> None:
+    """The command to finish the load, with what the paused destination was set up with."""
     args, req = guest_args(guest, short_tmp)
     dst = destination(args)
     with running(popen_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock,
-                              "--background-delay", "60")) as source:
+                              "--background-delay", "60", *flags)) as source:
         dst.qmp.wait_event("RESUME", timeout=30)
         assert answers(req)
         source.send_signal(sig)
@@ -190,6 +195,7 @@ def test_interrupt_names_the_recover_command(guest: Dict[str, Any], destination:
     assert len(lines) == 1 and "postcopy-paused" in lines[0], err
     command = lines[0].split("finish it with: ", 1)[1].split()
     assert command[:2] == ["uffdpy", "resume"] and command[-1] == "--recover", command
+    assert ("--no-preempt" in command) == ("--no-preempt" in flags), command
     assert settle(dst) == "postcopy-paused"
     proc = run_uffdpy(*command[1:])
     assert proc.returncode == 0, proc.stderr

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -203,15 +203,15 @@ def test_guest_ram_byte_exact_after_resume(guest: Dict[str, Any], destination: A
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("machine, transport, background, preempt", [
-    ("pc", "unix", True, False),
+    ("pc", "unix", True, None),
     ("pc", "tcp", True, False),
-    ("pc", "fd", True, False),
+    ("pc", "fd", True, None),
     ("q35", "unix", True, True),
-    ("q35", "tcp", False, False),
-], ids=["pc-unix", "pc-tcp", "pc-fd", "q35-preempt", "q35-tcp-no-background"])
+    ("q35", "tcp", False, None),
+], ids=["pc-unix", "pc-tcp-no-preempt", "pc-fd", "q35-preempt", "q35-tcp-no-background"])
 def test_firmware_machines_byte_exact(firmware: Dict[str, Any], destination: Any,
                                       tmp_path: Path, machine: str, transport: str,
-                                      background: bool, preempt: bool) -> None:
+                                      background: bool, preempt: Optional[bool]) -> None:
     snapshot, args = firmware[machine]
     dst = destination(args, paused=True)
     with Resume(snapshot, qmp=dst.uffdpy_sock, transport=transport, background=background,
@@ -224,6 +224,10 @@ def test_firmware_machines_byte_exact(firmware: Dict[str, Any], destination: Any
         stats = r.wait(60)
     assert dst.status() == "completed"
     assert data_pages_sent(stats.as_dict()) == stats.data_pages
+    # preempt by default wherever a second connection can be opened, else as given
+    expected = preempt if preempt is not None else transport != "fd"
+    caps = {c["capability"]: c["state"] for c in dst.qmp.call("query-migrate-capabilities")}
+    assert caps["postcopy-preempt"] is expected and stats.preempt is expected
     assert_ram_equals(snapshot, dst.resave(tmp_path / "again.img"))
 
 
@@ -431,7 +435,7 @@ def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
                       "--qemu-args", "-machine none -m 16M -nodefaults -display none")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
-    assert set(rows) == {"qemu", "resume", "resume-command", "resume-preempt", "map"}
+    assert set(rows) == {"qemu", "resume", "resume-command", "resume-no-preempt", "map"}
     assert all(r["completed"] and r["completed"] > 0 for r in rows.values())
     # the command is timed from its spawn: its connect comes after Python's start
     assert rows["resume-command"]["connect"] > rows["resume"]["connect"] > 0

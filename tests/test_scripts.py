@@ -166,7 +166,7 @@ def test_bench_resume_one_round_synthetic(qemu_binary: str, tmp_path: Path) -> N
                                          qemu_binary, "--qemu-args",
                                          "-machine none -m 16M -nodefaults -display none"],
                      timeout=240)
-    assert "QEMU's own load" in out and "uffdpy resume --preempt" in out
+    assert "QEMU's own load" in out and "uffdpy resume --no-preempt" in out
 
 
 @pytest.mark.qemu

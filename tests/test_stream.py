@@ -266,7 +266,7 @@ def test_a_file_renamed_over_the_snapshot_is_never_served(snap: str, tmp_path: P
 def test_options_are_checked_once_when_made() -> None:
     from uffdpy.resume.options import ResumeOptions
     for bad, words in [(dict(batch_pages=0), "batch_pages must be >= 1"),
-                       (dict(preempt=1), "preempt must be True or False, not 1"),
+                       (dict(preempt=1), "preempt must be True, False or None"),
                        (dict(transport="udp"), "transport must be unix, tcp or fd"),
                        (dict(working_set="x.ws", recover=True), "not to --recover"),
                        (dict(background_idle=1.0, background_delay=2.0), "not with background"),
@@ -305,6 +305,12 @@ def test_the_command_line_reads_the_options_back_once() -> None:
                                                           demand_yield_ms=0.0, timeout=9.0)
     assert ResumeOptions.given_flags(args) == ("--preempt", "--batch-pages",
                                                "--demand-yield-ms")
+    # preempt: on by default where a second connection can be opened, or as given
+    assert default.preempt is None
+    assert (default.preempt_over("unix"), default.preempt_over("fd")) == (True, False)
+    off = parse(["resume", "s.img", "--qmp", "q", "--no-preempt"])
+    assert ResumeOptions.from_args(off).preempt_over("unix") is False
+    assert ResumeOptions.given_flags(off) == ("--no-preempt",)
     alone = ResumeOptions.from_args(parse(["resume", "s.img", "--qmp", "q",
                                            "--record-ws", "w.ws"]))
     assert (alone.fault_around_pages, alone.background_idle) == (0, RECORD_IDLE_S)

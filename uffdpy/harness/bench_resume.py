@@ -8,7 +8,8 @@ same.  Per contender and round:
 * **QEMU's own load**: ``migrate-incoming file:SNAP`` with mapped-ram, then
   ``cont`` on the ``completed`` event.  Time zero is the ``migrate-incoming``
   call; running is the RESUME event, completed the MIGRATION event.
-* **resume** (and **resume + preempt**): :class:`uffdpy.resume.Resume`
+* **resume** (and **resume without preempt**, every answer on the main
+  channel): :class:`uffdpy.resume.Resume`
   against the destination's QMP socket.  Time zero is the call of
   ``Resume()`` (capabilities, ``migrate-incoming`` and the connect
   included); running and completed are QEMU's events, as above.
@@ -65,11 +66,11 @@ from ..resume.destination import event_time
 
 __all__ = ["run_resume_bench", "run_clone_bench", "CONTENDERS", "evict", "memory"]
 
-CONTENDERS = ("qemu", "resume", "resume-command", "resume-preempt", "resume-ws",
+CONTENDERS = ("qemu", "resume", "resume-command", "resume-no-preempt", "resume-ws",
               "resume-ws-before", "map", "map-ws")
 LABELS = {"qemu": "QEMU's own load (mapped-ram)", "resume": "uffdpy resume",
           "resume-command": "uffdpy resume, the command",
-          "resume-preempt": "uffdpy resume --preempt",
+          "resume-no-preempt": "uffdpy resume --no-preempt",
           "resume-ws": "uffdpy resume --working-set (after RUN)",
           "resume-ws-before": "uffdpy resume --working-set (before RUN)",
           "map": "uffdpy resume --map",
@@ -190,7 +191,7 @@ def _stream_figures(stats: Dict[str, Any], connect: float) -> Dict[str, Any]:
 
 
 def _resume(snapshot: str, argv: List[str], req: Optional[str], request: str, timeout: float,
-            preempt: bool = False, **options: Any) -> Dict[str, Any]:
+            preempt: Optional[bool] = None, **options: Any) -> Dict[str, Any]:
     proc = QemuProcess(argv, paused=False, timeout=timeout)
     try:
         t0 = time.time()
@@ -310,7 +311,7 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
                                   else "after-run")
                 else:
                     res = _resume(snapshot, argv, req, request or "", timeout,
-                                  preempt=name == "resume-preempt")
+                                  preempt=False if name == "resume-no-preempt" else None)
                 if "answer_text" in res:
                     answers.add(res["answer_text"])
                 log(f"round {rnd} {name}: " + ", ".join(

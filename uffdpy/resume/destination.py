@@ -129,6 +129,15 @@ class QemuDestination:
                                    "(is the destination postcopy-paused?)", e.desc) from None
         return f"unix:{path}"
 
+    def preempt_capability(self, default: bool) -> bool:
+        """Whether postcopy-preempt is on here; ``default`` if QEMU does not answer
+        within 2 s (in band: a guest blocked on a missing page may hold its main loop)."""
+        try:
+            caps = self.client.execute("query-migrate-capabilities", timeout=2.0)
+        except (TimeoutError, QmpError, ConnectionError):
+            return default
+        return any(c["capability"] == "postcopy-preempt" and c["state"] for c in caps)
+
     def status(self) -> Dict[str, Any]:
         return dict(self.client.call("query-migrate"))
 

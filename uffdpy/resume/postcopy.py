@@ -13,10 +13,10 @@ byte; :mod:`uffdpy.migstream` makes them):
 
 1. Validate the snapshot (mapped-ram, 4 KiB target pages) before anything is
    sent.  With a QMP socket: set ``postcopy-ram`` on and ``mapped-ram`` off
-   (plus ``postcopy-preempt`` if asked, ``events`` for timing), read the
-   blocks' host page sizes (``info ramblock``), and start ``migrate-incoming``
-   on a private address with ``exit-on-error`` off, so that a refusal leaves
-   QEMU alive to tell why.
+   (plus ``postcopy-preempt`` unless told not to or on an fd, ``events`` for
+   timing), read the blocks' host page sizes (``info ramblock``), and start
+   ``migrate-incoming`` on a private address with ``exit-on-error`` off, so
+   that a refusal leaves QEMU alive to tell why.
 2. Connect and queue everything up to RUN: header, configuration (without
    the capabilities subsection), OPEN_RETURN_PATH, ADVISE, the "ram" block
    list, one DISCARD (mandatory in practice), and the package with LISTEN,
@@ -87,7 +87,7 @@ class Resume:
     (then its file, the one it validated, is the one served, whatever has
     its name by now; the caller closes it).  How it streams is ``options``
     (a :class:`~.options.ResumeOptions`), or the same names as keywords,
-    which override it (``Resume(snap, qmp=sock, preempt=True)``).
+    which override it (``Resume(snap, qmp=sock, preempt=False)``).
     The constructor validates, connects and starts the serving thread; the
     guest runs (unless the destination has ``-S``) a few milliseconds later.
     :meth:`wait` returns the :class:`ResumeStats` when the migration has
@@ -113,7 +113,10 @@ class Resume:
         timeout = opts.timeout
         working_set, record_ws, trace = opts.working_set, opts.record_ws, opts.trace
         background, background_delay = opts.background, opts.background_delay
-        background_idle, preempt, recover = opts.background_idle, opts.preempt, opts.recover
+        background_idle, recover = opts.background_idle, opts.recover
+        # on by default when uffdpy sets the destination up (with connect=, whoever did
+        # chose; a recovery asks the destination what it has)
+        preempt = opts.preempt_over(opts.transport) if connect is None else bool(opts.preempt)
         batch_pages, fault_around_pages = opts.batch_pages, opts.fault_around_pages
         demand_yield_ms, ws_placement = opts.demand_yield_ms, opts.ws_placement
         stall_timeout, transport = opts.stall_timeout, opts.transport
@@ -162,6 +165,7 @@ class Resume:
             self._open(page_sizes)
             address = self._setup_destination(qmp) if qmp is not None else connect
             assert address is not None
+            self.stats.preempt = self._preempt
             # before the connect (the clock runs from it): the blocks and their
             # sent map (a block that does not fit its host pages is refused here,
             # with nothing sent), the engine (it imports ctypes: QEMU may ask for
@@ -222,9 +226,12 @@ class Resume:
         dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
         self._events_since = len(dest.client.events)
         if self._recover:
-            # no in-band command here: a guest blocked on a missing page holds QEMU's
-            # main loop, and only out-of-band commands are answered (page sizes: 4 KiB
-            # unless page_sizes says otherwise; the bitmaps' lengths are checked)
+            # a guest blocked on a missing page holds QEMU's main loop, and only
+            # out-of-band commands are answered: none in band here but one bounded
+            # query, when preempt was not given (page sizes: 4 KiB unless page_sizes
+            # says otherwise; the bitmaps' lengths are checked)
+            if self.options.preempt is None:
+                self._preempt = dest.preempt_capability(self._preempt)
             return dest.recover()
         dest.refuse_private_file_backends()     # before anything can discard its RAM
         dest.prepare(preempt=self._preempt)

@@ -23,9 +23,11 @@ class ResumeStats:
     requested one (fault-around), ``pages_working_set`` pages sent because a
     working set named them, ``zero_pages_sent`` zero pages sent (only those
     requested or in the working set).  ``data_pages_sent`` equals
-    ``data_pages`` (the snapshot's) once the migration completed.  ``request_service_us`` summarises, in microseconds, the
-    time from reading a request to writing the last byte of its page.
-    ``source_cpu_s``: CPU seconds (user + system) the serving thread used.
+    ``data_pages`` (the snapshot's) once the migration completed.
+    ``request_service_us`` summarises, in microseconds, the time from reading
+    a request to writing the last byte of its page; ``preempt``: those pages
+    went on the postcopy-preempt channel.  ``source_cpu_s``: CPU seconds
+    (user + system) the serving thread used.
     """
     time_to_running_s: Optional[float] = None
     time_to_complete_s: Optional[float] = None
@@ -41,6 +43,7 @@ class ResumeStats:
     data_pages_sent: int = 0
     request_service_us: Dict[str, Optional[float]] = dataclasses.field(
         default_factory=lambda: dict(EMPTY))
+    preempt: bool = False
     recovered: bool = False
     pages_already_received: int = 0
     source_cpu_s: Optional[float] = None

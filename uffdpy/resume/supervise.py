@@ -96,6 +96,8 @@ class SupervisedResume:
         self._dest: Optional[QemuDestination] = None
         self._keep: List[socket.socket] = []
         self._connected = False                # a server has connected (the guest may run)
+        #: whether the stream uses postcopy-preempt (as the destination was set up)
+        self._preempt = self.options.preempt_over(self.transport)
 
     # -- the supervisor
 
@@ -111,10 +113,10 @@ class SupervisedResume:
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive,
                                             session=False)
         since = len(dest.client.events)
-        preempt = self.options.preempt
+        preempt = self.options.preempt_over(self.transport)
         page_sizes: Dict[str, int] = {}
         if self.recover:
-            preempt = self._preempt_capability(preempt)
+            preempt = dest.preempt_capability(preempt)   # as the paused destination has it
             address = self._dest.recover()
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
@@ -123,9 +125,9 @@ class SupervisedResume:
             else:
                 with Snapshot.open(self.snapshot) as snap:
                     page_sizes = dest.check_matches(snap)
-            listening = self._listening_address(dest, preempt)
+            listening = self._listening_address(dest)
             if listening is not None:
-                address = listening
+                address, preempt = listening
             else:
                 dest.prepare(preempt=preempt)
                 address, ours = dest.listen_private(self.transport)
@@ -135,6 +137,7 @@ class SupervisedResume:
         first_connect: Optional[float] = None
         while True:
             mark = len(dest.client.events)
+            self._preempt = preempt
             pid, report_r = self._fork_server(address, recovering, preempt, page_sizes)
             try:
                 report = self._watch(pid, report_r)
@@ -182,12 +185,14 @@ class SupervisedResume:
             address = self._dest.recover()
             recovering = True
 
-    def _listening_address(self, dest: QemuDestination, preempt: bool) -> Optional[str]:
-        """The address of an incoming migration an earlier resume started, if any.
+    def _listening_address(self, dest: QemuDestination) -> Optional[Tuple[str, bool]]:
+        """The address of an incoming migration an earlier resume started, if
+        any, and whether it has postcopy-preempt on.
 
         A source killed between ``migrate-incoming`` and its connect leaves the
         destination in ``setup``, listening; a new ``migrate-incoming`` is then
-        refused.  Connect to what it listens on, if postcopy is on there.
+        refused.  Connect to what it listens on, if postcopy is on there (and
+        preempt as asked, when it was).
         """
         info = dest.status()
         if info.get("status") != "setup":
@@ -200,15 +205,17 @@ class SupervisedResume:
                                    "(an fd); restart it")
         caps = {c["capability"]: c["state"]
                 for c in dest.client.call("query-migrate-capabilities")}
-        if not caps.get("postcopy-ram") or bool(caps.get("postcopy-preempt")) != preempt:
+        has_preempt = bool(caps.get("postcopy-preempt"))
+        asked = self.options.preempt
+        if not caps.get("postcopy-ram") or (asked is not None and has_preempt != asked):
             raise DestinationError(
                 f"QMP {dest.path}: the destination already waits for an incoming migration "
                 f"with postcopy-ram {caps.get('postcopy-ram')} and postcopy-preempt "
                 f"{caps.get('postcopy-preempt')}; resume it with those, or restart it")
         a = addresses[0]
         if a["type"] == "unix":
-            return f"unix:{a['path']}"
-        return f"tcp:{a['host']}:{a['port']}"
+            return f"unix:{a['path']}", has_preempt
+        return f"tcp:{a['host']}:{a['port']}", has_preempt
 
     @staticmethod
     def _still_listening(dest: QemuDestination) -> bool:
@@ -216,15 +223,6 @@ class SupervisedResume:
             return dest.client.execute("query-migrate", timeout=0.5).get("status") == "setup"
         except (TimeoutError, QmpError, ConnectionError):
             return False
-
-    def _preempt_capability(self, default: bool) -> bool:
-        """Whether the paused destination has postcopy-preempt on (in band: may not answer)."""
-        assert self._dest is not None
-        try:
-            caps = self._dest.client.execute("query-migrate-capabilities", timeout=2.0)
-        except (TimeoutError, QmpError, ConnectionError):
-            return default
-        return any(c["capability"] == "postcopy-preempt" and c["state"] for c in caps)
 
     def _await_end(self, mark: int) -> str:
         """The destination's state after its server died, from the events after ``mark``.
@@ -284,8 +282,8 @@ class SupervisedResume:
         self.server_pid = None
 
     def _recover_hint(self) -> str:
-        return (f"finish it with: uffdpy resume {self.path} --qmp {self.qmp} --recover"
-                + (" --preempt" if self.options.preempt else ""))
+        return (f"finish it with: uffdpy resume {self.path} --qmp {self.qmp}"
+                + ("" if self._preempt else " --no-preempt") + " --recover")
 
     def _interrupted_message(self) -> str:
         return ("interrupted: the stream is stopped and the destination is left postcopy-paused "
