@@ -45,7 +45,6 @@ the incoming migration.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import errno
 import mmap
 import os
@@ -53,7 +52,7 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from .. import migstream as ms
 from ..latency import percentiles
@@ -63,6 +62,7 @@ from ..pagesource import PathLike
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
 from .blocks import SourceBlock, source_blocks
+from .loopstate import LoopState, Phase, awaited
 from .options import ResumeOptions
 from .stats import ResumeStats
 
@@ -174,7 +174,10 @@ class Resume:
             pages = self._build_sender()
             self._address = address
             opening = self._opening()
-            self._main = _channel(open_connection(address, timeout), "main")
+            sock = open_connection(address, timeout)
+            if self._preempt and sock.family == socket.AF_UNIX:   # (TCP tunes its own)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAIN_SNDBUF_PREEMPT)
+            self._main = _channel(sock, "main")
             self._connected_wall = time.time()
             self._connected = pages.t0 = time.monotonic()
             # everything up to RUN (~15 KB) goes into the socket at once: a source
@@ -316,7 +319,7 @@ class Resume:
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
         rp = ms.ReturnPath()
-        st = _LoopState(sid=self._snap.ram_section_id if self._snap else 1)
+        st = LoopState(sid=self._snap.ram_section_id if self._snap else 1)
         sid = st.sid
         if self._recover:
             st.phase = Phase.BITMAPS           # the RECV_BITMAP commands went in the opening
@@ -344,7 +347,7 @@ class Resume:
             if self.stats.bytes_sent != sent_before:
                 sent_before, progress_at = self.stats.bytes_sent, now
             serving = st.phase is Phase.SERVING
-            waiting = _awaited(st, main, self._urgent)
+            waiting = awaited(st, main, self._urgent)
             if waiting is not None and now - progress_at > self._stall_s:
                 raise ResumeError(f"the load made no progress for {self._stall_s:g}s: "
                                   f"waited for {waiting}")
@@ -437,7 +440,7 @@ class Resume:
         """A request's answer is written: its service time, from its read."""
         self._latencies.append(time.perf_counter() - t_request)
 
-    def _on_message(self, msg: ms.RpMessage, st: "_LoopState", t_read: float) -> None:
+    def _on_message(self, msg: ms.RpMessage, st: LoopState, t_read: float) -> None:
         """What one message of the return path does (read at ``t_read``)."""
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
@@ -468,7 +471,7 @@ class Resume:
             raise ResumeError(f"the destination sent an unexpected "
                               f"{type(msg).__name__} in phase {st.phase.name.lower()}")
 
-    def _advance(self, st: "_LoopState") -> None:
+    def _advance(self, st: LoopState) -> None:
         """The phase changes that wait on the return path."""
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
@@ -638,55 +641,10 @@ class Resume:
         self.close()
 
 
-class Phase(enum.Enum):
-    """Where the serving loop is."""
-
-    AWAIT_PONG2 = "await-pong2"   # preempt: the preamble sent, the package waits for PONG 2
-    PACKAGE = "package"           # the package (LISTEN, the devices, RUN) is queued
-    BITMAPS = "bitmaps"           # recovery: the received-page bitmaps are coming
-    AWAIT_ACK = "await-ack"       # recovery: POSTCOPY_RESUME sent, RESUME_ACK awaited
-    SERVING = "serving"           # requests answered; the stream runs once PONG 3 came
-
-
-#: what a phase waits for from the destination (the stall error names it)
-_WAITS = {
-    Phase.AWAIT_PONG2: "the destination to accept the migration stream (PONG 2)",
-    Phase.BITMAPS: "the destination's received-page bitmaps (RECV_BITMAP)",
-    Phase.AWAIT_ACK: "the destination to resume the load (RESUME_ACK)",
-}
-
-
-class _LoopState:
-    """The serving loop's state, shared by the loop and its message dispatch.
-
-    A plain class (a dataclass costs 1 ms to make, on the way to the connect).
-    """
-
-    __slots__ = ("sid", "phase", "pongs", "bitmaps", "stream_ok", "ended", "shut", "around")
-
-    def __init__(self, sid: int) -> None:
-        self.sid = sid                            # the "ram" section's id
-        self.phase = Phase.SERVING
-        self.pongs: Set[int] = set()
-        self.bitmaps: Dict[str, ms.RecvBitmap] = {}
-        self.stream_ok = False    # the stream starts once the devices are loaded (PONG 3)
-        self.ended = False        # END and EOF are queued
-        self.shut = False         # SHUT came: the destination is done
-        #: fault-around still to build after this read: (block, first unit, channel)
-        self.around: List[Tuple[SourceBlock, int, Channel]] = []
-
-
-def _awaited(st: _LoopState, main: "Channel", urgent: Optional["Channel"]) -> Optional[str]:
-    """What the loop waits for from the destination now, or None (serving demand is no wait)."""
-    if st.phase in _WAITS:
-        return _WAITS[st.phase]
-    if main.pending or (urgent is not None and urgent.pending):
-        return "the destination to read what was sent (the socket is full)"
-    if not st.stream_ok:
-        return "the destination to load the device state (PONG 3)"
-    if st.ended:
-        return "the destination to end the load (SHUT) after EOF"
-    return None
+#: with preempt, the main channel's send buffer (the kernel doubles it, up to
+#: net.core.wmem_max): the answers take the other channel, so a deeper stream
+#: only means fewer wake-ups (the 1 GiB guest: 0.164 -> 0.147 s of CPU)
+_MAIN_SNDBUF_PREEMPT = 256 << 10
 
 
 def _channel(sock: socket.socket, name: str) -> "Channel":
