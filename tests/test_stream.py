@@ -308,6 +308,9 @@ def test_the_command_line_reads_the_options_back_once() -> None:
     # preempt: on by default where a second connection can be opened, or as given
     assert default.preempt is None
     assert (default.preempt_over("unix"), default.preempt_over("fd")) == (True, False)
+    # batches: larger with preempt, where no answer waits behind one; or as given
+    assert (default.batch_for(True), default.batch_for(False)) == (128, 32)
+    assert ResumeOptions.from_args(args).batch_for(True) == 5
     off = parse(["resume", "s.img", "--qmp", "q", "--no-preempt"])
     assert ResumeOptions.from_args(off).preempt_over("unix") is False
     assert ResumeOptions.given_flags(off) == ("--no-preempt",)

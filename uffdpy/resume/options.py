@@ -16,11 +16,14 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
-__all__ = ["ResumeOptions", "DEFAULT_BATCH_PAGES", "DEFAULT_FAULT_AROUND",
+__all__ = ["ResumeOptions", "DEFAULT_BATCH_PAGES", "PREEMPT_BATCH_PAGES", "DEFAULT_FAULT_AROUND",
            "DEFAULT_DEMAND_YIELD_MS", "RECORD_IDLE_S"]
 
 #: data pages per background PART section: small, so a request waits behind little
 DEFAULT_BATCH_PAGES = 32
+#: the same with preempt, where no answer waits behind a batch: fewer turns of the
+#: loop (the 1 GiB guest: the serving thread's user time 0.056 -> 0.027 s)
+PREEMPT_BATCH_PAGES = 128
 #: data pages sent right behind a requested one (the guest's next reads, mostly)
 DEFAULT_FAULT_AROUND = 32
 #: the background stream pauses this long after each request, so that on few
@@ -47,7 +50,8 @@ class ResumeOptions:
     on when uffdpy sets the destination up itself, over ``qmp`` and not on
     an fd; see :meth:`preempt_over`); ``recover`` resumes a destination left
     ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
-    data pages per background section; ``fault_around_pages``: the next
+    data pages per background section (default :meth:`batch_for`);
+    ``fault_around_pages``: the next
     data pages after a requested one that go with it; ``demand_yield_ms``:
     the background stream pauses that long after each request;
     ``working_set`` (a file of :mod:`uffdpy.workingset`) is sent first,
@@ -65,7 +69,7 @@ class ResumeOptions:
     background_idle: Optional[float] = None
     preempt: Optional[bool] = None
     recover: bool = False
-    batch_pages: int = DEFAULT_BATCH_PAGES
+    batch_pages: Optional[int] = None
     fault_around_pages: int = DEFAULT_FAULT_AROUND
     demand_yield_ms: float = DEFAULT_DEMAND_YIELD_MS
     working_set: Optional[str] = None
@@ -93,7 +97,7 @@ class ResumeOptions:
                              f"not {self.ws_placement!r}")
         if self.working_set is not None and self.recover:
             raise ValueError("a working set applies to a fresh resume, not to --recover")
-        if self.batch_pages < 1:
+        if self.batch_pages is not None and self.batch_pages < 1:
             raise ValueError(f"batch_pages must be >= 1, not {self.batch_pages}")
         if self.background_delay < 0:
             raise ValueError(f"background_delay must be >= 0, not {self.background_delay}")
@@ -117,6 +121,13 @@ class ResumeOptions:
         if self.preempt is not None:
             return self.preempt
         return transport != "fd"
+
+    def batch_for(self, preempt: bool) -> int:
+        """Data pages per background section: as asked, else
+        :data:`DEFAULT_BATCH_PAGES`, or :data:`PREEMPT_BATCH_PAGES` with preempt."""
+        if self.batch_pages is not None:
+            return self.batch_pages
+        return PREEMPT_BATCH_PAGES if preempt else DEFAULT_BATCH_PAGES
 
     def for_recovery(self) -> "ResumeOptions":
         """The same for a server that finishes a paused load: what shaped the first
@@ -193,9 +204,10 @@ FLAGS: Dict[str, Tuple[str, Any, Dict[str, Any]]] = {
     "--recover": ("recover", False, dict(
         action="store_true",
         help="with --qmp: finish a load whose source died (postcopy-paused)")),
-    "--batch-pages": ("batch_pages", DEFAULT_BATCH_PAGES, dict(
+    "--batch-pages": ("batch_pages", None, dict(
         type=positive_int, metavar="N",
-        help=f"data pages per background section (default {DEFAULT_BATCH_PAGES})")),
+        help=f"data pages per background section (default {DEFAULT_BATCH_PAGES}; "
+             f"{PREEMPT_BATCH_PAGES} with preempt, where no answer waits behind one)")),
     "--fault-around": ("fault_around", None, dict(
         type=non_negative_int, metavar="N",
         help=f"data pages sent right behind each requested page (default "

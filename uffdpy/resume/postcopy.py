@@ -117,7 +117,7 @@ class Resume:
         # on by default when uffdpy sets the destination up (with connect=, whoever did
         # chose; a recovery asks the destination what it has)
         preempt = opts.preempt_over(opts.transport) if connect is None else bool(opts.preempt)
-        batch_pages, fault_around_pages = opts.batch_pages, opts.fault_around_pages
+        fault_around_pages = opts.fault_around_pages
         demand_yield_ms, ws_placement = opts.demand_yield_ms, opts.ws_placement
         stall_timeout, transport = opts.stall_timeout, opts.transport
         self.stats = ResumeStats()
@@ -125,7 +125,6 @@ class Resume:
         self._snapshot_path = snapshot.path if isinstance(snapshot, Snapshot) \
             else os.fspath(snapshot)
         self._timeout = timeout
-        self._batch = batch_pages
         self._around = fault_around_pages
         self._pages: Optional[PageSender] = None
         self._ws_path = working_set
@@ -218,7 +217,8 @@ class Resume:
         from .sender import PageSender
         assert self._view is not None
         pages = self._pages = PageSender(self._order, self._view, self.stats,
-                                         batch=self._batch, around=self._around,
+                                         batch=self.options.batch_for(self._preempt),
+                                         around=self._around,
                                          trace=self.trace,
                                          record=self._record_path is not None)
         if self._ws is not None:
