@@ -114,9 +114,9 @@ class ResumeOptions:
         ``transport``, uses postcopy-preempt: as asked, else on unless the
         transport is an fd (one connection, no second to open).
 
-        Measured on the 1 GiB guest: request service p99 68 us with it, 166
-        us without (an answer on the main channel waits for room behind the
-        stream); the answer and the completion no later.
+        Measured on the 1 GiB guest: request service p99 71 us with it, 174
+        us without (an answer on the main channel waits behind the stream);
+        see ``docs/benchmarks.md``.
         """
         if self.preempt is not None:
             return self.preempt
