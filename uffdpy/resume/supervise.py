@@ -96,7 +96,8 @@ class SupervisedResume:
         self._dest: Optional[QemuDestination] = None
         self._keep: List[socket.socket] = []
         self._connected = False                # a server has connected (the guest may run)
-        #: whether the stream uses postcopy-preempt (as the destination was set up)
+        #: whether the stream uses postcopy-preempt: as asked or by default, then as
+        #: the destination turns out to have it (recovery, an address left listening)
         self._preempt = self.options.preempt_over(self.transport)
 
     # -- the supervisor
@@ -113,10 +114,9 @@ class SupervisedResume:
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive,
                                             session=False)
         since = len(dest.client.events)
-        preempt = self.options.preempt_over(self.transport)
         page_sizes: Dict[str, int] = {}
-        if self.recover:
-            preempt = dest.preempt_capability(preempt)   # as the paused destination has it
+        if self.recover:                        # as the paused destination has it
+            self._preempt = dest.preempt_capability(self._preempt)
             address = self._dest.recover()
         else:
             dest.refuse_private_file_backends()         # before anything can discard RAM
@@ -127,9 +127,9 @@ class SupervisedResume:
                     page_sizes = dest.check_matches(snap)
             listening = self._listening_address(dest)
             if listening is not None:
-                address, preempt = listening
+                address, self._preempt = listening
             else:
-                dest.prepare(preempt=preempt)
+                dest.prepare(preempt=self._preempt)
                 address, ours = dest.listen_private(self.transport)
                 if ours is not None:
                     self._keep.append(ours)
@@ -137,8 +137,7 @@ class SupervisedResume:
         first_connect: Optional[float] = None
         while True:
             mark = len(dest.client.events)
-            self._preempt = preempt
-            pid, report_r = self._fork_server(address, recovering, preempt, page_sizes)
+            pid, report_r = self._fork_server(address, recovering, self._preempt, page_sizes)
             try:
                 report = self._watch(pid, report_r)
             except KeyboardInterrupt as e:
