@@ -17,7 +17,7 @@ import struct
 import time
 from array import array
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -320,3 +320,41 @@ def test_the_command_line_reads_the_options_back_once() -> None:
     chosen = ResumeOptions.from_args(parse(["resume", "s.img", "--qmp", "q", "--record-ws",
                                             "w.ws", "--fault-around", "4"]))
     assert (chosen.fault_around_pages, chosen.background_idle) == (4, None)
+
+
+def test_the_private_directory_of_the_sockets(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under $TMPDIR, a new name each time, mode 0700; removed with its sockets."""
+    from uffdpy.resume.destination import _private_directory, _remove_sockets_directory
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    first, second = _private_directory("m-"), _private_directory("m-")
+    assert first != second and os.path.dirname(first) == str(tmp_path)
+    assert os.stat(first).st_mode & 0o777 == 0o700
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.path.join(first, "migration.sock"))
+    listener.close()
+    _remove_sockets_directory(first)
+    _remove_sockets_directory(first)                # gone already: quietly nothing
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(second)]
+
+
+def test_the_server_forked_ahead_is_reaped_when_the_set_up_fails(snap: str,
+                                                                  tmp_path: Path) -> None:
+    """The command's first server forks before the QMP session opens; a set-up that
+    fails (here: no QEMU at the socket) dismisses it, and it is reaped, not left."""
+    from uffdpy.resume.supervise import SupervisedResume
+    supervisor = SupervisedResume(snap, qmp=str(tmp_path / "no-qemu.sock"), timeout=0.5)
+    forked: List[int] = []
+    fork = supervisor._fork_server
+
+    def fork_and_note() -> Any:
+        server = fork()
+        forked.append(server.pid)
+        return server
+
+    supervisor._fork_server = fork_and_note               # type: ignore[method-assign]
+    with pytest.raises(TimeoutError, match="no such socket"):
+        supervisor.run()
+    assert len(forked) == 1 and supervisor.server_pid is None
+    with pytest.raises(ProcessLookupError):               # not a zombie: reaped
+        os.kill(forked[0], 0)

@@ -10,7 +10,10 @@ holding QEMU's big lock*: from then on in-band QMP never answers, not even the
 (its out-of-band commands are answered by the monitor's own thread).  So the
 process a user sees (the *supervisor*) negotiates the QMP session, sets the
 destination up, and forks a *server* that connects and serves the stream
-(:class:`.postcopy.Resume`).  The session is a blocking one
+(:class:`.postcopy.Resume`).  The first server is forked before the session
+opens: it imports the stream's engine while the supervisor sets the
+destination up (the two overlap: about 3 ms sooner to the connect), then
+waits on a pipe for its orders (the address, preempt, the page sizes).  The session is a blocking one
 (``QmpClient(session=False)``): the supervisor does one thing at a time, the
 events wait in the socket until it looks for them, no asyncio thread is there
 to be forked, and none is imported on the way to the connect.  The session
@@ -40,13 +43,14 @@ import select
 import signal
 import socket
 import time
+from importlib import import_module
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ..mappedram import Snapshot
 from ..qmp import QmpError
 from .destination import DestinationError, QemuDestination, ResumeError, event_time
 from .options import ResumeOptions
-from .postcopy import Resume, ResumeStats
+from .stats import ResumeStats
 
 __all__ = ["SupervisedResume", "BeforeRun"]
 
@@ -96,6 +100,7 @@ class SupervisedResume:
         self._dest: Optional[QemuDestination] = None
         self._keep: List[socket.socket] = []
         self._connected = False                # a server has connected (the guest may run)
+        self._early: Optional[_Server] = None   # a server forked ahead, not yet ordered
         #: whether the stream uses postcopy-preempt: as asked or by default, then as
         #: the destination turns out to have it (recovery, an address left listening)
         self._preempt = self.options.preempt_over(self.transport)
@@ -109,6 +114,11 @@ class SupervisedResume:
             self._release()
 
     def _run(self) -> Dict[str, Any]:
+        # the first server forks before the session opens: it readies itself (its
+        # imports, ctypes among them) while this process sets the destination up, and
+        # waits for its orders (an fd transport's socket does not exist yet: not then)
+        if self.transport != "fd":
+            self._early = self._fork_server()
         # blocking QMP: one thread, one command or event wait at a time, out of band
         # still on; no asyncio to import (~18 ms) on the way to the connect
         dest = self._dest = QemuDestination(self.qmp, timeout=self.timeout, alive=self.alive,
@@ -137,7 +147,9 @@ class SupervisedResume:
         first_connect: Optional[float] = None
         while True:
             mark = len(dest.client.events)
-            pid, report_r = self._fork_server(address, recovering, self._preempt, page_sizes)
+            server, self._early = self._early or self._fork_server(), None
+            pid, report_r = server.pid, server.report_r
+            server.order(address, recovering, self._preempt, page_sizes)
             try:
                 report = self._watch(pid, report_r)
             except KeyboardInterrupt as e:
@@ -310,6 +322,9 @@ class SupervisedResume:
         return out
 
     def _release(self) -> None:
+        if self._early is not None:           # never ordered: it ends when its orders close
+            self._early.dismiss()
+            self._early = self.server_pid = None
         for sock in self._keep:
             sock.close()
         self._keep = []
@@ -319,10 +334,11 @@ class SupervisedResume:
 
     # -- the server (the forked child)
 
-    def _fork_server(self, address: str, recover: bool, preempt: bool,
-                     page_sizes: Dict[str, int]) -> Tuple[int, int]:
+    def _fork_server(self) -> "_Server":
+        """Fork a server: it readies itself, then waits for :meth:`_Server.order`."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        keep = [report_w] + [s.fileno() for s in self._keep]
+        orders_r, orders_w = os.pipe2(os.O_CLOEXEC)
+        keep = [report_w, orders_r] + [s.fileno() for s in self._keep]
         if isinstance(self.snapshot, Snapshot):
             keep.append(self.snapshot.fileno())              # the server reads this file
         pid = os.fork()
@@ -330,27 +346,33 @@ class SupervisedResume:
             code = 70
             try:
                 _detach(keep)
-                code = self._serve(report_w, address, recover, preempt, page_sizes)
+                code = self._serve(report_w, orders_r)
             finally:
                 os._exit(code)
         os.close(report_w)
+        os.close(orders_r)
         self.server_pid = pid
-        return pid, report_r
+        return _Server(pid, report_r, orders_w)
 
-    def _serve(self, report_w: int, address: str, recover: bool, preempt: bool,
-               page_sizes: Dict[str, int]) -> int:
+    def _serve(self, report_w: int, orders_r: int) -> int:
         def send(msg: Dict[str, Any]) -> None:
             try:
                 os.write(report_w, json.dumps(msg).encode() + b"\n")
             except OSError:               # the supervisor is gone: serve on regardless
                 pass
 
-        options = dataclasses.replace(self.options, preempt=preempt, recover=False)
-        if recover:                    # what shaped the first moments is past
+        # ready before the orders come: the stream and its engine (ctypes) imported
+        from .postcopy import Resume
+        import_module(".sender", __package__)
+        orders = _read_orders(orders_r)
+        if orders is None:                # dismissed (the set-up failed): nothing to do
+            return 0
+        options = dataclasses.replace(self.options, preempt=orders["preempt"], recover=False)
+        if orders["recover"]:            # what shaped the first moments is past
             options = options.for_recovery()
         try:
-            with Resume(self.snapshot, connect=address, options=options,
-                        page_sizes=page_sizes or None) as r:
+            with Resume(self.snapshot, connect=orders["address"], options=options,
+                        page_sizes=orders["page_sizes"] or None) as r:
                 send({"connected_at": r.connected_at})
                 while True:
                     try:
@@ -366,6 +388,53 @@ class SupervisedResume:
         except Exception as e:          # one line back to the supervisor, never a traceback
             send({"error": str(e) or type(e).__name__, "kind": "resume"})
             return 2
+
+
+class _Server:
+    """A forked server, as the supervisor holds it: its pid, the pipe of its reports,
+    and the pipe of its orders until they are given (or it is dismissed)."""
+
+    def __init__(self, pid: int, report_r: int, orders_w: int) -> None:
+        self.pid = pid
+        self.report_r = report_r
+        self._orders_w: Optional[int] = orders_w
+
+    def order(self, address: str, recover: bool, preempt: bool,
+              page_sizes: Dict[str, int]) -> None:
+        """Where to connect and how: one line (atomic in a pipe); the pipe closes after it."""
+        assert self._orders_w is not None
+        line = json.dumps({"address": address, "recover": recover, "preempt": preempt,
+                           "page_sizes": page_sizes}).encode() + b"\n"
+        try:
+            os.write(self._orders_w, line)
+        except BrokenPipeError:          # it died already: the supervisor's watch says how
+            pass
+        finally:
+            os.close(self._orders_w)
+            self._orders_w = None
+
+    def dismiss(self) -> None:
+        """End a server never ordered: its orders close, it exits, it is reaped."""
+        if self._orders_w is not None:
+            os.close(self._orders_w)
+            self._orders_w = None
+        os.close(self.report_r)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _read_orders(fd: int) -> Optional[Dict[str, Any]]:
+    """The server's orders: one JSON line, or None when the pipe closes without one."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+    os.close(fd)
+    return dict(json.loads(data))
 
 
 def _detach(keep: List[int]) -> None:
