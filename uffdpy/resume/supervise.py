@@ -13,11 +13,11 @@ destination up, and forks a *server* that connects and serves the stream
 (:class:`.postcopy.Resume`).  The first server is forked before the session
 opens: it imports the stream's engine while the supervisor sets the
 destination up (the two overlap: about 3 ms sooner to the connect), then
-waits on a pipe for its orders (the address, preempt, the page sizes).  The session is a blocking one
-(``QmpClient(session=False)``): the supervisor does one thing at a time, the
-events wait in the socket until it looks for them, no asyncio thread is there
-to be forked, and none is imported on the way to the connect.  The session
-stays open here until the load has completed:
+waits on a pipe for its orders (the address, preempt, the page sizes).  The
+session is a blocking one (``QmpClient(session=False)``): the supervisor
+does one thing at a time, the events wait in the socket until it looks for
+them, no asyncio thread is there to be forked, and none is imported on the
+way to the connect.  The session stays open here until the load has completed:
 
 * the server dies (a crash, SIGKILL, an OOM kill): the supervisor sees the
   ``postcopy-paused`` event, runs ``migrate-recover`` out of band and forks a
@@ -334,7 +334,7 @@ class SupervisedResume:
 
     # -- the server (the forked child)
 
-    def _fork_server(self) -> "_Server":
+    def _fork_server(self) -> _Server:
         """Fork a server: it readies itself, then waits for :meth:`_Server.order`."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         orders_r, orders_w = os.pipe2(os.O_CLOEXEC)
@@ -427,14 +427,9 @@ class _Server:
 
 def _read_orders(fd: int) -> Optional[Dict[str, Any]]:
     """The server's orders: one JSON line, or None when the pipe closes without one."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        data += chunk
-    os.close(fd)
-    return dict(json.loads(data))
+    with open(fd, "rb") as pipe:
+        line = pipe.readline()
+    return dict(json.loads(line)) if line.endswith(b"\n") else None
 
 
 def _detach(keep: List[int]) -> None:
