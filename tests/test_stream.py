@@ -162,27 +162,43 @@ def test_blocks_of_larger_host_pages_go_whole(snap: str, host_page: int) -> None
     assert stats["data_pages_sent"] == len(want) and stats["zero_pages_sent"] == len(zeros)
     assert not fake.duplicates
 
+def window_of(page: int, size: int, data: list) -> list:
+    """The data pages of ``page``'s aligned window of ``size`` pages, in the order
+    fault-around sends them: after it, then before it."""
+    lo = page - page % size
+    return ([q for q in data if page < q < lo + size]
+            + [q for q in data if lo <= q < page])
+
+
 def test_requests_are_answered_first_then_their_fault_around(snap: str) -> None:
     want = data_pages(snap)
     pages = sorted(p for _, p in want)
-    p1 = pages[10]
-    p2 = pages[200]
+
+    def both_ways(p: int) -> bool:                # data in its window after it and before it
+        lo = p - p % 8
+        return any(p < q < lo + 8 for q in pages) and any(lo <= q < p for q in pages)
+    p1 = next(p for p in pages[10:] if both_ways(p))
+    p2 = next(p for p in pages if p >= p1 + 100 and both_ways(p))
     zero = zero_page(snap)
-    with serve(snap, background=False, fault_around_pages=4) as (r, fake):
+    with serve(snap, background=False, fault_around_pages=8) as (r, fake):
         deadline = wait_for_package(fake)
         # two requests in one write: the source reads both in one recv
         raw = b"ram"
         wire = (struct.pack(">HHQI", 3, 12 + 1 + len(raw), p1 * PAGE, PAGE) + bytes([len(raw)])
                 + raw + struct.pack(">HHQI", 4, 12, p2 * PAGE, PAGE))
         fake.sock.sendall(wire)
-        while len(fake.order) < 10:
+        while len(fake.order) < 2:
             assert time.monotonic() < deadline, fake.order
             time.sleep(0.001)
         order = [p for _, p in fake.order]
         assert order[:2] == [p1, p2], order          # both answers before any fault-around
-        after1 = [p for p in pages if p > p1][:4]
-        after2 = [p for p in pages if p > p2][:4]
-        assert order[2:10] == after1 + after2, order
+        # then each one's window of 8 pages: the data pages after it, then before it
+        around = [q for p in (p1, p2) for q in window_of(p, 8, pages)]
+        while len(fake.order) < 2 + len(around):
+            assert time.monotonic() < deadline, fake.order
+            time.sleep(0.001)
+        order = [p for _, p in fake.order]
+        assert order[2:2 + len(around)] == around, order
         fake.request("ram", zero)                    # a zero page: a ZERO record
         fake.request("ram", p1)                      # already sent: dropped, counted
         while ("ram", zero) not in fake.pages:
@@ -193,7 +209,7 @@ def test_requests_are_answered_first_then_their_fault_around(snap: str) -> None:
         fake.join()
     assert fake.pages[("ram", zero)] is None
     assert stats["zero_pages_sent"] == 1 and stats["duplicate_requests"] >= 1
-    assert stats["pages_requested"] == 3 and stats["pages_around"] == 8
+    assert stats["pages_requested"] == 3 and stats["pages_around"] == len(around)
     assert {k: v for k, v in fake.pages.items() if v is not None} == want
 
 

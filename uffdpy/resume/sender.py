@@ -5,7 +5,7 @@
 hold data, which host pages are sent or in flight: the *sent map*, one byte a
 host page), the working set still to send, and
 the records each page becomes.  It claims pages by runs: a request's host
-pages, the data pages after it (fault-around), the next batch of the
+pages, the other data pages of its window (fault-around), the next batch of the
 background stream, a stretch of the working set, or what a recovering
 destination says it already has.  A page claimed is never claimed again, so
 each goes out exactly once.
@@ -128,7 +128,8 @@ class PageSender:
     ``blocks``: from :func:`~uffdpy.resume.blocks.source_blocks`; ``view``
     is the snapshot file's mapping (only its address is kept: the caller
     keeps it open until :meth:`release`); ``batch`` data pages per background
-    section; ``around`` data pages sent right behind a requested one;
+    section; ``around``: the window (in 4 KiB pages) whose other data pages
+    go right behind a requested one;
     ``trace`` a list to which each page sent adds ``(seconds since t0, block,
     page, why)``; ``record``: keep the pages demanded (:attr:`recorded`).
     """
@@ -217,15 +218,29 @@ class PageSender:
 
     def fault_around(self, block: SourceBlock, start: int, ch: Channel, sid: int,
                      in_part: bool) -> None:
-        """The next data pages after a requested one (guests read forward), as runs."""
-        end = min(start + self.around, len(block.sent))
+        """The rest of a requested page's window, as runs: the data pages of the
+        aligned ``around`` pages (4 KiB each) that hold it, those after it first,
+        then those before it.
+
+        Both ways, because a guest's reads of its physical memory go both ways:
+        Linux hands out free pages from the top of a block down, so a file read
+        forward often walks its pages downward (the request-serving guest: one
+        step in three between its requests is the page just below).  A window
+        rather than the pages after: 1,580 requests before its answer became
+        about 410 (the pages after alone: 1,450 with 128 of them).
+        """
+        unit = start - 1                              # the last requested host page
+        span = max(1, self.around // block.sub)       # the window in host pages
+        lo = unit - unit % span
+        hi = min(lo + span, len(block.sent))
         piece = _Piece(self, sid, in_part)
         if block.sub > 1:
-            for unit in range(start, end):
-                if not block.sent[unit]:
-                    self.claim(block, unit, ch, piece, why="around")
+            for u in (*range(start, hi), *range(lo, unit)):
+                if not block.sent[u]:
+                    self.claim(block, u, ch, piece, why="around")
         else:
-            self.claim_runs(block, unsent_data(block, start, end), ch, piece, "around")
+            self.claim_runs(block, unsent_data(block, start, hi) + unsent_data(block, lo, unit),
+                            ch, piece, "around")
         if piece.pages:
             piece.queue_on(ch)
 
