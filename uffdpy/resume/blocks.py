@@ -16,7 +16,7 @@ from .destination import ResumeError
 if TYPE_CHECKING:
     from .iovec import RunTable
 
-__all__ = ["SourceBlock", "source_blocks", "unsent_runs", "unsent_data", "PAGE"]
+__all__ = ["SourceBlock", "source_blocks", "unsent_runs", "PAGE"]
 
 PAGE = TARGET_PAGE_SIZE
 
@@ -89,9 +89,3 @@ def _stretches(buf: Any, value: int, start: int, end: int) -> List[Tuple[int, in
 def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
     """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
     return _stretches(block.sent, 0, start, end)
-
-
-def unsent_data(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
-    """The stretches of ``[start, end)`` that hold data and are not sent yet (4 KiB pages)."""
-    return [run for a, b in _stretches(block.present, 1, start, end)
-            for run in _stretches(block.sent, 0, a, b)]
