@@ -24,7 +24,7 @@ DEFAULT_BATCH_PAGES = 32
 #: the same with preempt, where no answer waits behind a batch: fewer turns of the
 #: loop (the 1 GiB guest: the serving thread's user time 0.056 -> 0.027 s)
 PREEMPT_BATCH_PAGES = 128
-#: the aligned window (4 KiB pages, 256 KiB) whose data pages go right behind a
+#: the aligned window (4 KiB pages, 256 KiB) whose other pages go right behind a
 #: requested one, after it first, then before it: the guest's next reads, either way
 DEFAULT_FAULT_AROUND = 64
 #: the background stream pauses this long after each request, so that on few
@@ -53,8 +53,9 @@ class ResumeOptions:
     ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
     data pages per background section (default :meth:`batch_for`);
     ``fault_around_pages``: the
-    aligned window of that many 4 KiB pages around a requested one whose
-    data pages go with it (those after it first); ``demand_yield_ms``:
+    aligned window of that many 4 KiB pages around a requested one, whose
+    other pages go with it (those after it first, data and empty);
+    ``demand_yield_ms``:
     the background stream pauses that long after each request;
     ``working_set`` (a file of :mod:`uffdpy.workingset`) is sent first,
     after RUN (``ws_placement="after-run"``) or as precopy pages before it
@@ -212,9 +213,9 @@ FLAGS: Dict[str, Tuple[str, Any, Dict[str, Any]]] = {
              f"{PREEMPT_BATCH_PAGES} with preempt, where no answer waits behind one)")),
     "--fault-around": ("fault_around", None, dict(
         type=non_negative_int, metavar="N",
-        help=f"the data pages of the aligned window of N pages around each requested "
-             f"page go right behind it (default {DEFAULT_FAULT_AROUND}, 256 KiB; 0 with "
-             f"--record-ws alone)")),
+        help=f"the other pages of the aligned window of N pages around each "
+             f"requested page go right behind it, data and empty (default "
+             f"{DEFAULT_FAULT_AROUND}, 256 KiB; 0 with --record-ws alone)")),
     "--demand-yield-ms": ("demand_yield_ms", DEFAULT_DEMAND_YIELD_MS, dict(
         type=non_negative_float, metavar="MS",
         help=f"the background stream pauses this long after each request (default "

@@ -5,7 +5,7 @@
 hold data, which host pages are sent or in flight: the *sent map*, one byte a
 host page), the working set still to send, and
 the records each page becomes.  It claims pages by runs: a request's host
-pages, the other data pages of its window (fault-around), the next batch of the
+pages, the rest of its window (fault-around), the next batch of the
 background stream, a stretch of the working set, or what a recovering
 destination says it already has.  A page claimed is never claimed again, so
 each goes out exactly once.
@@ -128,8 +128,8 @@ class PageSender:
     ``blocks``: from :func:`~uffdpy.resume.blocks.source_blocks`; ``view``
     is the snapshot file's mapping (only its address is kept: the caller
     keeps it open until :meth:`release`); ``batch`` data pages per background
-    section; ``around``: the window (in 4 KiB pages) whose other data pages
-    go right behind a requested one;
+    section; ``around``: the window (in 4 KiB pages) whose other pages go
+    right behind a requested one;
     ``trace`` a list to which each page sent adds ``(seconds since t0, block,
     page, why)``; ``record``: keep the pages demanded (:attr:`recorded`).
     """
@@ -231,7 +231,8 @@ class PageSender:
         maps the zero page).  The 1 GiB request-serving guest's page requests
         before its answer (medians of 5 restores): 1,580 with the 32 data pages
         after each request, 410 with the data pages of its 64-page window,
-        150 with all of them.
+        150 with all of them.  In a block of larger host pages the window is
+        as many of them as fit in ``around`` 4 KiB pages (of 2 MiB: none).
         """
         unit = start - 1                              # the last requested host page
         span = max(1, self.around // block.sub)       # the window in host pages

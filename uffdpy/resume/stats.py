@@ -21,8 +21,9 @@ class ResumeStats:
     already sent or in flight.  ``pages_streamed`` are data pages the
     background stream sent, ``pages_around`` data pages sent right behind a
     requested one (fault-around), ``pages_working_set`` pages sent because a
-    working set named them, ``zero_pages_sent`` zero pages sent (only those
-    requested or in the working set).  ``data_pages_sent`` equals
+    working set named them, ``zero_pages_sent`` zero pages sent (those
+    requested, in a requested page's window, or in the working set).
+    ``data_pages_sent`` equals
     ``data_pages`` (the snapshot's) once the migration completed.
     ``request_service_us`` summarises, in microseconds, the time from reading
     a request to writing the last byte of its page; ``preempt``: those pages
