@@ -285,7 +285,7 @@ class PageSender:
             else:
                 piece.add(ms.zero_record(offset, name))
                 self.stats.zero_pages_sent += 1
-                if why in ("request", "ws"):
+                if why in ("request", "around", "ws"):
                     self._count(why, 1)
         piece.pages += 1
         if has_data:

@@ -19,11 +19,13 @@ class ResumeStats:
     messages, ``pages_requested`` the 4 KiB pages they asked for that were
     sent in answer, ``duplicate_requests`` the pages asked for that were
     already sent or in flight.  ``pages_streamed`` are data pages the
-    background stream sent, ``pages_around`` data pages sent right behind a
-    requested one (fault-around), ``pages_working_set`` pages sent because a
-    working set named them, ``zero_pages_sent`` zero pages sent (those
-    requested, in a requested page's window, or in the working set).
-    ``data_pages_sent`` equals
+    background stream sent, ``pages_around`` pages sent right behind a
+    requested one (its window, data and empty: fault-around),
+    ``pages_working_set`` pages sent because a working set named them,
+    ``zero_pages_sent`` zero pages sent (never by the background stream).
+    Each page sent is counted once by why it went: ``data_pages_sent +
+    zero_pages_sent`` equals ``pages_requested + pages_around +
+    pages_streamed + pages_working_set``.  ``data_pages_sent`` equals
     ``data_pages`` (the snapshot's) once the migration completed.
     ``request_service_us`` summarises, in microseconds, the time from reading
     a request to writing the last byte of its page; ``preempt``: those pages
