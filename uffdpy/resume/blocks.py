@@ -16,7 +16,7 @@ from .destination import ResumeError
 if TYPE_CHECKING:
     from .iovec import RunTable
 
-__all__ = ["SourceBlock", "source_blocks", "unsent_runs", "PAGE"]
+__all__ = ["SourceBlock", "source_blocks", "unsent_runs", "data_runs_in", "PAGE"]
 
 PAGE = TARGET_PAGE_SIZE
 
@@ -89,3 +89,8 @@ def _stretches(buf: Any, value: int, start: int, end: int) -> List[Tuple[int, in
 def unsent_runs(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
     """The stretches ``(a, b)`` of ``[start, end)`` whose host pages are not sent yet."""
     return _stretches(block.sent, 0, start, end)
+
+
+def data_runs_in(block: SourceBlock, start: int, end: int) -> List[Tuple[int, int]]:
+    """The stretches ``(a, b)`` of ``[start, end)`` whose 4 KiB pages hold data."""
+    return _stretches(block.present, 1, start, end)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .. import migstream as ms
 from . import iovec
-from .blocks import PAGE, SourceBlock, unsent_runs
+from .blocks import PAGE, SourceBlock, data_runs_in, unsent_runs
 from .destination import ResumeError
 from .stats import ResumeStats
 
@@ -240,22 +240,14 @@ class PageSender:
         hi = min(lo + span, len(block.sent))
         piece = _Piece(self, sid, in_part)
         for a, b in (*unsent_runs(block, start, hi), *unsent_runs(block, lo, unit)):
-            if block.sub > 1:
-                for u in range(a, b):
-                    self.claim(block, u, ch, piece, why="around")
-                continue
-            present = block.present
-            while a < b:                              # empty pages, then a run of data
-                d = present.find(1, a, b)
-                d = b if d < 0 else d
-                for u in range(a, d):
-                    self.claim(block, u, ch, piece, why="around")
-                if d < b:
-                    e = present.find(0, d, b)
-                    e = b if e < 0 else e
+            if block.sub == 1:
+                for d, e in data_runs_in(block, a, b):   # empty pages, then a run of data
+                    for u in range(a, d):
+                        self.claim(block, u, ch, piece, why="around")
                     self.claim_runs(block, [(d, e)], ch, piece, "around")
-                    d = e
-                a = d
+                    a = e
+            for u in range(a, b):                     # the empty pages left, or host pages
+                self.claim(block, u, ch, piece, why="around")
         if piece.pages:
             piece.queue_on(ch)
 
