@@ -166,6 +166,20 @@ def test_inspect_table_synthetic(synth: Path) -> None:
     check_inspect_table(synth)
 
 
+def test_json_output_builds_no_table(synth: Path) -> None:
+    """With --json the text is never made: tabulate (~25 ms to import) is not needed."""
+    code = ("import sys; sys.modules['tabulate'] = None\n"   # any import of it fails
+            "from uffdpy.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = [sys.executable, "-c", code, "inspect", str(synth)]
+    out = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["regions"][0]["name"] == "ram"
+    out = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "tabulate" in out.stderr       # the table needs it
+
+
 @pytest.mark.qemu
 def test_inspect_json_qemu(qemu_snap: Tuple[Path, Path, int]) -> None:
     info = check_inspect_json(qemu_snap[0])

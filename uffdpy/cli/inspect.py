@@ -116,7 +116,7 @@ def cmd_inspect(args: argparse.Namespace) -> Outcome:
     with open_source(args, head) as image:
         describe, text = _INSPECTORS.get(image.format, (_inspect_regions_dict, _regions_text))
         info = describe(image)
-    return Outcome(text(info), info)
+    return Outcome(lambda: text(info), info)
 
 
 def _inspect_arguments(sp: argparse.ArgumentParser) -> None:

@@ -86,7 +86,7 @@ def cmd_load(args: argparse.Namespace) -> Outcome:
         elif isinstance(value, float):
             value = f"{value:.6f}"
         rows.append([key, value])
-    return Outcome(tabulate(rows, headers=["stat", "value"]), report,
+    return Outcome(lambda: tabulate(rows, headers=["stat", "value"]), report,
                    status=1 if args.verify and result.get("mismatched_pages") else 0)
 
 

@@ -180,9 +180,12 @@ def _resumed(table: Callable[[Dict[str, Any]], str], info: Dict[str, Any], proc:
     if proc is not None:
         info["qemu_pid"] = proc.pid
         info["qmp_socket"] = proc.qmp_path
-    text = table(info)
-    if proc is not None:
-        text += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
+
+    def text() -> str:                  # built only when shown (not with --json)
+        out = table(info)
+        if proc is not None:
+            out += f"\nthe VM is {state}: QEMU pid {proc.pid}, QMP socket {proc.qmp_path}"
+        return out
     return Outcome(text, info)
 
 

@@ -41,13 +41,13 @@ def _inspect_dict(path: str, against: List[str], snapshot: str) -> Dict[str, Any
 
 def cmd_ws_inspect(args: argparse.Namespace) -> Outcome:
     info = _inspect_dict(args.ws, args.against, args.snapshot)
-    return Outcome(_text(info), info)
+    return Outcome(lambda: _text(info), info)
 
 
 def inspect_file(path: str, against: List[str]) -> Outcome:
     """``uffdpy inspect FILE.ws``: the same as ``uffdpy ws inspect FILE.ws``."""
     info = _inspect_dict(path, against, "")
-    return Outcome(_text(info), info)
+    return Outcome(lambda: _text(info), info)
 
 
 def _text(info: Dict[str, Any]) -> str:
