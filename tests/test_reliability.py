@@ -153,6 +153,27 @@ def test_preempt_source_died_then_recover_command(guest: Dict[str, Any], destina
     assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
 
 
+def test_api_recovery_takes_preempt_as_the_destination_has_it(
+        guest: Dict[str, Any], destination: Any, short_tmp: str, tmp_path: Path) -> None:
+    """``Resume(recover=True, preempt=True)`` into a destination without preempt: the
+    destination's capability decides (a stream that disagreed would hang the recovery)."""
+    args, _ = guest_args(guest, short_tmp)
+    dst = destination(args, paused=True)
+    r = Resume(guest["snapshot"], qmp=dst.uffdpy_sock, preempt=False, batch_pages=8)
+    deadline = time.monotonic() + 30
+    while r.progress()[0] < 3000:
+        assert time.monotonic() < deadline, r.progress()
+        time.sleep(0.002)
+    r.abort()
+    dst.wait_status("postcopy-paused")
+    with Resume(guest["snapshot"], qmp=dst.uffdpy_sock, recover=True, preempt=True,
+                timeout=60) as again:
+        stats = again.wait(120)
+    assert stats.recovered and not stats.preempt
+    assert dst.status() == "completed"
+    assert_ram_equals(guest["snapshot"], dst.resave(tmp_path / "again.img"))
+
+
 def test_destination_left_listening_is_resumed_through_its_address(
         guest: Dict[str, Any], destination: Any, short_tmp: str) -> None:
     """A source killed between migrate-incoming and its connect: a new resume connects there."""

@@ -50,7 +50,8 @@ class ResumeOptions:
     so that an answer never waits behind the stream (``None``, the default:
     on when uffdpy sets the destination up itself, over ``qmp`` and not on
     an fd; see :meth:`preempt_over`); ``recover`` resumes a destination left
-    ``postcopy-paused`` by a dead source (needs ``qmp``); ``batch_pages``
+    ``postcopy-paused`` by a dead source (needs ``qmp``; preempt is then as
+    the destination has it, ``preempt`` only if it does not answer); ``batch_pages``
     data pages per background section (default :meth:`batch_for`);
     ``fault_around_pages``: the
     aligned window of that many 4 KiB pages around a requested one, whose

@@ -229,12 +229,14 @@ class Resume:
         dest = self._dest = QemuDestination(qmp, timeout=self._timeout)
         self._events_since = len(dest.client.events)
         if self._recover:
-            # a guest blocked on a missing page holds QEMU's main loop, and only
-            # out-of-band commands are answered: none in band here but one bounded
-            # query, when preempt was not given (page sizes: 4 KiB unless page_sizes
-            # says otherwise; the bitmaps' lengths are checked)
-            if self.options.preempt is None:
-                self._preempt = dest.preempt_capability(self._preempt)
+            # preempt as the paused destination has it (fixed when its migration
+            # began: a stream that disagreed would hang the recovery), as the
+            # command does; what was asked only if QEMU does not answer.  A guest
+            # blocked on a missing page holds QEMU's main loop, and only out-of-band
+            # commands are answered: none in band here but this one bounded query
+            # (page sizes: 4 KiB unless page_sizes says otherwise; the bitmaps'
+            # lengths are checked)
+            self._preempt = dest.preempt_capability(self._preempt)
             return dest.recover()
         dest.refuse_private_file_backends()     # before anything can discard its RAM
         dest.prepare(preempt=self._preempt)
