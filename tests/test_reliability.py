@@ -133,18 +133,26 @@ def test_preempt_server_killed_is_recovered_with_its_preempt_channel(
     assert answers(req, 8, 4)
 
 
-def test_preempt_source_died_then_recover_command(guest: Dict[str, Any], destination: Any,
-                                                  short_tmp: str, tmp_path: Path) -> None:
-    """An API resume with preempt dropped as a crash would; ``--recover`` finishes it."""
+def dropped_mid_stream(guest: Dict[str, Any], destination: Any, short_tmp: str, *,
+                       preempt: bool) -> Any:
+    """A paused destination (-S) whose API source dropped its connections as a crash
+    would, 3,000 pages in: left ``postcopy-paused``."""
     args, _ = guest_args(guest, short_tmp)
     dst = destination(args, paused=True)
-    r = Resume(guest["snapshot"], qmp=dst.uffdpy_sock, preempt=True, batch_pages=8)
+    r = Resume(guest["snapshot"], qmp=dst.uffdpy_sock, preempt=preempt, batch_pages=8)
     deadline = time.monotonic() + 30
     while r.progress()[0] < 3000:
         assert time.monotonic() < deadline, r.progress()
         time.sleep(0.002)
     r.abort()
     dst.wait_status("postcopy-paused")
+    return dst
+
+
+def test_preempt_source_died_then_recover_command(guest: Dict[str, Any], destination: Any,
+                                                  short_tmp: str, tmp_path: Path) -> None:
+    """An API resume with preempt dropped as a crash would; ``--recover`` finishes it."""
+    dst = dropped_mid_stream(guest, destination, short_tmp, preempt=True)
     proc = run_uffdpy("resume", guest["snapshot"], "--qmp", dst.uffdpy_sock, "--recover",
                       "--json", timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -157,15 +165,7 @@ def test_api_recovery_takes_preempt_as_the_destination_has_it(
         guest: Dict[str, Any], destination: Any, short_tmp: str, tmp_path: Path) -> None:
     """``Resume(recover=True, preempt=True)`` into a destination without preempt: the
     destination's capability decides (a stream that disagreed would hang the recovery)."""
-    args, _ = guest_args(guest, short_tmp)
-    dst = destination(args, paused=True)
-    r = Resume(guest["snapshot"], qmp=dst.uffdpy_sock, preempt=False, batch_pages=8)
-    deadline = time.monotonic() + 30
-    while r.progress()[0] < 3000:
-        assert time.monotonic() < deadline, r.progress()
-        time.sleep(0.002)
-    r.abort()
-    dst.wait_status("postcopy-paused")
+    dst = dropped_mid_stream(guest, destination, short_tmp, preempt=False)
     with Resume(guest["snapshot"], qmp=dst.uffdpy_sock, recover=True, preempt=True,
                 timeout=60) as again:
         stats = again.wait(120)
