@@ -90,6 +90,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _CMD = struct.Struct(">BHH")
 _RP = struct.Struct(">HH")
+#: a whole REQ_PAGES message: type, length 12, be64 start, be32 length
+_REQ_PAGES = struct.Struct(">HHQI")
 
 
 class MigCmd(enum.IntEnum):
@@ -375,6 +377,13 @@ class ReturnPath:
         if len(buf) < 4:
             return False
         kind, length = _RP.unpack_from(buf, 0)
+        if kind == 4 and length == 12 and self._last_block is not None and len(buf) >= 16:
+            # REQ_PAGES, nearly every message of a resume: read in place (the general
+            # path below costs ~4 us more: the enum, a copy of the body, the checks)
+            start, size = _REQ_PAGES.unpack_from(buf, 0)[2:]
+            del buf[:16]
+            self._out.append(ReqPages(self._last_block, start, size))
+            return True
         try:
             rp = RpType(kind)
         except ValueError:
