@@ -162,6 +162,7 @@ def test_blocks_of_larger_host_pages_go_whole(snap: str, host_page: int) -> None
     assert stats["data_pages_sent"] == len(want) and stats["zero_pages_sent"] == len(zeros)
     assert not fake.duplicates
 
+
 def window_of(page: int, size: int) -> list:
     """The other pages of ``page``'s aligned window of ``size`` pages, in the order
     fault-around sends them: after it, then before it."""
