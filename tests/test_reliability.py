@@ -57,9 +57,16 @@ def finish(snapshot: str, dst: Any) -> str:
     else:
         return settle(dst)
     # on failure: what the destination said, for a failure seen only under load
-    assert proc.returncode == 0, (st, proc.stderr, dst.qmp.call("query-migrate"),
-                                  dst.output()[-2000:])
+    assert proc.returncode == 0, (st, proc.stderr, migration_state(dst), dst.output()[-2000:])
     return settle(dst)
+
+
+def migration_state(dst: Any) -> Any:
+    """``query-migrate`` of ``dst``, or why it could not be asked (QEMU gone, stuck)."""
+    try:
+        return dst.qmp.call("query-migrate")
+    except Exception as e:          # a report, never a second failure over the first
+        return f"query-migrate failed: {e!r}"
 
 
 # ------------------------------------------------------------------ deaths of the source
