@@ -120,6 +120,10 @@ class RpType(enum.IntEnum):
     SWITCHOVER_ACK = 7
 
 
+#: REQ_PAGES's type as a plain int, for the parser's fast path
+_REQ_PAGES_TYPE = int(RpType.REQ_PAGES)
+
+
 class RamFlag(enum.IntFlag):
     """``RAM_SAVE_FLAG_*`` (``migration/ram.c``), in the low bits of a record's offset word."""
     ZERO = 0x02
@@ -377,7 +381,8 @@ class ReturnPath:
         if len(buf) < 4:
             return False
         kind, length = _RP.unpack_from(buf, 0)
-        if kind == 4 and length == 12 and self._last_block is not None and len(buf) >= 16:
+        if kind == _REQ_PAGES_TYPE and length == 12 and self._last_block is not None \
+                and len(buf) >= 16:
             # REQ_PAGES, nearly every message of a resume: read in place (the general
             # path below costs ~4 us more: the enum, a copy of the body, the checks)
             start, size = _REQ_PAGES.unpack_from(buf, 0)[2:]
