@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from uffdpy import migstream as ms
 from uffdpy.mappedram import Snapshot
 from uffdpy.harness.synthetic import make_synthetic
 from uffdpy.resume import Resume, ResumeError, iovec
+from uffdpy.resume.sender import Channel
 from uffdpy.workingset import WorkingSet, snapshot_identity
 
 from fakedest import FakeDestination
@@ -118,6 +120,94 @@ def test_run_tables_point_at_each_page_and_its_continue_header() -> None:
     table.close()
 
 
+def _mixed_queue(path: str, ch: Channel) -> Tuple[bytes, int, tuple]:
+    """Queue on ``ch``, in turn, stable pieces (framed runs of the file's pages, as the
+    background stream makes them) and ``bytes`` records; return the bytes expected, the
+    stable pieces' bytes, and what must stay open until they are sent."""
+    f = open(path, "rb")
+    mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    with Snapshot.open(path) as s:
+        ram = s.block("ram")
+        runs = [(a, a + n) for a, n, present in ram.runs() if present]
+        offset = ram.pages_offset
+    table = iovec.RunTable(iovec.address(mapping) + offset, len(mapping) // PAGE)
+    stable = iovec.Stable()
+    start, end = ms.part_start(3), ms.part_end(3)
+    start_at, end_at = stable.put(start), stable.put(end)
+    want, stable_bytes = bytearray(), 0
+    for k, (a, b) in enumerate(runs[:40]):
+        piece = array("Q", start_at)
+        table.add(piece, a, b)
+        piece += end_at
+        body = b"".join(ms.page_header(p * PAGE, None) + mapping[offset + p * PAGE:
+                                                                 offset + (p + 1) * PAGE]
+                        for p in range(a, b))
+        n = len(start) + len(body) + len(end)
+        ch.queue_table(piece, n, None, stable=True)
+        want += start + body + end
+        stable_bytes += n
+        record = ms.zero_record(k * PAGE, "ram" if k % 3 == 0 else None)
+        ch.queue(record)                      # copied, in its place between the pieces
+        want += record
+    return bytes(want), stable_bytes, (f, mapping, table, stable)
+
+
+def _drain(sock: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(1 << 16)
+        assert chunk, len(got)
+        got += chunk
+    return bytes(got)
+
+
+def test_a_spliced_channel_keeps_the_order_through_partial_writes(snap: str) -> None:
+    """Stable pieces go by the pipe, records by sendmsg once the pipe has drained: the
+    stream is byte for byte the queue, however little the socket takes at a time."""
+    import select
+    import threading
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    ch = Channel(ours, "main", splice=True)
+    want, stable_bytes, keep = _mixed_queue(snap, ch)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_drain(theirs, len(want))))
+    reader.start()
+    sent, deadline = 0, time.monotonic() + 30
+    while ch.busy:
+        assert time.monotonic() < deadline
+        sent += ch.flush(lambda t: None)
+        select.select([], [ours], [], 1)
+    reader.join(30)
+    assert sent == len(want) and got == [want]
+    assert ch.spliced == stable_bytes                  # every stable piece, and only they
+    ch.drop()
+    ours.close()
+    theirs.close()
+    for thing in keep[::-1]:
+        thing.close()
+
+
+def test_spliced_pages_outlive_the_mapping_and_the_headers(snap: str) -> None:
+    """What the socket holds was spliced from pages, not copied: unmapping the file, the
+    run tables' headers and the frames before the peer reads changes none of it."""
+    from uffdpy.resume.sender import Channel
+    ours, theirs = socket.socketpair()
+    for sock, opt in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+    ours.setblocking(False)
+    ch = Channel(ours, "main", splice=True)
+    want, stable_bytes, keep = _mixed_queue(snap, ch)
+    assert ch.flush(lambda t: None) == len(want) and not ch.busy
+    ch.drop()
+    ours.close()
+    for thing in keep[::-1]:
+        thing.close()                                  # the table, the frames, the file
+    assert _drain(theirs, len(want)) == want and ch.spliced == stable_bytes
+    theirs.close()
+
+
 def test_addresses_of_bytes_and_buffers() -> None:
     data = bytes(range(256)) * 3
     assert ctypes.string_at(iovec.bytes_address(data), len(data)) == data
@@ -126,12 +216,18 @@ def test_addresses_of_bytes_and_buffers() -> None:
     assert ctypes.string_at(pairs[0], pairs[1]) == data
 
 
-def test_a_table_larger_than_one_call_and_partial_sends(snap: str) -> None:
-    # a batch of 1000 pages is ~2000 buffers, more than one sendmsg takes
-    # (1024), and a small socket buffer cuts sends inside headers and pages
-    stats, fake = run(snap, sndbuf=4096, batch_pages=1000, fault_around_pages=0)
+@pytest.mark.parametrize("splice", [True, False])
+def test_a_table_larger_than_one_call_and_partial_sends(snap: str, splice: bool) -> None:
+    # a batch of 1000 pages is ~2000 buffers, more than one sendmsg (1024)
+    # takes, one of 200 more than one fill of the pipe (256), and a small
+    # socket buffer cuts sends inside headers and pages
+    stats, fake = run(snap, sndbuf=4096, batch_pages=200 if splice else 1000,
+                      fault_around_pages=0, splice=splice)
     want = data_pages(snap)
     assert fake.pages == want and stats["data_pages_sent"] == len(want)
+    # the stream's sections went by the pipe (all but those that name a block)
+    spliced = stats["bytes_spliced"]
+    assert (spliced > stats["bytes_sent"] // 2) if splice else spliced == 0, stats
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32, 500])
@@ -340,8 +436,12 @@ def test_the_command_line_reads_the_options_back_once() -> None:
     assert default.preempt is None
     assert (default.preempt_over("unix"), default.preempt_over("fd")) == (True, False)
     # batches: larger with preempt, where no answer waits behind one; or as given
-    assert (default.batch_for(True), default.batch_for(False)) == (128, 32)
+    assert (default.batch_for(True), default.batch_for(False)) == (127, 32)
     assert ResumeOptions.from_args(args).batch_for(True) == 5
+    # the stream is spliced unless --no-splice
+    copied = parse(["resume", "s.img", "--qmp", "q", "--no-splice"])
+    assert (default.splice, ResumeOptions.from_args(copied).splice) == (True, False)
+    assert ResumeOptions.given_flags(copied) == ("--no-splice",)
     off = parse(["resume", "s.img", "--qmp", "q", "--no-preempt"])
     assert ResumeOptions.from_args(off).preempt_over("unix") is False
     assert ResumeOptions.given_flags(off) == ("--no-preempt",)

@@ -467,6 +467,10 @@ _LIBC_FUNCTIONS: Dict[str, Tuple[Any, Tuple[Any, ...], Optional[Callable[..., An
     # sendmsg(2) for the postcopy source, unchecked like ioctl_unchecked: the
     # caller passes an int fd, a pointer to its msghdr and int flags
     "sendmsg_unchecked": (ctypes.c_ssize_t, (), None),
+    # vmsplice(2) and splice(2), for the source's main channel: a pipe of pages
+    "vmsplice": (ctypes.c_ssize_t, (_c_int, _c_void_p, _c_size_t, _c_uint), _check_int),
+    "splice": (ctypes.c_ssize_t, (_c_int, _c_void_p, _c_int, _c_void_p, _c_size_t, _c_uint),
+               _check_int),
     "syscall": (_c_long, (_c_long, _c_long), _check_int),
     "mmap": (_c_void_p, (_c_void_p, _c_size_t, _c_int, _c_int, _c_int, _c_off_t), _check_ptr),
     "munmap": (_c_int, (_c_void_p, _c_size_t), _check_int),
@@ -490,6 +494,8 @@ class _Libc:
     ioctl: Callable[..., int]
     ioctl_unchecked: Callable[..., int]
     sendmsg_unchecked: Callable[..., int]
+    vmsplice: Callable[..., int]
+    splice: Callable[..., int]
     syscall: Callable[..., int]
     mmap: Callable[..., int]
     munmap: Callable[..., int]

@@ -36,6 +36,7 @@ def _resume_table(stats: Dict[str, Any]) -> str:
         ("zero pages sent", stats["zero_pages_sent"]),
         ("duplicate requests", stats["duplicate_requests"]),
         ("bytes sent", stats["bytes_sent"]),
+        ("of them spliced", stats.get("bytes_spliced", 0)),
         ("request service p50/p99/max", "-" if lat["p50"] is None
          else f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} us"),
         ("source CPU", "-" if stats.get("source_cpu_s") is None
@@ -240,6 +241,7 @@ def _map_table(stats: Dict[str, Any]) -> str:
         ("pages sent", stats["pages_sent"]),
         ("stale pages zeroed", stats["stale_zero_pages"]),
         ("bytes sent", stats["bytes_sent"]),
+        ("of them spliced", stats.get("bytes_spliced", 0)),
     ]
     if stats.get("warm_pages") or stats.get("warm_error"):
         rows.append(("pages warmed", stats["warm_pages"]))
@@ -344,8 +346,8 @@ def resume_arguments(sp: argparse.ArgumentParser) -> None:
                     help="with --: start QEMU with -S, so the VM stays paused after resume; "
                          "with --map (any form): leave the VM paused after the load")
     for flag in ("--no-background", "--background-delay", "--preempt", "--recover",
-                 "--batch-pages", "--fault-around", "--demand-yield-ms", "--timeout",
-                 "--record-ws", "--working-set", "--ws-placement", "--trace"):
+                 "--batch-pages", "--no-splice", "--fault-around", "--demand-yield-ms",
+                 "--timeout", "--record-ws", "--working-set", "--ws-placement", "--trace"):
         ResumeOptions.add_argument(sp, flag)
     sp.add_argument("--json", action="store_true", help="print the stats as JSON")
 

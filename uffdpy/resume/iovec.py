@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import socket
 import struct
 import sys
 from array import array
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..ioctl import libc
 from ..mappedram import TARGET_PAGE_SIZE
 from ..migstream import RamFlag
 
-__all__ = ["Sender", "RunTable", "address", "bytes_address", "pairs_of"]
+__all__ = ["Sender", "Splicer", "RunTable", "address", "bytes_address", "pairs_of"]
 
 PAGE = TARGET_PAGE_SIZE
 _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -139,6 +140,107 @@ class Sender:
                 raise InterruptedError(err, os.strerror(err))
             raise OSError(err, os.strerror(err))
         return n
+
+
+class Splicer:
+    """A pipe that moves pages to one socket without copying them: ``vmsplice`` in, ``splice`` out.
+
+    ``vmsplice`` puts references to the pages of a table's buffers in the
+    pipe, ``splice`` hands them to the socket (Linux 6.5 and later attach
+    them to a UNIX socket's buffers as they are; older kernels copy there).
+    The source then never copies the stream's pages, nor allocates memory to
+    copy them into: on this machine's kernel a copy into fresh socket memory
+    cost 0.16-0.70 s of system time per 1 GiB guest, spliced 0.08-0.10 s.
+
+    Only for buffers whose bytes never change once handed over, since the
+    peer reads the pages themselves, perhaps after this object and the
+    mapping are gone: the file's pages, a :class:`RunTable`'s headers,
+    :class:`Stable` bytes; never a Python object's memory, which is reused.
+    One buffer takes at least one of the pipe's :attr:`slots`.
+    """
+
+    SIZE = 1 << 20                          # the pipe's bytes (fs.pipe-max-size's default)
+    _NONBLOCK = 2                           # SPLICE_F_NONBLOCK
+
+    def __init__(self, sock: socket.socket, r: int, w: int) -> None:
+        self.sock = sock
+        self._r, self._w = r, w
+        #: the buffers one :meth:`fill` can take (a pipe's slot holds one page or less)
+        self.slots = self.SIZE // mmap.PAGESIZE
+        #: the bytes in the pipe, not yet in the socket
+        self.held = 0
+
+    @classmethod
+    def open(cls, sock: socket.socket) -> Optional["Splicer"]:
+        """A splicer for ``sock``, or None when no pipe of :attr:`SIZE` can be had
+        (a lower ``fs.pipe-max-size``, or the user's pipe memory spent): copy then."""
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, cls.SIZE) >= cls.SIZE:
+                return cls(sock, r, w)
+        except OSError:
+            pass
+        os.close(r)
+        os.close(w)
+        return None
+
+    def fill(self, table: array, pairs: int) -> int:
+        """Put the first ``pairs`` buffers of ``table`` in the pipe; the bytes it took.
+
+        Raises: BlockingIOError (the pipe is full), OSError (EFAULT: a buffer
+        cannot be read, such as the mapping of a truncated file).
+        """
+        n: int = libc.vmsplice(self._w, table.buffer_info()[0], pairs, self._NONBLOCK)
+        self.held += n
+        return n
+
+    def drain(self) -> int:
+        """Move what the socket takes now from the pipe into it; the bytes moved.
+
+        Raises: BlockingIOError (the socket is full), OSError (EPIPE,
+        ECONNRESET: the peer is gone).
+        """
+        n: int = libc.splice(self._r, None, self.sock.fileno(), None, self.held,
+                             self._NONBLOCK)
+        self.held -= n
+        return n
+
+    def close(self) -> None:
+        """Close the pipe (what it held is dropped)."""
+        if self._r >= 0:
+            os.close(self._r)
+            os.close(self._w)
+            self._r = self._w = -1
+            self.held = 0
+
+
+class Stable:
+    """Bytes that never change once written, in a mapping of their own: for :class:`Splicer`.
+
+    :meth:`put` copies a few bytes in, once; they stay until :meth:`close`
+    (and, once spliced, as long as the socket holds them).  ``None`` when
+    full (the caller keeps its ``bytes`` then, and copies them).
+    """
+
+    def __init__(self, size: int = mmap.PAGESIZE) -> None:
+        self._map = mmap.mmap(-1, size)
+        self._at = address(self._map)
+        self._used = 0
+
+    def put(self, data: bytes) -> Optional[array]:
+        """The one-pair table of a copy of ``data`` here, or None when it does not fit."""
+        n = len(data)
+        start = self._used
+        if start // mmap.PAGESIZE != (start + n - 1) // mmap.PAGESIZE:
+            start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE     # one buffer, one page
+        if start + n > len(self._map):
+            return None
+        self._map[start:start + n] = data
+        self._used = start + n
+        return array("Q", (self._at + start, n))
+
+    def close(self) -> None:
+        self._map.close()
 
 
 class RunTable:

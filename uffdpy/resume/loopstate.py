@@ -56,7 +56,7 @@ def awaited(st: LoopState, main: "Channel", urgent: Optional["Channel"]) -> Opti
     """What the loop waits for from the destination now, or None (serving demand is no wait)."""
     if st.phase in WAITS:
         return WAITS[st.phase]
-    if main.pending or (urgent is not None and urgent.pending):
+    if main.busy or (urgent is not None and urgent.busy):
         return "the destination to read what was sent (the socket is full)"
     if not st.stream_ok:
         return "the destination to load the device state (PONG 3)"

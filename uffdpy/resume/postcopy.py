@@ -176,7 +176,7 @@ class Resume:
             sock = open_connection(address, timeout)
             if self._preempt and sock.family == socket.AF_UNIX:   # (TCP tunes its own)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAIN_SNDBUF_PREEMPT)
-            self._main = _channel(sock, "main")
+            self._main = _channel(sock, "main", splice=self.options.splice)
             self._connected_wall = time.time()
             self._connected = pages.t0 = time.monotonic()
             # everything up to RUN (~15 KB) goes into the socket at once: a source
@@ -256,6 +256,8 @@ class Resume:
             self._error = self._explain(e)
         finally:
             self.stats.source_cpu_s = round(time.thread_time() - cpu0, 4)
+            if self._main is not None:
+                self.stats.bytes_spliced = self._main.spliced
             self._done.set()
 
     def _explain(self, e: BaseException) -> BaseException:
@@ -364,30 +366,30 @@ class Resume:
                 stream_ok_at = now
             # 1. write what is queued
             for ch in (self._urgent, main):
-                if ch is not None and ch.pending:
+                if ch is not None and ch.busy:
                     self.stats.bytes_sent += ch.flush(served)
             # 2. queue one background batch once the main channel has drained
             streaming = (serving and self._background and background_at is not None
                          and now >= background_at and pages.remaining > 0
                          and now - pages.last_request >= self._yield_s)
-            if serving and pages.ws_queue and not main.pending:
+            if serving and pages.ws_queue and not main.busy:
                 pages.queue_ws_batch(main, sid)          # the working set: first, no yield
                 self.stats.bytes_sent += main.flush(served)
-            elif streaming and not main.pending:
+            elif streaming and not main.busy:
                 pages.queue_batch(main, sid)
                 self.stats.bytes_sent += main.flush(served)
             if (serving and pages.remaining == 0 and not st.ended
-                    and not main.pending and not (self._urgent and self._urgent.pending)):
+                    and not main.busy and not (self._urgent and self._urgent.busy)):
                 main.queue(ms.end_section(sid) + ms.EOF)
                 st.ended = True
                 self.stats.bytes_sent += main.flush(served)
             # 3. wait for the return path, room to write, or the wake pipe
-            events = select.POLLIN | (select.POLLOUT if main.pending else 0)
+            events = select.POLLIN | (select.POLLOUT if main.busy else 0)
             poller.register(main_fd, events)
             if self._urgent is not None:
                 poller.register(self._urgent.sock.fileno(),
-                                select.POLLOUT if self._urgent.pending else 0)
-            if (streaming or (serving and pages.ws_queue)) and not main.pending:
+                                select.POLLOUT if self._urgent.busy else 0)
+            if (streaming or (serving and pages.ws_queue)) and not main.busy:
                 wait_ms = 0
             elif background_at is not None and now < background_at and pages.remaining:
                 wait_ms = max(1, int((background_at - now) * 1000))
@@ -612,7 +614,7 @@ class Resume:
     def _release(self) -> None:
         for ch in (self._urgent, self._main):
             if ch is not None:
-                ch.pending.clear()
+                ch.drop()
                 ch.sock.close()
         self._urgent = self._main = None
         sock = self._fd_socket
@@ -649,9 +651,9 @@ class Resume:
 _MAIN_SNDBUF_PREEMPT = 256 << 10
 
 
-def _channel(sock: socket.socket, name: str) -> "Channel":
+def _channel(sock: socket.socket, name: str, *, splice: bool = False) -> "Channel":
     from .sender import Channel        # imported before the connect (_build_sender)
-    return Channel(sock, name)
+    return Channel(sock, name, splice=splice)
 
 
 class _Hangup(Exception):

@@ -41,85 +41,131 @@ _IOV_MAX = 1024                      # buffers per sendmsg (the kernel's UIO_MAX
 class Channel:
     """One connection's output queue, written with non-blocking ``sendmsg`` of iovec tables.
 
-    An entry is ``[table, bytes, t_request, keep]``: the ``(address,
+    An entry is ``[table, bytes, t_request, keep, stable]``: the ``(address,
     length)`` pairs of one piece of the stream (an ``array('Q')``, see
     :mod:`uffdpy.resume.iovec`), often a whole section of runs of pages; the
     bytes they hold; ``t_request``, set on the entry that ends the answer to
-    a request; and what the pairs point into (kept alive until sent).
+    a request; what the pairs point into (kept alive until sent); and whether
+    all of them point at bytes that never change (the file's pages, the run
+    tables' headers, :class:`~uffdpy.resume.iovec.Stable` frames).
     ``flush`` hands the kernel up to ``_IOV_MAX`` buffers per call, so its
     Python work is per entry, not per page.
+
+    With ``splice`` (the main channel), stable entries go through a
+    :class:`~uffdpy.resume.iovec.Splicer` instead, and are never copied by
+    the source; the others are copied once the pipe has drained, so the
+    stream keeps its order.
     """
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(self, sock: socket.socket, name: str, *, splice: bool = False) -> None:
         self.sock = sock
         self.name = name
         self.pending: Deque[List[Any]] = collections.deque()
         self.last_block: Optional[str] = None                   # for the CONTINUE flag
         self._sender = iovec.Sender(sock)
+        self._pipe = iovec.Splicer.open(sock) if splice else None
+        #: the bytes that went into the socket through the pipe
+        self.spliced = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything queued has not reached the socket yet."""
+        return bool(self.pending) or (self._pipe is not None and self._pipe.held > 0)
 
     def queue(self, piece: bytes, t_request: Optional[float] = None) -> None:
         """Queue one buffer; ``t_request``: the request it answers (timed when written)."""
-        self.pending.append([iovec.pairs_of(piece), len(piece), t_request, piece])
+        self.pending.append([iovec.pairs_of(piece), len(piece), t_request, piece, False])
 
     def queue_table(self, table: array, nbytes: int, keep: Any,
-                    t_request: Optional[float] = None) -> None:
-        """Queue the pairs of ``table`` (``nbytes`` in all; ``keep``: what they point into)."""
-        self.pending.append([table, nbytes, t_request, keep])
+                    t_request: Optional[float] = None, *, stable: bool = False) -> None:
+        """Queue the pairs of ``table`` (``nbytes`` in all; ``keep``: what they point into;
+        ``stable``: they all point at bytes that never change)."""
+        self.pending.append([table, nbytes, t_request, keep, stable])
+
+    def drop(self) -> None:
+        """Forget what is queued and close the pipe (the socket is the caller's)."""
+        self.pending.clear()
+        if self._pipe is not None:
+            self._pipe.close()
 
     def flush(self, done: Callable[[float], None]) -> int:
         """Send what the socket takes now; call ``done(t)`` for each request entry written.
 
-        Returns the bytes sent.  Raises: OSError (EPIPE, ECONNRESET: the
-        destination went away; EFAULT: the file's mapping cannot be read).
+        Returns the bytes that reached the socket.  Raises: OSError (EPIPE,
+        ECONNRESET: the destination went away; EFAULT: the file's mapping
+        cannot be read).
         """
         total = 0
-        pending = self.pending
-        while pending:
-            table, size = pending[0][0], pending[0][1]
-            pairs = len(table) // 2
-            if pairs > _IOV_MAX:                      # one entry larger than a call takes
-                pairs = _IOV_MAX
-                size = sum(table[1:2 * _IOV_MAX:2])
-            elif len(pending) > 1:                    # and the entries behind it that fit
-                tables = [table]
-                for entry in itertools.islice(pending, 1, None):
-                    more = len(entry[0]) // 2
-                    if pairs + more > _IOV_MAX:
+        pending, pipe = self.pending, self._pipe
+        try:
+            while True:
+                if pipe is not None and pipe.held:
+                    n = pipe.drain()
+                    total += n
+                    self.spliced += n
+                    if pipe.held:                     # the socket is full
                         break
-                    tables.append(entry[0])
-                    pairs += more
-                    size += entry[1]
-                if len(tables) > 1:
-                    table = array("Q")
-                    for t in tables:
-                        table += t
-            try:
-                n = self._sender.send(table, pairs)
-            except (BlockingIOError, InterruptedError):
-                break
-            total += n
-            full = n < size
-            while n:
-                entry = pending[0]
-                if n >= entry[1]:
-                    n -= entry[1]
-                    pending.popleft()
-                    if entry[2] is not None:
-                        done(entry[2])
+                if not pending:
+                    break
+                if pipe is not None and pending[0][4]:
+                    table, pairs, _ = self._gather(pipe.slots, stable=True)
+                    self._advance(pipe.fill(table, pairs), done)
                     continue
-                # a part of this entry went out: drop its sent pairs, cut the first left
-                table, i = entry[0], 1
-                entry[1] -= n
-                while n >= table[i]:
-                    n -= table[i]
-                    i += 2
-                del table[:i - 1]
-                table[0] += n
-                table[1] -= n
-                n = 0
-            if full:
-                break
+                table, pairs, size = self._gather(_IOV_MAX, stable=False if pipe is not None else None)
+                n = self._sender.send(table, pairs)
+                total += n
+                self._advance(n, done)
+                if n < size:                          # the socket is full
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
         return total
+
+    def _gather(self, limit: int, stable: Optional[bool]) -> Tuple[array, int, int]:
+        """The table of the first entries, at most ``limit`` buffers (``stable``: only
+        those whose stable flag is this, or any when None), its number of buffers
+        and its bytes."""
+        pending = self.pending
+        table, size = pending[0][0], pending[0][1]
+        pairs = len(table) // 2
+        if pairs > limit:                             # one entry larger than a call takes
+            return table, limit, sum(table[1:2 * limit:2])
+        if len(pending) > 1:                          # and the entries behind it that fit
+            tables = [table]
+            for entry in itertools.islice(pending, 1, None):
+                more = len(entry[0]) // 2
+                if pairs + more > limit or (stable is not None and entry[4] != stable):
+                    break
+                tables.append(entry[0])
+                pairs += more
+                size += entry[1]
+            if len(tables) > 1:
+                table = array("Q")
+                for t in tables:
+                    table += t
+        return table, pairs, size
+
+    def _advance(self, n: int, done: Callable[[float], None]) -> None:
+        """Drop the first ``n`` bytes of the queue (sent, or in the pipe)."""
+        pending = self.pending
+        while n:
+            entry = pending[0]
+            if n >= entry[1]:
+                n -= entry[1]
+                pending.popleft()
+                if entry[2] is not None:
+                    done(entry[2])
+                continue
+            # a part of this entry went out: drop its sent pairs, cut the first left
+            table, i = entry[0], 1
+            entry[1] -= n
+            while n >= table[i]:
+                n -= table[i]
+                i += 2
+            del table[:i - 1]
+            table[0] += n
+            table[1] -= n
+            n = 0
 
 
 class PageSender:
@@ -152,7 +198,8 @@ class PageSender:
             block.pages_at = mapping_at + block.pages_offset
             if block.sub == 1:
                 block.table = iovec.RunTable(block.pages_at, block.length // PAGE)
-        self._frames: Dict[int, Tuple[bytes, array, bytes, array]] = {}
+        self._frames: Dict[int, Tuple[bytes, array, bytes, array, bool]] = {}
+        self._stable = iovec.Stable()             # the frames, for a spliced channel
         stats.data_pages = sum(b.data_pages for b in self.order)
         #: data host pages not yet claimed, and all of them
         self.remaining = sum(b.data_count for b in self.order)
@@ -168,6 +215,8 @@ class PageSender:
     def release(self) -> None:
         """Forget the file's pages and unmap the run tables' headers (before the file's
         mapping closes; nothing queued may point into them any more)."""
+        self._frames.clear()
+        self._stable.close()
         for block in self.order:
             block.present = b""
             if block.table is not None:
@@ -175,13 +224,18 @@ class PageSender:
                 block.table = None
             block.pages_at = 0
 
-    def frame(self, sid: int) -> Tuple[bytes, array, bytes, array]:
-        """The start and the end of a PART section of section ``sid``, and their pairs."""
+    def frame(self, sid: int) -> Tuple[bytes, array, bytes, array, bool]:
+        """The start and the end of a PART section of section ``sid``, their pairs, and
+        whether those point at :class:`~.iovec.Stable` copies (else at the bytes)."""
         frame = self._frames.get(sid)
         if frame is None:
             start, end = ms.part_start(sid), ms.part_end(sid)
-            frame = self._frames[sid] = (start, iovec.pairs_of(start),
-                                         end, iovec.pairs_of(end))
+            start_at, end_at = self._stable.put(start), self._stable.put(end)
+            if start_at is None or end_at is None:
+                frame = (start, iovec.pairs_of(start), end, iovec.pairs_of(end), False)
+            else:
+                frame = (start, start_at, end, end_at, True)
+            self._frames[sid] = frame
         return frame
 
     def answer(self, req: ms.ReqPages, t_read: float, sid: int, ch: Channel, in_part: bool,
@@ -412,16 +466,18 @@ class _Piece:
     channel; the preempt channel's go bare).  ``pages``: the host pages claimed.
     """
 
-    __slots__ = ("table", "keep", "nbytes", "pages", "_frame")
+    __slots__ = ("table", "keep", "nbytes", "pages", "stable", "_frame")
 
     def __init__(self, sender: PageSender, sid: int, framed: bool) -> None:
         self.table = array("Q")
         self.keep: List[Any] = []
         self.nbytes = 0
         self.pages = 0
+        #: every pair points at bytes that never change (no ``bytes`` object's)
+        self.stable = True
         self._frame = sender.frame(sid) if framed else None
         if self._frame is not None:
-            start, pairs, _, _ = self._frame
+            start, pairs, _, _, self.stable = self._frame
             self.table += pairs
             self.keep.append(start)
             self.nbytes = len(start)
@@ -431,18 +487,20 @@ class _Piece:
         self.table.extend((iovec.bytes_address(record), len(record)))
         self.keep.append(record)
         self.nbytes += len(record)
+        self.stable = False
 
     def add_page(self, header: bytes, page_at: int) -> None:
         """A PAGE record: ``header``, then the page at address ``page_at`` of the mapping."""
         self.table.extend((iovec.bytes_address(header), len(header), page_at, PAGE))
         self.keep.append(header)
         self.nbytes += len(header) + PAGE
+        self.stable = False
 
     def queue_on(self, ch: Channel, t_request: Optional[float] = None) -> None:
         """Close the section, if any, and queue the piece on ``ch``."""
         if self._frame is not None:
-            _, _, end, pairs = self._frame
+            _, _, end, pairs, _ = self._frame
             self.table += pairs
             self.keep.append(end)
             self.nbytes += len(end)
-        ch.queue_table(self.table, self.nbytes, self.keep, t_request)
+        ch.queue_table(self.table, self.nbytes, self.keep, t_request, stable=self.stable)

@@ -29,8 +29,10 @@ class ResumeStats:
     ``data_pages`` (the snapshot's) once the migration completed.
     ``request_service_us`` summarises, in microseconds, the time from reading
     a request to writing the last byte of its page; ``preempt``: those pages
-    went on the postcopy-preempt channel.  ``source_cpu_s``: CPU seconds
-    (user + system) the serving thread used.
+    went on the postcopy-preempt channel.  ``bytes_spliced``: the part of
+    ``bytes_sent`` that went from the page cache into the socket by
+    ``splice``, never copied by uffdpy.  ``source_cpu_s``: CPU seconds (user
+    + system) the serving thread used.
     """
     time_to_running_s: Optional[float] = None
     time_to_complete_s: Optional[float] = None
@@ -41,6 +43,7 @@ class ResumeStats:
     pages_working_set: int = 0
     zero_pages_sent: int = 0
     bytes_sent: int = 0
+    bytes_spliced: int = 0
     duplicate_requests: int = 0
     data_pages: int = 0
     data_pages_sent: int = 0
