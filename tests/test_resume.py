@@ -435,7 +435,8 @@ def test_cli_bench_resume_one_round(qemu_binary: str, tmp_path: Path) -> None:
                       "--qemu-args", "-machine none -m 16M -nodefaults -display none")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
-    assert set(rows) == {"qemu", "resume", "resume-command", "resume-no-preempt", "map"}
+    assert set(rows) == {"qemu", "resume", "resume-command", "resume-no-preempt",
+                         "resume-no-splice", "map"}
     assert all(r["completed"] and r["completed"] > 0 for r in rows.values())
     # the command is timed from its spawn: its connect comes after Python's start
     assert rows["resume-command"]["connect"] > rows["resume"]["connect"] > 0

@@ -70,7 +70,8 @@ def _bench_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--contenders", default=None, metavar="LIST",
                     help="with --resume: a comma-separated subset of qemu, resume, "
                          "resume-command (the command in a process of its own), "
-                         "resume-no-preempt, resume-ws, resume-ws-before, map, map-ws "
+                         "resume-no-preempt, resume-no-splice, resume-ws, resume-ws-before, "
+                         "map, map-ws "
                          "(default all)")
     sp.add_argument("--cold", action="store_true",
                     help="with --resume: evict the snapshot from the page cache before "

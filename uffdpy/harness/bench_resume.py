@@ -66,11 +66,12 @@ from ..resume.destination import event_time
 
 __all__ = ["run_resume_bench", "run_clone_bench", "CONTENDERS", "evict", "memory"]
 
-CONTENDERS = ("qemu", "resume", "resume-command", "resume-no-preempt", "resume-ws",
-              "resume-ws-before", "map", "map-ws")
+CONTENDERS = ("qemu", "resume", "resume-command", "resume-no-preempt", "resume-no-splice",
+              "resume-ws", "resume-ws-before", "map", "map-ws")
 LABELS = {"qemu": "QEMU's own load (mapped-ram)", "resume": "uffdpy resume",
           "resume-command": "uffdpy resume, the command",
           "resume-no-preempt": "uffdpy resume --no-preempt",
+          "resume-no-splice": "uffdpy resume --no-splice",
           "resume-ws": "uffdpy resume --working-set (after RUN)",
           "resume-ws-before": "uffdpy resume --working-set (before RUN)",
           "map": "uffdpy resume --map",
@@ -311,7 +312,8 @@ def run_resume_bench(snapshot: str, qemu_args: Sequence[str], *, rounds: int = 5
                                   else "after-run")
                 else:
                     res = _resume(snapshot, argv, req, request or "", timeout,
-                                  preempt=False if name == "resume-no-preempt" else None)
+                                  preempt=False if name == "resume-no-preempt" else None,
+                                  splice=name != "resume-no-splice")
                 if "answer_text" in res:
                     answers.add(res["answer_text"])
                 log(f"round {rnd} {name}: " + ", ".join(
