@@ -374,6 +374,41 @@ def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> No
     assert not beyond, sorted(beyond)[:5]            # nothing past the cut was sent as data
 
 
+def test_a_destination_gone_mid_stream_is_an_error_not_sigpipe(snap: str) -> None:
+    """splice(2) raises SIGPIPE when the peer is gone (it has no MSG_NOSIGNAL): in a
+    process that left SIGPIPE at its default, the resume still ends with an error.
+    (The destination goes right before a splice: the loop would see it hang up first.)"""
+    script = """if True:
+        import signal, socket, sys
+        sys.path.insert(0, sys.argv[2])
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        from fakedest import FakeDestination
+        from uffdpy.resume import Resume, iovec
+        ours, theirs = socket.socketpair()
+        fake = FakeDestination(theirs)
+        drain, drains = iovec.Splicer.drain, []
+        def drain_after_the_peer_went(self):
+            drains.append(1)
+            if len(drains) == 3:
+                theirs.shutdown(socket.SHUT_RDWR)
+            return drain(self)
+        iovec.Splicer.drain = drain_after_the_peer_went
+        r = Resume(sys.argv[1], connect=f"fd:{ours.fileno()}", timeout=10, batch_pages=8)
+        ours.close()
+        try:
+            r.wait(10)
+            print("completed?")
+        except Exception as e:
+            print("error:", type(e).__name__, e, len(drains))
+        r.close()
+    """
+    proc = subprocess.run([sys.executable, "-c", script, snap, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "error: DestinationError the destination closed the migration connection" \
+        in proc.stdout, proc.stdout
+
+
 def test_a_file_renamed_over_the_snapshot_is_never_served(snap: str, tmp_path: Path) -> None:
     """Resume(Snapshot) serves the file that was validated, not what has its name now."""
     path = tmp_path / "v.img"

@@ -49,6 +49,7 @@ import errno
 import mmap
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -249,6 +250,10 @@ class Resume:
     # -- the serving loop (its own thread; owns the sockets and the sent map)
 
     def _serve(self) -> None:
+        # splice(2) into a socket whose peer is gone raises SIGPIPE (it takes no
+        # MSG_NOSIGNAL), which kills a process that left it at its default: blocked in
+        # this thread, the only one that splices, the call fails with EPIPE instead
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         cpu0 = time.thread_time()
         try:
             self._loop()
