@@ -19,6 +19,10 @@ per page.
 Whoever queues a table keeps its buffers alive until it is sent: the entry
 holds the ``bytes`` it points into (a request's headers, the section
 frames); the mapping and the run tables outlive every entry.
+
+A table whose every buffer never changes (the file's pages, the run tables'
+headers, :class:`Stable` bytes) may instead be spliced (:class:`Splicer`):
+the socket then holds the pages themselves, not a copy.
 """
 from __future__ import annotations
 

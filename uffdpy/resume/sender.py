@@ -12,7 +12,8 @@ each goes out exactly once.
 
 :class:`Channel` is one connection's output queue, written with
 non-blocking ``sendmsg`` straight from the file's mapping (tables of
-buffers, :mod:`uffdpy.resume.iovec`).  The loop that reads the return path
+buffers, :mod:`uffdpy.resume.iovec`), or, for the main channel's sections
+of pages, spliced from the page cache without a copy.  The loop that reads the return path
 and decides when to write is :class:`uffdpy.resume.postcopy.Resume`'s;
 nothing here polls.  This module imports ctypes (``Resume`` imports it
 before the connect; ``uffdpy resume --map`` never does).
@@ -89,7 +90,8 @@ class Channel:
             self._pipe.close()
 
     def flush(self, done: Callable[[float], None]) -> int:
-        """Send what the socket takes now; call ``done(t)`` for each request entry written.
+        """Send what the socket takes now; call ``done(t)`` for each request entry written
+        (a stable one: put in the pipe; answers never are).
 
         Returns the bytes that reached the socket.  Raises: OSError (EPIPE,
         ECONNRESET: the destination went away; EFAULT: the file's mapping
@@ -111,7 +113,8 @@ class Channel:
                     table, pairs, _ = self._gather(pipe.slots, stable=True)
                     self._advance(pipe.fill(table, pairs), done)
                     continue
-                table, pairs, size = self._gather(_IOV_MAX, stable=False if pipe is not None else None)
+                # copied: with a pipe, only the entries up to the next stable one
+                table, pairs, size = self._gather(_IOV_MAX, None if pipe is None else False)
                 n = self._sender.send(table, pairs)
                 total += n
                 self._advance(n, done)
