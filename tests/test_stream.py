@@ -208,6 +208,16 @@ def test_spliced_pages_outlive_the_mapping_and_the_headers(snap: str) -> None:
     theirs.close()
 
 
+def test_without_a_pipe_of_a_mebibyte_the_stream_is_copied(snap: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # a pipe of that size refused (here: larger than the kernel allows anyone)
+    monkeypatch.setattr(iovec.Splicer, "SIZE", 1 << 32)
+    with socket.socket(socket.AF_UNIX) as sock:
+        assert iovec.Splicer.open(sock) is None
+    stats, fake = run(snap, batch_pages=16)
+    assert fake.pages == data_pages(snap) and stats["bytes_spliced"] == 0
+
+
 def test_addresses_of_bytes_and_buffers() -> None:
     data = bytes(range(256)) * 3
     assert ctypes.string_at(iovec.bytes_address(data), len(data)) == data
