@@ -81,6 +81,7 @@ class FakeDestination:
         except BaseException as e:            # kept for the test to raise
             self.error = e
         finally:
+            self.reader.close()                # its reference kept the socket's fd open
             self.done.set()
 
     def _stream(self) -> None:
