@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import shutil
@@ -208,10 +209,17 @@ def test_spliced_pages_outlive_the_mapping_and_the_headers(snap: str) -> None:
     theirs.close()
 
 
-def test_without_a_pipe_of_a_mebibyte_the_stream_is_copied(snap: str,
+@pytest.mark.parametrize("why", ["size", "descriptors"])
+def test_without_a_pipe_of_a_mebibyte_the_stream_is_copied(snap: str, why: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # a pipe of that size refused (here: larger than the kernel allows anyone)
-    monkeypatch.setattr(iovec.Splicer, "SIZE", 1 << 32)
+    # a pipe of that size refused (here: larger than the kernel allows anyone),
+    # or no pipe at all (no descriptors left)
+    if why == "size":
+        monkeypatch.setattr(iovec.Splicer, "SIZE", 1 << 32)
+    else:
+        def no_pipe(flags: int) -> Tuple[int, int]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        monkeypatch.setattr(iovec.os, "pipe2", no_pipe)
     with socket.socket(socket.AF_UNIX) as sock:
         assert iovec.Splicer.open(sock) is None
     stats, fake = run(snap, batch_pages=16)

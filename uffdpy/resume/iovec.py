@@ -177,8 +177,12 @@ class Splicer:
     @classmethod
     def open(cls, sock: socket.socket) -> Optional["Splicer"]:
         """A splicer for ``sock``, or None when no pipe of :attr:`SIZE` can be had
-        (a lower ``fs.pipe-max-size``, or the user's pipe memory spent): copy then."""
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        (a lower ``fs.pipe-max-size``, the user's pipe memory spent, no descriptors
+        left): copy then."""
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
         try:
             if fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, cls.SIZE) >= cls.SIZE:
                 return cls(sock, r, w)
