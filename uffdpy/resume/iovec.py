@@ -150,11 +150,13 @@ class Splicer:
     """A pipe that moves pages to one socket without copying them: ``vmsplice`` in, ``splice`` out.
 
     ``vmsplice`` puts references to the pages of a table's buffers in the
-    pipe, ``splice`` hands them to the socket (Linux 6.5 and later attach
-    them to a UNIX socket's buffers as they are; older kernels copy there).
-    The source then never copies the stream's pages, nor allocates memory to
-    copy them into: on this machine's kernel a copy into fresh socket memory
-    cost 0.16-0.70 s of system time per 1 GiB guest, spliced 0.08-0.10 s.
+    pipe, ``splice`` hands them to the socket, whose buffers then hold the
+    pages themselves.  The source never copies the stream's pages, nor
+    allocates memory to copy them into: on a VM whose freed memory goes back
+    to its host (free page reporting), copying a 1 GiB guest's pages into
+    fresh socket memory cost 0.16-0.70 s of system time, splicing them
+    0.08-0.10 s (docs/benchmarks.md, session 17).  ``splice`` into a socket
+    whose peer is gone raises SIGPIPE: the caller's thread blocks it.
 
     Only for buffers whose bytes never change once handed over, since the
     peer reads the pages themselves, perhaps after this object and the
@@ -248,6 +250,7 @@ class Stable:
         return array("Q", (self._at + start, n))
 
     def close(self) -> None:
+        """Unmap the bytes (what was spliced stays, held by the socket)."""
         self._map.close()
 
 
