@@ -13,11 +13,13 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -165,8 +167,6 @@ def _drain(sock: socket.socket, n: int) -> bytes:
 def test_a_spliced_channel_keeps_the_order_through_partial_writes(snap: str) -> None:
     """Stable pieces go by the pipe, records by sendmsg once the pipe has drained: the
     stream is byte for byte the queue, however little the socket takes at a time."""
-    import select
-    import threading
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     ours.setblocking(False)
