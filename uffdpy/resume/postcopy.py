@@ -176,8 +176,7 @@ class Resume:
             opening = self._opening()
             sock = open_connection(address, timeout)
             if self._preempt and sock.family == socket.AF_UNIX:   # (TCP tunes its own)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAIN_SNDBUF_SPLICED
-                                if self.options.splice else _MAIN_SNDBUF_PREEMPT)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAIN_SNDBUF_PREEMPT)
             self._main = _channel(sock, "main", splice=self.options.splice)
             self._connected_wall = time.time()
             self._connected = pages.t0 = time.monotonic()
@@ -654,11 +653,9 @@ class Resume:
 #: with preempt, the main channel's send buffer (the kernel doubles it, up to
 #: net.core.wmem_max): the answers take the other channel, so a deeper stream
 #: only means fewer wake-ups (the 1 GiB guest: 0.164 -> 0.147 s of CPU)
+#: (deeper when spliced, 1 MiB, was tried: no sure gain, and what a source that
+#: dies has in the socket is lost, for the recovery to send again)
 _MAIN_SNDBUF_PREEMPT = 256 << 10
-#: the same, spliced: the socket then holds references to the page cache, not
-#: copies, so depth costs no memory (0.166 -> 0.148 s of CPU; 2 MiB 0.137 s, with
-#: a p99 a little worse: a page asked for while queued waits behind the queue)
-_MAIN_SNDBUF_SPLICED = 1 << 20
 
 
 def _channel(sock: socket.socket, name: str, *, splice: bool = False) -> "Channel":
