@@ -36,7 +36,7 @@ def _resume_table(stats: Dict[str, Any]) -> str:
         ("zero pages sent", stats["zero_pages_sent"]),
         ("duplicate requests", stats["duplicate_requests"]),
         ("bytes sent", stats["bytes_sent"]),
-        ("of them spliced", stats.get("bytes_spliced", 0)),
+        ("of them spliced", stats["bytes_spliced"]),
         ("request service p50/p99/max", "-" if lat["p50"] is None
          else f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} us"),
         ("source CPU", "-" if stats.get("source_cpu_s") is None
@@ -241,7 +241,6 @@ def _map_table(stats: Dict[str, Any]) -> str:
         ("pages sent", stats["pages_sent"]),
         ("stale pages zeroed", stats["stale_zero_pages"]),
         ("bytes sent", stats["bytes_sent"]),
-        ("of them spliced", stats.get("bytes_spliced", 0)),
     ]
     if stats.get("warm_pages") or stats.get("warm_error"):
         rows.append(("pages warmed", stats["warm_pages"]))

@@ -13,9 +13,9 @@ each goes out exactly once.
 :class:`Channel` is one connection's output queue, written with
 non-blocking ``sendmsg`` straight from the file's mapping (tables of
 buffers, :mod:`uffdpy.resume.iovec`), or, for the main channel's sections
-of pages, spliced from the page cache without a copy.  The loop that reads the return path
-and decides when to write is :class:`uffdpy.resume.postcopy.Resume`'s;
-nothing here polls.  This module imports ctypes (``Resume`` imports it
+of pages, spliced from the page cache without a copy.  The loop that
+reads the return path and decides when to write is
+:class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.  This module imports ctypes (``Resume`` imports it
 before the connect; ``uffdpy resume --map`` never does).
 """
 from __future__ import annotations
