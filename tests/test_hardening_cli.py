@@ -373,15 +373,13 @@ def test_an_unknown_region_is_one_named_line(synth: Path, tmp_path: Path) -> Non
 
 def test_a_bug_in_uffdpy_shows_its_traceback(synth: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only uffdpy's own errors, bad values and OSErrors become one line."""
-    import dataclasses
-
     from uffdpy import cli
     from uffdpy.cli import app as cli_main
 
     def broken(args: object) -> int:
         raise TypeError("a bug")
     monkeypatch.setattr(cli_main, "COMMANDS", tuple(
-        dataclasses.replace(c, run=broken) if c.name == "inspect" else c
+        c.replace(run=broken) if c.name == "inspect" else c
         for c in cli.COMMANDS))
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["inspect", str(synth)])

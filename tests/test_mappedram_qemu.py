@@ -265,7 +265,7 @@ def test_pc_snapshot_rewritten_by_the_writer_loads(make, workdir: Path) -> None:
                 assert (a.name, a.length, a.bitmap_offset, a.pages_offset, a.bitmap) == (
                     b.name, b.length, b.bitmap_offset, b.pages_offset, b.bitmap)
             shift = copy.device_state_range[0] - src.device_state_range[0]
-            assert copy.devices == [dataclasses.replace(d, offset=d.offset + shift)
+            assert copy.devices == [d.replace(offset=d.offset + shift)
                                     for d in src.devices]
     info = vm.load_snapshot(made.config, str(dst), pmemsave=str(pmem), timeout=60)
     assert info["status"] == "paused"

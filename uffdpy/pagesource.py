@@ -43,10 +43,10 @@ import importlib
 import os
 import re
 import stat
-from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
 from .errors import UffdpyError
+from .record import Record
 from .sizes import parse_size
 
 __all__ = ["ImageError", "RegionNotFound", "ImageFile", "OpenImage", "PageRegion", "RegionBase",
@@ -429,8 +429,7 @@ def open_for_reading(path: PathLike) -> int:
     return fd
 
 
-@dataclass(frozen=True)
-class ImageFormat:
+class ImageFormat(Record, frozen=True):
     """A file format uffdpy reads: how to recognise it and which class opens it.
 
     ``opener`` is ``"module:Class"``, imported when a file of the format is

@@ -30,13 +30,14 @@ COMMANDS: Tuple[Command, ...] = (inspect.COMMANDS + load.COMMANDS + resume.COMMA
 
 
 def build_parser(command_name: Optional[str] = None) -> argparse.ArgumentParser:
-    """The ``uffdpy`` parser; with ``command_name``, only that command's arguments are
-    added (the others' are not needed to run it, and cost start-up time)."""
-    p = argparse.ArgumentParser(prog="uffdpy", description=(
+    """The ``uffdpy`` parser; with ``command_name``, only that command (the others
+    are not needed to run it: each parser costs start-up time, mostly argparse's
+    translation look-ups)."""
+    p = _Parser(prog="uffdpy", description=(
         "Lazy loading of QEMU mapped-ram snapshots and ELF memory images with userfaultfd."))
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     # --debug after the subcommand too; SUPPRESS keeps a top-level --debug
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -49,17 +50,41 @@ def build_parser(command_name: Optional[str] = None) -> argparse.ArgumentParser:
         commands[name] = add_parser(name, parents=[common], **kw)
         return commands[name]
 
-    sub.add_parser = add_command  # type: ignore[method-assign]
+    sub.add_parser = add_command  # type: ignore[method-assign, assignment]
     for command in COMMANDS:
-        sp = sub.add_parser(command.name, **command.parser)
         if command_name in (None, command.name):
+            sp = sub.add_parser(command.name, **command.parser)
             command.arguments(sp)
-        sp.set_defaults(func=command.run, _check=command.check)
-
-    from .ws import add_parsers
-    add_parsers(sub)                    # ws inspect, ws merge, plot
+            sp.set_defaults(func=command.run, _check=command.check)
+    if command_name is None:
+        from .ws import add_parsers
+        add_parsers(sub)                # ws inspect, ws merge, plot
     p.set_defaults(_commands=commands)  # each command's own parser, for its usage errors
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose help formatter is told the terminal's width:
+    argparse makes a formatter for every argument added, and each one left to find
+    the width itself imports :mod:`shutil` (and with it bz2 and lzma) at start-up."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        return self.formatter_class(prog=self.prog, width=_help_width())  # type: ignore[call-arg]
+
+
+def _help_width() -> int:
+    """What argparse would use: ``$COLUMNS``, else the terminal's width, else 80; less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns \
+                if sys.__stdout__ is not None else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns if columns > 0 else 80) - 2
 
 
 def _one_line(exc: BaseException) -> str:

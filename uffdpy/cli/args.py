@@ -6,7 +6,6 @@ a bad value is argparse's one-line usage error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import stat
 import sys
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 from ..argtypes import (bounded, chunk_size, cpu, fraction, hot_fraction, integer,  # noqa: F401
                         non_negative_float, non_negative_int, number, page_size_multiple,
                         parse_size, positive_float, positive_int, ranges)
+from ..record import Record
 from ..sizes import qemu_size
 
 if TYPE_CHECKING:
@@ -138,8 +138,7 @@ def snapshot_arg(sp: argparse.ArgumentParser, *, offset: bool = True) -> None:
         sp.set_defaults(offset=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Command:
+class Command(Record, frozen=True):
     """One ``uffdpy`` command: its name, ``add_parser``'s keywords, its arguments, what runs it."""
 
     name: str

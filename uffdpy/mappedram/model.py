@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Tuple
 
 
@@ -26,6 +25,7 @@ _HEADER = struct.Struct(">IQQQ")
 from ..migstream import MigCmd, QEMU_VM_SECTION_FOOTER
 
 MIG_CMD_SWITCHOVER_START = int(MigCmd.SWITCHOVER_START)
+from ..record import Record
 from ..pagesource import POPCOUNT, ImageError, ImageFile, RegionBase, bitmap_runs, bitmap_runs_in
 
 
@@ -139,8 +139,7 @@ def _clear_bit(bitmap: bytearray, i: int) -> None:
 
 # --- model --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DeviceSection:
+class DeviceSection(Record, frozen=True):
     """One QEMU_VM_SECTION_FULL device section.
 
     ``offset``/``length`` are the absolute byte range of the whole section,

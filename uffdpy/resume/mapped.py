@@ -51,7 +51,6 @@ synchronous, no copy); ``warm="all"`` then reads the rest in file order.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import shlex
@@ -65,6 +64,7 @@ from ..ioctl import MADV_POPULATE_READ
 from ..mappedram import MACHINE_RAM_IDS, RamBlock, Snapshot, TARGET_PAGE_SIZE, backend_blocks
 from ..memory import Mapping
 from ..pagesource import PathLike
+from ..record import Record
 from ..workingset import load_for
 from .destination import (DestinationError, QemuDestination, ResumeError, event_time,
                           open_connection)
@@ -352,8 +352,7 @@ class _Warmer:
 
 # ------------------------------------------------------------------ the resume
 
-@dataclasses.dataclass
-class MapStats:
+class MapStats(Record):
     """What a mapped resume did.  Times in seconds from the connect; None when unknown.
 
     ``time_to_running_s``: the destination's RESUME event (None when the VM
@@ -370,15 +369,12 @@ class MapStats:
     bytes_sent: int = 0
     pages_sent: int = 0
     stale_zero_pages: int = 0
-    blocks_mapped: List[str] = dataclasses.field(default_factory=list)
-    blocks_streamed: List[str] = dataclasses.field(default_factory=list)
+    blocks_mapped: List[str] = []
+    blocks_streamed: List[str] = []
     mapped_bytes: int = 0
     warm_pages: int = 0
     warm_error: Optional[str] = None
     mode: str = "map"
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class MapResume:

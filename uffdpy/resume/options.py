@@ -11,9 +11,9 @@ connected; each flag, default and check is written here alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
+from ..record import Record
 from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 __all__ = ["ResumeOptions", "DEFAULT_BATCH_PAGES", "PREEMPT_BATCH_PAGES", "DEFAULT_FAULT_AROUND",
@@ -38,8 +38,7 @@ DEFAULT_DEMAND_YIELD_MS = 2.0
 RECORD_IDLE_S = 1.0
 
 
-@dataclasses.dataclass(frozen=True)
-class ResumeOptions:
+class ResumeOptions(Record, frozen=True):
     """How the postcopy stream runs; validated when made.
 
     ``transport`` (``unix``, ``tcp``, ``fd``): how uffdpy's private
@@ -89,7 +88,7 @@ class ResumeOptions:
     stall_timeout: Optional[float] = None
     splice: bool = True
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         for name in ("background", "recover", "trace", "splice"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -142,9 +141,8 @@ class ResumeOptions:
     def for_recovery(self) -> "ResumeOptions":
         """The same for a server that finishes a paused load: what shaped the first
         moments (the working set, the delays) is past."""
-        return dataclasses.replace(self, recover=True, working_set=None,
-                                   ws_placement="after-run", background_delay=0.0,
-                                   background_idle=None)
+        return self.replace(recover=True, working_set=None, ws_placement="after-run",
+                            background_delay=0.0, background_idle=None)
 
     # -- the command line
 

@@ -44,7 +44,6 @@ the incoming migration.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import mmap
 import os
@@ -108,7 +107,7 @@ class Resume:
                  page_sizes: Optional[Dict[str, int]] = None, **fields: Any) -> None:
         if (qmp is None) == (connect is None):
             raise ValueError("give exactly one of qmp= (a QMP socket) or connect= (an address)")
-        opts = self.options = dataclasses.replace(options or ResumeOptions(), **fields)
+        opts = self.options = (options or ResumeOptions()).replace(**fields)
         if opts.preempt and (opts.transport == "fd" or (connect or "").startswith("fd:")):
             raise ValueError("preempt needs a second connection: use a unix or tcp transport")
         timeout = opts.timeout

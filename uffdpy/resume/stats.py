@@ -1,16 +1,15 @@
 """What a postcopy resume did: :class:`ResumeStats`."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from ..latency import EMPTY
+from ..record import Record
 
 __all__ = ["ResumeStats"]
 
 
-@dataclasses.dataclass
-class ResumeStats:
+class ResumeStats(Record):
     """What a resume did.  Times in seconds from the connect; None when unknown.
 
     ``time_to_running_s`` is the destination's RESUME event (None with ``-S``
@@ -47,12 +46,8 @@ class ResumeStats:
     duplicate_requests: int = 0
     data_pages: int = 0
     data_pages_sent: int = 0
-    request_service_us: Dict[str, Optional[float]] = dataclasses.field(
-        default_factory=lambda: dict(EMPTY))
+    request_service_us: Dict[str, Optional[float]] = EMPTY     # copied for each
     preempt: bool = False
     recovered: bool = False
     pages_already_received: int = 0
     source_cpu_s: Optional[float] = None
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -36,7 +36,6 @@ stats) and its progress come back on a pipe, one JSON line each.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import select
@@ -88,7 +87,7 @@ class SupervisedResume:
         self.snapshot = snapshot                # the server, forked, serves this very file
         self.path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
         self.qmp = qmp
-        self.options = dataclasses.replace(options or ResumeOptions(), **fields)
+        self.options = (options or ResumeOptions()).replace(**fields)
         self.transport = self.options.transport
         self.recover = self.options.recover
         self.timeout = self.options.timeout
@@ -367,7 +366,7 @@ class SupervisedResume:
         orders = _read_orders(orders_r)
         if orders is None:                # dismissed (the set-up failed): nothing to do
             return 0
-        options = dataclasses.replace(self.options, preempt=orders["preempt"], recover=False)
+        options = self.options.replace(preempt=orders["preempt"], recover=False)
         if orders["recover"]:            # what shaped the first moments is past
             options = options.for_recovery()
         try:
