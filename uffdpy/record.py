@@ -22,17 +22,16 @@ a record not frozen is not hashable, as a mutable dataclass is not.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Tuple
 
 if TYPE_CHECKING:
-    from typing_extensions import dataclass_transform
+    from typing_extensions import Self, dataclass_transform
 else:
     def dataclass_transform(**_: Any) -> Any:
         return lambda cls: cls
 
 __all__ = ["Record", "FrozenRecordError"]
 
-R = TypeVar("R", bound="Record")
 _NO_DEFAULT = object()
 
 
@@ -113,7 +112,7 @@ class Record:
     def _hash(self) -> int:
         return hash((type(self), self._values()))
 
-    def replace(self: R, **changes: Any) -> R:
+    def replace(self, **changes: Any) -> Self:
         """A new record of the same class: these fields changed, checked again."""
         values = {name: getattr(self, name) for name in self._fields}
         unknown = set(changes) - set(values)
