@@ -3,6 +3,7 @@ resume command's way to its connect kept free of what made it slow."""
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,15 @@ def test_frozen_refuses_assignment_and_hashes() -> None:
     with pytest.raises(AttributeError):                           # as dataclasses do
         del p.y                                                   # type: ignore[misc]
     assert hash(p) == hash(Point(1, 2)) and len({p, Point(1, 2), Point(2)}) == 2
+
+    class Keyed(Record):
+        name: str = ""
+
+        def __hash__(self) -> int:                  # its own, kept
+            return len(self.name)
+    assert hash(Keyed("abc")) == 3
+    assert copy.deepcopy(p) == p and copy.copy(Keyed("x")) == Keyed("x")
+    assert pickle.loads(pickle.dumps(p)) == p
     assert Point(1) != (1, 0, None) and Point(1) != "Point(x=1)"
 
 

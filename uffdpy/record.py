@@ -65,7 +65,8 @@ class Record:
         cls._fields = tuple(fields)
         cls._defaults = defaults
         cls._frozen = frozen or cls._frozen
-        cls.__hash__ = Record._hash if cls._frozen else None  # type: ignore[assignment]
+        if "__hash__" not in cls.__dict__:      # a class's own __hash__ is kept
+            cls.__hash__ = Record._hash if cls._frozen else None  # type: ignore[assignment]
         if cls._frozen:                 # a record not frozen assigns at full speed
             cls.__setattr__ = _refuse_set  # type: ignore[assignment]
             cls.__delattr__ = _refuse_delete  # type: ignore[assignment]
