@@ -46,10 +46,10 @@ class SourceBlock:
         self.pages_offset: int = block.pages_offset
         self.host_page = host_page
         self.sub = host_page // PAGE              # target pages per host page
+        runs = [(first, count) for first, count, is_data in block.runs() if is_data]
         present = bytearray(block.pages)
-        for first, count, is_data in block.runs():
-            if is_data:
-                present[first:first + count] = b"\x01" * count
+        for first, count in runs:
+            present[first:first + count] = b"\x01" * count
         self.present = bytes(present)
         units = block.length // host_page
         self.sent = bytearray(units)              # 1 = the host page is sent or in flight
@@ -63,7 +63,7 @@ class SourceBlock:
         self.data_count = self.data_pages if self.sub == 1 else len(self.data_units)
         #: the runs of data pages, ``(first, end)``, and the stream's place in them:
         #: ``data_runs[cursor]``, from page ``run_pos`` (blocks of 4 KiB host pages)
-        self.data_runs = [(f, f + n) for f, n, is_data in block.runs() if is_data]
+        self.data_runs = [(f, f + n) for f, n in runs]
         self.cursor = 0                           # the background stream's position
         self.run_pos = 0
         #: the address of the block's first page in the file's mapping, and the
