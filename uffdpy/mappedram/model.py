@@ -4,6 +4,10 @@ from __future__ import annotations
 import struct
 from typing import Callable, Iterator, Optional, Tuple
 
+from ..migstream import MigCmd, QEMU_VM_SECTION_FOOTER
+from ..pagesource import POPCOUNT, ImageError, ImageFile, RegionBase, bitmap_runs, bitmap_runs_in
+from ..record import Record
+
 
 # --- the stream's vocabulary is migstream's; mapped-ram's own constants follow ---
 
@@ -22,11 +26,7 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IQQQ")
 
-from ..migstream import MigCmd, QEMU_VM_SECTION_FOOTER
-
 MIG_CMD_SWITCHOVER_START = int(MigCmd.SWITCHOVER_START)
-from ..record import Record
-from ..pagesource import POPCOUNT, ImageError, ImageFile, RegionBase, bitmap_runs, bitmap_runs_in
 
 
 # --- errors ----------------------------------------------------------------------

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional, Tuple
 
-from ..record import Record
 from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from ..record import Record
 
 __all__ = ["ResumeOptions", "DEFAULT_BATCH_PAGES", "PREEMPT_BATCH_PAGES", "DEFAULT_FAULT_AROUND",
            "DEFAULT_DEMAND_YIELD_MS", "RECORD_IDLE_S"]
