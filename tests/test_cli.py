@@ -166,6 +166,23 @@ def test_inspect_table_synthetic(synth: Path) -> None:
     check_inspect_table(synth)
 
 
+@pytest.mark.parametrize("columns", [None, "50", "120", "junk"])
+def test_help_is_as_wide_as_argparse_makes_it(columns: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parser tells its help formatters the width (each one finding it imported
+    shutil): the width argparse itself would find, ``$COLUMNS`` or the terminal's."""
+    import argparse
+
+    from uffdpy.cli import build_parser
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    stock = argparse.HelpFormatter("uffdpy")._width              # type: ignore[attr-defined]
+    for parser in (build_parser(), build_parser("resume").get_default("_commands")["resume"]):
+        assert parser._get_formatter()._width == stock           # type: ignore[attr-defined]
+
+
 def test_json_output_builds_no_table(synth: Path) -> None:
     """With --json the text is never made: tabulate (~25 ms to import) is not needed."""
     code = ("import sys; sys.modules['tabulate'] = None\n"   # any import of it fails
