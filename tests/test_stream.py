@@ -23,7 +23,7 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -390,6 +390,41 @@ def test_truncated_file_is_an_error_never_zeros(snap: str, tmp_path: Path) -> No
         first = s.block("ram").pages_offset
     beyond = {p: v for (_, p), v in fake.pages.items() if first + p * PAGE >= cut}
     assert not beyond, sorted(beyond)[:5]            # nothing past the cut was sent as data
+
+
+def test_a_requested_page_is_read_from_the_file_and_a_short_read_is_an_error(
+        snap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requested page is read from the file (its first touch in the mapping would
+    be a page fault on the answer's way): its bytes as they are; past a truncation,
+    the same error as the mapping's EFAULT, never zeros."""
+    copy = tmp_path / "t.img"
+    shutil.copyfile(snap, copy)
+    want = data_pages(snap)
+    pages = sorted(p for _, p in want)
+    with Snapshot.open(copy) as s:
+        first = s.block("ram").pages_offset
+    reads: List[int] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        reads.append(offset)
+        return pread(fd, n, offset)
+    monkeypatch.setattr(os, "pread", counted)
+    asked, cut = pages[len(pages) // 3], pages[2 * len(pages) // 3]
+    with serve(str(copy), background=False, fault_around_pages=0) as (r, fake):
+        deadline = wait_for_package(fake)
+        reads.clear()                                   # the file's parse, before
+        fake.request("ram", asked)
+        while ("ram", asked) not in fake.pages:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert fake.pages[("ram", asked)] == want[("ram", asked)]
+        assert reads == [first + asked * PAGE]
+        os.truncate(copy, first + cut * PAGE + 100)            # that page cut in two
+        fake.request("ram", cut)
+        with pytest.raises(ResumeError, match="cannot be read"):
+            r.wait(30)
+    assert ("ram", cut) not in fake.pages
 
 
 def test_a_destination_gone_mid_stream_is_an_error_not_sigpipe(snap: str) -> None:

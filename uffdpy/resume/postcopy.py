@@ -220,7 +220,8 @@ class Resume:
                                          batch=self.options.batch_for(self._preempt),
                                          around=self._around,
                                          trace=self.trace,
-                                         record=self._record_path is not None)
+                                         record=self._record_path is not None,
+                                         fd=self._snap.fileno() if self._snap else None)
         if self._ws is not None:
             pages.queue_working_set(self._ws.pages)
         return pages
