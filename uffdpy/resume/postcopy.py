@@ -33,8 +33,10 @@ byte; :mod:`uffdpy.migstream` makes them):
 
 One thread, no locks: the loop alone owns the sockets and the sent map, so
 the GIL never stands between a request and its answer.  Pages go from the
-file's mapping with ``sendmsg`` over memoryviews (no copy in Python); a file
-truncated under the mapping makes ``sendmsg`` fail with EFAULT, never SIGBUS.
+file's mapping (:mod:`.iovec`: spliced, or copied by ``sendmsg``; no copy in
+Python), a requested page read with ``pread`` (its first touch in the mapping
+would fault on the answer's way); a file truncated under the mapping makes
+``sendmsg`` fail with EFAULT, never SIGBUS, and a short read is the same error.
 
 If the source dies after RUN the destination pauses (``postcopy-paused``),
 keeping every page it received; ``Resume(..., recover=True)`` reconnects
