@@ -217,6 +217,28 @@ def _greet(conn: socket.socket, reader: BinaryIO) -> Dict[str, Any]:
     return request
 
 
+@pytest.mark.parametrize("session", [True, False], ids=["session", "blocking"])
+def test_an_event_before_the_greeting_is_kept(short_dir: str, session: bool) -> None:
+    """Seen once in CI: a QEMU started without -S sent its RESUME event before the
+    greeting to a client that connected as the VM started."""
+    def script(conn: socket.socket, reader: BinaryIO) -> None:
+        _send(conn, {"event": "RESUME", "data": {},
+                     "timestamp": {"seconds": 1, "microseconds": 0}})
+        _greet(conn, reader)
+        request = _recv_json(reader)
+        _send(conn, {"return": {"status": "running"}, "id": request["id"]})
+        _recv_json(reader)      # until the client hangs up
+
+    fake = _FakeQemu(os.path.join(short_dir, "q.sock"), script)
+    try:
+        with QmpClient(os.path.join(short_dir, "q.sock"), timeout=5, session=session) as qmp:
+            assert qmp.greeting["QMP"]["version"]["qemu"]["major"] == 10
+            assert [e["event"] for e in qmp.events] == ["RESUME"]
+            assert qmp.call("query-status") == {"status": "running"}
+    finally:
+        fake.close()
+
+
 def test_silent_server_times_out_naming_the_greeting(short_dir: str) -> None:
     done = threading.Event()
     fake = _FakeQemu(os.path.join(short_dir, "q.sock"), lambda conn, reader: done.wait(10))
