@@ -15,8 +15,9 @@ non-blocking ``sendmsg`` straight from the file's mapping (tables of
 buffers, :mod:`uffdpy.resume.iovec`), or, for the main channel's sections
 of pages, spliced from the page cache without a copy.  The loop that
 reads the return path and decides when to write is
-:class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.  This module imports ctypes (``Resume`` imports it
-before the connect; ``uffdpy resume --map`` never does).
+:class:`uffdpy.resume.postcopy.Resume`'s; nothing here polls.  This module
+imports ctypes (``Resume`` imports it before the connect; ``uffdpy resume
+--map`` never does).
 """
 from __future__ import annotations
 
@@ -335,7 +336,9 @@ class PageSender:
                 has_data = True
                 self.stats.data_pages_sent += 1
                 if why == "request" and block.sub == 1 and self.fd is not None:
-                    piece.add_read_page(ms.page_header(offset, name), self._read(block, offset))
+                    data = self._read(block, offset)
+                    piece.add_page(ms.page_header(offset, name), iovec.bytes_address(data),
+                                   data)
                 else:
                     piece.add_page(ms.page_header(offset, name), block.pages_at + offset)
                 self._count(why, 1)
@@ -511,18 +514,13 @@ class _Piece:
         self.nbytes += len(record)
         self.stable = False
 
-    def add_page(self, header: bytes, page_at: int) -> None:
-        """A PAGE record: ``header``, then the page at address ``page_at`` of the mapping."""
+    def add_page(self, header: bytes, page_at: int, data: Optional[bytes] = None) -> None:
+        """A PAGE record: ``header``, then the page at address ``page_at``: of the
+        mapping, or of ``data`` (a page read from the file, kept alive with the piece)."""
         self.table.extend((iovec.bytes_address(header), len(header), page_at, PAGE))
         self.keep.append(header)
-        self.nbytes += len(header) + PAGE
-        self.stable = False
-
-    def add_read_page(self, header: bytes, data: bytes) -> None:
-        """A PAGE record: ``header``, then ``data``, the page read from the file."""
-        self.table.extend((iovec.bytes_address(header), len(header),
-                           iovec.bytes_address(data), PAGE))
-        self.keep += (header, data)
+        if data is not None:
+            self.keep.append(data)
         self.nbytes += len(header) + PAGE
         self.stable = False
 
