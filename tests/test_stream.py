@@ -226,6 +226,44 @@ def test_without_a_pipe_of_a_mebibyte_the_stream_is_copied(snap: str, why: str,
     assert fake.pages == data_pages(snap) and stats["bytes_spliced"] == 0
 
 
+@pytest.mark.parametrize("splice", [True, False])
+def test_an_answer_is_written_at_once_or_queued_in_its_place(snap: str, splice: bool) -> None:
+    """``Channel.write``: on an idle channel the answer goes out in one call; behind a
+    queue, or into a socket that takes only part of it, the rest waits its turn, and
+    the request is done only when its last byte is written."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    ch = Channel(ours, "main", splice=splice)
+    done: List[float] = []
+    answer = [b"head", os.urandom(PAGE), b"tail"]
+    assert ch.write(answer, 1.0, done.append) == PAGE + 8 and done == [1.0]
+    assert _drain(theirs, PAGE + 8) == b"".join(answer) and not ch.busy
+    # a socket that takes part of it: the rest is queued, the request not done yet
+    big = [os.urandom(3 * PAGE), os.urandom(5 * PAGE)]
+    n = ch.write(big, 2.0, done.append)
+    assert 0 < n < 8 * PAGE and ch.busy and done == [1.0]
+    # behind a queue: in its place, after what was queued
+    want, _, keep = _mixed_queue(snap, ch)
+    ch.write(answer, 3.0, done.append)
+    want = b"".join(big) + want + b"".join(answer)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_drain(theirs, len(want))))
+    reader.start()
+    deadline = time.monotonic() + 30
+    while ch.busy:
+        assert time.monotonic() < deadline
+        ch.flush(done.append)
+        select.select([], [ours], [], 1)
+    reader.join(30)
+    assert got == [want] and done == [1.0, 2.0, 3.0]
+    ch.drop()
+    ours.close()
+    theirs.close()
+    for thing in keep[::-1]:
+        thing.close()
+
+
 def test_addresses_of_bytes_and_buffers() -> None:
     data = bytes(range(256)) * 3
     assert ctypes.string_at(iovec.bytes_address(data), len(data)) == data
