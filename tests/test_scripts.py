@@ -28,6 +28,7 @@ COVERED = {
     "gil_deadlock.py", "bench_load.py", "teach_fault.py", "bench_fault.py",
     "qemu_snapshot.py", "linux_guest.py", "bench_resume.py", "picture_resume.py",
     "process_core.py",          # its CLI (--verify) runs in tests/test_elfcore.py
+    "bench_answer.py",
 }
 
 
@@ -128,6 +129,50 @@ def test_bench_fault_quick() -> None:
     for row in ("COPY", "ZEROPAGE", "same CPU, poll", "other CPU, poll", "bulk COPY per call"):
         assert row in out, row
     assert ("subinterpreter: other CPU, busy" in out) == HAVE_INTERPRETERS
+
+
+def test_bench_answer_quick(tmp_path: Path) -> None:
+    from uffdpy.harness.synthetic import make_synthetic
+    snap = tmp_path / "s.img"
+    make_synthetic(snap, size=16 << 20, fill=0.5, seed=3)
+    out = run_script("bench_answer.py", [snap, "--requests", "40", "--rounds", "1",
+                                         "--interval-ms", "0.5"], timeout=120)
+    rows = {line.split()[0] for line in out.splitlines()[2:] if line.strip()}
+    assert {"uffdpy", "least"} <= rows, out
+    assert ("C" in rows) if shutil.which("cc") else "(no C row: no C compiler" in out, out
+
+
+def test_bench_answer_destination_refuses_a_wrong_answer(tmp_path: Path) -> None:
+    """The benchmark's destination checks each answer against the file: one page
+    off, and it fails (so a figure never comes from answers that are wrong)."""
+    import importlib.util
+    import os
+    import struct
+    from uffdpy.harness.synthetic import make_synthetic
+    from uffdpy.mappedram import Snapshot
+    spec = importlib.util.spec_from_file_location("bench_answer", SCRIPTS / "bench_answer.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "s.img"
+    make_synthetic(path, size=8 << 20, fill=0.5, seed=4)
+    with Snapshot.open(str(path)) as snap:
+        block = max(snap.blocks, key=lambda b: b.length)
+        data = [f + k for f, n, present in block.runs() if present for k in range(n)]
+        for wrong in (False, True):
+            pages = data[:3]
+            pid, req, ans = bench.fake_destination(snap, block, pages, 0.001)
+            try:
+                for page in pages:
+                    req.recv(1 << 16)
+                    sent = page + 1 if wrong and page == pages[-1] else page
+                    ans.sendall(struct.pack(">Q", page * 4096 | 0x28) + os.pread(
+                        snap.fileno(), 4096, block.pages_offset + sent * 4096))
+            finally:
+                req.close()
+                ans.close()
+                _, status = os.waitpid(pid, 0)
+            assert (status != 0) == wrong
 
 
 def test_qemu_snapshot_help() -> None:
