@@ -174,6 +174,10 @@ def test_guest_runs_and_answers_while_its_ram_streams_in(guest: Dict[str, Any], 
     assert dst.status() == "completed"
     assert stats.page_requests > 100 and stats.pages_streamed > 0
     assert data_pages_sent(stats.as_dict()) == stats.data_pages
+    # every data page but the requested ones (read, then sent) was spliced: the stream's
+    # on the main channel, and those around each request on the preempt channel
+    assert stats.preempt and stats.pages_around > 0
+    assert stats.bytes_spliced >= (stats.data_pages_sent - stats.pages_requested) * 4096
     assert stats.time_to_running_s is not None and stats.time_to_complete_s is not None
     assert stats.request_service_us["p50"] is not None
     assert dst.qmp.call("query-status")["status"] == "running"

@@ -264,6 +264,38 @@ def test_an_answer_is_written_at_once_or_queued_in_its_place(snap: str, splice: 
         thing.close()
 
 
+def test_records_are_kept_where_they_never_change_while_there_is_room(snap: str) -> None:
+    """A piece's ZERO records and named headers are copied to the sender's stable
+    records, so the piece may be spliced; once those are full, a piece that holds one
+    is copied (not stable), its record kept alive with it, and the bytes are the same."""
+    from uffdpy.resume.blocks import source_blocks
+    from uffdpy.resume.sender import PageSender, _Piece
+    from uffdpy.resume.stats import ResumeStats
+    with Snapshot.open(snap) as s, open(snap, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        view = memoryview(mapping)
+        sender = PageSender(source_blocks(s, {}), view, ResumeStats(), batch=8, around=0)
+        try:
+            zero, header = ms.zero_record(5 * PAGE, "ram"), ms.page_header(9 * PAGE, "ram")
+            for room in (True, False):
+                if not room:                             # fill them up
+                    while sender._records.put(zero) is not None:
+                        pass
+                piece = _Piece(sender, 3, framed=False)
+                piece.add(zero)
+                piece.add_page(header, iovec.address(view) + 4 * PAGE)
+                assert piece.stable == room
+                assert (zero in piece.keep and header in piece.keep) != room
+                t = piece.table
+                got = b"".join(ctypes.string_at(t[i], t[i + 1]) for i in range(0, len(t), 2))
+                assert got == zero + header + mapping[4 * PAGE:5 * PAGE]
+                assert piece.nbytes == len(got)
+        finally:
+            sender.release()
+            view.release()
+            mapping.close()
+
+
 def test_addresses_of_bytes_and_buffers() -> None:
     data = bytes(range(256)) * 3
     assert ctypes.string_at(iovec.bytes_address(data), len(data)) == data

@@ -66,9 +66,10 @@ class ResumeOptions(Record, frozen=True):
     completion; ``trace`` keeps, in ``Resume.trace``, when each page was
     sent and why; ``timeout`` bounds each wait on QMP and the connect;
     ``stall_timeout`` (default: ``timeout``, at least 1 s) the time the load
-    may make no progress; ``splice``: the background stream's pages go from
-    the file's page cache into the socket by ``vmsplice``/``splice``, never
-    copied by uffdpy (off: copied by ``sendmsg``, as answers always are).
+    may make no progress; ``splice``: the background stream's pages, and those
+    around a requested one, go from the file's page cache into the socket by
+    ``vmsplice``/``splice``, never copied by uffdpy (off: copied by
+    ``sendmsg``, as a requested page always is).
     """
 
     transport: str = "unix"
@@ -219,8 +220,9 @@ FLAGS: Dict[str, Tuple[str, Any, Dict[str, Any]]] = {
              f"{PREEMPT_BATCH_PAGES} with preempt, where no answer waits behind one)")),
     "--no-splice": ("no_splice", False, dict(
         action="store_true",
-        help="copy the background stream's pages into the socket instead of splicing "
-             "them from the page cache (more of uffdpy's CPU; for comparison)")),
+        help="copy the background stream's pages, and those around a requested one, "
+             "into the socket instead of splicing them from the page cache (more of "
+             "uffdpy's CPU; for comparison)")),
     "--fault-around": ("fault_around", None, dict(
         type=non_negative_int, metavar="N",
         help=f"the other pages of the aligned window of N pages around each "

@@ -263,8 +263,9 @@ class Resume:
             self._error = self._explain(e)
         finally:
             self.stats.source_cpu_s = round(time.thread_time() - cpu0, 4)
-            if self._main is not None:
-                self.stats.bytes_spliced = self._main.spliced
+            for ch in (self._main, self._urgent):
+                if ch is not None:
+                    self.stats.bytes_spliced += ch.spliced
             self._done.set()
 
     def _explain(self, e: BaseException) -> BaseException:
@@ -416,8 +417,7 @@ class Resume:
                         raise _Hangup()
                     if st.ended and self._urgent is not None:
                         poller.unregister(fd)
-                        self._urgent.sock.close()
-                        self._urgent = None
+                        self._close_urgent()
                     continue
                 if not ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
                     continue
@@ -487,7 +487,8 @@ class Resume:
         main, pages = self._main, self._pages
         assert main is not None and pages is not None
         if st.phase is Phase.AWAIT_PONG2 and 2 in st.pongs:
-            self._urgent = _channel(open_connection(self._address, self._timeout), "preempt")
+            self._urgent = _channel(open_connection(self._address, self._timeout), "preempt",
+                                    splice=self.options.splice)
             main.queue(self._package())
             st.phase = Phase.PACKAGE
         if st.phase is Phase.PACKAGE:
@@ -499,9 +500,17 @@ class Resume:
                 # (loadvm_postcopy_handle_resume); its source opens it once the
                 # bitmaps are in, before POSTCOPY_RESUME (postcopy_do_resume)
                 self._urgent = _channel(open_connection(self._address, self._timeout),
-                                        "preempt")
+                                        "preempt", splice=self.options.splice)
             main.queue(ms.postcopy_resume())
             st.phase = Phase.AWAIT_ACK
+
+    def _close_urgent(self) -> None:
+        """Close the preempt channel (the destination is done with it)."""
+        assert self._urgent is not None
+        self.stats.bytes_spliced += self._urgent.spliced
+        self._urgent.drop()
+        self._urgent.sock.close()
+        self._urgent = None
 
     def _flush_stats(self) -> None:
         self.stats.request_service_us = percentiles(self._latencies, unit=1e6)
