@@ -145,15 +145,11 @@ def test_bench_answer_quick(tmp_path: Path) -> None:
 def test_bench_answer_destination_refuses_a_wrong_answer(tmp_path: Path) -> None:
     """The benchmark's destination checks each answer against the file: one page
     off, and it fails (so a figure never comes from answers that are wrong)."""
-    import importlib.util
     import os
     import struct
+    from uffdpy.harness.bench_answer import fake_destination
     from uffdpy.harness.synthetic import make_synthetic
     from uffdpy.mappedram import Snapshot
-    spec = importlib.util.spec_from_file_location("bench_answer", SCRIPTS / "bench_answer.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     path = tmp_path / "s.img"
     make_synthetic(path, size=8 << 20, fill=0.5, seed=4)
     with Snapshot.open(str(path)) as snap:
@@ -161,7 +157,7 @@ def test_bench_answer_destination_refuses_a_wrong_answer(tmp_path: Path) -> None
         data = [f + k for f, n, present in block.runs() if present for k in range(n)]
         for wrong in (False, True):
             pages = data[:3]
-            pid, req, ans = bench.fake_destination(snap, block, pages, 0.001)
+            pid, req, ans = fake_destination(snap, block, pages, 0.001)
             try:
                 for page in pages:
                     req.recv(1 << 16)

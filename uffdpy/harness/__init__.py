@@ -9,6 +9,7 @@ imports nothing from here; the command line and the tests do.
     synthetic    synthetic mapped-ram snapshots for ``-machine none`` (``make_synthetic``)
     workload     access workloads over loaded memory, and their latencies
     bench        eager vs lazy vs QEMU's own load; bench_ws: working sets;
-                 bench_resume: QEMU's own load vs ``uffdpy resume`` of a real guest
+                 bench_resume: QEMU's own load vs ``uffdpy resume`` of a real guest;
+                 bench_answer: one page request's service, against the least Python and C
     plot         a resume over time, drawn (the ``plot`` extra)
 """

@@ -1,0 +1,268 @@
+"""One page request's service outside QEMU: uffdpy's answer, the least Python, and C.
+
+``uffdpy resume`` reports ``request_service_us``: for each page request of
+the destination, the time from the source's ``recv`` of it to the return of
+the ``sendmsg`` that answers it.  :func:`run_answer_bench` measures the same
+span against a forked fake destination, so that the figure can be read
+against what the machine itself allows.
+
+The destination asks for distinct data pages of the snapshot's largest
+block, one every ``interval`` seconds (REQ_PAGES_ID, then REQ_PAGES, as
+QEMU's fault thread does), on one socket, and a thread of it reads the
+answers from another (as QEMU's preempt-channel thread, asleep in ``recv``
+when an answer comes: the ``sendmsg`` wakes it), checking each against the
+file.  The answerers take turns, each round in another order, each with
+pages of its own:
+
+* ``uffdpy``: :class:`uffdpy.migstream.ReturnPath` parses the requests,
+  :meth:`uffdpy.resume.sender.PageSender.answer` answers them on a
+  :class:`~uffdpy.resume.sender.Channel` (what the resume's loop calls;
+  no fault-around);
+* ``least Python``: ``struct.unpack``, ``os.pread``, ``socket.sendmsg``;
+* ``C``: a binary built from ``benchmarks/answer_floor.c`` (the same three
+  calls), when the caller has one (``scripts/bench_answer.py`` builds it).
+
+Every page the rounds will ask for is read once before them, so that no
+answerer pays a first touch of the page cache's memory for another.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import select
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tabulate import tabulate
+
+from .. import migstream as ms
+from ..mappedram import Snapshot
+from ..resume.blocks import source_blocks
+from ..resume.sender import Channel, PageSender
+from ..resume.stats import ResumeStats
+
+__all__ = ["run_answer_bench", "fake_destination", "c_answerer"]
+
+PAGE = 4096
+_REQ = struct.Struct(">HHQI")
+_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_PAGE_CONTINUE = int(ms.RamFlag.PAGE | ms.RamFlag.CONTINUE)   # (an IntFlag's "|" is slow)
+
+#: one answerer's figures: service times (seconds), and its sendmsg's alone if it has them
+Timings = Tuple[List[float], List[float]]
+Answerer = Callable[[Snapshot, socket.socket, socket.socket], Timings]
+
+
+def fake_destination(snap: Snapshot, block: Any, pages: List[int],
+                     interval: float) -> Tuple[int, socket.socket, socket.socket]:
+    """Fork the destination that asks for ``pages`` of ``block``; return its pid and our
+    ends of the request and answer sockets.  It checks every answer against the file
+    (exit status 1 and a line on stderr if one is wrong) and exits once we close the
+    answer socket."""
+    req_ours, req_theirs = socket.socketpair()
+    ans_ours, ans_theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:                                      # the destination
+        code = 1
+        try:
+            req_ours.close()
+            ans_ours.close()
+            want = [os.pread(snap.fileno(), PAGE, block.pages_offset + p * PAGE)
+                    for p in pages]
+            errors: List[str] = []
+            check = threading.Thread(target=_check, args=(ans_theirs, block.name, pages,
+                                                          want, errors))
+            check.start()
+            name = block.name.encode()
+            for i, page in enumerate(pages):
+                time.sleep(interval)
+                if i == 0:
+                    msg = (_REQ.pack(ms.RpType.REQ_PAGES_ID, 13 + len(name), page * PAGE, PAGE)
+                           + bytes([len(name)]) + name)
+                else:
+                    msg = _REQ.pack(ms.RpType.REQ_PAGES, 12, page * PAGE, PAGE)
+                req_theirs.sendall(msg)
+            req_theirs.shutdown(socket.SHUT_WR)
+            check.join()
+            if errors:
+                print(f"fake destination: {errors[0]}", file=sys.stderr)
+            else:
+                code = 0
+        finally:
+            os._exit(code)
+    req_theirs.close()
+    ans_theirs.close()
+    return pid, req_ours, ans_ours
+
+
+def _check(sock: socket.socket, block: str, pages: List[int], want: List[bytes],
+           errors: List[str]) -> None:
+    """Read the answers: one PAGE record a request, in order, with the file's bytes."""
+    stream = sock.makefile("rb")
+    for page, data in zip(pages, want):
+        word = stream.read(8)
+        if len(word) < 8:
+            errors.append(f"{len(errors)} answers, then the stream ended")
+            return
+        value = struct.unpack(">Q", word)[0]
+        if not value & ms.RamFlag.CONTINUE:
+            named = stream.read(stream.read(1)[0]).decode()
+            if named != block:
+                errors.append(f"an answer for block {named!r}")
+        got = stream.read(PAGE)
+        if value & ~0xfff != page * PAGE or not value & ms.RamFlag.PAGE or got != data:
+            errors.append(f"the answer for page {page} is not that page of the file")
+    while stream.read(1 << 16):
+        pass
+
+
+def answer_uffdpy(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Timings:
+    """The resume's own answer: ReturnPath, then PageSender.answer on a Channel."""
+    mapping = mmap.mmap(snap.fileno(), 0, prot=mmap.PROT_READ)
+    view = memoryview(mapping)
+    pages = PageSender(source_blocks(snap, {}), view, ResumeStats(), batch=32, around=0,
+                       fd=snap.fileno())
+    ans.setblocking(False)
+    ch = Channel(ans, "preempt")
+    rp = ms.ReturnPath()
+    times: List[float] = []
+
+    def served(t_read: float) -> None:
+        times.append(time.perf_counter() - t_read)
+    try:
+        while select.select([req], [], [])[0]:
+            data = req.recv(1 << 16)
+            if not data:
+                break
+            t_read = time.perf_counter()
+            rp.feed(data)
+            for msg in rp.messages():
+                if isinstance(msg, ms.ReqPages):
+                    pages.answer(msg, t_read, 0, ch, False, served)
+            while ch.busy:                            # (the destination drains it)
+                select.select([], [ans], [], 1)
+                ch.flush(served)
+    finally:
+        pages.release()
+        view.release()
+        mapping.close()
+    return times, []
+
+
+def answer_python(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Timings:
+    """The least a Python source can do: unpack, pread, sendmsg (each whole message read)."""
+    fd, offset = snap.fileno(), _largest(snap).pages_offset
+    times: List[float] = []
+    sends: List[float] = []
+    ans.setblocking(False)
+    held = b""
+    while select.select([req], [], [])[0]:
+        data = req.recv(1 << 16)
+        if not data:
+            break
+        t_read = time.perf_counter()
+        held += data
+        while len(held) >= 4 and len(held) >= 4 + held[3] + (held[2] << 8):
+            start = _REQ.unpack_from(held)[2]
+            held = held[4 + held[3] + (held[2] << 8):]
+            page = os.pread(fd, PAGE, offset + start)
+            header = struct.pack(">Q", start | _PAGE_CONTINUE)
+            t_send = time.perf_counter()
+            ans.sendmsg([header, page], (), _FLAGS)
+            t_done = time.perf_counter()
+            times.append(t_done - t_read)
+            sends.append(t_done - t_send)
+    return times, sends
+
+
+def c_answerer(binary: str) -> Answerer:
+    """The C answerer built from ``benchmarks/answer_floor.c``; its quantiles stand for
+    its times."""
+    def answer_c(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Timings:
+        ans.setblocking(True)
+        out = subprocess.run(
+            [binary, str(req.fileno()), str(ans.fileno()), snap.path,
+             str(_largest(snap).pages_offset)],
+            pass_fds=(req.fileno(), ans.fileno()), capture_output=True, text=True, check=True)
+        words = out.stdout.split()         # service N p50 p90 p99 sendmsg p50 p90 p99
+        return [int(w) / 1e9 for w in words[2:5]], [int(w) / 1e9 for w in words[6:9]]
+    return answer_c
+
+
+def _largest(snap: Snapshot) -> Any:
+    return max(snap.blocks, key=lambda b: b.length)
+
+
+def quantiles(times: List[float], exact: bool) -> List[float]:
+    """p50, p90, p99 in microseconds (``exact``: ``times`` already are those three)."""
+    if exact:
+        return [t * 1e6 for t in times]
+    q = statistics.quantiles(times, n=100)
+    return [q[49] * 1e6, q[89] * 1e6, q[98] * 1e6]
+
+
+def run_answer_bench(path: str, *, requests: int = 500, rounds: int = 3,
+                     interval: float = 0.002, c_binary: Optional[str] = None,
+                     why_no_c: Optional[str] = None) -> str:
+    """The interleaved rounds; the table (``c_binary``: the C answerer's, if any;
+    ``why_no_c``: said under the table when there is none).
+
+    Raises: ValueError (the snapshot has too few data pages for the rounds),
+    RuntimeError (an answerer's answers were wrong: the destination said which).
+    """
+    answerers: Dict[str, Answerer] = {"uffdpy": answer_uffdpy, "least Python": answer_python}
+    if c_binary is not None:
+        answerers["C"] = c_answerer(c_binary)
+    rng = random.Random(19)
+    rows: Dict[str, List[List[float]]] = {name: [] for name in answerers}
+    sends: Dict[str, List[List[float]]] = {name: [] for name in answerers}
+    with Snapshot.open(path) as snap:
+        block = _largest(snap)
+        data = [first + k for first, count, present in block.runs() if present
+                for k in range(count)]
+        want = requests * rounds * len(answerers)
+        if len(data) < want:
+            raise ValueError(f"{path}: {len(data)} data pages in {block.name!r}, fewer than "
+                             f"the {want} the rounds ask for")
+        chosen = rng.sample(data, want)
+        for page in chosen:                     # first touches, for no answerer to pay
+            os.pread(snap.fileno(), PAGE, block.pages_offset + page * PAGE)
+        names = list(answerers)
+        for rnd in range(rounds):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                pages, chosen = chosen[:requests], chosen[requests:]
+                pid, req, ans = fake_destination(snap, block, pages, interval)
+                try:
+                    times, send_times = answerers[name](snap, req, ans)
+                finally:
+                    req.close()
+                    ans.close()
+                    _, status = os.waitpid(pid, 0)
+                if status != 0:
+                    raise RuntimeError(f"{name}: its answers were wrong (the fake "
+                                       "destination said why, on stderr)")
+                rows[name].append(quantiles(times, name == "C"))
+                if send_times:
+                    sends[name].append(quantiles(send_times, name == "C"))
+    med = {name: [statistics.median(r[i] for r in rs) for i in range(3)]
+           for name, rs in rows.items()}
+    c50 = med["C"][0] if "C" in med else None
+    table = [[name, *(f"{v:.1f}" for v in q),
+              "-" if c50 is None else f"{q[0] / c50:.2f}x",
+              f"{statistics.median(s[0] for s in sends[name]):.1f}" if sends[name] else "-"]
+             for name, q in med.items()]
+    out = (f"one page request's service (recv returned -> sendmsg returned), us; "
+           f"{requests} requests every {interval * 1e3:g} ms, medians of {rounds} "
+           f"interleaved rounds\n"
+           + tabulate(table, headers=["answerer", "p50", "p90", "p99", "p50 vs C",
+                                      "of which sendmsg, p50"]))
+    if c_binary is None and why_no_c:
+        out += f"\n(no C row: {why_no_c})"
+    return out
