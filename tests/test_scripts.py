@@ -147,7 +147,7 @@ def test_bench_answer_destination_refuses_a_wrong_answer(tmp_path: Path) -> None
     off, and it fails (so a figure never comes from answers that are wrong)."""
     import os
     import struct
-    from uffdpy.harness.bench_answer import fake_destination
+    from uffdpy.harness.bench_answer import FakeDestination
     from uffdpy.harness.synthetic import make_synthetic
     from uffdpy.mappedram import Snapshot
     path = tmp_path / "s.img"
@@ -157,18 +157,16 @@ def test_bench_answer_destination_refuses_a_wrong_answer(tmp_path: Path) -> None
         data = [f + k for f, n, present in block.runs() if present for k in range(n)]
         for wrong in (False, True):
             pages = data[:3]
-            pid, req, ans = fake_destination(snap, block, pages, 0.001)
+            dest = FakeDestination(snap, block, pages, 0.001)
             try:
                 for page in pages:
-                    req.recv(1 << 16)
+                    dest.requests.recv(1 << 16)
                     sent = page + 1 if wrong and page == pages[-1] else page
-                    ans.sendall(struct.pack(">Q", page * 4096 | 0x28) + os.pread(
+                    dest.answers.sendall(struct.pack(">Q", page * 4096 | 0x28) + os.pread(
                         snap.fileno(), 4096, block.pages_offset + sent * 4096))
             finally:
-                req.close()
-                ans.close()
-                _, status = os.waitpid(pid, 0)
-            assert (status != 0) == wrong
+                right = dest.wait()
+            assert right != wrong
 
 
 def test_qemu_snapshot_help() -> None:

@@ -6,7 +6,7 @@ the ``sendmsg`` that answers it.  :func:`run_answer_bench` measures the same
 span against a forked fake destination, so that the figure can be read
 against what the machine itself allows.
 
-The destination asks for distinct data pages of the snapshot's largest
+The destination (a process of its own) asks for distinct data pages of the snapshot's largest
 block, one every ``interval`` seconds (REQ_PAGES_ID, then REQ_PAGES, as
 QEMU's fault thread does), on one socket, and a thread of it reads the
 answers from another (as QEMU's preempt-channel thread, asleep in ``recv``
@@ -27,6 +27,7 @@ answerer pays a first touch of the page cache's memory for another.
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -48,7 +49,7 @@ from ..resume.blocks import source_blocks
 from ..resume.sender import Channel, PageSender
 from ..resume.stats import ResumeStats
 
-__all__ = ["run_answer_bench", "fake_destination", "c_answerer"]
+__all__ = ["run_answer_bench", "FakeDestination", "c_answerer"]
 
 PAGE = 4096
 _REQ = struct.Struct(">HHQI")
@@ -60,56 +61,97 @@ Timings = Tuple[List[float], List[float]]
 Answerer = Callable[[Snapshot, socket.socket, socket.socket], Timings]
 
 
-def fake_destination(snap: Snapshot, block: Any, pages: List[int],
-                     interval: float) -> Tuple[int, socket.socket, socket.socket]:
-    """Fork the destination that asks for ``pages`` of ``block``; return its pid and our
-    ends of the request and answer sockets.  It checks every answer against the file
-    (exit status 1 and a line on stderr if one is wrong) and exits once we close the
-    answer socket."""
-    req_ours, req_theirs = socket.socketpair()
-    ans_ours, ans_theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:                                      # the destination
-        code = 1
+class FakeDestination:
+    """The destination that asks for ``pages`` of ``block``, in a process of its own.
+
+    :attr:`requests` and :attr:`answers` are our ends of its two sockets.  It
+    checks every answer against the file and exits once we close
+    :attr:`answers`; :meth:`wait` says whether every answer was right (if not,
+    it said which on stderr).  A process started anew, not forked: the
+    caller may have threads.
+    """
+
+    def __init__(self, snap: Snapshot, block: Any, pages: List[int], interval: float) -> None:
+        self.requests, req_theirs = socket.socketpair()
+        self.answers, ans_theirs = socket.socketpair()
+        order = {"path": snap.path, "block": block.name, "offset": block.pages_offset,
+                 "pages": pages, "interval": interval,
+                 "fds": [req_theirs.fileno(), ans_theirs.fileno()]}
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [package, *filter(None, [os.environ.get("PYTHONPATH")])]))
         try:
-            req_ours.close()
-            ans_ours.close()
-            want = [os.pread(snap.fileno(), PAGE, block.pages_offset + p * PAGE)
-                    for p in pages]
-            errors: List[str] = []
-            check = threading.Thread(target=_check, args=(ans_theirs, block.name, pages,
-                                                          want, errors))
-            check.start()
-            name = block.name.encode()
-            for i, page in enumerate(pages):
-                time.sleep(interval)
-                if i == 0:
-                    msg = (_REQ.pack(ms.RpType.REQ_PAGES_ID, 13 + len(name), page * PAGE, PAGE)
-                           + bytes([len(name)]) + name)
-                else:
-                    msg = _REQ.pack(ms.RpType.REQ_PAGES, 12, page * PAGE, PAGE)
-                req_theirs.sendall(msg)
-            req_theirs.shutdown(socket.SHUT_WR)
-            check.join()
-            if errors:
-                print(f"fake destination: {errors[0]}", file=sys.stderr)
-            else:
-                code = 0
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from uffdpy.harness.bench_answer import _destination;"
+                 " raise SystemExit(_destination())"],
+                stdin=subprocess.PIPE, pass_fds=order["fds"], env=env)
+        except BaseException:
+            self.close()
+            raise
         finally:
-            os._exit(code)
-    req_theirs.close()
-    ans_theirs.close()
-    return pid, req_ours, ans_ours
+            req_theirs.close()
+            ans_theirs.close()
+        assert self._proc.stdin is not None
+        with self._proc.stdin as stdin:
+            stdin.write(json.dumps(order).encode())
+
+    def close(self) -> None:
+        """Close our ends (the destination then finishes)."""
+        self.requests.close()
+        self.answers.close()
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Close our ends, wait for the destination; whether every answer was right."""
+        self.close()
+        try:
+            return self._proc.wait(timeout) == 0
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            return False
+
+
+def _destination() -> int:
+    """The fake destination's process: its order (JSON) on stdin."""
+    order = json.load(sys.stdin)
+    req = socket.socket(fileno=order["fds"][0])
+    ans = socket.socket(fileno=order["fds"][1])
+    pages: List[int] = order["pages"]
+    fd = os.open(order["path"], os.O_RDONLY)
+    try:
+        want = [os.pread(fd, PAGE, order["offset"] + p * PAGE) for p in pages]
+    finally:
+        os.close(fd)
+    errors: List[str] = []
+    check = threading.Thread(target=_check, args=(ans, order["block"], pages, want, errors))
+    check.start()
+    name = order["block"].encode()
+    try:
+        for i, page in enumerate(pages):
+            time.sleep(order["interval"])
+            if i == 0:
+                msg = (_REQ.pack(ms.RpType.REQ_PAGES_ID, 13 + len(name), page * PAGE, PAGE)
+                       + bytes([len(name)]) + name)
+            else:
+                msg = _REQ.pack(ms.RpType.REQ_PAGES, 12, page * PAGE, PAGE)
+            req.sendall(msg)
+        req.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        errors.append(f"the source went away: {e}")
+    check.join()
+    if errors:
+        print(f"fake destination: {errors[0]}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _check(sock: socket.socket, block: str, pages: List[int], want: List[bytes],
            errors: List[str]) -> None:
     """Read the answers: one PAGE record a request, in order, with the file's bytes."""
     stream = sock.makefile("rb")
-    for page, data in zip(pages, want):
+    for n, (page, data) in enumerate(zip(pages, want)):
         word = stream.read(8)
         if len(word) < 8:
-            errors.append(f"{len(errors)} answers, then the stream ended")
+            errors.append(f"{n} answers of {len(pages)}, then the stream ended")
             return
         value = struct.unpack(">Q", word)[0]
         if not value & ms.RamFlag.CONTINUE:
@@ -238,14 +280,12 @@ def run_answer_bench(path: str, *, requests: int = 500, rounds: int = 3,
         for rnd in range(rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                 pages, chosen = chosen[:requests], chosen[requests:]
-                pid, req, ans = fake_destination(snap, block, pages, interval)
+                dest = FakeDestination(snap, block, pages, interval)
                 try:
-                    times, send_times = answerers[name](snap, req, ans)
+                    times, send_times = answerers[name](snap, dest.requests, dest.answers)
                 finally:
-                    req.close()
-                    ans.close()
-                    _, status = os.waitpid(pid, 0)
-                if status != 0:
+                    right = dest.wait()
+                if not right:
                     raise RuntimeError(f"{name}: its answers were wrong (the fake "
                                        "destination said why, on stderr)")
                 rows[name].append(quantiles(times, name == "C"))
