@@ -5,7 +5,7 @@
 the destination, the time from the source's ``recv`` of it to the return of
 the ``sendmsg`` that answers it.  This measures the same span outside QEMU
 (``uffdpy.harness.bench_answer`` says how), so that the figure can be read
-against what the machine itself allows: a forked fake destination asks for
+against what the machine itself allows: a fake destination process asks for
 a data page every ``--interval-ms`` and checks each answer against the file,
 and three answerers take turns, uffdpy's own answer path, the least Python
 (``unpack``, ``pread``, ``sendmsg``), and C.

@@ -3,7 +3,7 @@
 ``uffdpy resume`` reports ``request_service_us``: for each page request of
 the destination, the time from the source's ``recv`` of it to the return of
 the ``sendmsg`` that answers it.  :func:`run_answer_bench` measures the same
-span against a forked fake destination, so that the figure can be read
+span against a fake destination process, so that the figure can be read
 against what the machine itself allows.
 
 The destination (a process of its own) asks for distinct data pages of the snapshot's largest
