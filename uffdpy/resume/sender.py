@@ -238,7 +238,8 @@ class PageSender:
         #: change, so that a piece holding them may still be spliced (the pieces around
         #: a requested page hold both: spliced, the 1 GiB guest's source CPU 0.161 ->
         #: 0.151 s and 0.155 -> 0.143 s, alternated); full (29,000 ZERO records), the
-        #: pieces are copied
+        #: pieces are copied.  Apart from the frames', so that records filling it never
+        #: leave a section's frame to be copied, and with it every section of the stream
         self._records = iovec.Stable(1 << 18)
         stats.data_pages = sum(b.data_pages for b in self.order)
         #: data host pages not yet claimed, and all of them
@@ -567,29 +568,26 @@ class _Piece:
             self.nbytes = len(start)
 
     def add(self, record: bytes) -> None:
-        """A whole record (a ZERO record), copied to the sender's stable records if
-        they have room (else the piece is not stable)."""
-        pairs = self._records.put(record)
-        if pairs is not None:
-            self.table += pairs
-        else:
-            self.table.extend((iovec.bytes_address(record), len(record)))
-            self.keep.append(record)
-            self.stable = False
+        """A whole record (a ZERO record)."""
+        self._add_bytes(record)
         self.nbytes += len(record)
 
     def add_page(self, header: bytes, page_at: int) -> None:
-        """A PAGE record: ``header`` (as :meth:`add` copies it), then the page at address
-        ``page_at`` of the mapping."""
-        pairs = self._records.put(header)
+        """A PAGE record: ``header``, then the page at address ``page_at`` of the mapping."""
+        self._add_bytes(header)
+        self.table.extend((page_at, PAGE))
+        self.nbytes += len(header) + PAGE
+
+    def _add_bytes(self, data: bytes) -> None:
+        """``data``'s pair: of a copy in the sender's stable records if they have room,
+        else of ``data`` itself, kept alive with the piece (which is then not stable)."""
+        pairs = self._records.put(data)
         if pairs is not None:
             self.table += pairs
-            self.table.extend((page_at, PAGE))
         else:
-            self.table.extend((iovec.bytes_address(header), len(header), page_at, PAGE))
-            self.keep.append(header)
+            self.table.extend((iovec.bytes_address(data), len(data)))
+            self.keep.append(data)
             self.stable = False
-        self.nbytes += len(header) + PAGE
 
     def queue_on(self, ch: Channel, t_request: Optional[float] = None) -> None:
         """Close the section, if any, and queue the piece on ``ch``."""
