@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from tabulate import tabulate
 
 from .. import migstream as ms
+from ..latency import percentiles
 from ..mappedram import Snapshot
 from ..resume.blocks import source_blocks
 from ..resume.sender import Channel, PageSender
@@ -56,8 +57,9 @@ _REQ = struct.Struct(">HHQI")
 _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _PAGE_CONTINUE = int(ms.RamFlag.PAGE | ms.RamFlag.CONTINUE)   # (an IntFlag's "|" is slow)
 
-#: one answerer's figures: service times (seconds), and its sendmsg's alone if it has them
-Timings = Tuple[List[float], List[float]]
+#: one answerer's figures: its service's percentiles (``uffdpy.latency.percentiles``, in
+#: microseconds), and its sendmsg's alone if it has them
+Timings = Tuple[Dict[str, Optional[float]], Optional[Dict[str, Optional[float]]]]
 Answerer = Callable[[Snapshot, socket.socket, socket.socket], Timings]
 
 
@@ -195,7 +197,7 @@ def answer_uffdpy(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Tim
         pages.release()
         view.release()
         mapping.close()
-    return times, []
+    return percentiles(times, unit=1e6), None
 
 
 def answer_python(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Timings:
@@ -221,12 +223,12 @@ def answer_python(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Tim
             t_done = time.perf_counter()
             times.append(t_done - t_read)
             sends.append(t_done - t_send)
-    return times, sends
+    return percentiles(times, unit=1e6), percentiles(sends, unit=1e6)
 
 
 def c_answerer(binary: str) -> Answerer:
-    """The C answerer built from ``benchmarks/answer_floor.c``; its quantiles stand for
-    its times."""
+    """The C answerer built from ``benchmarks/answer_floor.c`` (its percentiles are
+    taken as ``percentiles`` takes them: the sorted samples' ``int(q * n)``-th)."""
     def answer_c(snap: Snapshot, req: socket.socket, ans: socket.socket) -> Timings:
         ans.setblocking(True)
         out = subprocess.run(
@@ -234,20 +236,15 @@ def c_answerer(binary: str) -> Answerer:
              str(_largest(snap).pages_offset)],
             pass_fds=(req.fileno(), ans.fileno()), capture_output=True, text=True, check=True)
         words = out.stdout.split()         # service N p50 p90 p99 sendmsg p50 p90 p99
-        return [int(w) / 1e9 for w in words[2:5]], [int(w) / 1e9 for w in words[6:9]]
+
+        def us(ns: List[str]) -> Dict[str, Optional[float]]:
+            return dict(zip(("p50", "p90", "p99"), (round(int(w) / 1e3, 1) for w in ns)))
+        return us(words[2:5]), us(words[6:9])
     return answer_c
 
 
 def _largest(snap: Snapshot) -> Any:
     return max(snap.blocks, key=lambda b: b.length)
-
-
-def quantiles(times: List[float], exact: bool) -> List[float]:
-    """p50, p90, p99 in microseconds (``exact``: ``times`` already are those three)."""
-    if exact:
-        return [t * 1e6 for t in times]
-    q = statistics.quantiles(times, n=100)
-    return [q[49] * 1e6, q[89] * 1e6, q[98] * 1e6]
 
 
 def run_answer_bench(path: str, *, requests: int = 500, rounds: int = 3,
@@ -256,15 +253,18 @@ def run_answer_bench(path: str, *, requests: int = 500, rounds: int = 3,
     """The interleaved rounds; the table (``c_binary``: the C answerer's, if any;
     ``why_no_c``: said under the table when there is none).
 
-    Raises: ValueError (the snapshot has too few data pages for the rounds),
+    Raises: ValueError (no requests or rounds, or the snapshot has too few data pages
+    for them),
     RuntimeError (an answerer's answers were wrong: the destination said which).
     """
+    if requests < 1 or rounds < 1:
+        raise ValueError(f"{requests} requests and {rounds} rounds: at least one of each")
     answerers: Dict[str, Answerer] = {"uffdpy": answer_uffdpy, "least Python": answer_python}
     if c_binary is not None:
         answerers["C"] = c_answerer(c_binary)
     rng = random.Random(19)
-    rows: Dict[str, List[List[float]]] = {name: [] for name in answerers}
-    sends: Dict[str, List[List[float]]] = {name: [] for name in answerers}
+    rows: Dict[str, List[Dict[str, Optional[float]]]] = {name: [] for name in answerers}
+    sends: Dict[str, List[Dict[str, Optional[float]]]] = {name: [] for name in answerers}
     with Snapshot.open(path) as snap:
         block = _largest(snap)
         data = [first + k for first, count, present in block.runs() if present
@@ -288,15 +288,16 @@ def run_answer_bench(path: str, *, requests: int = 500, rounds: int = 3,
                 if not right:
                     raise RuntimeError(f"{name}: its answers were wrong (the fake "
                                        "destination said why, on stderr)")
-                rows[name].append(quantiles(times, name == "C"))
-                if send_times:
-                    sends[name].append(quantiles(send_times, name == "C"))
-    med = {name: [statistics.median(r[i] for r in rs) for i in range(3)]
-           for name, rs in rows.items()}
+                rows[name].append(times)
+                if send_times is not None:
+                    sends[name].append(send_times)
+    med = {name: [statistics.median(x for r in rs if (x := r[q]) is not None)
+                  for q in ("p50", "p90", "p99")] for name, rs in rows.items()}
     c50 = med["C"][0] if "C" in med else None
     table = [[name, *(f"{v:.1f}" for v in q),
               "-" if c50 is None else f"{q[0] / c50:.2f}x",
-              f"{statistics.median(s[0] for s in sends[name]):.1f}" if sends[name] else "-"]
+              f"{statistics.median(x for s in sends[name] if (x := s['p50']) is not None):.1f}"
+              if sends[name] else "-"]
              for name, q in med.items()]
     out = (f"one page request's service (recv returned -> sendmsg returned), us; "
            f"{requests} requests every {interval * 1e3:g} ms, medians of {rounds} "
