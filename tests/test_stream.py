@@ -23,7 +23,7 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -164,6 +164,30 @@ def _drain(sock: socket.socket, n: int) -> bytes:
     return bytes(got)
 
 
+def _flush_while_read(ch: Channel, ours: socket.socket, theirs: socket.socket, n: int,
+                      done: Callable[[float], None] = lambda t: None) -> Tuple[int, bytes]:
+    """Flush ``ch`` until it is idle while a thread reads ``n`` bytes from ``theirs``;
+    the bytes the flushes wrote, and those read."""
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_drain(theirs, n)))
+    reader.start()
+    sent, deadline = 0, time.monotonic() + 30
+    while ch.busy:
+        assert time.monotonic() < deadline
+        sent += ch.flush(done)
+        select.select([], [ours], [], 1)
+    reader.join(30)
+    return sent, (got[0] if got else b"")
+
+
+def _close(ch: Channel, socks: Tuple[socket.socket, ...], keep: tuple) -> None:
+    ch.drop()
+    for sock in socks:
+        sock.close()
+    for thing in keep[::-1]:
+        thing.close()
+
+
 def test_a_spliced_channel_keeps_the_order_through_partial_writes(snap: str) -> None:
     """Stable pieces go by the pipe, records by sendmsg once the pipe has drained: the
     stream is byte for byte the queue, however little the socket takes at a time."""
@@ -172,22 +196,10 @@ def test_a_spliced_channel_keeps_the_order_through_partial_writes(snap: str) -> 
     ours.setblocking(False)
     ch = Channel(ours, "main", splice=True)
     want, stable_bytes, keep = _mixed_queue(snap, ch)
-    got: list = []
-    reader = threading.Thread(target=lambda: got.append(_drain(theirs, len(want))))
-    reader.start()
-    sent, deadline = 0, time.monotonic() + 30
-    while ch.busy:
-        assert time.monotonic() < deadline
-        sent += ch.flush(lambda t: None)
-        select.select([], [ours], [], 1)
-    reader.join(30)
-    assert sent == len(want) and got == [want]
+    sent, read = _flush_while_read(ch, ours, theirs, len(want))
+    assert sent == len(want) and read == want
     assert ch.spliced == stable_bytes                  # every stable piece, and only they
-    ch.drop()
-    ours.close()
-    theirs.close()
-    for thing in keep[::-1]:
-        thing.close()
+    _close(ch, (ours, theirs), keep)
 
 
 def test_spliced_pages_outlive_the_mapping_and_the_headers(snap: str) -> None:
@@ -247,21 +259,9 @@ def test_an_answer_is_written_at_once_or_queued_in_its_place(snap: str, splice: 
     want, _, keep = _mixed_queue(snap, ch)
     ch.write(answer, 3.0, done.append)
     want = b"".join(big) + want + b"".join(answer)
-    got: list = []
-    reader = threading.Thread(target=lambda: got.append(_drain(theirs, len(want))))
-    reader.start()
-    deadline = time.monotonic() + 30
-    while ch.busy:
-        assert time.monotonic() < deadline
-        ch.flush(done.append)
-        select.select([], [ours], [], 1)
-    reader.join(30)
-    assert got == [want] and done == [1.0, 2.0, 3.0]
-    ch.drop()
-    ours.close()
-    theirs.close()
-    for thing in keep[::-1]:
-        thing.close()
+    _, read = _flush_while_read(ch, ours, theirs, len(want), done.append)
+    assert read == want and done == [1.0, 2.0, 3.0]
+    _close(ch, (ours, theirs), keep)
 
 
 def test_records_are_kept_where_they_never_change_while_there_is_room(snap: str) -> None:
